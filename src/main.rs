@@ -1,0 +1,3 @@
+fn main() {
+    println!("keyway {}", env!("CARGO_PKG_VERSION"));
+}
