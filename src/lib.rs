@@ -13,6 +13,7 @@
 //! - [`card`]: card-number encodings handed to the panel (Wiegand formats).
 //! - [`events`]: access events (SQLite outbox row + journald entry).
 //! - [`config`]: the TOML configuration and its validation.
+//! - [`logging`]: journald (structured fields) or stderr.
 //! - [`daemon`]: wires the rooms together on tokio.
 //!
 //! Test peers written in this project:
@@ -24,6 +25,7 @@ pub mod card;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod logging;
 pub mod nfc;
 pub mod osdp;
 pub mod serial;

@@ -1,3 +1,149 @@
-fn main() {
-    println!("keyway {}", env!("CARGO_PKG_VERSION"));
+//! `keyway`: the command line. Errors here are `anyhow`; the library has typed errors.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use keyway::acl::{ImportMode, Store};
+use keyway::{config, daemon, logging};
+
+#[derive(Parser)]
+#[command(name = "keyway", version, about = "Phones open doors: Aliro over NFC, ACL in SQLite, OSDP to the panel")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway daemon (foreground; systemd supervises it).
+    Run {
+        /// Where logs go: auto = journald under systemd, stderr otherwise.
+        #[arg(long, value_enum, default_value = "auto")]
+        log: LogTarget,
+    },
+    /// Validate the configuration file and the key files it names; non-zero exit when invalid.
+    CheckConfig,
+    /// Manage the local access-control list.
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
+    /// Show the most recent access events from the local store.
+    Events {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Load credentials from a JSON or CSV file (see docs/acl-format.md), in one transaction.
+    Import {
+        file: PathBuf,
+        /// Add to / update the current ACL instead of replacing it.
+        #[arg(long)]
+        merge: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogTarget {
+    Auto,
+    Journal,
+    Stderr,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keyway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Version => {
+            println!("keyway {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => {
+            let cfg = config::load(&cli.config)?;
+            println!(
+                "{}: ok ({} door{}, database {})",
+                cli.config.display(),
+                cfg.doors.len(),
+                if cfg.doors.len() == 1 { "" } else { "s" },
+                cfg.daemon.database.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Acl {
+            command: AclCommand::Import { file, merge },
+        } => {
+            let cfg = config::load(&cli.config)?;
+            let mut store = open_store(&cfg.daemon.database)?;
+            let mode = if merge {
+                ImportMode::Merge
+            } else {
+                ImportMode::Replace
+            };
+            let summary = store
+                .import_file(&file, mode)
+                .with_context(|| format!("ACL file {} rejected, nothing changed", file.display()))?;
+            println!("{}: {summary}", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events { limit, json } => {
+            let cfg = config::load(&cli.config)?;
+            let store = open_store(&cfg.daemon.database)?;
+            let events = store.recent_events(limit)?;
+            for (id, ev) in events.iter().rev() {
+                if json {
+                    let mut v = serde_json::to_value(ev)?;
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("id".into(), (*id).into());
+                    }
+                    println!("{v}");
+                } else {
+                    println!("{id:>6} {ev}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { log } => {
+            let cfg = config::load(&cli.config)?;
+            let target = match log {
+                LogTarget::Auto => logging::Target::Auto,
+                LogTarget::Journal => logging::Target::Journal,
+                LogTarget::Stderr => logging::Target::Stderr,
+            };
+            logging::init(target, cfg.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(daemon::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn open_store(path: &Path) -> anyhow::Result<Store> {
+    Store::open(path).with_context(|| format!("opening the store {}", path.display()))
 }

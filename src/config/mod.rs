@@ -1,1 +1,622 @@
-//! (being written)
+//! keyway's configuration: one TOML file (`/etc/keyway/keyway.toml` by default).
+//!
+//! Parsing is serde with `deny_unknown_fields` so a typo is an error, not a silently ignored
+//! setting. Validation then checks what serde cannot (ranges, cross-references, key files) and
+//! every error names the field it is about, e.g. `door "front": osdp.address: 200 is out of
+//! range (0..=126)`.
+
+mod keyfile;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use keyfile::{load_private_key, KeyFileError};
+
+/// Where the daemon and the CLI look when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/keyway/keyway.toml";
+
+/// Config files are small; anything larger is a mistake (or an attack on the parser).
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is {size} bytes; the limit is {MAX_CONFIG_BYTES}")]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: {field}: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+/// The whole file, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub nfc: NfcConfig,
+    #[serde(default)]
+    pub osdp: OsdpConfig,
+    #[serde(default, rename = "door")]
+    pub doors: Vec<DoorConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// The SQLite store: ACL, events.
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            database: default_database(),
+            log_level: default_log_level(),
+        }
+    }
+}
+
+fn default_database() -> PathBuf {
+    PathBuf::from("/var/lib/keyway/keyway.db")
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Timing of the NFC side; defaults suit a phone held to a reader.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NfcConfig {
+    /// Longest wait for one APDU's answer before the tap is abandoned.
+    #[serde(default = "default_apdu_timeout_ms")]
+    pub apdu_timeout_ms: u64,
+    /// Longest a whole transaction may take, from card present to EXCHANGE answered.
+    #[serde(default = "default_transaction_timeout_ms")]
+    pub transaction_timeout_ms: u64,
+    /// How often a missing reader is looked for again.
+    #[serde(default = "default_reader_retry_ms")]
+    pub reader_retry_ms: u64,
+}
+
+impl Default for NfcConfig {
+    fn default() -> Self {
+        Self {
+            apdu_timeout_ms: default_apdu_timeout_ms(),
+            transaction_timeout_ms: default_transaction_timeout_ms(),
+            reader_retry_ms: default_reader_retry_ms(),
+        }
+    }
+}
+
+fn default_apdu_timeout_ms() -> u64 {
+    1000
+}
+fn default_transaction_timeout_ms() -> u64 {
+    5000
+}
+fn default_reader_retry_ms() -> u64 {
+    1000
+}
+
+impl NfcConfig {
+    pub fn apdu_timeout(&self) -> Duration {
+        Duration::from_millis(self.apdu_timeout_ms)
+    }
+    pub fn transaction_timeout(&self) -> Duration {
+        Duration::from_millis(self.transaction_timeout_ms)
+    }
+    pub fn reader_retry(&self) -> Duration {
+        Duration::from_millis(self.reader_retry_ms)
+    }
+}
+
+/// What keyway tells the panel about itself in osdp_PDID.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OsdpConfig {
+    /// IEEE OUI of the vendor, 3 bytes as hex.
+    #[serde(default = "default_vendor_code")]
+    pub vendor_code: String,
+    #[serde(default = "default_model")]
+    pub model: u8,
+    #[serde(default)]
+    pub serial_number: u32,
+}
+
+impl Default for OsdpConfig {
+    fn default() -> Self {
+        Self {
+            vendor_code: default_vendor_code(),
+            model: default_model(),
+            serial_number: 0,
+        }
+    }
+}
+
+fn default_vendor_code() -> String {
+    "000000".into()
+}
+fn default_model() -> u8 {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorConfig {
+    /// Stable id used in the ACL (`doors`), events and logs.
+    pub id: String,
+    pub osdp: DoorOsdp,
+    pub nfc: DoorNfc,
+    pub aliro: DoorAliro,
+    /// Relay outputs this reader drives (advertised to the panel in osdp_PDCAP).
+    #[serde(default)]
+    pub outputs: u8,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorOsdp {
+    /// Serial device of the RS-485 bus; doors on one bus share it.
+    pub port: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// This door's PD address on the bus.
+    pub address: u8,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorNfc {
+    /// PC/SC reader name, exact, or a pattern where `*` matches any run of characters.
+    pub reader: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorAliro {
+    /// Reader group identifier, 16 bytes as hex.
+    pub group_id: String,
+    /// Reader group sub-identifier, 16 bytes as hex.
+    pub sub_id: String,
+    /// The reader's long-term P-256 private key (PKCS#8 or SEC1 PEM, or 64 hex digits); 0600.
+    pub private_key_file: PathBuf,
+    /// Aliro authentication policy sent in AUTH0 (tag 42).
+    #[serde(default)]
+    pub auth_policy: AuthPolicy,
+}
+
+/// AUTH0 tag 42: what the reader asks of the phone's user verification.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthPolicy {
+    /// Follow the user-device setting (01).
+    #[default]
+    UserDeviceSetting,
+    /// The user-device setting for a secure action (02).
+    SecureAction,
+    /// Force user authentication (03).
+    ForceUserAuth,
+}
+
+impl AuthPolicy {
+    pub fn code(self) -> u8 {
+        match self {
+            Self::UserDeviceSetting => 0x01,
+            Self::SecureAction => 0x02,
+            Self::ForceUserAuth => 0x03,
+        }
+    }
+}
+
+/// A door after validation: ids decoded, ready for the daemon.
+#[derive(Debug, Clone)]
+pub struct Door {
+    pub id: String,
+    pub port: PathBuf,
+    pub baud: u32,
+    pub address: u8,
+    pub outputs: u8,
+    pub reader_pattern: String,
+    pub group_id: [u8; 16],
+    pub sub_id: [u8; 16],
+    pub private_key_file: PathBuf,
+    pub auth_policy: AuthPolicy,
+}
+
+/// Everything the daemon needs, validated.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub source: PathBuf,
+    pub daemon: DaemonConfig,
+    pub log_level: log::LevelFilter,
+    pub nfc: NfcConfig,
+    pub vendor_code: [u8; 3],
+    pub model: u8,
+    pub serial_number: u32,
+    pub doors: Vec<Door>,
+}
+
+impl Validated {
+    /// Doors grouped by serial port: one OSDP bus task per port.
+    pub fn buses(&self) -> BTreeMap<PathBuf, Vec<&Door>> {
+        let mut buses: BTreeMap<PathBuf, Vec<&Door>> = BTreeMap::new();
+        for d in &self.doors {
+            buses.entry(d.port.clone()).or_default().push(d);
+        }
+        buses
+    }
+}
+
+/// Reads, parses and validates `path`. Key files are checked too (mode and contents), so a
+/// config that passes here will not fail at start-up for a key.
+pub fn load(path: &Path) -> Result<Validated, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            size: meta.len(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let validated = parse(&text, path)?;
+    for door in &validated.doors {
+        load_private_key(&door.private_key_file).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: format!("door \"{}\": aliro.private_key_file", door.id),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(validated)
+}
+
+/// Parses and validates config text; does not touch key files (see [`load`]).
+pub fn parse(text: &str, path: &Path) -> Result<Validated, ConfigError> {
+    let raw: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().to_owned(),
+    })?;
+    validate(raw, path)
+}
+
+fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
+    let invalid = |field: String, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        field,
+        message,
+    };
+
+    let log_level: log::LevelFilter = raw.daemon.log_level.parse().map_err(|_| {
+        invalid(
+            "daemon.log_level".into(),
+            format!(
+                "{:?} is not one of error, warn, info, debug, trace",
+                raw.daemon.log_level
+            ),
+        )
+    })?;
+    if raw.daemon.database.as_os_str().is_empty() {
+        invalid_empty(&invalid, "daemon.database")?;
+    }
+    for (field, value, min, max) in [
+        ("nfc.apdu_timeout_ms", raw.nfc.apdu_timeout_ms, 50, 30_000),
+        (
+            "nfc.transaction_timeout_ms",
+            raw.nfc.transaction_timeout_ms,
+            100,
+            60_000,
+        ),
+        ("nfc.reader_retry_ms", raw.nfc.reader_retry_ms, 50, 60_000),
+    ] {
+        if !(min..=max).contains(&value) {
+            return Err(invalid(
+                field.into(),
+                format!("{value} is out of range ({min}..={max})"),
+            ));
+        }
+    }
+    let vendor_code: [u8; 3] = decode_hex_array(&raw.osdp.vendor_code)
+        .map_err(|m| invalid("osdp.vendor_code".into(), m))?;
+
+    if raw.doors.is_empty() {
+        return Err(invalid(
+            "door".into(),
+            "no door configured; add at least one [[door]] table".into(),
+        ));
+    }
+    let mut ids = BTreeSet::new();
+    let mut addresses = BTreeSet::new();
+    let mut bauds: BTreeMap<PathBuf, u32> = BTreeMap::new();
+    let mut doors = Vec::with_capacity(raw.doors.len());
+    for (i, d) in raw.doors.into_iter().enumerate() {
+        let name = if d.id.is_empty() {
+            format!("door[{i}]")
+        } else {
+            format!("door \"{}\"", d.id)
+        };
+        let field = |f: &str| format!("{name}: {f}");
+        if !valid_id(&d.id) {
+            return Err(invalid(
+                field("id"),
+                "must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        if !ids.insert(d.id.clone()) {
+            return Err(invalid(field("id"), "another door has the same id".into()));
+        }
+        // 0x7F is broadcast/configuration; PD addresses are 0..=126.
+        if d.osdp.address > 0x7E {
+            return Err(invalid(
+                field("osdp.address"),
+                format!("{} is out of range (0..=126)", d.osdp.address),
+            ));
+        }
+        if d.osdp.port.as_os_str().is_empty() {
+            return Err(invalid(field("osdp.port"), "must not be empty".into()));
+        }
+        if !addresses.insert((d.osdp.port.clone(), d.osdp.address)) {
+            return Err(invalid(
+                field("osdp.address"),
+                format!(
+                    "address {} is already used by another door on {}",
+                    d.osdp.address,
+                    d.osdp.port.display()
+                ),
+            ));
+        }
+        const BAUDS: [u32; 6] = [9600, 19200, 38400, 57600, 115200, 230400];
+        if !BAUDS.contains(&d.osdp.baud) {
+            return Err(invalid(
+                field("osdp.baud"),
+                format!("{} is not an OSDP baud rate ({BAUDS:?})", d.osdp.baud),
+            ));
+        }
+        if let Some(other) = bauds.insert(d.osdp.port.clone(), d.osdp.baud) {
+            if other != d.osdp.baud {
+                return Err(invalid(
+                    field("osdp.baud"),
+                    format!(
+                        "{} differs from another door's {other} on the same port {}",
+                        d.osdp.baud,
+                        d.osdp.port.display()
+                    ),
+                ));
+            }
+        }
+        if d.outputs > 8 {
+            return Err(invalid(
+                field("outputs"),
+                format!("{} is out of range (0..=8)", d.outputs),
+            ));
+        }
+        if d.nfc.reader.trim().is_empty() || d.nfc.reader.len() > 256 {
+            return Err(invalid(
+                field("nfc.reader"),
+                "must name a PC/SC reader (1-256 characters; '*' matches anything)".into(),
+            ));
+        }
+        let group_id =
+            decode_hex_array(&d.aliro.group_id).map_err(|m| invalid(field("aliro.group_id"), m))?;
+        let sub_id =
+            decode_hex_array(&d.aliro.sub_id).map_err(|m| invalid(field("aliro.sub_id"), m))?;
+        let key_path = resolve(path, &d.aliro.private_key_file);
+        doors.push(Door {
+            id: d.id,
+            port: d.osdp.port,
+            baud: d.osdp.baud,
+            address: d.osdp.address,
+            outputs: d.outputs,
+            reader_pattern: d.nfc.reader,
+            group_id,
+            sub_id,
+            private_key_file: key_path,
+            auth_policy: d.aliro.auth_policy,
+        });
+    }
+    Ok(Validated {
+        source: path.to_owned(),
+        daemon: DaemonConfig {
+            database: resolve(path, &raw.daemon.database),
+            log_level: raw.daemon.log_level,
+        },
+        log_level,
+        nfc: raw.nfc,
+        vendor_code,
+        model: raw.osdp.model,
+        serial_number: raw.osdp.serial_number,
+        doors,
+    })
+}
+
+fn invalid_empty(
+    invalid: &impl Fn(String, String) -> ConfigError,
+    field: &str,
+) -> Result<(), ConfigError> {
+    Err(invalid(field.into(), "must not be empty".into()))
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Relative paths in the file are relative to the file, so a bench config can sit beside its keys.
+fn resolve(config_path: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        return p.to_owned();
+    }
+    match config_path.parent() {
+        Some(dir) => dir.join(p),
+        None => p.to_owned(),
+    }
+}
+
+fn decode_hex_array<const N: usize>(s: &str) -> Result<[u8; N], String> {
+    let bytes = hex::decode(s.trim()).map_err(|e| format!("{s:?} is not hex: {e}"))?;
+    <[u8; N]>::try_from(bytes.as_slice()).map_err(|_| {
+        format!(
+            "must be {N} bytes ({} hex digits), got {} bytes",
+            2 * N,
+            bytes.len()
+        )
+    })
+}
+
+/// Does a PC/SC reader name match the configured name or `*` pattern?
+pub fn reader_matches(pattern: &str, name: &str) -> bool {
+    glob_match(pattern.as_bytes(), name.as_bytes())
+}
+
+fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    // Iterative `*` matcher with one backtrack point: linear enough for reader names.
+    let (mut pi, mut si) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, si));
+                pi += 1;
+            }
+            Some(&c) if c == s[si] => {
+                pi += 1;
+                si += 1;
+            }
+            _ => match star {
+                Some((sp, ss)) => {
+                    pi = sp + 1;
+                    si = ss + 1;
+                    star = Some((sp, ss + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi.min(p.len())..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[daemon]
+database = "state/keyway.db"
+
+[[door]]
+id = "front"
+osdp = { port = "/dev/ttyUSB0", address = 1 }
+nfc = { reader = "Virtual PCD 00 00" }
+aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "keys/front.pem" }
+"#;
+
+    fn err(text: &str) -> String {
+        match parse(text, Path::new("/etc/keyway/keyway.toml")) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn good_file_parses_with_defaults_and_relative_paths() {
+        let v = parse(GOOD, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        assert_eq!(v.doors.len(), 1);
+        let d = &v.doors[0];
+        assert_eq!(d.baud, 9600);
+        assert_eq!(d.group_id[0], 0x00);
+        assert_eq!(d.group_id[15], 0xff);
+        assert_eq!(d.auth_policy.code(), 1);
+        assert_eq!(
+            d.private_key_file,
+            PathBuf::from("/etc/keyway/keys/front.pem")
+        );
+        assert_eq!(
+            v.daemon.database,
+            PathBuf::from("/etc/keyway/state/keyway.db")
+        );
+        assert_eq!(v.nfc.apdu_timeout(), Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = err(&GOOD.replace("address = 1", "address = 127"));
+        assert!(e.contains("door \"front\": osdp.address: 127 is out of range"), "{e}");
+        let e = err(&GOOD.replace("00112233445566778899aabbccddeeff", "0011"));
+        assert!(e.contains("aliro.group_id: must be 16 bytes"), "{e}");
+        let e = err(&GOOD.replace("ffeeddccbbaa99887766554433221100", "zz"));
+        assert!(e.contains("aliro.sub_id") && e.contains("not hex"), "{e}");
+        let e = err(&GOOD.replace("address = 1", "address = 1, speed = 3"));
+        assert!(e.contains("unknown field `speed`"), "{e}");
+        let e = err(&format!("{GOOD}\n[daemon2]\n"));
+        assert!(e.contains("daemon2"), "{e}");
+        let e = err(&GOOD.replace("address = 1", "address = \"one\""));
+        assert!(e.contains("address"), "{e}");
+        let e = err("[daemon]\nlog_level = \"loud\"\n");
+        assert!(e.contains("daemon.log_level"), "{e}");
+        let e = err("");
+        assert!(e.contains("no door configured"), "{e}");
+        let e = err(&GOOD.replace("address = 1", "address = 1, baud = 1234"));
+        assert!(e.contains("osdp.baud: 1234 is not an OSDP baud rate"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_ids_and_addresses_are_refused() {
+        let second = GOOD.split("[[door]]").nth(1).unwrap();
+        let e = err(&format!("{GOOD}\n[[door]]{second}"));
+        assert!(e.contains("another door has the same id"), "{e}");
+        let e = err(&format!(
+            "{GOOD}\n[[door]]{}",
+            second.replace("\"front\"", "\"back\"")
+        ));
+        assert!(e.contains("door \"back\": osdp.address: address 1 is already used"), "{e}");
+        let ok = format!(
+            "{GOOD}\n[[door]]{}",
+            second
+                .replace("\"front\"", "\"back\"")
+                .replace("address = 1", "address = 2")
+        );
+        let v = parse(&ok, Path::new("k.toml")).unwrap();
+        assert_eq!(v.buses().len(), 1);
+        assert_eq!(v.buses().values().next().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn reader_patterns() {
+        assert!(reader_matches("Virtual PCD 00 00", "Virtual PCD 00 00"));
+        assert!(!reader_matches("Virtual PCD 00 00", "Virtual PCD 00 01"));
+        assert!(reader_matches("Virtual PCD*", "Virtual PCD 00 01"));
+        assert!(reader_matches("*PCD*01", "Virtual PCD 00 01"));
+        assert!(!reader_matches("*PCD*02", "Virtual PCD 00 01"));
+        assert!(reader_matches("*", ""));
+        assert!(!reader_matches("", "x"));
+        assert!(reader_matches("a*b*c", "aXbYbc"));
+    }
+}
