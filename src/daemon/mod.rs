@@ -4,23 +4,24 @@
 //! serving the PD addresses of the doors on that bus), one NFC reader loop per door. A tap runs
 //! inside its door's reader loop, so one door never waits for another's phone.
 
+pub mod door;
 mod store;
 pub mod tap;
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
+use crate::aliro::reader::ReaderIdentity;
+use crate::card::WiegandBits;
 use crate::config::{self, Door, Validated};
-use crate::events::{self, AccessEvent, Decision as EventDecision, Transport};
-use crate::nfc::{ReaderEvent, ReaderLoop, ReaderLoopConfig};
 use crate::osdp::{PdConfig, PdEvent, RawCard};
 use crate::serial::{self, BusConfig, BusHandle};
 
+pub use door::{run_door, DoorRuntime, PanelSink};
 pub use store::{StoreError, StoreHandle};
-use tap::{run_tap, TapContext, TapReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -44,7 +45,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     let mut tasks = tokio::task::JoinSet::new();
 
     // One bus per serial port; doors find their bus handle by port.
-    let mut buses: Vec<(std::path::PathBuf, BusHandle)> = Vec::new();
+    let mut buses: Vec<(std::path::PathBuf, BusHandle, Pending)> = Vec::new();
     for (port, doors) in cfg.buses() {
         let pds = doors
             .iter()
@@ -72,12 +73,14 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             let _ = task.await;
         });
         let port_name = port.display().to_string();
+        let pending = Pending::default();
+        let delivered = pending.clone();
         tasks.spawn(async move {
             while let Some((address, event)) = events.recv().await {
-                log_bus_event(&port_name, address, &event);
+                log_bus_event(&port_name, address, &event, &delivered);
             }
         });
-        buses.push((port, handle));
+        buses.push((port, handle, pending));
     }
 
     for door in &cfg.doors {
@@ -87,60 +90,25 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
                 source,
             })?;
         let identity = Arc::new(ReaderIdentity::new(door.group_id, door.sub_id, key));
-        let bus = buses
+        let (bus, pending) = buses
             .iter()
-            .find(|(p, _)| *p == door.port)
-            .map(|(_, h)| h.clone())
+            .find(|(p, _, _)| *p == door.port)
+            .map(|(_, h, pending)| (h.clone(), pending.clone()))
             .ok_or_else(|| DaemonError::Bus {
                 port: door.port.display().to_string(),
                 message: "no bus task for this door".into(),
             })?;
-        let loop_cfg = ReaderLoopConfig {
-            door: door.id.clone(),
-            pattern: door.reader_pattern.clone(),
-            apdu_timeout: cfg.nfc.apdu_timeout(),
-            retry: cfg.nfc.reader_retry(),
+        let rt = DoorRuntime {
+            door: Arc::new(door.clone()),
+            identity,
+            store: store.clone(),
+            nfc: cfg.nfc.clone(),
         };
-        let door = Arc::new(door.clone());
-        let store = store.clone();
-        let shutdown = shutdown_rx.clone();
-        let txn_timeout = cfg.nfc.transaction_timeout();
-        tasks.spawn(async move {
-            let door_for_events = door.id.clone();
-            ReaderLoop::new(loop_cfg)
-                .run(
-                    shutdown,
-                    |link| {
-                        let door = door.clone();
-                        let identity = identity.clone();
-                        let store = store.clone();
-                        let bus = bus.clone();
-                        async move {
-                            let started = Instant::now();
-                            let ctx = TapContext {
-                                door: &door.id,
-                                identity: &identity,
-                                params: TransactionParams::nfc(door.auth_policy.code()),
-                                store: &store,
-                                transaction_timeout: txn_timeout,
-                            };
-                            let randomness = Randomness::generate(&mut rand_core::OsRng);
-                            let report = run_tap(&ctx, &link, randomness, started, |bits| {
-                                let raw = RawCard::wiegand(bits.bit_count, bits.data);
-                                if let Err(e) = bus.send_card(door.address, raw, started) {
-                                    log::error!(target: "keyway::osdp",
-                                        door = door.id.as_str();
-                                        "door {}: card not queued for the panel: {e}", door.id);
-                                }
-                            })
-                            .await;
-                            record(&store, &door, report).await;
-                        }
-                    },
-                    |ev| log_reader_event(&door_for_events, &ev),
-                )
-                .await;
-        });
+        let panel = BusPanel {
+            bus,
+            pending: pending.clone(),
+        };
+        tasks.spawn(run_door(rt, panel, shutdown_rx.clone()));
     }
 
     notify_ready();
@@ -174,63 +142,56 @@ fn firmware_version() -> [u8; 3] {
     ]
 }
 
-/// Turns a tap report into an event row (durable first) and a journald entry.
-async fn record(store: &StoreHandle, door: &Door, report: TapReport) {
-    let (decision, reason, person) = match (&report.decision, &report.error) {
-        (Some(crate::acl::Decision::Grant(g)), _) => {
-            (EventDecision::Granted, "granted".to_string(), Some(g.person_id.clone()))
+/// When each queued card was presented, per PD address, so the bus can report tap-to-RAW.
+#[derive(Clone, Default)]
+struct Pending(Arc<Mutex<HashMap<u8, VecDeque<Instant>>>>);
+
+/// How many undelivered cards one door may have queued; the PD's own queue is bounded too.
+const MAX_PENDING: usize = 16;
+
+impl Pending {
+    fn push(&self, address: u8, started: Instant) {
+        if let Ok(mut map) = self.0.lock() {
+            let q = map.entry(address).or_default();
+            if q.len() >= MAX_PENDING {
+                q.pop_front();
+            }
+            q.push_back(started);
         }
-        (Some(crate::acl::Decision::Deny(r)), _) => {
-            (EventDecision::Denied, r.as_str().to_string(), None)
-        }
-        (None, Some(e)) => (EventDecision::Error, e.code().to_string(), None),
-        (None, None) => (EventDecision::Error, "no_decision".to_string(), None),
-    };
-    if let Some(e) = &report.error {
-        log::warn!(target: "keyway::nfc", door = door.id.as_str(), error = e.code();
-            "door {}: tap ended: {e}", door.id);
     }
-    let latency = report.to_decision.unwrap_or(report.total);
-    let event = AccessEvent {
-        time_ms: unix_ms(),
-        door: door.id.clone(),
-        transport: Transport::Nfc,
-        endpoint_fingerprint: report.fingerprint.clone(),
-        person_id: person,
-        decision,
-        reason,
-        latency_ms: u32::try_from(latency.as_millis()).unwrap_or(u32::MAX),
-    };
-    match store.record(event.clone()).await {
-        Ok(id) => events::log_event(&event, id),
-        Err(e) => {
-            log::error!(target: "keyway::daemon", door = door.id.as_str();
-                "door {}: event could not be stored: {e}", door.id);
-            events::log_event(&event, -1);
-        }
+    fn pop(&self, address: u8) -> Option<Instant> {
+        self.0.lock().ok()?.get_mut(&address)?.pop_front()
     }
 }
 
-fn unix_ms() -> i64 {
-    let now = time::OffsetDateTime::now_utc();
-    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+/// The daemon's [`PanelSink`]: the door's PD on its OSDP bus.
+#[derive(Clone)]
+struct BusPanel {
+    bus: BusHandle,
+    pending: Pending,
 }
 
-fn log_reader_event(door: &str, ev: &ReaderEvent) {
-    match ev {
-        ReaderEvent::ReaderFound(name) => {
-            log::info!(target: "keyway::nfc", door = door, reader = name.as_str(); "door {door}: reader found: {name}")
-        }
-        ReaderEvent::ReaderLost(name) => {
-            log::warn!(target: "keyway::nfc", door = door, reader = name.as_str(); "door {door}: reader lost: {name}")
-        }
-        ReaderEvent::ServiceDown(msg) => {
-            log::warn!(target: "keyway::nfc", door = door; "door {door}: PC/SC unavailable: {msg}")
+impl PanelSink for BusPanel {
+    fn send_card(&self, door: &Door, bits: WiegandBits, started: Instant) {
+        let raw = RawCard::wiegand(bits.bit_count, bits.data);
+        match self.bus.send_card(door.address, raw) {
+            Ok(()) => self.pending.push(door.address, started),
+            Err(e) => log::error!(target: "keyway::osdp", door = door.id.as_str();
+                "door {}: card not queued for the panel: {e}", door.id),
         }
     }
 }
 
-fn log_bus_event(port: &str, address: u8, event: &PdEvent) {
+fn log_bus_event(port: &str, address: u8, event: &PdEvent, pending: &Pending) {
+    if let PdEvent::CardDelivered { .. } = event {
+        let ms = pending
+            .pop(address)
+            .map(|t| t.elapsed().as_secs_f64() * 1000.0)
+            .unwrap_or(-1.0);
+        log::info!(target: "keyway::osdp", port = port, address = address, tap_to_raw_ms = ms;
+            "osdp {port} pd {address}: raw sent, {ms:.1} ms after the tap");
+        return;
+    }
     log::info!(target: "keyway::osdp", port = port, address = address; "osdp {port} pd {address}: {event}");
 }
 

@@ -1,0 +1,455 @@
+//! Hardware-in-the-loop: keyway's NFC path through the real pcscd and the vsmartcard virtual
+//! reader (vpcd), with the project's phone emulator as the card.
+//!
+//! Each test starts its own pcscd (only one can run per machine, so tests take a global lock)
+//! and runs the daemon's own door loop (`daemon::run_door`: reader loop → Aliro → ACL → event)
+//! with a recording panel in place of the OSDP bus. Waits are bounded; nothing asserts a time.
+//!
+//! Needs `pcscd` and `vsmartcard-vpcd` (installed by `scripts/setup`); fails, never skips,
+//! when they are missing.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use keyway::acl::{ImportMode, Store};
+use keyway::aliro::reader::ReaderIdentity;
+use keyway::card::{self, CardFormat, WiegandBits};
+use keyway::config::{AuthPolicy, Door, NfcConfig};
+use keyway::daemon::{run_door, DoorRuntime, PanelSink, StoreHandle};
+use keyway::events::{AccessEvent, Decision};
+use keyway::sim::vpcd::{self, TapOptions};
+use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
+use p256::SecretKey;
+use tokio::sync::watch;
+
+const READER: &str = "Virtual PCD 00 00";
+const VPCD: &str = "127.0.0.1:35963";
+
+static PCSCD_LOCK: Mutex<()> = Mutex::new(());
+
+/// A pcscd of our own, stopped (SIGTERM) on drop.
+struct Pcscd {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Pcscd {
+    fn start(dir: &Path) -> Pcscd {
+        let running = Command::new("pgrep").args(["-x", "pcscd"]).output();
+        if let Ok(out) = running {
+            assert!(
+                !out.status.success(),
+                "another pcscd is running (pid {}); stop it: these tests start their own",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        let log = dir.join(format!(
+            "pcscd-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new("pcscd")
+            .args(["--foreground", "--debug"])
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start pcscd ({e}); run ./scripts/setup (apt-get install pcscd vsmartcard-vpcd)")
+            });
+        let p = Pcscd {
+            child: Some(child),
+            log,
+        };
+        p.wait_for_reader();
+        p
+    }
+
+    fn wait_for_reader(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(ctx) = pcsc::Context::establish(pcsc::Scope::User) {
+                if let Ok(names) = ctx.list_readers_owned() {
+                    if names.iter().any(|n| n.to_string_lossy() == READER) {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pcscd did not show the reader {READER:?} (is vsmartcard-vpcd installed?); log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Pcscd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Records what would have gone to the panel.
+#[derive(Clone, Default)]
+struct RecordingPanel(Arc<Mutex<Vec<(String, WiegandBits)>>>);
+
+impl PanelSink for RecordingPanel {
+    fn send_card(&self, door: &Door, bits: WiegandBits, _started: Instant) {
+        self.0.lock().unwrap().push((door.id.clone(), bits));
+    }
+}
+
+impl RecordingPanel {
+    fn cards(&self) -> Vec<(String, WiegandBits)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// One door on the virtual reader, its ACL, and the keys of the phones used against it.
+struct Bench {
+    _lock: MutexGuard<'static, ()>,
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    reader_key: SecretKey,
+    group_id: [u8; 16],
+    enrolled: SecretKey,
+    panel: RecordingPanel,
+    shutdown: Option<watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pcscd: Option<Pcscd>,
+}
+
+fn lock() -> MutexGuard<'static, ()> {
+    PCSCD_LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Bench {
+    async fn start() -> Bench {
+        let guard = lock();
+        let dir = tempfile::tempdir().unwrap();
+        let pcscd = Pcscd::start(dir.path());
+        let db = dir.path().join("keyway.db");
+        let enrolled = SecretKey::random(&mut rand_core::OsRng);
+        let acl = dir.path().join("acl.json");
+        let mut f = std::fs::File::create(&acl).unwrap();
+        write!(
+            f,
+            r#"{{"version": 1, "credentials": [
+  {{"endpoint_key": "{}", "person_id": "p-1", "card_format": "h10301",
+    "facility_code": 42, "card_number": 1234, "doors": ["hil"]}}
+]}}"#,
+            hex(&enrolled.public_key().to_sec1_bytes())
+        )
+        .unwrap();
+        drop(f);
+        Store::open(&db)
+            .unwrap()
+            .import_file(&acl, ImportMode::Replace)
+            .unwrap();
+
+        let mut b = Bench {
+            _lock: guard,
+            db,
+            reader_key: SecretKey::random(&mut rand_core::OsRng),
+            group_id: rand_bytes(),
+            enrolled,
+            panel: RecordingPanel::default(),
+            shutdown: None,
+            task: None,
+            pcscd: Some(pcscd),
+            dir,
+        };
+        b.spawn_door();
+        b
+    }
+
+    fn spawn_door(&mut self) {
+        let door = Door {
+            id: "hil".into(),
+            port: PathBuf::from("/dev/null"),
+            baud: 9600,
+            address: 0,
+            outputs: 0,
+            reader_pattern: "Virtual PCD*00".into(),
+            group_id: self.group_id,
+            sub_id: rand_bytes(),
+            private_key_file: PathBuf::new(),
+            auth_policy: AuthPolicy::UserDeviceSetting,
+        };
+        let (store, _thread) = StoreHandle::open(&self.db).unwrap();
+        let nfc = NfcConfig {
+            apdu_timeout_ms: 1500,
+            transaction_timeout_ms: 8000,
+            reader_retry_ms: 200,
+        };
+        let rt = DoorRuntime {
+            door: Arc::new(door),
+            identity: Arc::new(ReaderIdentity::new(
+                self.group_id,
+                rand_bytes(),
+                self.reader_key.clone(),
+            )),
+            store,
+            nfc,
+        };
+        let (tx, rx) = watch::channel(false);
+        self.shutdown = Some(tx);
+        self.task = Some(tokio::spawn(run_door(rt, self.panel.clone(), rx)));
+    }
+
+    fn phone(&self, key: &SecretKey) -> Endpoint {
+        let cred = ReaderGroupCredential {
+            group_id: self.group_id,
+            reader_group_key: self.reader_key.public_key(),
+        };
+        Endpoint::new(
+            EndpointConfig::new(key.clone(), vec![cred]),
+            Box::new(OsRandom),
+        )
+    }
+
+    /// A whole tap by the emulator; returns the reader status the phone was sent.
+    async fn tap(&self, phone: &mut Endpoint, hold: Duration) -> vpcd::ServeSummary {
+        let opts = TapOptions {
+            timeout: Duration::from_secs(10),
+            hold,
+            ..TapOptions::default()
+        };
+        vpcd::tap(addr(), phone, &opts).await.expect("tap")
+    }
+
+    fn events(&self) -> Vec<AccessEvent> {
+        let store = Store::open(&self.db).unwrap();
+        let mut ev: Vec<_> = store
+            .recent_events(100)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        ev.reverse(); // oldest first
+        ev
+    }
+
+    /// Waits (bounded) until `n` events are stored.
+    async fn wait_events(&self, n: usize) -> Vec<AccessEvent> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let ev = self.events();
+            if ev.len() >= n || Instant::now() > deadline {
+                return ev;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .expect("door loop stops on shutdown")
+                .unwrap();
+        }
+        drop(self.pcscd.take());
+    }
+}
+
+fn rand_bytes<const N: usize>() -> [u8; N] {
+    use rand_core::RngCore;
+    let mut b = [0u8; N];
+    rand_core::OsRng.fill_bytes(&mut b);
+    b
+}
+
+fn addr() -> SocketAddr {
+    VPCD.parse().unwrap()
+}
+
+fn decisions(ev: &[AccessEvent]) -> Vec<(Decision, String)> {
+    ev.iter().map(|e| (e.decision, e.reason.clone())).collect()
+}
+
+/// The reader status the phone saw in EXCHANGE (tag 97), if any.
+fn reader_status(phone: &Endpoint) -> Option<u16> {
+    phone.outcomes().find_map(|o| match o {
+        Outcome::Completed { reader_status, .. } => Some(*reader_status),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_phone_granted_unknown_denied_held_phone_one_event() {
+    let b = Bench::start().await;
+
+    // Enrolled phone, held on the reader for a while after the transaction: one event only.
+    let mut phone = b.phone(&b.enrolled.clone());
+    let s = b.tap(&mut phone, Duration::from_millis(1500)).await;
+    assert!(s.finished, "the reader completed the transaction: {s:?}");
+    let granted_status = reader_status(&phone).expect("phone got a reader status");
+
+    // Unknown phone.
+    let stranger = SecretKey::random(&mut rand_core::OsRng);
+    let mut phone2 = b.phone(&stranger);
+    let s2 = b.tap(&mut phone2, Duration::from_millis(200)).await;
+    assert!(s2.finished, "{s2:?}");
+    let denied_status = reader_status(&phone2).expect("stranger got a reader status");
+    assert_ne!(granted_status, denied_status, "phone is told grant vs deny");
+
+    let ev = b.wait_events(2).await;
+    assert_eq!(
+        decisions(&ev),
+        vec![
+            (Decision::Granted, "granted".to_string()),
+            (Decision::Denied, "unknown_key".to_string())
+        ],
+        "{ev:?}"
+    );
+    assert_eq!(ev[0].person_id.as_deref(), Some("p-1"));
+    assert!(ev[0].endpoint_fingerprint.is_some() && ev[1].endpoint_fingerprint.is_some());
+    assert_ne!(ev[0].endpoint_fingerprint, ev[1].endpoint_fingerprint);
+
+    let cards = b.panel.cards();
+    assert_eq!(cards.len(), 1, "only the grant reaches the panel");
+    assert_eq!(cards[0].0, "hil");
+    assert_eq!(
+        card::decode(&cards[0].1).unwrap(),
+        (CardFormat::H10301, 42, 1234)
+    );
+    b.stop().await;
+}
+
+/// Plays the card side by hand: answers control frames, hands C-APDUs to `phone` until the
+/// `n`-th C-APDU (0-based), then either closes the socket (card pulled) or goes silent for
+/// `silence` before closing.
+async fn partial_tap(phone: &mut Endpoint, n: usize, silence: Option<Duration>) {
+    let mut stream = vpcd::connect(addr(), Duration::from_secs(10)).await.unwrap();
+    let mut apdus = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let frame =
+            match tokio::time::timeout(Duration::from_secs(5), vpcd::read_frame(&mut stream, 4096))
+                .await
+            {
+                Ok(Ok(Some(f))) => f,
+                _ => return,
+            };
+        if frame.len() == 1 {
+            match frame[0] {
+                0x04 => vpcd::write_frame(&mut stream, &[0x3B, 0x80, 0x80, 0x01, 0x01])
+                    .await
+                    .unwrap(),
+                code => keyway::sim::vpcd::VirtualCard::power_event(phone, code),
+            }
+            continue;
+        }
+        if apdus == n {
+            if let Some(d) = silence {
+                tokio::time::sleep(d).await;
+            }
+            return; // dropping the stream = the card leaves the field mid-APDU
+        }
+        let r = keyway::sim::vpcd::VirtualCard::transmit(phone, &frame);
+        vpcd::write_frame(&mut stream, &r).await.unwrap();
+        apdus += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn card_pulled_mid_transaction_then_next_tap_works() {
+    let b = Bench::start().await;
+    // Pulled after SELECT was answered, while AUTH0 is in flight.
+    let mut phone = b.phone(&b.enrolled.clone());
+    partial_tap(&mut phone, 1, None).await;
+    let ev = b.wait_events(1).await;
+    assert_eq!(
+        decisions(&ev),
+        vec![(Decision::Error, "card_gone".to_string())],
+        "{ev:?}"
+    );
+    assert!(b.panel.cards().is_empty());
+
+    // The loop goes on: the next tap is granted.
+    let mut phone = b.phone(&b.enrolled.clone());
+    let s = b.tap(&mut phone, Duration::from_millis(200)).await;
+    assert!(s.finished, "{s:?}");
+    let ev = b.wait_events(2).await;
+    assert_eq!(ev[1].decision, Decision::Granted, "{ev:?}");
+    assert_eq!(b.panel.cards().len(), 1);
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_phone_times_out_and_reader_is_free_again() {
+    let b = Bench::start().await;
+    // Answers SELECT and AUTH0, then never answers AUTH1 (apdu timeout is 1.5 s here).
+    let mut phone = b.phone(&b.enrolled.clone());
+    partial_tap(&mut phone, 2, Some(Duration::from_secs(3))).await;
+    let ev = b.wait_events(1).await;
+    assert_eq!(
+        decisions(&ev),
+        vec![(Decision::Error, "timeout".to_string())],
+        "{ev:?}"
+    );
+
+    let mut phone = b.phone(&b.enrolled.clone());
+    let s = b.tap(&mut phone, Duration::from_millis(200)).await;
+    assert!(s.finished, "{s:?}");
+    let ev = b.wait_events(2).await;
+    assert_eq!(ev.last().map(|e| e.decision), Some(Decision::Granted), "{ev:?}");
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pcscd_restart_under_keyway() {
+    let mut b = Bench::start().await;
+    let mut phone = b.phone(&b.enrolled.clone());
+    assert!(b.tap(&mut phone, Duration::from_millis(200)).await.finished);
+    b.wait_events(1).await;
+
+    // pcscd goes away and comes back; keyway re-establishes its context by itself.
+    b.pcscd.take().unwrap().stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.pcscd = Some(Pcscd::start(b.dir.path()));
+
+    let mut phone = b.phone(&b.enrolled.clone());
+    let s = b.tap(&mut phone, Duration::from_millis(200)).await;
+    assert!(s.finished, "tap after pcscd restart: {s:?}");
+    let ev = b.wait_events(2).await;
+    assert_eq!(
+        decisions(&ev),
+        vec![
+            (Decision::Granted, "granted".to_string()),
+            (Decision::Granted, "granted".to_string())
+        ],
+        "{ev:?}"
+    );
+    b.stop().await;
+}
