@@ -1155,6 +1155,61 @@ mod tests {
         assert!(parse_exchange_response(&[0, 1, 0]).is_err());
     }
 
+    /// Tiny deterministic generator for the robustness test (no RNG dependency in tests).
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn bytes(&mut self, max: usize) -> Vec<u8> {
+            let n = (self.next() as usize) % (max + 1);
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    /// Random R-APDUs in every reachable state never panic, and every error ends the
+    /// transaction (no further input accepted).
+    #[test]
+    fn random_responses_never_panic() {
+        let ep_eph = crypto::secret_key_from_bytes(&[0x66; 32]).unwrap();
+        let mut auth0_ok =
+            tlv::encode(0x86, &crypto::public_key_sec1(&ep_eph.public_key())).unwrap();
+        auth0_ok.extend_from_slice(&[0x90, 0x00]);
+        let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
+        for round in 0..450 {
+            let mut t = tx();
+            t.start();
+            // Reach a state: 0 = SELECT, 1 = AUTH0, 2 = AUTH1.
+            let depth = round % 3;
+            if depth >= 1 {
+                t.on_response(&fci(&[1, 0])).unwrap();
+            }
+            if depth >= 2 {
+                t.on_response(&auth0_ok).unwrap();
+            }
+            for _ in 0..4 {
+                let mut r = rng.bytes(300);
+                // Bias towards plausible status words so deeper parsing is exercised.
+                match rng.next() % 4 {
+                    0 => r.extend_from_slice(&[0x90, 0x00]),
+                    1 => r.extend_from_slice(&[0x61, rng.next() as u8]),
+                    _ => {}
+                }
+                match t.on_response(&r) {
+                    Ok(Action::Transmit(c)) => assert!(c.len() >= 4),
+                    Ok(_) => {}
+                    Err(_) => {
+                        assert!(t.is_done());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn debug_output_redacts_secrets() {
         let id = identity();
