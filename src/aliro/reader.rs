@@ -55,7 +55,8 @@ pub const MAX_RESPONSE_LEN: usize = 4096;
 /// Largest number of GET RESPONSE rounds for one command.
 const MAX_GET_RESPONSE_ROUNDS: usize = 32;
 
-/// The reader command a failure belongs to.
+/// The reader command a failure belongs to (errors while chaining a response with GET
+/// RESPONSE belong to the command whose response it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Select,
@@ -64,7 +65,6 @@ pub enum Step {
     Auth1,
     Exchange,
     ControlFlow,
-    GetResponse,
 }
 
 impl std::fmt::Display for Step {
@@ -76,7 +76,6 @@ impl std::fmt::Display for Step {
             Step::Auth1 => "AUTH1",
             Step::Exchange => "EXCHANGE",
             Step::ControlFlow => "CONTROL FLOW",
-            Step::GetResponse => "GET RESPONSE",
         })
     }
 }
@@ -370,6 +369,33 @@ impl State {
 }
 
 /// One reader-side Aliro transaction.
+///
+/// The adapter's loop (the ACL lookup and the transport are the caller's):
+///
+/// ```no_run
+/// use keyway::aliro::{Action, ReaderStatus, ReaderTransaction};
+/// # fn transmit(_c: &[u8]) -> Vec<u8> { unimplemented!() }
+/// # fn admitted(_key: &[u8; 65]) -> bool { unimplemented!() }
+/// # fn run(mut tx: ReaderTransaction) -> Result<(), keyway::aliro::AliroError> {
+/// let mut c_apdu = tx.start();
+/// let outcome = loop {
+///     let r_apdu = transmit(&c_apdu); // bounded by STEP_TIMEOUT in the adapter
+///     match tx.on_response(&r_apdu)? {
+///         Action::Transmit(next) => c_apdu = next,
+///         Action::Authenticated(ep) => {
+///             let status = if admitted(&ep.public_key) {
+///                 ReaderStatus::StateUnsecured
+///             } else {
+///                 ReaderStatus::PublicKeyNotFound
+///             };
+///             c_apdu = tx.complete(status)?;
+///         }
+///         Action::Exchanged(_) => unreachable!("only after ReaderTransaction::exchange"),
+///         Action::Done(outcome) => break outcome,
+///     }
+/// };
+/// # let _ = outcome; Ok(()) }
+/// ```
 pub struct ReaderTransaction {
     reader_identifier: [u8; 32],
     reader_key_x: [u8; 32],
@@ -1162,6 +1188,56 @@ mod tests {
         assert_eq!(items[3].value.len(), 65);
         assert_eq!(items[4].value, &[0x55; 16]);
         assert_eq!(&items[5].value[..16], &[0x11; 16]);
+    }
+
+    #[test]
+    fn fci_with_extended_length_info_enters_salt_as_received() {
+        // A phone-style FCI with 7F66 and a vendor TLV: accepted, and the whole A5 TLV is what
+        // AUTH0 processing keeps (checked through the salt the endpoint would compute).
+        let mut a5 = Vec::new();
+        tlv::push_tlv(&mut a5, 0x80, &[0, 0]).unwrap();
+        tlv::push_tlv(&mut a5, 0x5C, &[1, 0]).unwrap();
+        tlv::push_tlv(
+            &mut a5,
+            0x7F66,
+            &[0x02, 0x02, 0x04, 0x00, 0x02, 0x02, 0x04, 0x00],
+        )
+        .unwrap();
+        let mut inner = Vec::new();
+        tlv::push_tlv(&mut inner, 0x84, &AID_EXPEDITED).unwrap();
+        tlv::push_tlv(&mut inner, 0xA5, &a5).unwrap();
+        let mut r = tlv::encode(0x6F, &inner).unwrap();
+        r.extend_from_slice(&[0x90, 0x00]);
+        let mut t = tx();
+        t.start();
+        assert!(matches!(t.on_response(&r), Ok(Action::Transmit(_))));
+        match &t.state {
+            State::AwaitAuth0 {
+                fci_proprietary_tlv,
+            } => assert_eq!(fci_proprietary_tlv, &tlv::encode(0xA5, &a5).unwrap()),
+            _ => panic!("expected AUTH0 state"),
+        }
+    }
+
+    #[test]
+    fn fci_naming_another_application_is_refused() {
+        let mut r = fci(&[1, 0]);
+        // The AID sits right after 6F len 84 len.
+        r[4 + AID_EXPEDITED.len() - 1] ^= 0x07;
+        let mut t = tx();
+        t.start();
+        assert!(matches!(
+            t.on_response(&r),
+            Ok(Action::Transmit(cf)) if cf[1] == 0x3C
+        ));
+    }
+
+    #[test]
+    fn generated_randomness_is_fresh() {
+        let a = Randomness::generate(&mut rand_core::OsRng);
+        let b = Randomness::generate(&mut rand_core::OsRng);
+        assert_ne!(a.transaction_id, b.transaction_id);
+        assert_ne!(a.ephemeral.to_bytes(), b.ephemeral.to_bytes());
     }
 
     #[test]
