@@ -177,7 +177,15 @@ pub enum ReaderStatus {
     Other(u16),
 }
 
+#[allow(non_upper_case_globals)] // Named like variants: they read as statuses at call sites.
 impl ReaderStatus {
+    /// The status keyway sends to close a granted transaction: reader state "unsecured"
+    /// (door unlocked), as both reference readers send on success.
+    pub const AccessGranted: ReaderStatus = ReaderStatus::StateUnsecured;
+    /// The status for an endpoint that is known but not admitted (expired, wrong door, outside
+    /// its validity): "invalid access rights". Unknown keys use [`ReaderStatus::PublicKeyNotFound`].
+    pub const AccessDenied: ReaderStatus = ReaderStatus::InvalidAccessRights;
+
     /// The 2-byte code.
     pub fn code(self) -> u16 {
         match self {
@@ -261,6 +269,8 @@ mod tests {
         );
         assert_eq!(ReaderStatus::from_code(0x0005), ReaderStatus::Other(5));
         assert!(ReaderStatus::StateUnsecured.is_reader_state());
+        assert!(ReaderStatus::AccessGranted.is_reader_state());
+        assert_eq!(ReaderStatus::AccessDenied.code(), 0x0025);
         assert!(!ReaderStatus::PublicKeyNotFound.is_reader_state());
     }
 

@@ -133,6 +133,27 @@ pub enum AliroError {
     Apdu(#[from] ApduError),
 }
 
+impl AliroError {
+    /// Stable snake_case code for events, journald fields and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AliroError::CardGone { .. } => "card_gone",
+            AliroError::BadStatus { .. } => "endpoint_status",
+            AliroError::MalformedTlv { .. } | AliroError::MalformedResponse { .. } => {
+                "malformed_response"
+            }
+            AliroError::UnsupportedVersion { .. } => "unsupported_version",
+            AliroError::Crypto { .. } => "crypto_failure",
+            AliroError::SignatureInvalid => "signature_invalid",
+            AliroError::UnexpectedState { .. } => "unexpected_state",
+            AliroError::ResponseTooLong { .. } => "response_too_long",
+            AliroError::EndpointStatus { .. } => "exchange_rejected",
+            AliroError::FastNoMatch => "fast_no_match",
+            AliroError::Apdu(_) => "apdu_encoding",
+        }
+    }
+}
+
 /// The reader's long-term identity: the reader group key and identifiers.
 pub struct ReaderIdentity {
     pub group_id: [u8; 16],
@@ -152,6 +173,15 @@ impl std::fmt::Debug for ReaderIdentity {
 }
 
 impl ReaderIdentity {
+    /// An identity from the configured group id, sub id and reader group private key.
+    pub fn new(group_id: [u8; 16], sub_id: [u8; 16], private_key: SecretKey) -> Self {
+        Self {
+            group_id,
+            sub_id,
+            private_key,
+        }
+    }
+
     /// Reader identifier as sent in AUTH0 tag 4D: group id || sub id.
     pub fn reader_identifier(&self) -> [u8; 32] {
         let mut id = [0u8; 32];
@@ -175,6 +205,16 @@ pub struct TransactionParams {
     pub auth_policy: u8,
     /// Protocol version to select (must be offered in the SELECT FCI).
     pub protocol_version: [u8; 2],
+}
+
+impl TransactionParams {
+    /// NFC, protocol version 1.0, with the given AUTH0 authentication policy (tag 42).
+    pub fn nfc(auth_policy: u8) -> Self {
+        Self {
+            auth_policy,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for TransactionParams {
@@ -283,6 +323,13 @@ pub struct AuthenticatedEndpoint {
     pub k_persistent: SymmetricKey,
     /// True when identified by the FAST cryptogram (no AUTH1 in this transaction).
     pub fast: bool,
+}
+
+impl AuthenticatedEndpoint {
+    /// The endpoint long-term public key, uncompressed SEC1 (the ACL lookup key).
+    pub fn public_key_sec1(&self) -> [u8; crypto::PUBLIC_KEY_LEN] {
+        self.public_key
+    }
 }
 
 /// Decrypted EXCHANGE response: read data blocks and the endpoint status.
@@ -1238,6 +1285,52 @@ mod tests {
         let b = Randomness::generate(&mut rand_core::OsRng);
         assert_ne!(a.transaction_id, b.transaction_id);
         assert_ne!(a.ephemeral.to_bytes(), b.ephemeral.to_bytes());
+    }
+
+    #[test]
+    fn error_codes_are_distinct() {
+        let errors = [
+            AliroError::CardGone { len: 0 },
+            AliroError::BadStatus {
+                step: Step::Auth0,
+                sw: 0x6701,
+            },
+            AliroError::MalformedResponse {
+                step: Step::Select,
+                detail: "x",
+            },
+            AliroError::UnsupportedVersion { wanted: 0x0100 },
+            AliroError::Crypto {
+                step: Step::Auth1,
+                source: CryptoError::Decrypt,
+            },
+            AliroError::SignatureInvalid,
+            AliroError::UnexpectedState {
+                call: "c",
+                state: "s",
+            },
+            AliroError::ResponseTooLong { len: 1 },
+            AliroError::EndpointStatus { status: 1 },
+            AliroError::FastNoMatch,
+            AliroError::Apdu(ApduError::BadLe { ne: 0 }),
+        ];
+        let mut codes: Vec<&str> = errors.iter().map(AliroError::code).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), errors.len());
+        // Messages carry the status word for diagnosis.
+        assert!(errors[1].to_string().contains("6701"));
+    }
+
+    #[test]
+    fn constructors_match_fields() {
+        let id = ReaderIdentity::new([1; 16], [2; 16], identity().private_key);
+        assert_eq!(&id.reader_identifier()[..16], &[1; 16]);
+        assert_eq!(&id.reader_identifier()[16..], &[2; 16]);
+        let p = TransactionParams::nfc(consts::AUTH_POLICY_FORCE_USER_AUTH);
+        assert_eq!(p.auth_policy, 0x03);
+        assert_eq!(p.interface, 0x5E);
+        assert_eq!(p.protocol_version, [1, 0]);
     }
 
     #[test]
