@@ -8,8 +8,10 @@
 //! - [`consts`]: AIDs, instructions, tags, reader status codes, status words.
 //!
 //! Reader side:
-//! - [`reader`]: the transaction state machine; it takes R-APDU bytes and returns C-APDU bytes
-//!   and actions; it owns no I/O, clock or RNG (randomness is injected).
+//! - [`reader`]: the transaction state machine (NFC expedited phase: STANDARD, FAST with
+//!   fallback, LOAD CERT); it takes R-APDU bytes and returns C-APDU bytes and actions; it owns
+//!   no I/O, clock or RNG (randomness is injected). Step-up and BLE are not implemented yet;
+//!   their key schedule is already in [`keys`].
 
 pub mod apdu;
 pub mod consts;
