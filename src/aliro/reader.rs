@@ -533,7 +533,9 @@ impl ReaderTransaction {
         matches!(self.state, State::Done)
     }
 
-    /// The SELECT C-APDU for the expedited AID. Calling it again restarts the transaction.
+    /// The SELECT C-APDU for the expedited AID. Call once: a new tap (or a retry after the
+    /// phone left the field) needs a new `ReaderTransaction` with fresh [`Randomness`], so no
+    /// ephemeral key or transaction identifier is ever used twice.
     pub fn start(&mut self) -> Vec<u8> {
         self.state = State::AwaitSelect;
         self.chained.clear();
