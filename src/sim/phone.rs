@@ -1,0 +1,768 @@
+//! Sans-IO Aliro 1.0 endpoint ("User Device", the phone) for benches and HIL tests.
+//!
+//! Behaviour follows aliro-actuator's `UserDevice` as captured by the interoperability vectors
+//! (`tests/vectors/aliro/README.md`): expedited SELECT, AUTH0 (standard, and FAST with a stored
+//! Kpersistent or a random decoy cryptogram), AUTH1 (reader signature check, key derivation,
+//! encrypted response), EXCHANGE on the expedited secure channel, CONTROL FLOW, strict Le
+//! checks. Not emulated: LOAD CERT, step-up (SELECT 5502 / ENVELOPE / GET RESPONSE), BLE.
+//!
+//! The endpoint takes C-APDU bytes and returns R-APDU bytes (data || SW1 SW2); it never panics
+//! on malformed input and owns no socket, clock or RNG (randomness is injected).
+
+use std::collections::VecDeque;
+
+use p256::{PublicKey, SecretKey};
+use zeroize::Zeroizing;
+
+use crate::aliro::apdu::{encode_response, CommandApdu, NE_EXTENDED_MAX, NE_SHORT_MAX};
+use crate::aliro::crypto::{
+    self, public_key_from_sec1, public_key_sec1, public_key_x, Role, SecureChannel,
+    SymmetricKey,
+};
+use crate::aliro::tlv::{self, Tlv};
+
+use super::random::EndpointRandom;
+use super::vpcd::VirtualCard;
+
+/// Expedited-phase application identifier.
+pub const AID_EXPEDITED: [u8; 9] = [0xA0, 0x00, 0x00, 0x09, 0x09, 0xAC, 0xCE, 0x55, 0x01];
+/// Step-up application identifier (refused: step-up is not emulated).
+pub const AID_STEP_UP: [u8; 9] = [0xA0, 0x00, 0x00, 0x09, 0x09, 0xAC, 0xCE, 0x55, 0x02];
+
+/// Status words the endpoint returns.
+pub mod sw {
+    /// Success.
+    pub const OK: u16 = 0x9000;
+    /// Wrong length (malformed APDU length fields).
+    pub const WRONG_LENGTH: u16 = 0x6700;
+    /// Command not compliant (bad TLVs, wrong Le, unknown reader group).
+    pub const NOT_COMPLIANT: u16 = 0x6701;
+    /// Security status not satisfied (reader signature, GCM failure).
+    pub const SECURITY: u16 = 0x6982;
+    /// Conditions of use not satisfied (unsupported protocol version).
+    pub const CONDITIONS: u16 = 0x6985;
+    /// Application not found.
+    pub const NOT_FOUND: u16 = 0x6A82;
+    /// Incorrect P1/P2.
+    pub const WRONG_P1P2: u16 = 0x6A86;
+    /// Instruction not valid (unknown, unsupported or out of sequence).
+    pub const INS_INVALID: u16 = 0x6D00;
+    /// Class not supported.
+    pub const CLA_INVALID: u16 = 0x6800;
+    /// No precise diagnosis (internal failure, e.g. randomness exhausted).
+    pub const UNKNOWN: u16 = 0x6F00;
+}
+
+const CLA_ISO: u8 = 0x00;
+const CLA_PROPRIETARY: u8 = 0x80;
+const INS_SELECT: u8 = 0xA4;
+const INS_AUTH0: u8 = 0x80;
+const INS_AUTH1: u8 = 0x81;
+const INS_EXCHANGE: u8 = 0xC9;
+const INS_CONTROL_FLOW: u8 = 0x3C;
+const INS_LOAD_CERT: u8 = 0xD1;
+const INS_ENVELOPE: u8 = 0xC3;
+const INS_GET_RESPONSE: u8 = 0xC0;
+
+/// Usage tags inside the signature preimages (tag 93).
+const READER_SIG_USAGE: [u8; 4] = [0x41, 0x5D, 0x95, 0x69];
+const DEVICE_SIG_USAGE: [u8; 4] = [0x4E, 0x88, 0x7B, 0x4C];
+
+/// Most Kpersistent entries remembered (one per reader); oldest evicted first.
+const MAX_PERSISTENT_KEYS: usize = 64;
+/// Most outcomes remembered.
+const MAX_OUTCOMES: usize = 64;
+
+/// A reader group this endpoint holds an access credential for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderGroupCredential {
+    /// Reader group identifier (first 16 bytes of the reader identifier, AUTH0 tag 4D).
+    pub group_id: [u8; 16],
+    /// Reader group public key: verifies the AUTH1 reader signature and enters every salt.
+    pub reader_group_key: PublicKey,
+}
+
+/// Deliberate misbehaviour, so benches can exercise the reader's error paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Sign the AUTH1 device authentication data over this transaction identifier instead of
+    /// the real one (the reader must reject the device signature).
+    pub device_signature_transaction_id: Option<[u8; 16]>,
+}
+
+/// Static configuration of the emulated phone.
+#[derive(Clone)]
+pub struct EndpointConfig {
+    /// Endpoint long-term private key (its public key is what the reader's ACL knows).
+    pub long_term_key: SecretKey,
+    /// Reader groups the phone holds credentials for.
+    pub credentials: Vec<ReaderGroupCredential>,
+    /// Supported protocol versions, offered in the SELECT FCI (tag 5C).
+    pub protocol_versions: Vec<[u8; 2]>,
+    /// Signaling bitmap (tag 5E) in the AUTH1 response and the FAST cryptogram.
+    pub signaling_bitmap: u16,
+    /// Credential signed timestamp (tag 91, 20-byte tdate) added to the AUTH1 response.
+    pub credential_timestamp: Option<[u8; 20]>,
+    /// Revocation signed timestamp (tag 92) inside the FAST cryptogram (zeros when absent).
+    pub revocation_timestamp: Option<[u8; 20]>,
+    /// Key slot (tag 4E) returned when AUTH1 asks for the slot instead of the public key.
+    pub key_slot: [u8; 8],
+    /// Interface byte in the salts: 5E for NFC.
+    pub interface_byte: u8,
+    /// Enforce aliro-actuator's Le rules (Le=00 on SELECT/AUTH0/AUTH1/EXCHANGE, none on
+    /// CONTROL FLOW; violations answered 6701). Off: any Le accepted.
+    pub strict_le: bool,
+    /// Answer FAST with a real cryptogram when a Kpersistent is stored for the reader. Off:
+    /// always the random decoy (as on first contact), forcing the reader to fall back.
+    pub fast_enabled: bool,
+    /// Deliberate faults.
+    pub faults: Faults,
+}
+
+impl EndpointConfig {
+    /// Defaults: protocol 0100, bitmap 0000, no timestamps, NFC, strict Le, FAST enabled.
+    /// The key slot defaults to the first 8 bytes of SHA-256 over the public key (an emulator
+    /// choice; the reader only has to find it again).
+    pub fn new(long_term_key: SecretKey, credentials: Vec<ReaderGroupCredential>) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(public_key_sec1(&long_term_key.public_key()));
+        let mut key_slot = [0u8; 8];
+        key_slot.copy_from_slice(&digest[..8]);
+        Self {
+            long_term_key,
+            credentials,
+            protocol_versions: vec![[0x01, 0x00]],
+            signaling_bitmap: 0,
+            credential_timestamp: None,
+            revocation_timestamp: None,
+            key_slot,
+            interface_byte: 0x5E,
+            strict_le: true,
+            fast_enabled: true,
+            faults: Faults::default(),
+        }
+    }
+
+    /// Uncompressed SEC1 public key of the endpoint (what the bench enrolls in the ACL).
+    pub fn public_key_sec1(&self) -> [u8; 65] {
+        public_key_sec1(&self.long_term_key.public_key())
+    }
+}
+
+impl std::fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointConfig")
+            .field("long_term_key", &"<redacted>")
+            .field("public_key", &hex::encode(self.public_key_sec1()))
+            .field("credentials", &self.credentials.len())
+            .field("protocol_versions", &self.protocol_versions)
+            .field("signaling_bitmap", &self.signaling_bitmap)
+            .field("strict_le", &self.strict_le)
+            .field("fast_enabled", &self.fast_enabled)
+            .field("faults", &self.faults)
+            .finish()
+    }
+}
+
+/// How a transaction with a reader ended, as seen by the phone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The reader sent its status (EXCHANGE tag 97), e.g. `0101` "unsecured" = granted.
+    Completed {
+        /// Reader status, big-endian.
+        reader_status: u16,
+        /// The secure channel came from FAST (no AUTH1).
+        fast: bool,
+    },
+    /// The reader ended the transaction with CONTROL FLOW.
+    ControlFlow {
+        /// S1 (00 = finished with failure).
+        s1: u8,
+        /// S2 (reason, e.g. 27 = protocol version not supported).
+        s2: u8,
+    },
+    /// The endpoint refused a command and terminated the session.
+    Rejected {
+        /// Status word returned.
+        sw: u16,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl Outcome {
+    /// Short machine-readable name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Completed { .. } => "completed",
+            Outcome::ControlFlow { .. } => "control_flow",
+            Outcome::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// Per-transaction values kept between AUTH0 and AUTH1.
+struct Auth0Context {
+    reader_group_key: PublicKey,
+    reader_id: [u8; 32],
+    reader_eph_x: [u8; 32],
+    reader_eph: PublicKey,
+    transaction_id: [u8; 16],
+    version: [u8; 2],
+    command_parameters: u8,
+    authentication_policy: u8,
+    eph_key: SecretKey,
+    eph_x: [u8; 32],
+    /// Channel keyed from Kpersistent when FAST matched: EXCHANGE may follow directly.
+    fast_channel: Option<SecureChannel>,
+}
+
+enum State {
+    /// Not selected (power-up, after a terminated session).
+    Idle,
+    /// Expedited AID selected.
+    Selected,
+    /// AUTH0 answered.
+    Auth0(Box<Auth0Context>),
+    /// Secure channel established (AUTH1, or FAST + first EXCHANGE).
+    Secure { channel: SecureChannel, fast: bool },
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Selected => "selected",
+            State::Auth0(_) => "auth0",
+            State::Secure { .. } => "secure",
+        }
+    }
+}
+
+/// A refused command: status word, why, and whether the session is over.
+struct Reject {
+    sw: u16,
+    reason: &'static str,
+    terminate: bool,
+}
+
+impl Reject {
+    fn fatal(sw: u16, reason: &'static str) -> Self {
+        Self {
+            sw,
+            reason,
+            terminate: true,
+        }
+    }
+
+    fn soft(sw: u16, reason: &'static str) -> Self {
+        Self {
+            sw,
+            reason,
+            terminate: false,
+        }
+    }
+}
+
+type Handled = Result<Vec<u8>, Reject>;
+
+/// The emulated phone.
+pub struct Endpoint {
+    config: EndpointConfig,
+    random: Box<dyn EndpointRandom + Send>,
+    state: State,
+    /// Kpersistent per reader identifier; survives power cycles like a phone's keychain.
+    persistent: VecDeque<([u8; 32], SymmetricKey)>,
+    outcomes: VecDeque<Outcome>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("config", &self.config)
+            .field("state", &self.state.name())
+            .field("persistent_keys", &self.persistent.len())
+            .field("outcomes", &self.outcomes)
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// A powered-off phone with the given configuration and randomness source.
+    pub fn new(config: EndpointConfig, random: Box<dyn EndpointRandom + Send>) -> Self {
+        Self {
+            config,
+            random,
+            state: State::Idle,
+            persistent: VecDeque::new(),
+            outcomes: VecDeque::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EndpointConfig {
+        &self.config
+    }
+
+    /// Card powered on, off or reset: any session is lost (stored keys and outcomes are kept).
+    pub fn on_power(&mut self) {
+        self.state = State::Idle;
+    }
+
+    /// Pre-provision a Kpersistent for a reader (normally learned in a STANDARD transaction).
+    pub fn store_k_persistent(&mut self, reader_id: [u8; 32], key: [u8; 32]) {
+        self.remember_k_persistent(reader_id, SymmetricKey::from_bytes(key));
+    }
+
+    /// The Kpersistent stored for a reader, if any (tests compare it with the reader's).
+    pub fn k_persistent(&self, reader_id: &[u8; 32]) -> Option<&SymmetricKey> {
+        self.persistent
+            .iter()
+            .find(|(id, _)| id == reader_id)
+            .map(|(_, k)| k)
+    }
+
+    /// Every outcome since creation or the last [`Endpoint::take_outcomes`], oldest first.
+    pub fn outcomes(&self) -> impl Iterator<Item = &Outcome> {
+        self.outcomes.iter()
+    }
+
+    /// The most recent outcome.
+    pub fn last_outcome(&self) -> Option<&Outcome> {
+        self.outcomes.back()
+    }
+
+    /// Remove and return the recorded outcomes (between taps).
+    pub fn take_outcomes(&mut self) -> Vec<Outcome> {
+        self.outcomes.drain(..).collect()
+    }
+
+    /// Whether the session is in the secure (post-authentication) state.
+    pub fn is_authenticated(&self) -> bool {
+        matches!(self.state, State::Secure { .. })
+    }
+
+    /// Process one C-APDU and return the R-APDU (response data || SW1 SW2).
+    pub fn handle(&mut self, c_apdu: &[u8]) -> Vec<u8> {
+        let result = match CommandApdu::parse(c_apdu) {
+            Ok(cmd) => self.dispatch(&cmd),
+            Err(_) => Err(Reject::fatal(sw::WRONG_LENGTH, "malformed APDU")),
+        };
+        match result {
+            Ok(data) => encode_response(&data, sw::OK),
+            Err(rej) => {
+                log::debug!(sw = rej.sw, state = self.state.name(); "endpoint refused: {}", rej.reason);
+                // A refusal before any session exists (wrong AID, stray command) is no
+                // transaction outcome; inside a session it is, and fatal ones end the session.
+                let in_session = !matches!(self.state, State::Idle);
+                if rej.terminate && in_session {
+                    self.record(Outcome::Rejected {
+                        sw: rej.sw,
+                        reason: rej.reason,
+                    });
+                    self.state = State::Idle;
+                }
+                encode_response(&[], rej.sw)
+            }
+        }
+    }
+
+    fn record(&mut self, outcome: Outcome) {
+        if self.outcomes.len() >= MAX_OUTCOMES {
+            self.outcomes.pop_front();
+        }
+        self.outcomes.push_back(outcome);
+    }
+
+    fn remember_k_persistent(&mut self, reader_id: [u8; 32], key: SymmetricKey) {
+        self.persistent.retain(|(id, _)| *id != reader_id);
+        if self.persistent.len() >= MAX_PERSISTENT_KEYS {
+            self.persistent.pop_front();
+        }
+        self.persistent.push_back((reader_id, key));
+    }
+
+    fn dispatch(&mut self, cmd: &CommandApdu) -> Handled {
+        match (cmd.cla, cmd.ins) {
+            (CLA_ISO, INS_SELECT) => self.select(cmd),
+            (CLA_PROPRIETARY, INS_AUTH0) => self.auth0(cmd),
+            (CLA_PROPRIETARY, INS_AUTH1) => self.auth1(cmd),
+            (CLA_PROPRIETARY, INS_EXCHANGE) => self.exchange(cmd),
+            (CLA_PROPRIETARY, INS_CONTROL_FLOW) => self.control_flow(cmd),
+            (CLA_PROPRIETARY, INS_LOAD_CERT) | (CLA_ISO, INS_ENVELOPE | INS_GET_RESPONSE) => {
+                Err(Reject::soft(sw::INS_INVALID, "command not emulated"))
+            }
+            (
+                _,
+                INS_SELECT | INS_AUTH0 | INS_AUTH1 | INS_EXCHANGE | INS_CONTROL_FLOW
+                | INS_LOAD_CERT | INS_ENVELOPE | INS_GET_RESPONSE,
+            ) => Err(Reject::soft(sw::CLA_INVALID, "class not supported")),
+            _ => Err(Reject::soft(sw::INS_INVALID, "unknown instruction")),
+        }
+    }
+
+    /// Le must be present and "00" (maximum) when strict.
+    fn require_le_max(&self, cmd: &CommandApdu) -> Result<(), Reject> {
+        if self.config.strict_le && !matches!(cmd.le, Some(NE_SHORT_MAX | NE_EXTENDED_MAX)) {
+            return Err(Reject::fatal(sw::NOT_COMPLIANT, "Le must be 00"));
+        }
+        Ok(())
+    }
+
+    fn require_p1p2(cmd: &CommandApdu, p1: u8, p2: u8) -> Result<(), Reject> {
+        if cmd.p1 != p1 || cmd.p2 != p2 {
+            return Err(Reject::fatal(sw::WRONG_P1P2, "incorrect P1/P2"));
+        }
+        Ok(())
+    }
+
+    /// Proprietary template A5: application type 0000 and the supported versions.
+    fn proprietary_template(&self) -> Result<Vec<u8>, Reject> {
+        let versions: Vec<u8> = self.config.protocol_versions.concat();
+        let mut inner = Vec::new();
+        tlv::push_tlv(&mut inner, 0x80, &[0x00, 0x00]).map_err(internal)?;
+        tlv::push_tlv(&mut inner, 0x5C, &versions).map_err(internal)?;
+        tlv::encode(0xA5, &inner).map_err(internal)
+    }
+
+    fn select(&mut self, cmd: &CommandApdu) -> Handled {
+        if cmd.p1 != 0x04 || cmd.p2 != 0x00 {
+            return Err(Reject::soft(sw::WRONG_P1P2, "SELECT must be by name, first"));
+        }
+        if cmd.data.as_slice() != AID_EXPEDITED {
+            // Step-up (5502) included: not emulated, and never valid before AUTH1 anyway.
+            return Err(Reject::soft(sw::NOT_FOUND, "application not found"));
+        }
+        // A new SELECT starts a new session whatever came before.
+        self.state = State::Idle;
+        if self.config.strict_le && !matches!(cmd.le, Some(NE_SHORT_MAX | NE_EXTENDED_MAX)) {
+            return Err(Reject::soft(sw::NOT_COMPLIANT, "Le must be 00"));
+        }
+        let mut fci_inner = Vec::new();
+        tlv::push_tlv(&mut fci_inner, 0x84, &AID_EXPEDITED).map_err(internal)?;
+        fci_inner.extend_from_slice(&self.proprietary_template()?);
+        let fci = tlv::encode(0x6F, &fci_inner).map_err(internal)?;
+        self.state = State::Selected;
+        Ok(fci)
+    }
+
+    fn auth0(&mut self, cmd: &CommandApdu) -> Handled {
+        if !matches!(self.state, State::Selected) {
+            return Err(Reject::fatal(sw::INS_INVALID, "AUTH0 out of sequence"));
+        }
+        Self::require_p1p2(cmd, 0, 0)?;
+        self.require_le_max(cmd)?;
+        let tlvs = tlv::parse_all(&cmd.data)
+            .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "AUTH0 data is not TLV"))?;
+        let command_parameters = fixed::<1>(&tlvs, 0x41, "AUTH0 tag 41")?[0];
+        let authentication_policy = fixed::<1>(&tlvs, 0x42, "AUTH0 tag 42")?[0];
+        let version = fixed::<2>(&tlvs, 0x5C, "AUTH0 tag 5C")?;
+        let reader_eph_bytes = fixed::<65>(&tlvs, 0x87, "AUTH0 tag 87")?;
+        let transaction_id = fixed::<16>(&tlvs, 0x4C, "AUTH0 tag 4C")?;
+        let reader_id = fixed::<32>(&tlvs, 0x4D, "AUTH0 tag 4D")?;
+        let reader_eph = public_key_from_sec1(&reader_eph_bytes).map_err(|_| {
+            Reject::fatal(sw::NOT_COMPLIANT, "reader ephemeral key is not a P-256 point")
+        })?;
+        if !self.config.protocol_versions.contains(&version) {
+            return Err(Reject::fatal(sw::CONDITIONS, "protocol version not supported"));
+        }
+        let reader_group_key = self
+            .config
+            .credentials
+            .iter()
+            .find(|c| reader_id[..16] == c.group_id)
+            .map(|c| c.reader_group_key)
+            .ok_or(Reject::fatal(
+                sw::NOT_COMPLIANT,
+                "reader group identifier unknown to access credential",
+            ))?;
+
+        let eph_key = self
+            .random
+            .ephemeral_key()
+            .ok_or(Reject::fatal(sw::UNKNOWN, "no ephemeral key available"))?;
+        let eph_pub = eph_key.public_key();
+        let eph_x = public_key_x(&eph_pub);
+        let mut ctx = Auth0Context {
+            reader_group_key,
+            reader_id,
+            reader_eph_x: public_key_x(&reader_eph),
+            reader_eph,
+            transaction_id,
+            version,
+            command_parameters,
+            authentication_policy,
+            eph_key,
+            eph_x,
+            fast_channel: None,
+        };
+
+        let mut response = Vec::with_capacity(2 + 65 + 2 + 64);
+        tlv::push_tlv(&mut response, 0x86, &public_key_sec1(&eph_pub)).map_err(internal)?;
+        if command_parameters & 0x01 != 0 {
+            let cryptogram = self.fast_cryptogram(&mut ctx)?;
+            tlv::push_tlv(&mut response, 0x9D, &cryptogram).map_err(internal)?;
+        }
+        self.state = State::Auth0(Box::new(ctx));
+        Ok(response)
+    }
+
+    /// FAST: the real cryptogram when a Kpersistent is stored for this reader (and the
+    /// channel keys that go with it), else 64 random bytes the reader cannot match.
+    fn fast_cryptogram(&mut self, ctx: &mut Auth0Context) -> Result<Vec<u8>, Reject> {
+        let stored = if self.config.fast_enabled {
+            self.k_persistent(&ctx.reader_id).cloned()
+        } else {
+            None
+        };
+        let Some(k_persistent) = stored else {
+            let mut decoy = vec![0u8; 64];
+            self.random
+                .fill_bytes(&mut decoy)
+                .ok_or(Reject::fatal(sw::UNKNOWN, "no random bytes available"))?;
+            return Ok(decoy);
+        };
+        let salt = self.salt(ctx, Label::VolatileFast)?;
+        let okm = crypto::hkdf_sha256(k_persistent.as_bytes(), &salt, &ctx.eph_x, 160)
+            .map_err(internal)?;
+        let (Some(cryptogram_sk), Some(sk_reader), Some(sk_device)) =
+            (okm.key_at(0), okm.key_at(32), okm.key_at(64))
+        else {
+            return Err(internal(()));
+        };
+        let zeros = [0u8; 20];
+        let mut plain = Vec::with_capacity(48);
+        tlv::push_tlv(&mut plain, 0x5E, &self.config.signaling_bitmap.to_be_bytes())
+            .map_err(internal)?;
+        let ts = self.config.credential_timestamp.unwrap_or(zeros);
+        tlv::push_tlv(&mut plain, 0x91, &ts).map_err(internal)?;
+        let rts = self.config.revocation_timestamp.unwrap_or(zeros);
+        tlv::push_tlv(&mut plain, 0x92, &rts).map_err(internal)?;
+        let cryptogram = crypto::gcm_seal(&cryptogram_sk, &[0u8; 12], &[], &plain).map_err(internal)?;
+        ctx.fast_channel = Some(SecureChannel::new(Role::Endpoint, sk_reader, sk_device));
+        Ok(cryptogram)
+    }
+
+    fn auth1(&mut self, cmd: &CommandApdu) -> Handled {
+        let State::Auth0(ctx) = &self.state else {
+            return Err(Reject::fatal(sw::INS_INVALID, "AUTH1 out of sequence"));
+        };
+        Self::require_p1p2(cmd, 0, 0)?;
+        self.require_le_max(cmd)?;
+        let tlvs = tlv::parse_all(&cmd.data)
+            .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "AUTH1 data is not TLV"))?;
+        let parameters = fixed::<1>(&tlvs, 0x41, "AUTH1 tag 41")?[0];
+        let reader_sig = tlv::find(&tlvs, 0x9E)
+            .ok_or(Reject::fatal(sw::NOT_COMPLIANT, "AUTH1 tag 9E missing"))?;
+        if tlv::find(&tlvs, 0x90).is_some() {
+            return Err(Reject::fatal(sw::NOT_COMPLIANT, "AUTH1 certificate not emulated"));
+        }
+        let reader_preimage = signature_preimage(
+            &ctx.reader_id,
+            &ctx.eph_x,
+            &ctx.reader_eph_x,
+            &ctx.transaction_id,
+            READER_SIG_USAGE,
+        );
+        crypto::verify(&ctx.reader_group_key, &reader_preimage, reader_sig.value).map_err(|_| {
+            Reject::fatal(sw::SECURITY, "reader authentication data verification failed")
+        })?;
+
+        // Key agreement: Z = ECDH x, X9.63 with the transaction id, HKDF over the volatile salt.
+        let z = crypto::ecdh_x(&ctx.eph_key, &ctx.reader_eph);
+        let kdf = crypto::x963_kdf_sha256(z.as_bytes(), &ctx.transaction_id, 32).map_err(internal)?;
+        let volatile_salt = self.salt(ctx, Label::Volatile)?;
+        let okm = crypto::hkdf_sha256(kdf.as_slice(), &volatile_salt, &ctx.eph_x, 160)
+            .map_err(internal)?;
+        let (Some(sk_reader), Some(sk_device)) = (okm.key_at(0), okm.key_at(32)) else {
+            return Err(internal(()));
+        };
+        let persistent_salt = self.salt(ctx, Label::Persistent)?;
+        let k_persistent =
+            crypto::hkdf_key(kdf.as_slice(), &persistent_salt, &ctx.eph_x).map_err(internal)?;
+
+        let signed_tid = self
+            .config
+            .faults
+            .device_signature_transaction_id
+            .unwrap_or(ctx.transaction_id);
+        let device_preimage = signature_preimage(
+            &ctx.reader_id,
+            &ctx.eph_x,
+            &ctx.reader_eph_x,
+            &signed_tid,
+            DEVICE_SIG_USAGE,
+        );
+        let device_sig = crypto::sign(&self.config.long_term_key, &device_preimage);
+
+        let mut plain = Zeroizing::new(Vec::with_capacity(200));
+        if parameters & 0x01 != 0 {
+            tlv::push_tlv(&mut plain, 0x5A, &self.config.public_key_sec1()).map_err(internal)?;
+        } else {
+            tlv::push_tlv(&mut plain, 0x4E, &self.config.key_slot).map_err(internal)?;
+        }
+        tlv::push_tlv(&mut plain, 0x9E, &device_sig).map_err(internal)?;
+        tlv::push_tlv(&mut plain, 0x5E, &self.config.signaling_bitmap.to_be_bytes())
+            .map_err(internal)?;
+        if let Some(ts) = self.config.credential_timestamp {
+            tlv::push_tlv(&mut plain, 0x91, &ts).map_err(internal)?;
+        }
+        let mut channel = SecureChannel::new(Role::Endpoint, sk_reader, sk_device);
+        let encrypted = channel.seal(&plain).map_err(internal)?;
+        let reader_id = ctx.reader_id;
+        self.remember_k_persistent(reader_id, k_persistent);
+        self.state = State::Secure {
+            channel,
+            fast: false,
+        };
+        Ok(encrypted)
+    }
+
+    fn exchange(&mut self, cmd: &CommandApdu) -> Handled {
+        // FAST matched: the first EXCHANGE moves the session onto the FAST channel.
+        if let State::Auth0(ctx) = &mut self.state {
+            if let Some(channel) = ctx.fast_channel.take() {
+                self.state = State::Secure {
+                    channel,
+                    fast: true,
+                };
+            }
+        }
+        let strict_le = self.config.strict_le;
+        let State::Secure { channel, fast } = &mut self.state else {
+            return Err(Reject::fatal(sw::INS_INVALID, "EXCHANGE before authentication"));
+        };
+        let fast = *fast;
+        Self::require_p1p2(cmd, 0, 0)?;
+        if strict_le && !matches!(cmd.le, Some(NE_SHORT_MAX | NE_EXTENDED_MAX)) {
+            return Err(Reject::fatal(sw::NOT_COMPLIANT, "Le must be 00"));
+        }
+        let plain = Zeroizing::new(
+            channel
+                .open(&cmd.data)
+                .map_err(|_| Reject::fatal(sw::SECURITY, "EXCHANGE decryption failed"))?,
+        );
+        let tlvs = tlv::parse_all(&plain)
+            .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "EXCHANGE plaintext is not TLV"))?;
+        let status = match tlv::find(&tlvs, 0x97) {
+            Some(t) => Some(
+                <[u8; 2]>::try_from(t.value)
+                    .map(u16::from_be_bytes)
+                    .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "reader status length"))?,
+            ),
+            None => None,
+        };
+        // No mailbox emulated: reply "no read data, status 0000".
+        let response = channel.seal(&[0x00, 0x02, 0x00, 0x00]).map_err(internal)?;
+        if let Some(reader_status) = status {
+            self.record(Outcome::Completed {
+                reader_status,
+                fast,
+            });
+        }
+        Ok(response)
+    }
+
+    fn control_flow(&mut self, cmd: &CommandApdu) -> Handled {
+        if matches!(self.state, State::Idle) {
+            return Err(Reject::soft(sw::INS_INVALID, "CONTROL FLOW outside a session"));
+        }
+        Self::require_p1p2(cmd, 0, 0)?;
+        if self.config.strict_le && cmd.le.is_some() {
+            return Err(Reject::fatal(sw::NOT_COMPLIANT, "CONTROL FLOW must not carry Le"));
+        }
+        let tlvs = tlv::parse_all(&cmd.data)
+            .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "CONTROL FLOW data is not TLV"))?;
+        let s1 = fixed::<1>(&tlvs, 0x41, "CONTROL FLOW tag 41")?[0];
+        let s2 = fixed::<1>(&tlvs, 0x42, "CONTROL FLOW tag 42")?[0];
+        self.record(Outcome::ControlFlow { s1, s2 });
+        // The reader is done with this session either way.
+        self.state = State::Idle;
+        Ok(Vec::new())
+    }
+
+    fn salt(&self, ctx: &Auth0Context, label: Label) -> Result<Vec<u8>, Reject> {
+        let a5 = self.proprietary_template()?;
+        let mut salt = Vec::with_capacity(200);
+        salt.extend_from_slice(&public_key_x(&ctx.reader_group_key));
+        salt.extend_from_slice(label.bytes());
+        salt.extend_from_slice(&ctx.reader_id);
+        salt.push(self.config.interface_byte);
+        tlv::push_tlv(&mut salt, 0x5C, &ctx.version).map_err(internal)?;
+        salt.extend_from_slice(&ctx.reader_eph_x);
+        salt.extend_from_slice(&ctx.transaction_id);
+        salt.push(ctx.command_parameters);
+        salt.push(ctx.authentication_policy);
+        salt.extend_from_slice(&a5);
+        if matches!(label, Label::Persistent | Label::VolatileFast) {
+            salt.extend_from_slice(&public_key_x(&self.config.long_term_key.public_key()));
+        }
+        Ok(salt)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Label {
+    Volatile,
+    Persistent,
+    VolatileFast,
+}
+
+impl Label {
+    fn bytes(self) -> &'static [u8; 12] {
+        match self {
+            Label::Volatile => b"Volatile****",
+            Label::Persistent => b"Persistent**",
+            Label::VolatileFast => b"VolatileFast",
+        }
+    }
+}
+
+fn signature_preimage(
+    reader_id: &[u8; 32],
+    endpoint_eph_x: &[u8; 32],
+    reader_eph_x: &[u8; 32],
+    transaction_id: &[u8; 16],
+    usage: [u8; 4],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 * 4 + 32 * 3 + 16 + 4 + 2);
+    for (tag, value) in [
+        (0x4Du8, &reader_id[..]),
+        (0x86, &endpoint_eph_x[..]),
+        (0x87, &reader_eph_x[..]),
+        (0x4C, &transaction_id[..]),
+        (0x93, &usage[..]),
+    ] {
+        out.push(tag);
+        // Every value is at most 32 bytes: the short length form always applies.
+        out.push(value.len() as u8);
+        out.extend_from_slice(value);
+    }
+    out
+}
+
+/// The value of a mandatory TLV with an exact length.
+fn fixed<const N: usize>(tlvs: &[Tlv<'_>], tag: u32, what: &'static str) -> Result<[u8; N], Reject> {
+    tlv::find(tlvs, tag)
+        .and_then(|t| <[u8; N]>::try_from(t.value).ok())
+        .ok_or(Reject::fatal(sw::NOT_COMPLIANT, what))
+}
+
+/// A failure that valid input cannot cause (encoding limits, KDF lengths).
+fn internal<E>(_: E) -> Reject {
+    Reject::fatal(sw::UNKNOWN, "internal error")
+}
+
+impl VirtualCard for Endpoint {
+    fn power_event(&mut self, _code: u8) {
+        self.on_power();
+    }
+
+    fn transmit(&mut self, c_apdu: &[u8]) -> Vec<u8> {
+        self.handle(c_apdu)
+    }
+
+    fn transaction_finished(&self) -> bool {
+        !self.outcomes.is_empty()
+    }
+}
