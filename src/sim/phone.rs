@@ -15,58 +15,45 @@ use p256::{PublicKey, SecretKey};
 use zeroize::Zeroizing;
 
 use crate::aliro::apdu::{encode_response, CommandApdu, NE_EXTENDED_MAX, NE_SHORT_MAX};
-use crate::aliro::crypto::{
-    self, public_key_from_sec1, public_key_sec1, public_key_x, Role, SecureChannel,
-    SymmetricKey,
+use crate::aliro::consts::{
+    tag, AID_EXPEDITED, AUTH0_FAST, AUTH1_REQUEST_PUBLIC_KEY, CLA_ISO, CLA_PROPRIETARY, INS_AUTH0,
+    INS_AUTH1, INS_CONTROL_FLOW, INS_ENVELOPE, INS_EXCHANGE, INS_GET_RESPONSE, INS_LOAD_CERT,
+    INS_SELECT, INTERFACE_NFC, PROTOCOL_VERSION_1_0, SELECT_P1_BY_NAME, SELECT_P2_FIRST,
 };
+use crate::aliro::crypto::{
+    self, public_key_from_sec1, public_key_sec1, public_key_x, Role, SecureChannel, SymmetricKey,
+};
+use crate::aliro::keys::{self, Signer, TranscriptContext};
 use crate::aliro::tlv::{self, Tlv};
 
 use super::random::EndpointRandom;
 use super::vpcd::VirtualCard;
 
-/// Expedited-phase application identifier.
-pub const AID_EXPEDITED: [u8; 9] = [0xA0, 0x00, 0x00, 0x09, 0x09, 0xAC, 0xCE, 0x55, 0x01];
-/// Step-up application identifier (refused: step-up is not emulated).
-pub const AID_STEP_UP: [u8; 9] = [0xA0, 0x00, 0x00, 0x09, 0x09, 0xAC, 0xCE, 0x55, 0x02];
-
 /// Status words the endpoint returns.
+/// (Aliases of `aliro::consts::sw` plus the two ISO words the endpoint adds.)
 pub mod sw {
+    use crate::aliro::consts::sw as c;
     /// Success.
-    pub const OK: u16 = 0x9000;
+    pub const OK: u16 = c::OK;
     /// Wrong length (malformed APDU length fields).
     pub const WRONG_LENGTH: u16 = 0x6700;
     /// Command not compliant (bad TLVs, wrong Le, unknown reader group).
-    pub const NOT_COMPLIANT: u16 = 0x6701;
+    pub const NOT_COMPLIANT: u16 = c::COMMAND_NOT_COMPLIANT;
     /// Security status not satisfied (reader signature, GCM failure).
-    pub const SECURITY: u16 = 0x6982;
+    pub const SECURITY: u16 = c::SECURITY_STATUS_NOT_SATISFIED;
     /// Conditions of use not satisfied (unsupported protocol version).
-    pub const CONDITIONS: u16 = 0x6985;
+    pub const CONDITIONS: u16 = c::CONDITIONS_NOT_SATISFIED;
     /// Application not found.
-    pub const NOT_FOUND: u16 = 0x6A82;
+    pub const NOT_FOUND: u16 = c::APPLICATION_NOT_FOUND;
     /// Incorrect P1/P2.
-    pub const WRONG_P1P2: u16 = 0x6A86;
+    pub const WRONG_P1P2: u16 = c::INCORRECT_P1P2;
     /// Instruction not valid (unknown, unsupported or out of sequence).
-    pub const INS_INVALID: u16 = 0x6D00;
+    pub const INS_INVALID: u16 = c::INS_NOT_SUPPORTED;
     /// Class not supported.
-    pub const CLA_INVALID: u16 = 0x6800;
+    pub const CLA_INVALID: u16 = c::CLA_NOT_SUPPORTED;
     /// No precise diagnosis (internal failure, e.g. randomness exhausted).
     pub const UNKNOWN: u16 = 0x6F00;
 }
-
-const CLA_ISO: u8 = 0x00;
-const CLA_PROPRIETARY: u8 = 0x80;
-const INS_SELECT: u8 = 0xA4;
-const INS_AUTH0: u8 = 0x80;
-const INS_AUTH1: u8 = 0x81;
-const INS_EXCHANGE: u8 = 0xC9;
-const INS_CONTROL_FLOW: u8 = 0x3C;
-const INS_LOAD_CERT: u8 = 0xD1;
-const INS_ENVELOPE: u8 = 0xC3;
-const INS_GET_RESPONSE: u8 = 0xC0;
-
-/// Usage tags inside the signature preimages (tag 93).
-const READER_SIG_USAGE: [u8; 4] = [0x41, 0x5D, 0x95, 0x69];
-const DEVICE_SIG_USAGE: [u8; 4] = [0x4E, 0x88, 0x7B, 0x4C];
 
 /// Most Kpersistent entries remembered (one per reader); oldest evicted first.
 const MAX_PERSISTENT_KEYS: usize = 64;
@@ -131,12 +118,12 @@ impl EndpointConfig {
         Self {
             long_term_key,
             credentials,
-            protocol_versions: vec![[0x01, 0x00]],
+            protocol_versions: vec![PROTOCOL_VERSION_1_0],
             signaling_bitmap: 0,
             credential_timestamp: None,
             revocation_timestamp: None,
             key_slot,
-            interface_byte: 0x5E,
+            interface_byte: INTERFACE_NFC,
             strict_le: true,
             fast_enabled: true,
             faults: Faults::default(),
@@ -203,16 +190,11 @@ impl Outcome {
 
 /// Per-transaction values kept between AUTH0 and AUTH1.
 struct Auth0Context {
+    /// Everything the salts, the HKDF info and the signature preimages are built from.
+    transcript: TranscriptContext,
     reader_group_key: PublicKey,
-    reader_id: [u8; 32],
-    reader_eph_x: [u8; 32],
     reader_eph: PublicKey,
-    transaction_id: [u8; 16],
-    version: [u8; 2],
-    command_parameters: u8,
-    authentication_policy: u8,
     eph_key: SecretKey,
-    eph_x: [u8; 32],
     /// Channel keyed from Kpersistent when FAST matched: EXCHANGE may follow directly.
     fast_channel: Option<SecureChannel>,
 }
@@ -420,14 +402,17 @@ impl Endpoint {
     fn proprietary_template(&self) -> Result<Vec<u8>, Reject> {
         let versions: Vec<u8> = self.config.protocol_versions.concat();
         let mut inner = Vec::new();
-        tlv::push_tlv(&mut inner, 0x80, &[0x00, 0x00]).map_err(internal)?;
-        tlv::push_tlv(&mut inner, 0x5C, &versions).map_err(internal)?;
-        tlv::encode(0xA5, &inner).map_err(internal)
+        tlv::push_tlv(&mut inner, tag::APPLICATION_TYPE, &[0x00, 0x00]).map_err(internal)?;
+        tlv::push_tlv(&mut inner, tag::PROTOCOL_VERSIONS, &versions).map_err(internal)?;
+        tlv::encode(tag::FCI_PROPRIETARY, &inner).map_err(internal)
     }
 
     fn select(&mut self, cmd: &CommandApdu) -> Handled {
-        if cmd.p1 != 0x04 || cmd.p2 != 0x00 {
-            return Err(Reject::soft(sw::WRONG_P1P2, "SELECT must be by name, first"));
+        if cmd.p1 != SELECT_P1_BY_NAME || cmd.p2 != SELECT_P2_FIRST {
+            return Err(Reject::soft(
+                sw::WRONG_P1P2,
+                "SELECT must be by name, first",
+            ));
         }
         if cmd.data.as_slice() != AID_EXPEDITED {
             // Step-up (5502) included: not emulated, and never valid before AUTH1 anyway.
@@ -439,9 +424,9 @@ impl Endpoint {
             return Err(Reject::soft(sw::NOT_COMPLIANT, "Le must be 00"));
         }
         let mut fci_inner = Vec::new();
-        tlv::push_tlv(&mut fci_inner, 0x84, &AID_EXPEDITED).map_err(internal)?;
+        tlv::push_tlv(&mut fci_inner, tag::DF_NAME, &AID_EXPEDITED).map_err(internal)?;
         fci_inner.extend_from_slice(&self.proprietary_template()?);
-        let fci = tlv::encode(0x6F, &fci_inner).map_err(internal)?;
+        let fci = tlv::encode(tag::FCI, &fci_inner).map_err(internal)?;
         self.state = State::Selected;
         Ok(fci)
     }
@@ -454,23 +439,32 @@ impl Endpoint {
         self.require_le_max(cmd)?;
         let tlvs = tlv::parse_all(&cmd.data)
             .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "AUTH0 data is not TLV"))?;
-        let command_parameters = fixed::<1>(&tlvs, 0x41, "AUTH0 tag 41")?[0];
-        let authentication_policy = fixed::<1>(&tlvs, 0x42, "AUTH0 tag 42")?[0];
-        let version = fixed::<2>(&tlvs, 0x5C, "AUTH0 tag 5C")?;
-        let reader_eph_bytes = fixed::<65>(&tlvs, 0x87, "AUTH0 tag 87")?;
-        let transaction_id = fixed::<16>(&tlvs, 0x4C, "AUTH0 tag 4C")?;
-        let reader_id = fixed::<32>(&tlvs, 0x4D, "AUTH0 tag 4D")?;
+        let [command_parameters] = fixed::<1>(&tlvs, tag::COMMAND_PARAMETERS, "AUTH0 tag 41")?;
+        let [auth_policy] = fixed::<1>(&tlvs, tag::AUTH_POLICY, "AUTH0 tag 42")?;
+        let protocol_version = fixed::<2>(&tlvs, tag::PROTOCOL_VERSIONS, "AUTH0 tag 5C")?;
+        let reader_eph_bytes = fixed::<65>(&tlvs, tag::READER_EPHEMERAL, "AUTH0 tag 87")?;
+        let transaction_id = fixed::<16>(&tlvs, tag::TRANSACTION_ID, "AUTH0 tag 4C")?;
+        let reader_identifier = fixed::<32>(&tlvs, tag::READER_ID, "AUTH0 tag 4D")?;
+        let vendor_extension = tlv::find(&tlvs, tag::AUTH0_VENDOR_EXTENSION)
+            .map(|t| t.value.to_vec())
+            .unwrap_or_default();
         let reader_eph = public_key_from_sec1(&reader_eph_bytes).map_err(|_| {
-            Reject::fatal(sw::NOT_COMPLIANT, "reader ephemeral key is not a P-256 point")
+            Reject::fatal(
+                sw::NOT_COMPLIANT,
+                "reader ephemeral key is not a P-256 point",
+            )
         })?;
-        if !self.config.protocol_versions.contains(&version) {
-            return Err(Reject::fatal(sw::CONDITIONS, "protocol version not supported"));
+        if !self.config.protocol_versions.contains(&protocol_version) {
+            return Err(Reject::fatal(
+                sw::CONDITIONS,
+                "protocol version not supported",
+            ));
         }
         let reader_group_key = self
             .config
             .credentials
             .iter()
-            .find(|c| reader_id[..16] == c.group_id)
+            .find(|c| reader_identifier.get(..16) == Some(&c.group_id[..]))
             .map(|c| c.reader_group_key)
             .ok_or(Reject::fatal(
                 sw::NOT_COMPLIANT,
@@ -482,26 +476,37 @@ impl Endpoint {
             .ephemeral_key()
             .ok_or(Reject::fatal(sw::UNKNOWN, "no ephemeral key available"))?;
         let eph_pub = eph_key.public_key();
-        let eph_x = public_key_x(&eph_pub);
-        let mut ctx = Auth0Context {
-            reader_group_key,
-            reader_id,
-            reader_eph_x: public_key_x(&reader_eph),
-            reader_eph,
+        let transcript = TranscriptContext {
+            reader_key_x: public_key_x(&reader_group_key),
+            reader_identifier,
+            interface: self.config.interface_byte,
+            protocol_version,
+            reader_ephemeral_x: public_key_x(&reader_eph),
+            endpoint_ephemeral_x: public_key_x(&eph_pub),
             transaction_id,
-            version,
             command_parameters,
-            authentication_policy,
+            auth_policy,
+            fci_proprietary_tlv: self.proprietary_template()?,
+            vendor_extension,
+        };
+        let mut ctx = Auth0Context {
+            transcript,
+            reader_group_key,
+            reader_eph,
             eph_key,
-            eph_x,
             fast_channel: None,
         };
 
         let mut response = Vec::with_capacity(2 + 65 + 2 + 64);
-        tlv::push_tlv(&mut response, 0x86, &public_key_sec1(&eph_pub)).map_err(internal)?;
-        if command_parameters & 0x01 != 0 {
+        tlv::push_tlv(
+            &mut response,
+            tag::ENDPOINT_EPHEMERAL,
+            &public_key_sec1(&eph_pub),
+        )
+        .map_err(internal)?;
+        if command_parameters & AUTH0_FAST != 0 {
             let cryptogram = self.fast_cryptogram(&mut ctx)?;
-            tlv::push_tlv(&mut response, 0x9D, &cryptogram).map_err(internal)?;
+            tlv::push_tlv(&mut response, tag::CRYPTOGRAM, &cryptogram).map_err(internal)?;
         }
         self.state = State::Auth0(Box::new(ctx));
         Ok(response)
@@ -511,7 +516,8 @@ impl Endpoint {
     /// channel keys that go with it), else 64 random bytes the reader cannot match.
     fn fast_cryptogram(&mut self, ctx: &mut Auth0Context) -> Result<Vec<u8>, Reject> {
         let stored = if self.config.fast_enabled {
-            self.k_persistent(&ctx.reader_id).cloned()
+            self.k_persistent(&ctx.transcript.reader_identifier)
+                .cloned()
         } else {
             None
         };
@@ -522,25 +528,29 @@ impl Endpoint {
                 .ok_or(Reject::fatal(sw::UNKNOWN, "no random bytes available"))?;
             return Ok(decoy);
         };
-        let salt = self.salt(ctx, Label::VolatileFast)?;
-        let okm = crypto::hkdf_sha256(k_persistent.as_bytes(), &salt, &ctx.eph_x, 160)
+        let fast = keys::derive_fast(&k_persistent, &ctx.transcript, &self.endpoint_x())
             .map_err(internal)?;
-        let (Some(cryptogram_sk), Some(sk_reader), Some(sk_device)) =
-            (okm.key_at(0), okm.key_at(32), okm.key_at(64))
-        else {
-            return Err(internal(()));
-        };
         let zeros = [0u8; 20];
         let mut plain = Vec::with_capacity(48);
-        tlv::push_tlv(&mut plain, 0x5E, &self.config.signaling_bitmap.to_be_bytes())
-            .map_err(internal)?;
+        let bitmap = self.config.signaling_bitmap.to_be_bytes();
+        tlv::push_tlv(&mut plain, tag::SIGNALING_BITMAP, &bitmap).map_err(internal)?;
         let ts = self.config.credential_timestamp.unwrap_or(zeros);
-        tlv::push_tlv(&mut plain, 0x91, &ts).map_err(internal)?;
+        tlv::push_tlv(&mut plain, tag::CREDENTIAL_TIMESTAMP, &ts).map_err(internal)?;
         let rts = self.config.revocation_timestamp.unwrap_or(zeros);
-        tlv::push_tlv(&mut plain, 0x92, &rts).map_err(internal)?;
-        let cryptogram = crypto::gcm_seal(&cryptogram_sk, &[0u8; 12], &[], &plain).map_err(internal)?;
-        ctx.fast_channel = Some(SecureChannel::new(Role::Endpoint, sk_reader, sk_device));
+        tlv::push_tlv(&mut plain, tag::REVOCATION_TIMESTAMP, &rts).map_err(internal)?;
+        // The cryptogram key serves once, so the fixed all-zero IV is safe (and what Aliro uses).
+        let cryptogram =
+            crypto::gcm_seal(&fast.cryptogram_sk, &[0u8; 12], &[], &plain).map_err(internal)?;
+        ctx.fast_channel = Some(SecureChannel::new(
+            Role::Endpoint,
+            fast.exchange_sk_reader,
+            fast.exchange_sk_device,
+        ));
         Ok(cryptogram)
+    }
+
+    fn endpoint_x(&self) -> [u8; 32] {
+        public_key_x(&self.config.long_term_key.public_key())
     }
 
     fn auth1(&mut self, cmd: &CommandApdu) -> Handled {
@@ -551,65 +561,72 @@ impl Endpoint {
         self.require_le_max(cmd)?;
         let tlvs = tlv::parse_all(&cmd.data)
             .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "AUTH1 data is not TLV"))?;
-        let parameters = fixed::<1>(&tlvs, 0x41, "AUTH1 tag 41")?[0];
-        let reader_sig = tlv::find(&tlvs, 0x9E)
+        let [parameters] = fixed::<1>(&tlvs, tag::COMMAND_PARAMETERS, "AUTH1 tag 41")?;
+        let reader_sig = tlv::find(&tlvs, tag::SIGNATURE)
             .ok_or(Reject::fatal(sw::NOT_COMPLIANT, "AUTH1 tag 9E missing"))?;
-        if tlv::find(&tlvs, 0x90).is_some() {
-            return Err(Reject::fatal(sw::NOT_COMPLIANT, "AUTH1 certificate not emulated"));
+        if tlv::find(&tlvs, tag::READER_CERTIFICATE).is_some() {
+            return Err(Reject::fatal(
+                sw::NOT_COMPLIANT,
+                "AUTH1 certificate not emulated",
+            ));
         }
-        let reader_preimage = signature_preimage(
-            &ctx.reader_id,
-            &ctx.eph_x,
-            &ctx.reader_eph_x,
-            &ctx.transaction_id,
-            READER_SIG_USAGE,
-        );
-        crypto::verify(&ctx.reader_group_key, &reader_preimage, reader_sig.value).map_err(|_| {
-            Reject::fatal(sw::SECURITY, "reader authentication data verification failed")
+        let t = &ctx.transcript;
+        crypto::verify(
+            &ctx.reader_group_key,
+            &t.signature_preimage(Signer::Reader),
+            reader_sig.value,
+        )
+        .map_err(|_| {
+            Reject::fatal(
+                sw::SECURITY,
+                "reader authentication data verification failed",
+            )
         })?;
 
-        // Key agreement: Z = ECDH x, X9.63 with the transaction id, HKDF over the volatile salt.
-        let z = crypto::ecdh_x(&ctx.eph_key, &ctx.reader_eph);
-        let kdf = crypto::x963_kdf_sha256(z.as_bytes(), &ctx.transaction_id, 32).map_err(internal)?;
-        let volatile_salt = self.salt(ctx, Label::Volatile)?;
-        let okm = crypto::hkdf_sha256(kdf.as_slice(), &volatile_salt, &ctx.eph_x, 160)
+        let ikm = keys::transaction_ikm(&ctx.eph_key, &ctx.reader_eph, &t.transaction_id)
             .map_err(internal)?;
-        let (Some(sk_reader), Some(sk_device)) = (okm.key_at(0), okm.key_at(32)) else {
-            return Err(internal(()));
-        };
-        let persistent_salt = self.salt(ctx, Label::Persistent)?;
+        let session = keys::derive_volatile(&ikm, t).map_err(internal)?;
         let k_persistent =
-            crypto::hkdf_key(kdf.as_slice(), &persistent_salt, &ctx.eph_x).map_err(internal)?;
+            keys::derive_persistent(&ikm, t, &self.endpoint_x()).map_err(internal)?;
 
         let signed_tid = self
             .config
             .faults
             .device_signature_transaction_id
-            .unwrap_or(ctx.transaction_id);
-        let device_preimage = signature_preimage(
-            &ctx.reader_id,
-            &ctx.eph_x,
-            &ctx.reader_eph_x,
+            .unwrap_or(t.transaction_id);
+        let device_preimage = keys::signature_preimage(
+            Signer::Device,
+            &t.reader_identifier,
+            &t.endpoint_ephemeral_x,
+            &t.reader_ephemeral_x,
             &signed_tid,
-            DEVICE_SIG_USAGE,
         );
         let device_sig = crypto::sign(&self.config.long_term_key, &device_preimage);
 
         let mut plain = Zeroizing::new(Vec::with_capacity(200));
-        if parameters & 0x01 != 0 {
-            tlv::push_tlv(&mut plain, 0x5A, &self.config.public_key_sec1()).map_err(internal)?;
-        } else {
-            tlv::push_tlv(&mut plain, 0x4E, &self.config.key_slot).map_err(internal)?;
-        }
-        tlv::push_tlv(&mut plain, 0x9E, &device_sig).map_err(internal)?;
-        tlv::push_tlv(&mut plain, 0x5E, &self.config.signaling_bitmap.to_be_bytes())
+        if parameters & AUTH1_REQUEST_PUBLIC_KEY != 0 {
+            tlv::push_tlv(
+                &mut plain,
+                tag::ENDPOINT_PUBLIC_KEY,
+                &self.config.public_key_sec1(),
+            )
             .map_err(internal)?;
-        if let Some(ts) = self.config.credential_timestamp {
-            tlv::push_tlv(&mut plain, 0x91, &ts).map_err(internal)?;
+        } else {
+            tlv::push_tlv(&mut plain, tag::KEY_SLOT, &self.config.key_slot).map_err(internal)?;
         }
-        let mut channel = SecureChannel::new(Role::Endpoint, sk_reader, sk_device);
+        tlv::push_tlv(&mut plain, tag::SIGNATURE, &device_sig).map_err(internal)?;
+        let bitmap = self.config.signaling_bitmap.to_be_bytes();
+        tlv::push_tlv(&mut plain, tag::SIGNALING_BITMAP, &bitmap).map_err(internal)?;
+        if let Some(ts) = self.config.credential_timestamp {
+            tlv::push_tlv(&mut plain, tag::CREDENTIAL_TIMESTAMP, &ts).map_err(internal)?;
+        }
+        let mut channel = SecureChannel::new(
+            Role::Endpoint,
+            session.exchange_sk_reader,
+            session.exchange_sk_device,
+        );
         let encrypted = channel.seal(&plain).map_err(internal)?;
-        let reader_id = ctx.reader_id;
+        let reader_id = t.reader_identifier;
         self.remember_k_persistent(reader_id, k_persistent);
         self.state = State::Secure {
             channel,
@@ -630,7 +647,10 @@ impl Endpoint {
         }
         let strict_le = self.config.strict_le;
         let State::Secure { channel, fast } = &mut self.state else {
-            return Err(Reject::fatal(sw::INS_INVALID, "EXCHANGE before authentication"));
+            return Err(Reject::fatal(
+                sw::INS_INVALID,
+                "EXCHANGE before authentication",
+            ));
         };
         let fast = *fast;
         Self::require_p1p2(cmd, 0, 0)?;
@@ -644,7 +664,7 @@ impl Endpoint {
         );
         let tlvs = tlv::parse_all(&plain)
             .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "EXCHANGE plaintext is not TLV"))?;
-        let status = match tlv::find(&tlvs, 0x97) {
+        let status = match tlv::find(&tlvs, tag::READER_STATUS) {
             Some(t) => Some(
                 <[u8; 2]>::try_from(t.value)
                     .map(u16::from_be_bytes)
@@ -665,84 +685,35 @@ impl Endpoint {
 
     fn control_flow(&mut self, cmd: &CommandApdu) -> Handled {
         if matches!(self.state, State::Idle) {
-            return Err(Reject::soft(sw::INS_INVALID, "CONTROL FLOW outside a session"));
+            return Err(Reject::soft(
+                sw::INS_INVALID,
+                "CONTROL FLOW outside a session",
+            ));
         }
         Self::require_p1p2(cmd, 0, 0)?;
         if self.config.strict_le && cmd.le.is_some() {
-            return Err(Reject::fatal(sw::NOT_COMPLIANT, "CONTROL FLOW must not carry Le"));
+            return Err(Reject::fatal(
+                sw::NOT_COMPLIANT,
+                "CONTROL FLOW must not carry Le",
+            ));
         }
         let tlvs = tlv::parse_all(&cmd.data)
             .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "CONTROL FLOW data is not TLV"))?;
-        let s1 = fixed::<1>(&tlvs, 0x41, "CONTROL FLOW tag 41")?[0];
-        let s2 = fixed::<1>(&tlvs, 0x42, "CONTROL FLOW tag 42")?[0];
+        let [s1] = fixed::<1>(&tlvs, tag::COMMAND_PARAMETERS, "CONTROL FLOW tag 41")?;
+        let [s2] = fixed::<1>(&tlvs, tag::AUTH_POLICY, "CONTROL FLOW tag 42")?;
         self.record(Outcome::ControlFlow { s1, s2 });
         // The reader is done with this session either way.
         self.state = State::Idle;
         Ok(Vec::new())
     }
-
-    fn salt(&self, ctx: &Auth0Context, label: Label) -> Result<Vec<u8>, Reject> {
-        let a5 = self.proprietary_template()?;
-        let mut salt = Vec::with_capacity(200);
-        salt.extend_from_slice(&public_key_x(&ctx.reader_group_key));
-        salt.extend_from_slice(label.bytes());
-        salt.extend_from_slice(&ctx.reader_id);
-        salt.push(self.config.interface_byte);
-        tlv::push_tlv(&mut salt, 0x5C, &ctx.version).map_err(internal)?;
-        salt.extend_from_slice(&ctx.reader_eph_x);
-        salt.extend_from_slice(&ctx.transaction_id);
-        salt.push(ctx.command_parameters);
-        salt.push(ctx.authentication_policy);
-        salt.extend_from_slice(&a5);
-        if matches!(label, Label::Persistent | Label::VolatileFast) {
-            salt.extend_from_slice(&public_key_x(&self.config.long_term_key.public_key()));
-        }
-        Ok(salt)
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Label {
-    Volatile,
-    Persistent,
-    VolatileFast,
-}
-
-impl Label {
-    fn bytes(self) -> &'static [u8; 12] {
-        match self {
-            Label::Volatile => b"Volatile****",
-            Label::Persistent => b"Persistent**",
-            Label::VolatileFast => b"VolatileFast",
-        }
-    }
-}
-
-fn signature_preimage(
-    reader_id: &[u8; 32],
-    endpoint_eph_x: &[u8; 32],
-    reader_eph_x: &[u8; 32],
-    transaction_id: &[u8; 16],
-    usage: [u8; 4],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 * 4 + 32 * 3 + 16 + 4 + 2);
-    for (tag, value) in [
-        (0x4Du8, &reader_id[..]),
-        (0x86, &endpoint_eph_x[..]),
-        (0x87, &reader_eph_x[..]),
-        (0x4C, &transaction_id[..]),
-        (0x93, &usage[..]),
-    ] {
-        out.push(tag);
-        // Every value is at most 32 bytes: the short length form always applies.
-        out.push(value.len() as u8);
-        out.extend_from_slice(value);
-    }
-    out
 }
 
 /// The value of a mandatory TLV with an exact length.
-fn fixed<const N: usize>(tlvs: &[Tlv<'_>], tag: u32, what: &'static str) -> Result<[u8; N], Reject> {
+fn fixed<const N: usize>(
+    tlvs: &[Tlv<'_>],
+    tag: u32,
+    what: &'static str,
+) -> Result<[u8; N], Reject> {
     tlv::find(tlvs, tag)
         .and_then(|t| <[u8; N]>::try_from(t.value).ok())
         .ok_or(Reject::fatal(sw::NOT_COMPLIANT, what))

@@ -84,7 +84,8 @@ impl EndpointRandom for ScriptedRandom {
         if self.bytes.len() < out.len() {
             return None;
         }
-        for (slot, b) in out.iter_mut().zip(self.bytes.drain(..out.len())) {
+        let n = out.len();
+        for (slot, b) in out.iter_mut().zip(self.bytes.drain(..n)) {
             *slot = b;
         }
         Some(())
@@ -100,7 +101,9 @@ mod tests {
         let k1 = SecretKey::from_slice(&[1u8; 32]).unwrap();
         let k2 = SecretKey::from_slice(&[2u8; 32]).unwrap();
         let mut r = ScriptedRandom::new();
-        r.push_key(k1.clone()).push_key(k2.clone()).push_bytes(&[1, 2, 3]);
+        r.push_key(k1.clone())
+            .push_key(k2.clone())
+            .push_bytes(&[1, 2, 3]);
         assert_eq!(r.ephemeral_key().unwrap().to_bytes(), k1.to_bytes());
         let mut two = [0u8; 2];
         assert_eq!(r.fill_bytes(&mut two), Some(()));

@@ -1,0 +1,424 @@
+//! Integration tests of the phone emulator against the Aliro interoperability vectors.
+//!
+//! Every scenario file's C-APDUs are replayed into a fresh [`Endpoint`] configured from the
+//! file's own `parameters` (keys, group, version) and the endpoint's recorded intermediates
+//! (signaling bitmap and timestamps it used, the random cryptogram it drew); each R-APDU must
+//! equal the file's. No expected value lives in this source: all come from the vector files,
+//! found under `ALIRO_VECTORS_DIR` (default `tests/vectors/aliro`).
+//!
+//! A second part drives the same transcript through the vpcd client over a real TCP socket,
+//! with this test playing vpcd.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keyway::sim::vpcd::{self, TapOptions, CTRL_GET_ATR, CTRL_POWER_OFF, CTRL_POWER_ON};
+use keyway::sim::{
+    Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential, ScriptedRandom,
+};
+use p256::{PublicKey, SecretKey};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+/// Scenarios the emulator does not implement, and why (kept explicit so a new file fails loudly).
+const NOT_EMULATED: &[(&str, &str)] = &[
+    (
+        "ble_standard_expedited.json",
+        "BLE transport is not emulated",
+    ),
+    (
+        "nfc_step_up_access_document.json",
+        "step-up / Access Document not emulated",
+    ),
+    ("nfc_load_cert.json", "LOAD CERT not emulated"),
+];
+
+fn vectors_dir() -> PathBuf {
+    match std::env::var_os("ALIRO_VECTORS_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/aliro"),
+    }
+}
+
+fn load(name: &str) -> Value {
+    let path = vectors_dir().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("read {} (set ALIRO_VECTORS_DIR?): {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+fn scenario_files() -> Vec<String> {
+    let index = load("index.json");
+    index["files"]
+        .as_array()
+        .expect("index.json files[]")
+        .iter()
+        .map(|f| f["file"].as_str().expect("file name").to_owned())
+        .collect()
+}
+
+fn hexv(v: &Value) -> Vec<u8> {
+    hex::decode(
+        v.as_str()
+            .unwrap_or_else(|| panic!("not a hex string: {v}")),
+    )
+    .expect("hex")
+}
+
+fn arr<const N: usize>(v: &Value) -> [u8; N] {
+    hexv(v).try_into().expect("length")
+}
+
+/// Simple BER-TLV walk of short-length, single-byte-tag data (the plaintexts used here).
+fn tlvs(mut data: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while let [tag, len, rest @ ..] = data {
+        let len = usize::from(*len);
+        assert!(len < 0x80 && rest.len() >= len, "unexpected TLV shape");
+        out.push((*tag, rest[..len].to_vec()));
+        data = &rest[len..];
+    }
+    assert!(data.is_empty(), "trailing TLV bytes");
+    out
+}
+
+/// All `value` entries of every step's device trace, in order.
+fn trace_values(doc: &Value) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for step in doc["steps"].as_array().into_iter().flatten() {
+        for entry in step["device_trace"].as_array().into_iter().flatten() {
+            if let Some(map) = entry["value"].as_object() {
+                for (k, v) in map {
+                    out.push((k.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the endpoint put in its AUTH1 response or FAST cryptogram, as recorded by the vector.
+fn apply_recorded_payload_options(doc: &Value, config: &mut EndpointConfig) {
+    let mut plaintexts = Vec::new();
+    if let Some(p) = doc["intermediates"]["auth1_response_plaintext"].as_str() {
+        plaintexts.push(hex::decode(p).unwrap());
+    }
+    for step in doc["steps"].as_array().into_iter().flatten() {
+        for entry in step["device_trace"].as_array().into_iter().flatten() {
+            if entry["gcm"]["channel"] == "cryptogram" {
+                plaintexts.push(hexv(&entry["gcm"]["plaintext"]));
+            }
+        }
+    }
+    for plain in plaintexts {
+        for (tag, value) in tlvs(&plain) {
+            let nonzero = value.iter().any(|b| *b != 0);
+            match tag {
+                0x5E => config.signaling_bitmap = u16::from_be_bytes(value.try_into().unwrap()),
+                0x91 if nonzero => config.credential_timestamp = Some(value.try_into().unwrap()),
+                0x92 if nonzero => config.revocation_timestamp = Some(value.try_into().unwrap()),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Build the endpoint a scenario file describes.
+fn endpoint_for(doc: &Value) -> Endpoint {
+    let p = &doc["parameters"];
+    let mut random = ScriptedRandom::new();
+    let Some(long_term) = p["endpoint_long_term_private_key"].as_str() else {
+        // Parameterless scenario (SELECT only): any key will do.
+        let config = EndpointConfig::new(SecretKey::random(&mut rand_core::OsRng), vec![]);
+        return Endpoint::new(config, Box::new(OsRandom));
+    };
+    let long_term = SecretKey::from_slice(&hex::decode(long_term).unwrap()).unwrap();
+    let group_id = if p["credential_trusted_reader_group_identifier"].is_string() {
+        arr::<16>(&p["credential_trusted_reader_group_identifier"])
+    } else {
+        arr::<16>(&p["reader_group_identifier"])
+    };
+    let reader_group_key =
+        PublicKey::from_sec1_bytes(&hexv(&p["reader_long_term_public_key"])).unwrap();
+    let mut config = EndpointConfig::new(
+        long_term,
+        vec![ReaderGroupCredential {
+            group_id,
+            reader_group_key,
+        }],
+    );
+    config.protocol_versions = vec![arr::<2>(&p["protocol_version"])];
+    apply_recorded_payload_options(doc, &mut config);
+    if p["fault"].is_string() {
+        // neg_invalid_device_signature: its `fault` text says the device signed over an
+        // all-zero transaction identifier.
+        config.faults.device_signature_transaction_id = Some([0u8; 16]);
+    }
+    if let Some(k) = p["endpoint_ephemeral_private_key"].as_str() {
+        random.push_key(SecretKey::from_slice(&hex::decode(k).unwrap()).unwrap());
+    }
+    if let Some(c) = doc["intermediates"]["random_cryptogram"].as_str() {
+        random.push_bytes(&hex::decode(c).unwrap());
+    }
+    let mut endpoint = Endpoint::new(config, Box::new(random));
+    if p["k_persistent_from_nfc_standard_expedited"].is_string() {
+        endpoint.store_k_persistent(
+            arr::<32>(&p["reader_identifier"]),
+            arr::<32>(&p["k_persistent_from_nfc_standard_expedited"]),
+        );
+    }
+    endpoint
+}
+
+fn expected_r_apdu(step: &Value) -> Vec<u8> {
+    // A tampered step: the endpoint's own output is what it sent, before the tampering.
+    match step.get("r_apdu_as_sent_by_device") {
+        Some(v) => hexv(v),
+        None => hexv(&step["r_apdu"]),
+    }
+}
+
+/// Replay one file; returns the endpoint for further checks.
+fn replay(name: &str) -> Endpoint {
+    let doc = load(name);
+    let mut endpoint = endpoint_for(&doc);
+    endpoint.on_power();
+    for step in doc["steps"].as_array().expect("steps") {
+        let c = hexv(&step["c_apdu"]);
+        let want = expected_r_apdu(step);
+        let got = endpoint.handle(&c);
+        assert_eq!(
+            hex::encode(&got),
+            hex::encode(&want),
+            "{name} step {} ({})",
+            step["index"],
+            step["command"]
+        );
+    }
+    // The outcome the endpoint recorded agrees with what the vector's endpoint saw.
+    let values = trace_values(&doc);
+    let statuses: Vec<u16> = values
+        .iter()
+        .filter(|(k, _)| k == "reader_status_received")
+        .map(|(_, v)| u16::from_be_bytes(arr::<2>(v)))
+        .collect();
+    let got_statuses: Vec<u16> = endpoint
+        .outcomes()
+        .filter_map(|o| match o {
+            Outcome::Completed { reader_status, .. } => Some(*reader_status),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got_statuses, statuses, "{name}: reader statuses");
+    let s1 = values.iter().find(|(k, _)| k == "control_flow_s1");
+    let s2 = values.iter().find(|(k, _)| k == "control_flow_s2");
+    if let (Some((_, s1)), Some((_, s2))) = (s1, s2) {
+        assert!(
+            endpoint.outcomes().any(|o| *o
+                == Outcome::ControlFlow {
+                    s1: arr::<1>(s1)[0],
+                    s2: arr::<1>(s2)[0],
+                }),
+            "{name}: control flow outcome"
+        );
+    }
+    // Error steps: the endpoint recorded a rejection with the same status word (the SELECT of
+    // an unknown AID happens outside a session and is not an outcome).
+    for step in doc["steps"].as_array().unwrap() {
+        for entry in step["device_trace"].as_array().into_iter().flatten() {
+            if let Some(sw) = entry["error"]["status_word"].as_str() {
+                let sw = u16::from_str_radix(sw, 16).unwrap();
+                assert!(
+                    endpoint
+                        .outcomes()
+                        .any(|o| matches!(o, Outcome::Rejected { sw: got, .. } if *got == sw)),
+                    "{name}: rejection {sw:04X} recorded"
+                );
+            }
+        }
+    }
+    // Kpersistent, when the vector's endpoint derived one, matches.
+    if let Some(k) = doc["intermediates"]["k_persistent"].as_str() {
+        let id = arr::<32>(&doc["parameters"]["reader_identifier"]);
+        let stored = endpoint.k_persistent(&id).expect("Kpersistent stored");
+        assert_eq!(hex::encode(stored.as_bytes()), k, "{name}: Kpersistent");
+    }
+    endpoint
+}
+
+#[test]
+fn every_emulated_vector_replays_byte_for_byte() {
+    let files = scenario_files();
+    let mut ran = Vec::new();
+    for name in &files {
+        if name == "reference_constants.json" {
+            continue;
+        }
+        if NOT_EMULATED.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        replay(name);
+        ran.push(name.clone());
+    }
+    // The files the brief names must all be among them.
+    for must in [
+        "nfc_standard_expedited.json",
+        "nfc_fast_expedited.json",
+        "nfc_fast_first_contact_fallback.json",
+        "neg_wrong_reader_signature.json",
+        "neg_wrong_transaction_id.json",
+        "neg_unsupported_protocol_version.json",
+        "neg_unknown_reader_group.json",
+        "neg_select_unknown_aid.json",
+        "neg_control_flow_with_le.json",
+        "neg_exchange_replay.json",
+        "neg_fast_no_match_control_flow_abort.json",
+    ] {
+        assert!(ran.iter().any(|r| r == must), "{must} not replayed");
+    }
+    for (name, _why) in NOT_EMULATED {
+        assert!(
+            files.iter().any(|f| f == name),
+            "{name} vanished from the index"
+        );
+    }
+}
+
+#[test]
+fn standard_then_fast_with_the_learned_key() {
+    // The Kpersistent learned in the STANDARD transaction is the one the FAST file relies on.
+    let standard = replay("nfc_standard_expedited.json");
+    let fast = load("nfc_fast_expedited.json");
+    let id = arr::<32>(&fast["parameters"]["reader_identifier"]);
+    let learned = standard.k_persistent(&id).expect("learned Kpersistent");
+    assert_eq!(
+        hex::encode(learned.as_bytes()),
+        fast["parameters"]["k_persistent_from_nfc_standard_expedited"]
+            .as_str()
+            .unwrap()
+    );
+    let endpoint = replay("nfc_fast_expedited.json");
+    assert!(matches!(
+        endpoint.last_outcome(),
+        Some(Outcome::Completed { fast: true, .. })
+    ));
+}
+
+#[test]
+fn fast_disabled_answers_a_decoy_and_the_reader_can_fall_back() {
+    // Same FAST AUTH0, but with FAST turned off the cryptogram must differ from the real one.
+    let doc = load("nfc_fast_expedited.json");
+    let mut endpoint = endpoint_for(&doc);
+    let mut config = endpoint.config().clone();
+    config.fast_enabled = false;
+    let mut random = ScriptedRandom::new();
+    random.push_key(
+        SecretKey::from_slice(&hexv(&doc["parameters"]["endpoint_ephemeral_private_key"])).unwrap(),
+    );
+    random.push_bytes(&[0x5A; 64]);
+    endpoint = Endpoint::new(config, Box::new(random));
+    let steps = doc["steps"].as_array().unwrap();
+    assert_eq!(
+        endpoint.handle(&hexv(&steps[0]["c_apdu"])),
+        hexv(&steps[0]["r_apdu"])
+    );
+    let r = endpoint.handle(&hexv(&steps[1]["c_apdu"]));
+    let real = hexv(&steps[1]["r_apdu"]);
+    assert_eq!(r.len(), real.len());
+    assert_eq!(r[..67], real[..67], "same ephemeral key TLV");
+    assert_ne!(r, real);
+    assert!(r[69..133].iter().all(|b| *b == 0x5A), "decoy cryptogram");
+    // The FAST EXCHANGE cannot be opened: no FAST channel exists.
+    let r = endpoint.handle(&hexv(&steps[2]["c_apdu"]));
+    assert_eq!(r[r.len() - 2..], [0x6D, 0x00]);
+}
+
+#[tokio::test]
+async fn tap_over_a_real_vpcd_socket() {
+    let doc = load("nfc_standard_expedited.json");
+    let steps = doc["steps"].as_array().unwrap().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    // This task plays vpcd: power on, ATR, the reader's APDUs, then waits for the card to leave.
+    let vpcd_side = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        vpcd::write_frame(&mut sock, &[CTRL_POWER_OFF])
+            .await
+            .unwrap();
+        vpcd::write_frame(&mut sock, &[CTRL_POWER_ON])
+            .await
+            .unwrap();
+        vpcd::write_frame(&mut sock, &[CTRL_GET_ATR]).await.unwrap();
+        let atr = vpcd::read_frame(&mut sock, 64).await.unwrap().unwrap();
+        let mut answers = Vec::new();
+        for step in &steps {
+            vpcd::write_frame(&mut sock, &hexv(&step["c_apdu"]))
+                .await
+                .unwrap();
+            let r = vpcd::read_frame(&mut sock, 4096).await.unwrap().unwrap();
+            answers.push((r, hexv(&step["r_apdu"])));
+        }
+        // The card removes itself after the hold: the next read sees a clean close.
+        let closed = tokio::time::timeout(Duration::from_secs(5), vpcd::read_frame(&mut sock, 64))
+            .await
+            .expect("card did not leave");
+        let _ = sock.shutdown().await;
+        (atr, answers, closed.unwrap())
+    });
+
+    let mut endpoint = endpoint_for(&doc);
+    let opts = TapOptions {
+        timeout: Duration::from_secs(10),
+        hold: Duration::from_millis(50),
+        ..TapOptions::default()
+    };
+    let summary = vpcd::tap(addr, &mut endpoint, &opts).await.unwrap();
+    let (atr, answers, after) = vpcd_side.await.unwrap();
+
+    assert_eq!(atr, vpcd::CONTACTLESS_ATR);
+    for (got, want) in answers {
+        assert_eq!(hex::encode(got), hex::encode(want));
+    }
+    assert!(
+        after.is_none(),
+        "no frame after the transaction, just a close"
+    );
+    assert_eq!(summary.end, vpcd::ServeEnd::Finished);
+    assert_eq!(summary.apdus, 4);
+    assert_eq!(summary.power_events, 2);
+    let want_status = trace_values(&doc)
+        .into_iter()
+        .find(|(k, _)| k == "reader_status_received")
+        .map(|(_, v)| u16::from_be_bytes(arr::<2>(&v)))
+        .unwrap();
+    assert_eq!(
+        endpoint.last_outcome(),
+        Some(&Outcome::Completed {
+            reader_status: want_status,
+            fast: false
+        })
+    );
+}
+
+#[tokio::test]
+async fn tap_times_out_when_the_reader_never_finishes() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold_open = tokio::spawn(async move {
+        let (sock, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drop(sock);
+    });
+    let config = EndpointConfig::new(SecretKey::random(&mut rand_core::OsRng), vec![]);
+    let mut endpoint = Endpoint::new(config, Box::new(OsRandom));
+    let opts = TapOptions {
+        timeout: Duration::from_millis(200),
+        ..TapOptions::default()
+    };
+    let summary = vpcd::tap(addr, &mut endpoint, &opts).await.unwrap();
+    assert_eq!(summary.end, vpcd::ServeEnd::Stopped);
+    assert!(!summary.finished);
+    assert!(endpoint.last_outcome().is_none());
+    hold_open.abort();
+}
