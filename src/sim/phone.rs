@@ -737,3 +737,516 @@ impl VirtualCard for Endpoint {
         !self.outcomes.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! A minimal reader built from the shared primitives drives the endpoint with fresh random
+    //! keys, so these checks are independent of the vector files.
+    use super::*;
+    use crate::aliro::crypto::gcm_open;
+    use crate::sim::random::ScriptedRandom;
+    use rand_core::OsRng;
+
+    struct TestReader {
+        group_key: SecretKey,
+        reader_id: [u8; 32],
+        eph: SecretKey,
+        transaction_id: [u8; 16],
+    }
+
+    impl TestReader {
+        fn new() -> Self {
+            let mut reader_id = [0u8; 32];
+            reader_id[..16].copy_from_slice(&[0x11; 16]);
+            reader_id[16..].copy_from_slice(&[0x22; 16]);
+            Self {
+                group_key: SecretKey::random(&mut OsRng),
+                reader_id,
+                eph: SecretKey::random(&mut OsRng),
+                transaction_id: [0x33; 16],
+            }
+        }
+
+        fn credential(&self) -> ReaderGroupCredential {
+            let mut group_id = [0u8; 16];
+            group_id.copy_from_slice(&self.reader_id[..16]);
+            ReaderGroupCredential {
+                group_id,
+                reader_group_key: self.group_key.public_key(),
+            }
+        }
+
+        fn select() -> Vec<u8> {
+            CommandApdu::new(CLA_ISO, INS_SELECT, 4, 0)
+                .with_data(AID_EXPEDITED.to_vec())
+                .with_le(256)
+                .encode()
+                .unwrap()
+        }
+
+        fn auth0(&self, parameters: u8, version: [u8; 2]) -> Vec<u8> {
+            let mut d = Vec::new();
+            tlv::push_tlv(&mut d, 0x41, &[parameters]).unwrap();
+            tlv::push_tlv(&mut d, 0x42, &[0x01]).unwrap();
+            tlv::push_tlv(&mut d, 0x5C, &version).unwrap();
+            tlv::push_tlv(&mut d, 0x87, &public_key_sec1(&self.eph.public_key())).unwrap();
+            tlv::push_tlv(&mut d, 0x4C, &self.transaction_id).unwrap();
+            tlv::push_tlv(&mut d, 0x4D, &self.reader_id).unwrap();
+            CommandApdu::new(CLA_PROPRIETARY, INS_AUTH0, 0, 0)
+                .with_data(d)
+                .with_le(256)
+                .encode()
+                .unwrap()
+        }
+
+        fn transcript(&self, endpoint_eph: &PublicKey, parameters: u8) -> TranscriptContext {
+            TranscriptContext {
+                reader_key_x: public_key_x(&self.group_key.public_key()),
+                reader_identifier: self.reader_id,
+                interface: INTERFACE_NFC,
+                protocol_version: PROTOCOL_VERSION_1_0,
+                reader_ephemeral_x: public_key_x(&self.eph.public_key()),
+                endpoint_ephemeral_x: public_key_x(endpoint_eph),
+                transaction_id: self.transaction_id,
+                command_parameters: parameters,
+                auth_policy: 0x01,
+                // What the endpoint's SELECT answered: A5 { 80 0000, 5C 0100 }.
+                fci_proprietary_tlv: vec![0xA5, 0x08, 0x80, 0x02, 0, 0, 0x5C, 0x02, 0x01, 0x00],
+                vendor_extension: vec![],
+            }
+        }
+
+        fn auth1(&self, t: &TranscriptContext, signer: &SecretKey, parameters: u8) -> Vec<u8> {
+            let sig = crypto::sign(signer, &t.signature_preimage(Signer::Reader));
+            let mut d = Vec::new();
+            tlv::push_tlv(&mut d, 0x41, &[parameters]).unwrap();
+            tlv::push_tlv(&mut d, 0x9E, &sig).unwrap();
+            CommandApdu::new(CLA_PROPRIETARY, INS_AUTH1, 0, 0)
+                .with_data(d)
+                .with_le(256)
+                .encode()
+                .unwrap()
+        }
+
+        fn exchange(channel: &mut SecureChannel, plain: &[u8]) -> Vec<u8> {
+            CommandApdu::new(CLA_PROPRIETARY, INS_EXCHANGE, 0, 0)
+                .with_data(channel.seal(plain).unwrap())
+                .with_le(256)
+                .encode()
+                .unwrap()
+        }
+    }
+
+    fn split(r: &[u8]) -> (&[u8], u16) {
+        let (data, sw) = r.split_at(r.len() - 2);
+        (data, u16::from_be_bytes([sw[0], sw[1]]))
+    }
+
+    fn endpoint_for(reader: &TestReader) -> (Endpoint, SecretKey) {
+        let long_term = SecretKey::random(&mut OsRng);
+        let config = EndpointConfig::new(long_term.clone(), vec![reader.credential()]);
+        let mut random = ScriptedRandom::new();
+        for _ in 0..4 {
+            random.push_key(SecretKey::random(&mut OsRng));
+        }
+        random.push_bytes(&[0xC5; 256]);
+        (Endpoint::new(config, Box::new(random)), long_term)
+    }
+
+    /// What a STANDARD transaction left the reader with.
+    struct Standard {
+        channel: SecureChannel,
+        t: TranscriptContext,
+        plain: Vec<u8>,
+        endpoint_eph: PublicKey,
+    }
+
+    /// SELECT + AUTH0 + AUTH1 with an honest reader.
+    fn standard(reader: &TestReader, ep: &mut Endpoint, auth1_parameters: u8) -> Standard {
+        assert_eq!(split(&ep.handle(&TestReader::select())).1, 0x9000);
+        let r = ep.handle(&reader.auth0(0x00, PROTOCOL_VERSION_1_0));
+        let (data, sw) = split(&r);
+        assert_eq!(sw, 0x9000);
+        let tlvs = tlv::parse_all(data).unwrap();
+        let eph = public_key_from_sec1(tlv::find(&tlvs, 0x86).unwrap().value).unwrap();
+        assert!(
+            tlv::find(&tlvs, 0x9D).is_none(),
+            "no cryptogram in STANDARD"
+        );
+        let t = reader.transcript(&eph, 0x00);
+        let r = ep.handle(&reader.auth1(&t, &reader.group_key, auth1_parameters));
+        let (data, sw) = split(&r);
+        assert_eq!(sw, 0x9000);
+        let ikm = keys::transaction_ikm(&reader.eph, &eph, &reader.transaction_id).unwrap();
+        let k = keys::derive_volatile(&ikm, &t).unwrap();
+        let mut channel =
+            SecureChannel::new(Role::Reader, k.exchange_sk_reader, k.exchange_sk_device);
+        let plain = channel.open(data).unwrap();
+        Standard {
+            channel,
+            t,
+            plain,
+            endpoint_eph: eph,
+        }
+    }
+
+    #[test]
+    fn full_standard_transaction_with_an_independent_reader() {
+        let reader = TestReader::new();
+        let (mut ep, long_term) = endpoint_for(&reader);
+        let Standard {
+            mut channel,
+            t,
+            plain,
+            endpoint_eph,
+        } = standard(&reader, &mut ep, 0x01);
+        let tlvs = tlv::parse_all(&plain).unwrap();
+        let pk = tlv::find(&tlvs, 0x5A).unwrap().value;
+        assert_eq!(pk, public_key_sec1(&long_term.public_key()));
+        let sig = tlv::find(&tlvs, 0x9E).unwrap().value;
+        crypto::verify(
+            &long_term.public_key(),
+            &t.signature_preimage(Signer::Device),
+            sig,
+        )
+        .unwrap();
+        assert_eq!(tlv::find(&tlvs, 0x5E).unwrap().value, [0, 0]);
+        assert!(ep.is_authenticated());
+        assert!(ep.last_outcome().is_none());
+
+        let r = ep.handle(&TestReader::exchange(
+            &mut channel,
+            &[0x97, 0x02, 0x01, 0x01],
+        ));
+        let (data, sw) = split(&r);
+        assert_eq!(sw, 0x9000);
+        assert_eq!(channel.open(data).unwrap(), [0x00, 0x02, 0x00, 0x00]);
+        assert_eq!(
+            ep.last_outcome(),
+            Some(&Outcome::Completed {
+                reader_status: 0x0101,
+                fast: false
+            })
+        );
+        assert!(ep.transaction_finished());
+        // The endpoint learned the same Kpersistent the reader derives.
+        let ikm =
+            keys::transaction_ikm(&reader.eph, &endpoint_eph, &reader.transaction_id).unwrap();
+        let reader_side =
+            keys::derive_persistent(&ikm, &t, &public_key_x(&long_term.public_key())).unwrap();
+        assert_eq!(ep.k_persistent(&reader.reader_id), Some(&reader_side));
+    }
+
+    #[test]
+    fn key_slot_is_returned_when_asked() {
+        let reader = TestReader::new();
+        let (mut ep, _) = endpoint_for(&reader);
+        let slot = ep.config().key_slot;
+        let plain = standard(&reader, &mut ep, 0x00).plain;
+        let tlvs = tlv::parse_all(&plain).unwrap();
+        assert!(tlv::find(&tlvs, 0x5A).is_none());
+        assert_eq!(tlv::find(&tlvs, 0x4E).unwrap().value, slot);
+    }
+
+    #[test]
+    fn fast_after_standard_uses_the_learned_key() {
+        let reader = TestReader::new();
+        let (mut ep, long_term) = endpoint_for(&reader);
+        let first = standard(&reader, &mut ep, 0x01);
+        let t1 = first.t;
+        // The reader's own Kpersistent from the first transaction keys the FAST check below.
+        let ikm = keys::transaction_ikm(&reader.eph, &first.endpoint_eph, &reader.transaction_id)
+            .unwrap();
+        let eph1 =
+            keys::derive_persistent(&ikm, &t1, &public_key_x(&long_term.public_key())).unwrap();
+        ep.on_power();
+        assert!(
+            ep.k_persistent(&reader.reader_id).is_some(),
+            "survives power"
+        );
+
+        let reader2 = TestReader {
+            eph: SecretKey::random(&mut OsRng),
+            transaction_id: [0x44; 16],
+            group_key: reader.group_key.clone(),
+            reader_id: reader.reader_id,
+        };
+        assert_eq!(split(&ep.handle(&TestReader::select())).1, 0x9000);
+        let r = ep.handle(&reader2.auth0(0x01, PROTOCOL_VERSION_1_0));
+        let (data, sw) = split(&r);
+        assert_eq!(sw, 0x9000);
+        let tlvs = tlv::parse_all(data).unwrap();
+        let eph = public_key_from_sec1(tlv::find(&tlvs, 0x86).unwrap().value).unwrap();
+        let cryptogram = tlv::find(&tlvs, 0x9D).unwrap().value;
+        assert_eq!(cryptogram.len(), 64);
+        let t = reader2.transcript(&eph, 0x01);
+        let fast = keys::derive_fast(&eph1, &t, &public_key_x(&long_term.public_key())).unwrap();
+        let plain = gcm_open(&fast.cryptogram_sk, &[0u8; 12], &[], cryptogram).unwrap();
+        let ptlvs = tlv::parse_all(&plain).unwrap();
+        assert_eq!(tlv::find(&ptlvs, 0x5E).unwrap().value, [0, 0]);
+        assert_eq!(tlv::find(&ptlvs, 0x91).unwrap().value, [0u8; 20]);
+        let mut channel = SecureChannel::new(
+            Role::Reader,
+            fast.exchange_sk_reader,
+            fast.exchange_sk_device,
+        );
+        let r = ep.handle(&TestReader::exchange(
+            &mut channel,
+            &[0x97, 0x02, 0x01, 0x00],
+        ));
+        let (data, sw) = split(&r);
+        assert_eq!(sw, 0x9000);
+        assert_eq!(channel.open(data).unwrap(), [0x00, 0x02, 0x00, 0x00]);
+        assert_eq!(
+            ep.last_outcome(),
+            Some(&Outcome::Completed {
+                reader_status: 0x0100,
+                fast: true
+            })
+        );
+    }
+
+    #[test]
+    fn fast_without_key_gives_random_cryptogram_then_standard_works() {
+        let reader = TestReader::new();
+        let (mut ep, _) = endpoint_for(&reader);
+        assert_eq!(split(&ep.handle(&TestReader::select())).1, 0x9000);
+        let r = ep.handle(&reader.auth0(0x01, PROTOCOL_VERSION_1_0));
+        let (data, sw) = split(&r);
+        assert_eq!(sw, 0x9000);
+        let tlvs = tlv::parse_all(data).unwrap();
+        assert_eq!(tlv::find(&tlvs, 0x9D).unwrap().value, [0xC5; 64]);
+        let eph = public_key_from_sec1(tlv::find(&tlvs, 0x86).unwrap().value).unwrap();
+        // Fallback: AUTH1 in the same session, salts carry command parameters 01.
+        let t = reader.transcript(&eph, 0x01);
+        let r = ep.handle(&reader.auth1(&t, &reader.group_key, 0x01));
+        let (data, sw) = split(&r);
+        assert_eq!(sw, 0x9000);
+        let ikm = keys::transaction_ikm(&reader.eph, &eph, &reader.transaction_id).unwrap();
+        let k = keys::derive_volatile(&ikm, &t).unwrap();
+        let mut channel =
+            SecureChannel::new(Role::Reader, k.exchange_sk_reader, k.exchange_sk_device);
+        assert!(channel.open(data).is_ok());
+    }
+
+    #[test]
+    fn wrong_reader_signature_terminates_the_session() {
+        let reader = TestReader::new();
+        let (mut ep, _) = endpoint_for(&reader);
+        assert_eq!(split(&ep.handle(&TestReader::select())).1, 0x9000);
+        let r = ep.handle(&reader.auth0(0x00, PROTOCOL_VERSION_1_0));
+        let (data, _) = split(&r);
+        let tlvs = tlv::parse_all(data).unwrap();
+        let eph = public_key_from_sec1(tlv::find(&tlvs, 0x86).unwrap().value).unwrap();
+        let t = reader.transcript(&eph, 0x00);
+        let impostor = SecretKey::random(&mut OsRng);
+        let r = ep.handle(&reader.auth1(&t, &impostor, 0x01));
+        assert_eq!(r, [0x69, 0x82]);
+        assert!(matches!(
+            ep.last_outcome(),
+            Some(Outcome::Rejected { sw: 0x6982, .. })
+        ));
+        // Session gone: a correctly signed AUTH1 now is out of sequence.
+        let r = ep.handle(&reader.auth1(&t, &reader.group_key, 0x01));
+        assert_eq!(split(&r).1, sw::INS_INVALID);
+    }
+
+    #[test]
+    fn auth0_refusals() {
+        let reader = TestReader::new();
+        // Before SELECT: not a session, no outcome.
+        let (mut ep, _) = endpoint_for(&reader);
+        assert_eq!(
+            split(&ep.handle(&reader.auth0(0, PROTOCOL_VERSION_1_0))).1,
+            0x6D00
+        );
+        assert!(ep.last_outcome().is_none());
+        // Unsupported version.
+        ep.handle(&TestReader::select());
+        assert_eq!(ep.handle(&reader.auth0(0, [0x02, 0x00])), [0x69, 0x85]);
+        // Unknown group.
+        let stranger = TestReader {
+            reader_id: [0x77; 32],
+            ..TestReader::new()
+        };
+        ep.handle(&TestReader::select());
+        assert_eq!(
+            ep.handle(&stranger.auth0(0, PROTOCOL_VERSION_1_0)),
+            [0x67, 0x01]
+        );
+        // Missing tag / invalid point.
+        ep.handle(&TestReader::select());
+        let mut bad = reader.auth0(0, PROTOCOL_VERSION_1_0);
+        let pos = bad.windows(2).position(|w| w == [0x87, 0x41]).unwrap();
+        bad[pos + 3] ^= 0xFF; // corrupt X: no longer on the curve (overwhelmingly likely)
+        assert_eq!(split(&ep.handle(&bad)).1, 0x6701);
+        let outcomes: Vec<u16> = ep
+            .outcomes()
+            .map(|o| match o {
+                Outcome::Rejected { sw, .. } => *sw,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(outcomes, vec![0x6985, 0x6701, 0x6701]);
+    }
+
+    #[test]
+    fn le_rules() {
+        let reader = TestReader::new();
+        let (mut ep, _) = endpoint_for(&reader);
+        let no_le = CommandApdu::new(CLA_ISO, INS_SELECT, 4, 0)
+            .with_data(AID_EXPEDITED.to_vec())
+            .encode()
+            .unwrap();
+        assert_eq!(ep.handle(&no_le), [0x67, 0x01]);
+        let le_10 = CommandApdu::new(CLA_ISO, INS_SELECT, 4, 0)
+            .with_data(AID_EXPEDITED.to_vec())
+            .with_le(0x10)
+            .encode()
+            .unwrap();
+        assert_eq!(ep.handle(&le_10), [0x67, 0x01]);
+        // CONTROL FLOW: with Le refused, without accepted.
+        ep.handle(&TestReader::select());
+        let cf = |le: Option<u32>| {
+            let mut c = CommandApdu::new(CLA_PROPRIETARY, INS_CONTROL_FLOW, 0, 0)
+                .with_data(vec![0x41, 0x01, 0x00, 0x42, 0x01, 0x27]);
+            c.le = le;
+            c.encode().unwrap()
+        };
+        assert_eq!(ep.handle(&cf(Some(256))), [0x67, 0x01]);
+        ep.handle(&TestReader::select());
+        assert_eq!(ep.handle(&cf(None)), [0x90, 0x00]);
+        assert_eq!(
+            ep.last_outcome(),
+            Some(&Outcome::ControlFlow { s1: 0x00, s2: 0x27 })
+        );
+        // Lenient mode accepts what kormax sends.
+        let mut config = ep.config().clone();
+        config.strict_le = false;
+        let mut lenient = Endpoint::new(config, Box::new(ScriptedRandom::new()));
+        assert_eq!(split(&lenient.handle(&no_le)).1, 0x9000);
+        assert_eq!(lenient.handle(&cf(Some(256))), [0x90, 0x00]);
+    }
+
+    #[test]
+    fn exchange_replay_and_tampering_are_refused() {
+        let reader = TestReader::new();
+        let (mut ep, _) = endpoint_for(&reader);
+        let mut channel = standard(&reader, &mut ep, 0x01).channel;
+        let cmd = TestReader::exchange(&mut channel, &[0x97, 0x02, 0x01, 0x01]);
+        assert_eq!(split(&ep.handle(&cmd)).1, 0x9000);
+        assert_eq!(ep.handle(&cmd), [0x69, 0x82]);
+        assert!(!ep.is_authenticated());
+
+        let (mut ep, _) = endpoint_for(&reader);
+        let mut channel = standard(&reader, &mut ep, 0x01).channel;
+        let mut cmd = TestReader::exchange(&mut channel, &[0x97, 0x02, 0x01, 0x01]);
+        let n = cmd.len();
+        cmd[n - 3] ^= 0x01; // last tag byte (before Le)
+        assert_eq!(ep.handle(&cmd), [0x69, 0x82]);
+        assert!(!ep
+            .outcomes()
+            .any(|o| matches!(o, Outcome::Completed { .. })));
+    }
+
+    #[test]
+    fn step_up_select_and_unemulated_commands() {
+        let reader = TestReader::new();
+        let (mut ep, _) = endpoint_for(&reader);
+        standard(&reader, &mut ep, 0x01);
+        let step_up = CommandApdu::new(CLA_ISO, INS_SELECT, 4, 0)
+            .with_data(crate::aliro::consts::AID_STEP_UP.to_vec())
+            .with_le(256)
+            .encode()
+            .unwrap();
+        assert_eq!(ep.handle(&step_up), [0x6A, 0x82]);
+        // Soft refusals keep the session.
+        assert!(ep.is_authenticated());
+        assert_eq!(
+            ep.handle(&[0x80, 0xD1, 0x00, 0x00, 0x01, 0x00, 0x00]),
+            [0x6D, 0x00]
+        );
+        assert_eq!(ep.handle(&[0x80, 0x01, 0x00, 0x00]), [0x6D, 0x00]);
+        assert_eq!(ep.handle(&[0x84, 0x80, 0x00, 0x00]), [0x6E, 0x00]);
+        assert!(ep.is_authenticated());
+    }
+
+    #[test]
+    fn device_signature_fault_is_applied() {
+        let reader = TestReader::new();
+        let (mut ep, long_term) = endpoint_for(&reader);
+        ep.config.faults.device_signature_transaction_id = Some([0u8; 16]);
+        let Standard { t, plain, .. } = standard(&reader, &mut ep, 0x01);
+        let tlvs = tlv::parse_all(&plain).unwrap();
+        let sig = tlv::find(&tlvs, 0x9E).unwrap().value;
+        let pk = long_term.public_key();
+        assert!(crypto::verify(&pk, &t.signature_preimage(Signer::Device), sig).is_err());
+        let mut faulty = t.clone();
+        faulty.transaction_id = [0u8; 16];
+        assert!(crypto::verify(&pk, &faulty.signature_preimage(Signer::Device), sig).is_ok());
+    }
+
+    #[test]
+    fn garbage_never_panics_and_always_has_a_status_word() {
+        let reader = TestReader::new();
+        let (mut ep, _) = endpoint_for(&reader);
+        let mut seed = 0x1234_5678u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for i in 0..3000 {
+            let len = (next() % 80) as usize;
+            let mut apdu: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Steer a share of the inputs into the real commands.
+            if len >= 4 && i % 2 == 0 {
+                let ins = [
+                    INS_SELECT,
+                    INS_AUTH0,
+                    INS_AUTH1,
+                    INS_EXCHANGE,
+                    INS_CONTROL_FLOW,
+                ];
+                apdu[0] = if i % 4 == 0 { CLA_ISO } else { CLA_PROPRIETARY };
+                apdu[1] = ins[(next() % 5) as usize];
+                apdu[2] = 0;
+                apdu[3] = 0;
+            }
+            if i % 7 == 0 {
+                ep.handle(&TestReader::select());
+            }
+            let r = ep.handle(&apdu);
+            assert!(r.len() >= 2);
+        }
+    }
+
+    #[test]
+    fn power_resets_the_session_and_debug_redacts_secrets() {
+        let reader = TestReader::new();
+        let (mut ep, long_term) = endpoint_for(&reader);
+        standard(&reader, &mut ep, 0x01);
+        assert!(ep.is_authenticated());
+        ep.power_event(0x01);
+        assert!(!ep.is_authenticated());
+        let dbg = format!("{ep:?}");
+        assert!(!dbg.contains(&hex::encode(long_term.to_bytes())));
+        assert!(dbg.contains("redacted"));
+    }
+
+    #[test]
+    fn outcome_history_is_bounded() {
+        let reader = TestReader::new();
+        let (mut ep, _) = endpoint_for(&reader);
+        for _ in 0..(MAX_OUTCOMES + 10) {
+            ep.handle(&TestReader::select());
+            ep.handle(&[
+                0x80, 0x3C, 0x00, 0x00, 0x06, 0x41, 0x01, 0x00, 0x42, 0x01, 0x00,
+            ]);
+        }
+        assert_eq!(ep.outcomes().count(), MAX_OUTCOMES);
+        assert_eq!(ep.take_outcomes().len(), MAX_OUTCOMES);
+        assert!(ep.last_outcome().is_none());
+    }
+}
