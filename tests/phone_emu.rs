@@ -422,3 +422,314 @@ async fn tap_times_out_when_the_reader_never_finishes() {
     assert!(endpoint.last_outcome().is_none());
     hold_open.abort();
 }
+
+/// The `keyway-phone-emu` binary, driven the way the bench drives it, against a vpcd played by
+/// this test and a minimal reader built from the shared Aliro primitives (fresh random keys).
+mod binary {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::Path;
+    use std::process::{Command, Output};
+
+    use keyway::aliro::apdu::CommandApdu;
+    use keyway::aliro::crypto::{self, public_key_sec1, public_key_x, Role, SecureChannel};
+    use keyway::aliro::keys::{self, Signer, TranscriptContext};
+    use keyway::aliro::tlv;
+    use p256::{PublicKey, SecretKey};
+    use rand_core::OsRng;
+    use serde_json::Value;
+
+    const EMU: &str = env!("CARGO_BIN_EXE_keyway-phone-emu");
+
+    fn send(s: &mut TcpStream, payload: &[u8]) {
+        let mut f = (payload.len() as u16).to_be_bytes().to_vec();
+        f.extend_from_slice(payload);
+        s.write_all(&f).unwrap();
+    }
+
+    fn recv(s: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut len = [0u8; 2];
+        if s.read_exact(&mut len).is_err() {
+            return None;
+        }
+        let mut p = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut p).unwrap();
+        Some(p)
+    }
+
+    fn transmit(s: &mut TcpStream, c: &[u8]) -> (Vec<u8>, u16) {
+        send(s, c);
+        let mut r = recv(s).expect("R-APDU");
+        let sw = r.split_off(r.len() - 2);
+        (r, u16::from_be_bytes([sw[0], sw[1]]))
+    }
+
+    fn cmd(cla: u8, ins: u8, data: Vec<u8>, le: bool) -> Vec<u8> {
+        let mut c = CommandApdu::new(cla, ins, 0, 0).with_data(data);
+        if le {
+            c = c.with_le(256);
+        }
+        c.encode().unwrap()
+    }
+
+    /// A reader that runs SELECT, AUTH0, AUTH1, then EXCHANGE with `status`. Returns the
+    /// endpoint public key it authenticated.
+    fn honest_reader(
+        s: &mut TcpStream,
+        group: &SecretKey,
+        group_id: [u8; 16],
+        status: [u8; 2],
+    ) -> Vec<u8> {
+        let select = CommandApdu::new(0x00, 0xA4, 0x04, 0x00)
+            .with_data(keyway::aliro::consts::AID_EXPEDITED.to_vec())
+            .with_le(256)
+            .encode()
+            .unwrap();
+        let (fci, sw) = transmit(s, &select);
+        assert_eq!(sw, 0x9000);
+        let fci_tlvs = tlv::parse_all(&fci).unwrap();
+        let a5 = fci_tlvs[0]
+            .children()
+            .unwrap()
+            .into_iter()
+            .find(|t| t.tag == 0xA5)
+            .unwrap()
+            .raw
+            .to_vec();
+
+        let eph = SecretKey::random(&mut OsRng);
+        let mut reader_id = [0u8; 32];
+        reader_id[..16].copy_from_slice(&group_id);
+        reader_id[16..].copy_from_slice(&[0x5B; 16]);
+        let tid = [0x7A; 16];
+        let mut d = Vec::new();
+        tlv::push_tlv(&mut d, 0x41, &[0x00]).unwrap();
+        tlv::push_tlv(&mut d, 0x42, &[0x01]).unwrap();
+        tlv::push_tlv(&mut d, 0x5C, &[0x01, 0x00]).unwrap();
+        tlv::push_tlv(&mut d, 0x87, &public_key_sec1(&eph.public_key())).unwrap();
+        tlv::push_tlv(&mut d, 0x4C, &tid).unwrap();
+        tlv::push_tlv(&mut d, 0x4D, &reader_id).unwrap();
+        let (r, sw) = transmit(s, &cmd(0x80, 0x80, d, true));
+        assert_eq!(sw, 0x9000);
+        let r_tlvs = tlv::parse_all(&r).unwrap();
+        let ep_eph = PublicKey::from_sec1_bytes(tlv::find(&r_tlvs, 0x86).unwrap().value).unwrap();
+
+        let t = TranscriptContext {
+            reader_key_x: public_key_x(&group.public_key()),
+            reader_identifier: reader_id,
+            interface: 0x5E,
+            protocol_version: [0x01, 0x00],
+            reader_ephemeral_x: public_key_x(&eph.public_key()),
+            endpoint_ephemeral_x: public_key_x(&ep_eph),
+            transaction_id: tid,
+            command_parameters: 0x00,
+            auth_policy: 0x01,
+            fci_proprietary_tlv: a5,
+            vendor_extension: vec![],
+        };
+        let sig = crypto::sign(group, &t.signature_preimage(Signer::Reader));
+        let mut d = Vec::new();
+        tlv::push_tlv(&mut d, 0x41, &[0x01]).unwrap();
+        tlv::push_tlv(&mut d, 0x9E, &sig).unwrap();
+        let (r, sw) = transmit(s, &cmd(0x80, 0x81, d, true));
+        assert_eq!(sw, 0x9000);
+        let ikm = keys::transaction_ikm(&eph, &ep_eph, &tid).unwrap();
+        let k = keys::derive_volatile(&ikm, &t).unwrap();
+        let mut ch = SecureChannel::new(Role::Reader, k.exchange_sk_reader, k.exchange_sk_device);
+        let plain = ch.open(&r).unwrap();
+        let p_tlvs = tlv::parse_all(&plain).unwrap();
+        let ep_key = tlv::find(&p_tlvs, 0x5A).unwrap().value.to_vec();
+        let ep_pub = PublicKey::from_sec1_bytes(&ep_key).unwrap();
+        crypto::verify(
+            &ep_pub,
+            &t.signature_preimage(Signer::Device),
+            tlv::find(&p_tlvs, 0x9E).unwrap().value,
+        )
+        .unwrap();
+
+        let mut d = vec![0x97, 0x02];
+        d.extend_from_slice(&status);
+        let (r, sw) = transmit(s, &cmd(0x80, 0xC9, ch.seal(&d).unwrap(), true));
+        assert_eq!(sw, 0x9000);
+        assert_eq!(ch.open(&r).unwrap(), [0x00, 0x02, 0x00, 0x00]);
+        ep_key
+    }
+
+    fn keygen(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
+        let path = dir.join(name);
+        let out = Command::new(EMU)
+            .args(["keygen", "--out"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let public = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        (path, public)
+    }
+
+    fn tap(port: u16, key: &Path, group_key_hex: &str, group_id: &str, extra: &[&str]) -> Output {
+        Command::new(EMU)
+            .args([
+                "tap",
+                "--vpcd",
+                &format!("127.0.0.1:{port}"),
+                "--endpoint-key",
+            ])
+            .arg(key)
+            .args([
+                "--reader-group-key",
+                group_key_hex,
+                "--reader-group-id",
+                group_id,
+                "--hold-ms",
+                "50",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    fn json(out: &Output) -> Value {
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    #[test]
+    fn keygen_writes_a_private_pem_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, public) = keygen(dir.path(), "k.pem");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("-----BEGIN PRIVATE KEY-----"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(public.len(), 130);
+        assert!(public.starts_with("04"));
+        let again = Command::new(EMU)
+            .args(["keygen", "--out"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!again.status.success());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "untouched");
+        let pk = Command::new(EMU)
+            .args(["pubkey", "--key"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(pk.stdout).unwrap().trim(), public);
+    }
+
+    #[test]
+    fn tap_completed_reports_reader_status_and_exits_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, public) = keygen(dir.path(), "phone.pem");
+        let group = SecretKey::random(&mut OsRng);
+        let group_hex = hex::encode(public_key_sec1(&group.public_key()));
+        let group_id = [0x3C; 16];
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let vpcd = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            send(&mut s, &[0x01]);
+            send(&mut s, &[0x04]);
+            let atr = recv(&mut s).unwrap();
+            let ep_key = honest_reader(&mut s, &group, group_id, [0x01, 0x01]);
+            // The phone leaves by itself.
+            assert!(recv(&mut s).is_none());
+            (atr, ep_key)
+        });
+        let out = tap(port, &key, &group_hex, &hex::encode(group_id), &[]);
+        let (atr, ep_key) = vpcd.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let j = json(&out);
+        assert_eq!(j["result"], "completed");
+        assert_eq!(j["reader_status"], "0101");
+        assert_eq!(j["fast"], false);
+        assert_eq!(j["end"], "finished");
+        assert_eq!(j["apdus"], 4);
+        assert_eq!(j["endpoint_public_key"], public);
+        assert_eq!(hex::encode(ep_key), public);
+        assert_eq!(atr, keyway::sim::vpcd::CONTACTLESS_ATR);
+    }
+
+    #[test]
+    fn tap_exit_codes_for_abort_rejection_timeout_and_no_vpcd() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, _) = keygen(dir.path(), "phone.pem");
+        let group = SecretKey::random(&mut OsRng);
+        let group_hex = hex::encode(public_key_sec1(&group.public_key()));
+        let gid = "000102030405060708090a0b0c0d0e0f";
+        let select = CommandApdu::new(0x00, 0xA4, 0x04, 0x00)
+            .with_data(keyway::aliro::consts::AID_EXPEDITED.to_vec())
+            .with_le(256)
+            .encode()
+            .unwrap();
+
+        // CONTROL FLOW -> 2.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sel = select.clone();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            assert_eq!(transmit(&mut s, &sel).1, 0x9000);
+            let cf = [0x80, 0x3C, 0, 0, 6, 0x41, 1, 0, 0x42, 1, 0x27];
+            assert_eq!(transmit(&mut s, &cf).1, 0x9000);
+            assert!(recv(&mut s).is_none());
+        });
+        let out = tap(port, &key, &group_hex, gid, &[]);
+        t.join().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert_eq!(json(&out)["s2"], "27");
+
+        // CONTROL FLOW with Le (strict) -> rejected 6701 -> 3; with --lenient-le -> 2.
+        for (extra, code) in [(&[][..], 3), (&["--lenient-le"][..], 2)] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let sel = select.clone();
+            let t = std::thread::spawn(move || {
+                let (mut s, _) = listener.accept().unwrap();
+                assert_eq!(transmit(&mut s, &sel).1, 0x9000);
+                let cf = [0x80, 0x3C, 0, 0, 6, 0x41, 1, 0, 0x42, 1, 0x00, 0x00];
+                transmit(&mut s, &cf).1
+            });
+            let out = tap(port, &key, &group_hex, gid, extra);
+            let sw = t.join().unwrap();
+            assert_eq!(out.status.code(), Some(code), "{extra:?} {out:?}");
+            if code == 3 {
+                assert_eq!(sw, 0x6701);
+                assert_eq!(json(&out)["sw"], "6701");
+            }
+        }
+
+        // Reader never finishes -> 4.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            send(&mut s, &[0x01]);
+            assert!(recv(&mut s).is_none());
+        });
+        let out = tap(port, &key, &group_hex, gid, &["--timeout-s", "1"]);
+        t.join().unwrap();
+        assert_eq!(out.status.code(), Some(4), "{out:?}");
+        assert_eq!(json(&out)["result"], "no_transaction");
+
+        // Nothing listening -> 1 with an error on stderr.
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let out = tap(port, &key, &group_hex, gid, &["--timeout-s", "1"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("vpcd"));
+
+        // Bad arguments -> non-zero before any connection.
+        let out = tap(port, &key, "04abcd", gid, &[]);
+        assert_eq!(out.status.code(), Some(1));
+    }
+}
