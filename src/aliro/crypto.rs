@@ -312,8 +312,9 @@ pub enum Role {
 /// direction, each counter starting at 1 and advancing after every successful operation.
 ///
 /// The reader seals with SKReader (direction 0) and opens with SKDevice (direction 1); the
-/// endpoint does the reverse. A failed `open` does not advance the counter; the protocol
-/// layers terminate the session on any failure, so the channel is not reused afterwards.
+/// endpoint does the reverse. Every `open` consumes one inbound counter value, even when it
+/// fails: after a tampered AUTH1 response the reader must still read the endpoint's next
+/// message at counter 2 (as the endpoint sent it).
 pub struct SecureChannel {
     role: Role,
     sk_reader: SymmetricKey,
@@ -401,9 +402,11 @@ impl SecureChannel {
         let next = counter
             .checked_add(1)
             .ok_or(CryptoError::CounterExhausted)?;
-        let out = gcm_open(key, &aliro_iv(dir, *counter), aad, ciphertext)?;
+        let out = gcm_open(key, &aliro_iv(dir, *counter), aad, ciphertext);
+        // The peer consumed this counter value whether or not its message survived transit,
+        // so the next message from it uses the next value (and a counter is never retried).
         *counter = next;
-        Ok(out)
+        out
     }
 
     /// Encrypts an outbound APDU payload (no AAD).
@@ -564,7 +567,7 @@ mod tests {
         assert_eq!(ep.open(&c1).unwrap(), b"hello");
         // Replay of the same ciphertext fails: the endpoint now expects counter 2.
         assert_eq!(ep.open(&c1), Err(CryptoError::Decrypt));
-        assert_eq!(ep.next_receive_counter(), 2);
+        assert_eq!(ep.next_receive_counter(), 3);
 
         let r1 = ep.seal(b"world").unwrap();
         assert_eq!(
@@ -581,7 +584,10 @@ mod tests {
         let mut tampered = ep.seal(b"again").unwrap();
         tampered[0] ^= 1;
         assert_eq!(reader.open(&tampered), Err(CryptoError::Decrypt));
-        assert_eq!(reader.next_receive_counter(), 2);
+        // The failed message still consumed counter 2; the next one is read at counter 3.
+        assert_eq!(reader.next_receive_counter(), 3);
+        let r3 = ep.seal(b"third").unwrap();
+        assert_eq!(reader.open(&r3).unwrap(), b"third");
         assert_eq!(reader.next_send_counter(), 2);
     }
 

@@ -7,11 +7,19 @@
 //! - [`keys`]: the transaction key schedule (preimages, salts, session keys).
 //! - [`consts`]: AIDs, instructions, tags, reader status codes, status words.
 //!
-//! The reader transaction state machine takes R-APDU bytes and returns C-APDU bytes and
-//! actions; it owns no I/O, clock or RNG (randomness is injected).
+//! Reader side:
+//! - [`reader`]: the transaction state machine; it takes R-APDU bytes and returns C-APDU bytes
+//!   and actions; it owns no I/O, clock or RNG (randomness is injected).
 
 pub mod apdu;
 pub mod consts;
 pub mod crypto;
 pub mod keys;
+pub mod reader;
 pub mod tlv;
+
+pub use consts::ReaderStatus;
+pub use reader::{
+    Action, AliroError, AuthenticatedEndpoint, ExchangeResponse, Outcome, Randomness,
+    ReaderIdentity, ReaderTransaction, Step, TransactionParams, STEP_TIMEOUT, TRANSACTION_TIMEOUT,
+};
