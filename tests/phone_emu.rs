@@ -733,3 +733,162 @@ mod binary {
         assert_eq!(out.status.code(), Some(1));
     }
 }
+
+/// keyway's own reader core (`aliro::reader`) against the emulated phone, in memory: the loop
+/// the bench runs through pcscd, without the sockets.
+mod reader_core {
+    use keyway::aliro::consts::ReaderStatus;
+    use keyway::aliro::reader::{
+        Action, AliroError, Outcome as ReaderOutcome, Randomness, ReaderIdentity,
+        ReaderTransaction, TransactionParams,
+    };
+    use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
+    use p256::SecretKey;
+    use rand_core::OsRng;
+
+    fn identity() -> ReaderIdentity {
+        ReaderIdentity {
+            group_id: [0x42; 16],
+            sub_id: [0x24; 16],
+            private_key: SecretKey::random(&mut OsRng),
+        }
+    }
+
+    fn phone_for(identity: &ReaderIdentity) -> (Endpoint, [u8; 65]) {
+        let config = EndpointConfig::new(
+            SecretKey::random(&mut OsRng),
+            vec![ReaderGroupCredential {
+                group_id: identity.group_id,
+                reader_group_key: identity.private_key.public_key(),
+            }],
+        );
+        let public = config.public_key_sec1();
+        (Endpoint::new(config, Box::new(OsRandom)), public)
+    }
+
+    /// Runs one transaction; `decide` maps the authenticated endpoint key to a reader status.
+    fn run(
+        identity: &ReaderIdentity,
+        phone: &mut Endpoint,
+        decide: impl Fn(&[u8; 65]) -> ReaderStatus,
+    ) -> Result<ReaderOutcome, AliroError> {
+        let mut reader = ReaderTransaction::new(
+            identity,
+            TransactionParams::default(),
+            Randomness::generate(&mut OsRng),
+        );
+        phone.on_power();
+        let mut c = reader.start();
+        for _ in 0..16 {
+            let r = phone.handle(&c);
+            match reader.on_response(&r)? {
+                Action::Transmit(next) => c = next,
+                Action::Authenticated(ep) => c = reader.complete(decide(&ep.public_key))?,
+                Action::Exchanged(_) => panic!("no intermediate EXCHANGE requested"),
+                Action::Done(o) => return Ok(o),
+            }
+        }
+        panic!("transaction did not end");
+    }
+
+    #[test]
+    fn granted_and_denied_reach_the_phone() {
+        let id = identity();
+        let (mut phone, public) = phone_for(&id);
+        for status in [
+            ReaderStatus::StateUnsecured,
+            ReaderStatus::PublicKeyNotFound,
+        ] {
+            let out = run(&id, &mut phone, |key| {
+                assert_eq!(key, &public);
+                status
+            })
+            .unwrap();
+            assert_eq!(out, ReaderOutcome::Completed { status });
+            assert_eq!(
+                phone.last_outcome(),
+                Some(&Outcome::Completed {
+                    reader_status: status.code(),
+                    fast: false
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn phone_without_the_group_refuses_auth0() {
+        let id = identity();
+        let other = ReaderIdentity {
+            group_id: [0x43; 16],
+            ..identity()
+        };
+        let (mut phone, _) = phone_for(&other);
+        let err = run(&id, &mut phone, |_| ReaderStatus::StateUnsecured).unwrap_err();
+        assert!(
+            matches!(err, AliroError::BadStatus { sw: 0x6701, .. }),
+            "{err:?}"
+        );
+        assert!(matches!(
+            phone.last_outcome(),
+            Some(Outcome::Rejected { sw: 0x6701, .. })
+        ));
+    }
+
+    #[test]
+    fn reader_with_the_wrong_key_gets_6982() {
+        let id = identity();
+        let (mut phone, _) = phone_for(&id);
+        let impostor = ReaderIdentity {
+            private_key: SecretKey::random(&mut OsRng),
+            ..identity()
+        };
+        let err = run(&impostor, &mut phone, |_| ReaderStatus::StateUnsecured).unwrap_err();
+        assert!(
+            matches!(err, AliroError::BadStatus { sw: 0x6982, .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn faulty_device_signature_is_reported_to_the_phone() {
+        let id = identity();
+        let (phone, _) = phone_for(&id);
+        let mut config = phone.config().clone();
+        config.faults.device_signature_transaction_id = Some([0u8; 16]);
+        let mut phone = Endpoint::new(config, Box::new(OsRandom));
+        let out = run(&id, &mut phone, |_| panic!("must not authenticate")).unwrap();
+        let ReaderOutcome::Failed {
+            error, reported, ..
+        } = out
+        else {
+            panic!("expected failure, got {out:?}");
+        };
+        assert_eq!(error, AliroError::SignatureInvalid);
+        // The phone saw the reader's failure report.
+        assert_eq!(
+            phone.last_outcome(),
+            Some(&Outcome::Completed {
+                reader_status: reported.code(),
+                fast: false
+            })
+        );
+    }
+
+    #[test]
+    fn version_mismatch_ends_with_control_flow() {
+        let id = identity();
+        let (phone, _) = phone_for(&id);
+        let mut config = phone.config().clone();
+        config.protocol_versions = vec![[0x02, 0x00]];
+        let mut phone = Endpoint::new(config, Box::new(OsRandom));
+        let out = run(&id, &mut phone, |_| panic!("must not authenticate"));
+        assert!(
+            matches!(
+                phone.last_outcome(),
+                Some(Outcome::ControlFlow { s1: 0x00, s2: 0x27 })
+            ),
+            "{out:?} / {:?}",
+            phone.last_outcome()
+        );
+    }
+}
