@@ -658,6 +658,55 @@ mod binary {
     }
 
     #[test]
+    fn repeated_taps_print_one_line_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, public) = keygen(dir.path(), "phone.pem");
+        let group = SecretKey::random(&mut OsRng);
+        let group_file = dir.path().join("group.hex");
+        std::fs::write(
+            &group_file,
+            hex::encode(public_key_sec1(&group.public_key())),
+        )
+        .unwrap();
+        let group_id = [0x19; 16];
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let vpcd = std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            for status in [[0x01, 0x01], [0x00, 0x01]] {
+                let (mut s, _) = listener.accept().unwrap();
+                send(&mut s, &[0x01]);
+                statuses.push(honest_reader(&mut s, &group, group_id, status));
+                assert!(recv(&mut s).is_none());
+            }
+            statuses
+        });
+        let group_arg = group_file.to_str().unwrap().to_owned();
+        let out = tap(
+            port,
+            &key,
+            &group_arg,
+            &hex::encode(group_id),
+            &["--count", "2", "--gap-ms", "10"],
+        );
+        let keys_seen = vpcd.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let lines: Vec<Value> = String::from_utf8(out.stdout.clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["tap"], 1);
+        assert_eq!(lines[0]["reader_status"], "0101");
+        assert_eq!(lines[1]["tap"], 2);
+        assert_eq!(lines[1]["reader_status"], "0001");
+        for k in keys_seen {
+            assert_eq!(hex::encode(k), public);
+        }
+    }
+
+    #[test]
     fn tap_exit_codes_for_abort_rejection_timeout_and_no_vpcd() {
         let dir = tempfile::tempdir().unwrap();
         let (key, _) = keygen(dir.path(), "phone.pem");

@@ -15,9 +15,12 @@
 //! are accepted on input too. A reader group public key is given as hex of the uncompressed
 //! SEC1 point, or as a file holding that hex or a PEM `PUBLIC KEY`.
 //!
-//! `tap` exit status: 0 the reader completed the transaction (any reader status), 2 the reader
-//! ended it with CONTROL FLOW, 3 the phone refused a command (e.g. bad reader signature),
-//! 4 the reader never finished before the timeout or hung up, 1 any other error.
+//! `tap` prints one line per tap (`--json`: one JSON object per line, e.g.
+//! `{"tap":1,"result":"completed","reader_status":"0101","fast":false,...}`). Exit status: 0 the
+//! reader completed the transaction (any reader status), 2 the reader ended it with CONTROL
+//! FLOW, 3 the phone refused a command (e.g. bad reader signature), 4 the reader never finished
+//! before the timeout or hung up, 1 any other error. With `--count N` the first tap that did not
+//! complete decides the status.
 
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -87,7 +90,13 @@ struct TapArgs {
     /// Give up when the reader has not finished within this many seconds (connecting included).
     #[arg(long, default_value_t = 10)]
     timeout_s: u64,
-    /// Print one JSON line instead of text.
+    /// Tap this many times in a row (one phone: keys learned in a tap serve FAST in the next).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    count: u32,
+    /// Pause between taps, in ms.
+    #[arg(long, default_value_t = 500)]
+    gap_ms: u64,
+    /// Print one JSON line per tap instead of text.
     #[arg(long)]
     json: bool,
     /// Print every C-APDU / R-APDU to stderr.
@@ -330,15 +339,38 @@ async fn tap(args: TapArgs) -> Result<ExitCode> {
         opts.atr = hex::decode(atr).map_err(|_| anyhow!("--atr: not hex"))?;
     }
     let mut endpoint = Endpoint::new(config, Box::new(OsRandom));
+    // The exit status is the first tap that did not complete, else success.
+    let mut exit = 0u8;
+    for n in 1..=args.count {
+        if n > 1 {
+            tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
+        }
+        let code = tap_once(&args, addr, &opts, &mut endpoint, &public_key, n).await?;
+        if exit == 0 {
+            exit = code;
+        }
+    }
+    Ok(ExitCode::from(exit))
+}
+
+/// One tap; prints its report and returns its exit code.
+async fn tap_once(
+    args: &TapArgs,
+    addr: SocketAddr,
+    opts: &TapOptions,
+    endpoint: &mut Endpoint,
+    public_key: &str,
+    n: u32,
+) -> Result<u8> {
     let start = Instant::now();
     let summary = if args.trace {
         let mut traced = Traced {
-            inner: &mut endpoint,
+            inner: endpoint,
             start,
         };
-        vpcd::tap(addr, &mut traced, &opts).await
+        vpcd::tap(addr, &mut traced, opts).await
     } else {
-        vpcd::tap(addr, &mut endpoint, &opts).await
+        vpcd::tap(addr, endpoint, opts).await
     }
     .with_context(|| format!("tap on vpcd {addr}"))?;
     let elapsed_ms = start.elapsed().as_millis();
@@ -358,6 +390,7 @@ async fn tap(args: TapArgs) -> Result<ExitCode> {
         ServeEnd::PeerClosed => "reader_closed",
     };
     let mut report = json!({
+        "tap": n,
         "result": result,
         "end": end,
         "apdus": summary.apdus,
@@ -382,11 +415,11 @@ async fn tap(args: TapArgs) -> Result<ExitCode> {
             .map(describe)
             .unwrap_or_else(|| "no outcome".to_owned());
         println!(
-            "{result}: {detail} ({} APDUs, {elapsed_ms} ms, end: {end})",
+            "tap {n}: {result}: {detail} ({} APDUs, {elapsed_ms} ms, end: {end})",
             summary.apdus
         );
     }
-    Ok(ExitCode::from(code))
+    Ok(code)
 }
 
 fn outcome_json(o: &Outcome) -> serde_json::Value {

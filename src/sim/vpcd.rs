@@ -187,10 +187,14 @@ where
                 summary.atr_requests = summary.atr_requests.saturating_add(1);
                 write_frame(stream, &opts.atr).await?;
             }
-            [code] => {
-                // Power off / on / reset, and unknown codes (vpcd sends none): no answer.
+            [code @ (CTRL_POWER_OFF | CTRL_POWER_ON | CTRL_RESET)] => {
+                // No answer is expected for power control.
                 summary.power_events = summary.power_events.saturating_add(1);
                 card.power_event(*code);
+            }
+            [code] => {
+                // vpcd defines no other code: ignore it rather than reset the card.
+                log::debug!(code = *code; "vpcd: unknown control code ignored");
             }
             c_apdu => {
                 summary.apdus = summary.apdus.saturating_add(1);
@@ -380,6 +384,7 @@ mod tests {
             input.extend(frame(&[CTRL_GET_ATR]));
             input.extend(frame(&[0x00, 0xA4, 0x04, 0x00]));
             input.extend(frame(&[CTRL_RESET]));
+            input.extend(frame(&[0x03]));
             input.extend(frame(&[CTRL_POWER_OFF]));
             vpcd.write_all(&input).await.unwrap();
             let atr = read_frame(&mut vpcd, 64).await.unwrap().unwrap();
