@@ -29,8 +29,7 @@ use crate::aliro::tlv::{self, Tlv};
 use super::random::EndpointRandom;
 use super::vpcd::VirtualCard;
 
-/// Status words the endpoint returns.
-/// (Aliases of `aliro::consts::sw` plus the two ISO words the endpoint adds.)
+/// Status words the endpoint returns (aliases of `aliro::consts::sw`, plus two ISO words).
 pub mod sw {
     use crate::aliro::consts::sw as c;
     /// Success.
