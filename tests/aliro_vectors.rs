@@ -15,8 +15,9 @@ use keyway::aliro::consts::{
     CONTROL_FLOW_S2_VERSION_NOT_SUPPORTED, INS_CONTROL_FLOW,
 };
 use keyway::aliro::{
-    apdu::CommandApdu, crypto, tlv, Action, AliroError, AuthenticatedEndpoint, Outcome, Randomness,
-    ReaderIdentity, ReaderTransaction, Step, TransactionParams,
+    apdu::CommandApdu, crypto, tlv, Action, AliroError, AuthenticatedEndpoint, FastConfig,
+    FastCredential, FastFallback, Outcome, Randomness, ReaderIdentity, ReaderTransaction, Step,
+    TransactionParams,
 };
 use serde_json::Value;
 
@@ -49,16 +50,15 @@ fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
 fn skip_reason(name: &str, doc: &Value) -> Option<String> {
     if name == "neg_control_flow_with_le.json" {
         return Some(
-            "exhibits a kormax reader defect (CONTROL FLOW with Le=00, after a FAST AUTH0): this \
-             reader never puts Le on CONTROL FLOW (unit test \
-             unsupported_version_sends_control_flow_without_le) and FAST is a later feature"
+            "exhibits a kormax reader defect (CONTROL FLOW with Le=00 after a FAST AUTH0) that the \
+             endpoint rejects; this reader never puts Le on CONTROL FLOW (see \
+             neg_fast_no_match_control_flow_abort, unit test \
+             unsupported_version_sends_control_flow_without_le)"
                 .into(),
         );
     }
     let later = [
         ("ble_", "BLE transport"),
-        ("nfc_fast", "FAST flow"),
-        ("neg_fast", "FAST flow"),
         ("nfc_step_up", "step-up phase"),
         ("nfc_load_cert", "LOAD CERT"),
     ];
@@ -68,8 +68,8 @@ fn skip_reason(name: &str, doc: &Value) -> Option<String> {
         }
     }
     let p = &doc["parameters"];
-    if str_field(p, "auth0_command_parameters_tag41").is_some_and(|v| v != "00") {
-        return Some("FAST requested in AUTH0 (later feature)".into());
+    if str_field(p, "auth0_command_parameters_tag41").is_some_and(|v| v != "00" && v != "01") {
+        return Some("unknown AUTH0 command parameters".into());
     }
     if str_field(p, "interface_byte").is_some_and(|v| !v.eq_ignore_ascii_case("5E")) {
         return Some("non-NFC interface (later feature)".into());
@@ -87,9 +87,49 @@ fn skip_reason(name: &str, doc: &Value) -> Option<String> {
     None
 }
 
+/// FAST configuration of a scenario that requests FAST (AUTH0 tag 41 = 01): every Kpersistent
+/// the file says the reader holds, bound to the endpoint key of the file. The no-match policy
+/// is the one the file's reader followed (CONTROL FLOW after AUTH0 = abort, else AUTH1).
+fn fast_config(doc: &Value) -> Option<FastConfig> {
+    let p = &doc["parameters"];
+    if str_field(p, "auth0_command_parameters_tag41") != Some("01") {
+        return None;
+    }
+    let endpoint_public_key: [u8; 65] = arr(&p["endpoint_long_term_public_key"]);
+    let credentials = p
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, v)| {
+            let k = k.to_lowercase();
+            (k.contains("kpersistent") || k.starts_with("k_persistent")) && v.is_string()
+        })
+        .map(|(_, v)| FastCredential {
+            endpoint_public_key,
+            k_persistent: crypto::SymmetricKey::from_slice(&hx(v)).unwrap(),
+        })
+        .collect();
+    let steps = doc["steps"].as_array().unwrap();
+    let after_auth0 = steps
+        .iter()
+        .skip_while(|s| str_field(s, "command") != Some("AUTH0"))
+        .nth(1)
+        .and_then(|s| str_field(s, "command"));
+    let on_no_match = if after_auth0 == Some("CONTROL FLOW") {
+        FastFallback::Abort
+    } else {
+        FastFallback::Standard
+    };
+    Some(FastConfig {
+        credentials,
+        on_no_match,
+    })
+}
+
 /// The reader built from a scenario's parameters. Files without parameters (SELECT-only
 /// scenarios) get fixed local test keys: no cryptography is reached there.
-fn build_reader(p: &Value) -> ReaderTransaction {
+fn build_reader(doc: &Value) -> ReaderTransaction {
+    let p = &doc["parameters"];
     let has = |k: &str| p.get(k).is_some_and(|v| !v.is_null());
     let (identity, rnd, params) = if has("reader_long_term_private_key") {
         // A file where the vector reader signed with another key states that key; use it so the
@@ -152,7 +192,11 @@ fn build_reader(p: &Value) -> ReaderTransaction {
         };
         (identity, rnd, TransactionParams::default())
     };
-    ReaderTransaction::new(&identity, params, rnd)
+    let reader = ReaderTransaction::new(&identity, params, rnd);
+    match fast_config(doc) {
+        Some(fast) => reader.with_fast(fast),
+        None => reader,
+    }
 }
 
 /// The EXCHANGE payload the scenario's reader sent after authentication (from the endpoint's
@@ -254,7 +298,7 @@ fn run_scenario(name: &str, doc: &Value) -> Vec<String> {
     let p = &doc["parameters"];
     let steps = doc["steps"].as_array().expect("steps");
     assert!(!steps.is_empty(), "{name}: no steps");
-    let mut reader = build_reader(p);
+    let mut reader = build_reader(doc);
     let payload = exchange_payload(doc);
     let file_status = payload.as_deref().and_then(reader_status_in);
 
@@ -354,6 +398,14 @@ fn run_scenario(name: &str, doc: &Value) -> Vec<String> {
             Ok(Action::Transmit(c)) => pending = Some(c),
             Ok(Action::Authenticated(ep)) => {
                 check_authenticated(doc, &ep, &mut log);
+                // FAST identification exactly when the file's reader skipped AUTH1.
+                let has_auth1 = steps
+                    .iter()
+                    .any(|s| str_field(s, "command") == Some("AUTH1"));
+                assert_eq!(ep.fast, !has_auth1, "{name}: FAST identification");
+                if ep.fast {
+                    log.push("endpoint identified by the FAST cryptogram".into());
+                }
                 authenticated = true;
                 let payload = payload
                     .clone()
@@ -426,7 +478,16 @@ fn run_scenario(name: &str, doc: &Value) -> Vec<String> {
             status.code()
         ));
     } else {
-        let reported = file_status.expect("the file's failure report carries tag 97");
+        // The failure report is the file's last command: CONTROL FLOW (S2 in tag 42) or an
+        // EXCHANGE carrying tag 97.
+        let reported = if last_cmd == "CONTROL FLOW" {
+            let cmd = CommandApdu::parse(&hx(&last["c_apdu"])).unwrap();
+            let items = tlv::parse_all(&cmd.data).unwrap();
+            let s2 = tlv::find(&items, tag::AUTH_POLICY).unwrap().value[0];
+            ReaderStatus::from_code(u16::from(s2))
+        } else {
+            file_status.expect("the file's failure report carries tag 97")
+        };
         match terminal {
             Ok(Action::Done(Outcome::Failed {
                 error,

@@ -20,6 +20,7 @@ pub mod tlv;
 
 pub use consts::ReaderStatus;
 pub use reader::{
-    Action, AliroError, AuthenticatedEndpoint, ExchangeResponse, Outcome, Randomness,
-    ReaderIdentity, ReaderTransaction, Step, TransactionParams, STEP_TIMEOUT, TRANSACTION_TIMEOUT,
+    Action, AliroError, AuthenticatedEndpoint, ExchangeResponse, FastConfig, FastCredential,
+    FastFallback, Outcome, Randomness, ReaderIdentity, ReaderTransaction, Step, TransactionParams,
+    STEP_TIMEOUT, TRANSACTION_TIMEOUT,
 };

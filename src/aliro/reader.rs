@@ -1,6 +1,10 @@
-//! The sans-IO Aliro 1.0 reader transaction (NFC, STANDARD flow, expedited phase).
+//! The sans-IO Aliro 1.0 reader transaction (NFC, expedited phase, STANDARD and FAST flows).
 //!
-//! `SELECT (expedited AID) -> AUTH0 -> AUTH1 -> [caller decides] -> EXCHANGE {97 status}`.
+//! STANDARD: `SELECT (expedited AID) -> AUTH0 -> AUTH1 -> [caller decides] -> EXCHANGE {97}`.
+//! FAST (opt-in with [`ReaderTransaction::with_fast`]): AUTH0 asks for a cryptogram; if one of
+//! the supplied Kpersistent values opens it, the endpoint is identified without AUTH1 and the
+//! EXCHANGE runs under the FAST keys; otherwise the reader continues with AUTH1 in the same
+//! session or aborts with CONTROL FLOW, as configured ([`FastFallback`]).
 //! The state machine only turns R-APDU bytes into C-APDU bytes and [`Action`]s. It owns no
 //! I/O, no clock and no RNG: the ephemeral key and transaction identifier are injected
 //! ([`Randomness`]), and the adapter applies [`STEP_TIMEOUT`] around each exchange.
@@ -117,6 +121,10 @@ pub enum AliroError {
     /// The endpoint decrypted our EXCHANGE but reported a non-zero status.
     #[error("endpoint reported EXCHANGE status {status:04X}")]
     EndpointStatus { status: u16 },
+    /// FAST was requested, no stored Kpersistent opened the cryptogram, and the policy is to
+    /// abort.
+    #[error("FAST cryptogram matches no stored credential")]
+    FastNoMatch,
     /// A command could not be encoded (caller-supplied data too long).
     #[error("cannot build command: {0}")]
     Apdu(#[from] ApduError),
@@ -206,7 +214,34 @@ impl Randomness {
     }
 }
 
-/// An endpoint that proved possession of its long-term key in this transaction.
+/// A Kpersistent the reader stored after an earlier STANDARD transaction with an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastCredential {
+    /// Endpoint long-term public key, uncompressed SEC1.
+    pub endpoint_public_key: [u8; crypto::PUBLIC_KEY_LEN],
+    /// The Kpersistent derived in that transaction (Debug-redacted).
+    pub k_persistent: SymmetricKey,
+}
+
+/// What the reader does when FAST was requested but no stored credential matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastFallback {
+    /// Continue with AUTH1 in the same session (first contact, or Kpersistent lost).
+    Standard,
+    /// Report failure with CONTROL FLOW {S1 00, S2 00} and stop.
+    Abort,
+}
+
+/// FAST configuration of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FastConfig {
+    /// Candidates tried in order against the cryptogram (one HKDF + one AES-GCM each).
+    pub credentials: Vec<FastCredential>,
+    pub on_no_match: FastFallback,
+}
+
+/// An endpoint authenticated in this transaction: by its signature (STANDARD) or by a
+/// cryptogram only a holder of the stored Kpersistent can produce (FAST).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthenticatedEndpoint {
     /// Endpoint long-term public key, uncompressed SEC1 (tag 5A): the ACL lookup key.
@@ -221,6 +256,8 @@ pub struct AuthenticatedEndpoint {
     pub transaction_id: [u8; 16],
     /// Kpersistent for a later FAST transaction with this endpoint (Debug-redacted).
     pub k_persistent: SymmetricKey,
+    /// True when identified by the FAST cryptogram (no AUTH1 in this transaction).
+    pub fast: bool,
 }
 
 /// Decrypted EXCHANGE response: read data blocks and the endpoint status.
@@ -306,6 +343,7 @@ pub struct ReaderTransaction {
     signing_key: SecretKey,
     params: TransactionParams,
     rnd: Randomness,
+    fast: Option<FastConfig>,
     state: State,
     /// Data of a response being assembled with GET RESPONSE.
     chained: Vec<u8>,
@@ -348,9 +386,25 @@ impl ReaderTransaction {
             signing_key: identity.private_key.clone(),
             params,
             rnd,
+            fast: None,
             state: State::Idle,
             chained: Vec::new(),
             chain_rounds: 0,
+        }
+    }
+
+    /// Requests FAST in AUTH0 and tries `fast.credentials` against the cryptogram.
+    pub fn with_fast(mut self, fast: FastConfig) -> Self {
+        self.fast = Some(fast);
+        self
+    }
+
+    /// AUTH0 command parameters (tag 41), which also enter every salt.
+    fn command_parameters(&self) -> u8 {
+        if self.fast.is_some() {
+            consts::AUTH0_FAST
+        } else {
+            AUTH0_STANDARD
         }
     }
 
@@ -507,7 +561,11 @@ impl ReaderTransaction {
         let fci_proprietary_tlv = a5.raw;
 
         let mut body = Vec::with_capacity(160);
-        push(&mut body, tag::COMMAND_PARAMETERS, &[AUTH0_STANDARD]);
+        push(
+            &mut body,
+            tag::COMMAND_PARAMETERS,
+            &[self.command_parameters()],
+        );
         push(&mut body, tag::AUTH_POLICY, &[self.params.auth_policy]);
         push(
             &mut body,
@@ -538,7 +596,7 @@ impl ReaderTransaction {
         fci_proprietary_tlv: Vec<u8>,
     ) -> Result<Action, AliroError> {
         ok_or_status(Step::Auth0, sw_value)?;
-        let endpoint_ephemeral = match parse_auth0_response(data) {
+        let (endpoint_ephemeral, cryptogram) = match parse_auth0_response(data) {
             Ok(k) => k,
             Err(e) => return Ok(self.report_control_flow(e, CONTROL_FLOW_S2_NONE)),
         };
@@ -550,7 +608,7 @@ impl ReaderTransaction {
             reader_ephemeral_x: crypto::public_key_x(&self.rnd.ephemeral.public_key()),
             endpoint_ephemeral_x: crypto::public_key_x(&endpoint_ephemeral),
             transaction_id: self.rnd.transaction_id,
-            command_parameters: AUTH0_STANDARD,
+            command_parameters: self.command_parameters(),
             auth_policy: self.params.auth_policy,
             fci_proprietary_tlv,
             vendor_extension: Vec::new(),
@@ -559,6 +617,26 @@ impl ReaderTransaction {
             step: Step::Auth0,
             source,
         };
+        if let Some(fast) = &self.fast {
+            match try_fast(fast, &ctx, cryptogram.as_deref()) {
+                Ok(Some((channel, endpoint))) => {
+                    self.state = State::Authenticated { channel };
+                    return Ok(Action::Authenticated(endpoint));
+                }
+                Ok(None) if fast.on_no_match == FastFallback::Abort => {
+                    return Ok(
+                        self.report_control_flow(AliroError::FastNoMatch, CONTROL_FLOW_S2_NONE)
+                    );
+                }
+                Ok(None) => {}
+                Err(source) => {
+                    return Err(AliroError::Crypto {
+                        step: Step::Auth0,
+                        source,
+                    })
+                }
+            }
+        }
         let ikm = keys::transaction_ikm(
             &self.rnd.ephemeral,
             &endpoint_ephemeral,
@@ -639,6 +717,7 @@ impl ReaderTransaction {
             revocation_timestamp: parsed.revocation_timestamp,
             transaction_id: self.rnd.transaction_id,
             k_persistent,
+            fast: false,
         }))
     }
 
@@ -803,14 +882,71 @@ fn parse_fci(data: &[u8]) -> Result<Fci, AliroError> {
     })
 }
 
-fn parse_auth0_response(data: &[u8]) -> Result<PublicKey, AliroError> {
+/// Endpoint ephemeral key (86) and, if present, the FAST cryptogram (9D).
+fn parse_auth0_response(data: &[u8]) -> Result<(PublicKey, Option<Vec<u8>>), AliroError> {
     let step = Step::Auth0;
     let items = tlvs_of(step, data)?;
     let key = tlv::find(&items, tag::ENDPOINT_EPHEMERAL).ok_or(AliroError::MalformedResponse {
         step,
         detail: "no endpoint ephemeral key (86)",
     })?;
-    crypto::public_key_from_sec1(key.value).map_err(|source| AliroError::Crypto { step, source })
+    let key = crypto::public_key_from_sec1(key.value)
+        .map_err(|source| AliroError::Crypto { step, source })?;
+    let cryptogram = tlv::find(&items, tag::CRYPTOGRAM).map(|t| t.value.to_vec());
+    Ok((key, cryptogram))
+}
+
+/// Length of the FAST cryptogram: 48 bytes of TLVs + 16-byte tag.
+const CRYPTOGRAM_LEN: usize = 64;
+
+/// Tries every stored credential against the cryptogram. `Ok(None)`: no match (including a
+/// missing or wrongly sized cryptogram, which is what a phone without Kpersistent may send).
+fn try_fast(
+    fast: &FastConfig,
+    ctx: &TranscriptContext,
+    cryptogram: Option<&[u8]>,
+) -> Result<Option<(SecureChannel, AuthenticatedEndpoint)>, CryptoError> {
+    let Some(cryptogram) = cryptogram.filter(|c| c.len() == CRYPTOGRAM_LEN) else {
+        return Ok(None);
+    };
+    for cred in &fast.credentials {
+        let Ok(endpoint_key) = crypto::public_key_from_sec1(&cred.endpoint_public_key) else {
+            continue;
+        };
+        let endpoint_x = crypto::public_key_x(&endpoint_key);
+        let keys = keys::derive_fast(&cred.k_persistent, ctx, &endpoint_x)?;
+        // The cryptogram key is used once per transaction, hence the fixed zero IV.
+        let Ok(plaintext) = crypto::gcm_open(&keys.cryptogram_sk, &[0u8; 12], &[], cryptogram)
+        else {
+            continue;
+        };
+        let items = tlv::parse_all(&plaintext).unwrap_or_default();
+        let signaling_bitmap =
+            tlv::find(&items, tag::SIGNALING_BITMAP).and_then(|t| match t.value {
+                [a, b] => Some(u16::from_be_bytes([*a, *b])),
+                _ => None,
+            });
+        let channel = SecureChannel::new(
+            Role::Reader,
+            keys.exchange_sk_reader.clone(),
+            keys.exchange_sk_device.clone(),
+        );
+        return Ok(Some((
+            channel,
+            AuthenticatedEndpoint {
+                public_key: cred.endpoint_public_key,
+                signaling_bitmap,
+                credential_timestamp: tlv::find(&items, tag::CREDENTIAL_TIMESTAMP)
+                    .map(|t| t.value.to_vec()),
+                revocation_timestamp: tlv::find(&items, tag::REVOCATION_TIMESTAMP)
+                    .map(|t| t.value.to_vec()),
+                transaction_id: ctx.transaction_id,
+                k_persistent: cred.k_persistent.clone(),
+                fast: true,
+            },
+        )));
+    }
+    Ok(None)
 }
 
 struct Auth1Plaintext {
