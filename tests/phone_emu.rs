@@ -788,8 +788,8 @@ mod binary {
 mod reader_core {
     use keyway::aliro::consts::ReaderStatus;
     use keyway::aliro::reader::{
-        Action, AliroError, Outcome as ReaderOutcome, Randomness, ReaderIdentity,
-        ReaderTransaction, TransactionParams,
+        Action, AliroError, AuthenticatedEndpoint, FastConfig, FastCredential, FastFallback,
+        Outcome as ReaderOutcome, Randomness, ReaderIdentity, ReaderTransaction, TransactionParams,
     };
     use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
     use p256::SecretKey;
@@ -821,23 +821,125 @@ mod reader_core {
         phone: &mut Endpoint,
         decide: impl Fn(&[u8; 65]) -> ReaderStatus,
     ) -> Result<ReaderOutcome, AliroError> {
+        run_with(identity, phone, None, decide).0
+    }
+
+    /// Like [`run`], optionally requesting FAST; also returns what the reader authenticated.
+    fn run_with(
+        identity: &ReaderIdentity,
+        phone: &mut Endpoint,
+        fast: Option<FastConfig>,
+        decide: impl Fn(&[u8; 65]) -> ReaderStatus,
+    ) -> (
+        Result<ReaderOutcome, AliroError>,
+        Option<AuthenticatedEndpoint>,
+    ) {
         let mut reader = ReaderTransaction::new(
             identity,
             TransactionParams::default(),
             Randomness::generate(&mut OsRng),
         );
+        if let Some(fast) = fast {
+            reader = reader.with_fast(fast);
+        }
         phone.on_power();
+        let mut authenticated = None;
         let mut c = reader.start();
         for _ in 0..16 {
             let r = phone.handle(&c);
-            match reader.on_response(&r)? {
-                Action::Transmit(next) => c = next,
-                Action::Authenticated(ep) => c = reader.complete(decide(&ep.public_key))?,
-                Action::Exchanged(_) => panic!("no intermediate EXCHANGE requested"),
-                Action::Done(o) => return Ok(o),
+            let step = reader.on_response(&r);
+            match step {
+                Ok(Action::Transmit(next)) => c = next,
+                Ok(Action::Authenticated(ep)) => {
+                    match reader.complete(decide(&ep.public_key)) {
+                        Ok(next) => c = next,
+                        Err(e) => return (Err(e), Some(ep)),
+                    }
+                    authenticated = Some(ep);
+                }
+                Ok(Action::Exchanged(_)) => panic!("no intermediate EXCHANGE requested"),
+                Ok(Action::Done(o)) => return (Ok(o), authenticated),
+                Err(e) => return (Err(e), authenticated),
             }
         }
         panic!("transaction did not end");
+    }
+
+    #[test]
+    fn fast_after_standard_and_both_fallbacks() {
+        let id = identity();
+        let (mut phone, public) = phone_for(&id);
+        let (out, auth) = run_with(&id, &mut phone, None, |_| ReaderStatus::StateUnsecured);
+        assert!(matches!(out, Ok(ReaderOutcome::Completed { .. })));
+        let auth = auth.unwrap();
+        assert!(!auth.fast);
+        // The phone stored the same Kpersistent the reader learned.
+        assert_eq!(
+            phone.k_persistent(&id.reader_identifier()),
+            Some(&auth.k_persistent)
+        );
+        let fast = FastConfig {
+            credentials: vec![FastCredential {
+                endpoint_public_key: public,
+                k_persistent: auth.k_persistent.clone(),
+            }],
+            on_no_match: FastFallback::Abort,
+        };
+
+        // FAST: identified by the cryptogram, no AUTH1.
+        let (out, auth2) = run_with(&id, &mut phone, Some(fast.clone()), |key| {
+            assert_eq!(key, &public);
+            ReaderStatus::StateSecured
+        });
+        assert!(
+            matches!(out, Ok(ReaderOutcome::Completed { .. })),
+            "{out:?}"
+        );
+        assert!(auth2.unwrap().fast);
+        assert_eq!(
+            phone.last_outcome(),
+            Some(&Outcome::Completed {
+                reader_status: ReaderStatus::StateSecured.code(),
+                fast: true
+            })
+        );
+
+        // Phone with FAST off: decoy cryptogram. Abort -> CONTROL FLOW 00/00 at the phone.
+        let mut config = phone.config().clone();
+        config.fast_enabled = false;
+        let mut no_fast = Endpoint::new(config, Box::new(OsRandom));
+        let (out, _) = run_with(&id, &mut no_fast, Some(fast.clone()), |_| {
+            panic!("must not authenticate")
+        });
+        assert!(
+            !matches!(out, Ok(ReaderOutcome::Completed { .. })),
+            "{out:?}"
+        );
+        assert_eq!(
+            no_fast.last_outcome(),
+            Some(&Outcome::ControlFlow { s1: 0, s2: 0 })
+        );
+
+        // Fallback to STANDARD in the same session.
+        let fallback = FastConfig {
+            on_no_match: FastFallback::Standard,
+            ..fast
+        };
+        let (out, auth3) = run_with(&id, &mut no_fast, Some(fallback), |_| {
+            ReaderStatus::StateUnsecured
+        });
+        assert!(
+            matches!(out, Ok(ReaderOutcome::Completed { .. })),
+            "{out:?}"
+        );
+        assert!(!auth3.unwrap().fast);
+        assert_eq!(
+            no_fast.last_outcome(),
+            Some(&Outcome::Completed {
+                reader_status: ReaderStatus::StateUnsecured.code(),
+                fast: false
+            })
+        );
     }
 
     #[test]
