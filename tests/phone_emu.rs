@@ -755,6 +755,28 @@ mod binary {
             }
         }
 
+        // Phone offering only another version: SELECT shows it, the reader gives up with
+        // CONTROL FLOW 00/27 -> 2.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sel = select.clone();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let (fci, sw) = transmit(&mut s, &sel);
+            assert_eq!(sw, 0x9000);
+            let cf = [0x80, 0x3C, 0, 0, 6, 0x41, 1, 0, 0x42, 1, 0x27];
+            assert_eq!(transmit(&mut s, &cf).1, 0x9000);
+            fci
+        });
+        let out = tap(port, &key, &group_hex, gid, &["--protocol-version", "0200"]);
+        let fci = t.join().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            fci.windows(4).any(|w| w == [0x5C, 0x02, 0x02, 0x00]),
+            "{}",
+            hex::encode(&fci)
+        );
+
         // Reader never finishes -> 4.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();

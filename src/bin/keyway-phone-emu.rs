@@ -66,7 +66,7 @@ enum Command {
         key: PathBuf,
     },
     /// Put the phone on the reader once and report how the reader's transaction ended.
-    Tap(TapArgs),
+    Tap(Box<TapArgs>),
 }
 
 #[derive(Args)]
@@ -102,6 +102,9 @@ struct TapArgs {
     /// Print every C-APDU / R-APDU to stderr.
     #[arg(long)]
     trace: bool,
+    /// Protocol version the phone supports (2 bytes hex); repeat for several. Default 0100.
+    #[arg(long)]
+    protocol_version: Vec<String>,
     /// Signaling bitmap (2 bytes hex) sent in the AUTH1 response.
     #[arg(long, default_value = "0000")]
     signaling_bitmap: String,
@@ -150,7 +153,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(tap(args))
+            runtime.block_on(tap(*args))
         }
     }
 }
@@ -269,6 +272,13 @@ fn build_config(args: &TapArgs) -> Result<EndpointConfig> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut config = EndpointConfig::new(load_secret_key(&args.endpoint_key)?, credentials);
+    if !args.protocol_version.is_empty() {
+        config.protocol_versions = args
+            .protocol_version
+            .iter()
+            .map(|v| parse_hex_array::<2>("protocol version", v))
+            .collect::<Result<Vec<_>>>()?;
+    }
     config.signaling_bitmap = u16::from_be_bytes(parse_hex_array::<2>(
         "signaling bitmap",
         &args.signaling_bitmap,
