@@ -16,8 +16,8 @@ use keyway::aliro::consts::{
 };
 use keyway::aliro::{
     apdu::CommandApdu, crypto, tlv, Action, AliroError, AuthenticatedEndpoint, FastConfig,
-    FastCredential, FastFallback, Outcome, Randomness, ReaderIdentity, ReaderTransaction, Step,
-    TransactionParams,
+    FastCredential, FastFallback, Outcome, Randomness, ReaderCertificate, ReaderIdentity,
+    ReaderTransaction, Step, TransactionParams,
 };
 use serde_json::Value;
 
@@ -57,11 +57,7 @@ fn skip_reason(name: &str, doc: &Value) -> Option<String> {
                 .into(),
         );
     }
-    let later = [
-        ("ble_", "BLE transport"),
-        ("nfc_step_up", "step-up phase"),
-        ("nfc_load_cert", "LOAD CERT"),
-    ];
+    let later = [("ble_", "BLE transport"), ("nfc_step_up", "step-up phase")];
     for (prefix, feature) in later {
         if name.starts_with(prefix) {
             return Some(format!("{feature} is a later feature of the reader core"));
@@ -74,7 +70,14 @@ fn skip_reason(name: &str, doc: &Value) -> Option<String> {
     if str_field(p, "interface_byte").is_some_and(|v| !v.eq_ignore_ascii_case("5E")) {
         return Some("non-NFC interface (later feature)".into());
     }
-    let supported = ["SELECT", "AUTH0", "AUTH1", "EXCHANGE", "CONTROL FLOW"];
+    let supported = [
+        "SELECT",
+        "AUTH0",
+        "LOAD CERT",
+        "AUTH1",
+        "EXCHANGE",
+        "CONTROL FLOW",
+    ];
     if let Some(steps) = doc["steps"].as_array() {
         if let Some(cmd) = steps
             .iter()
@@ -192,11 +195,21 @@ fn build_reader(doc: &Value) -> ReaderTransaction {
         };
         (identity, rnd, TransactionParams::default())
     };
-    let reader = ReaderTransaction::new(&identity, params, rnd);
-    match fast_config(doc) {
-        Some(fast) => reader.with_fast(fast),
-        None => reader,
+    let mut reader = ReaderTransaction::new(&identity, params, rnd);
+    if let Some(fast) = fast_config(doc) {
+        reader = reader.with_fast(fast);
     }
+    if let Some(cert) = opt(p, "compressed_reader_certificate") {
+        // The certificate is issued by the group key; AUTH1 is signed by its subject key.
+        reader = reader.with_certificate(ReaderCertificate {
+            certificate: hx(cert),
+            subject_key: crypto::secret_key_from_bytes(&hx(&p["reader_intermediate_private_key"]))
+                .unwrap(),
+            group_public_key: crypto::public_key_from_sec1(&hx(&p["reader_long_term_public_key"]))
+                .unwrap(),
+        });
+    }
+    reader
 }
 
 /// The EXCHANGE payload the scenario's reader sent after authentication (from the endpoint's
@@ -288,6 +301,7 @@ fn step_for(command: &str) -> Option<Step> {
         "AUTH1" => Step::Auth1,
         "EXCHANGE" => Step::Exchange,
         "CONTROL FLOW" => Step::ControlFlow,
+        "LOAD CERT" => Step::LoadCert,
         _ => return None,
     })
 }

@@ -55,8 +55,21 @@ pub enum CryptoError {
 }
 
 /// A 32-byte symmetric key (AES-256 key, HKDF input key material, Kpersistent, ...).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct SymmetricKey([u8; 32]);
+
+impl PartialEq for SymmetricKey {
+    /// Constant-time comparison: key equality must not leak where two keys first differ.
+    fn eq(&self, other: &Self) -> bool {
+        self.0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl Eq for SymmetricKey {}
 
 impl Drop for SymmetricKey {
     fn drop(&mut self) {

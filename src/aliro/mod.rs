@@ -21,6 +21,6 @@ pub mod tlv;
 pub use consts::ReaderStatus;
 pub use reader::{
     Action, AliroError, AuthenticatedEndpoint, ExchangeResponse, FastConfig, FastCredential,
-    FastFallback, Outcome, Randomness, ReaderIdentity, ReaderTransaction, Step, TransactionParams,
-    STEP_TIMEOUT, TRANSACTION_TIMEOUT,
+    FastFallback, Outcome, Randomness, ReaderCertificate, ReaderIdentity, ReaderTransaction, Step,
+    TransactionParams, STEP_TIMEOUT, TRANSACTION_TIMEOUT,
 };

@@ -5,6 +5,8 @@
 //! the supplied Kpersistent values opens it, the endpoint is identified without AUTH1 and the
 //! EXCHANGE runs under the FAST keys; otherwise the reader continues with AUTH1 in the same
 //! session or aborts with CONTROL FLOW, as configured ([`FastFallback`]).
+//! LOAD CERT (opt-in with [`ReaderTransaction::with_certificate`]): between AUTH0 and AUTH1
+//! the reader sends its certificate and signs AUTH1 with the certificate subject key.
 //! The state machine only turns R-APDU bytes into C-APDU bytes and [`Action`]s. It owns no
 //! I/O, no clock and no RNG: the ephemeral key and transaction identifier are injected
 //! ([`Randomness`]), and the adapter applies [`STEP_TIMEOUT`] around each exchange.
@@ -53,15 +55,16 @@ pub const MAX_RESPONSE_LEN: usize = 4096;
 /// Largest number of GET RESPONSE rounds for one command.
 const MAX_GET_RESPONSE_ROUNDS: usize = 32;
 
-/// The reader command a failure belongs to.
+/// The reader command a failure belongs to (errors while chaining a response with GET
+/// RESPONSE belong to the command whose response it is).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Select,
     Auth0,
+    LoadCert,
     Auth1,
     Exchange,
     ControlFlow,
-    GetResponse,
 }
 
 impl std::fmt::Display for Step {
@@ -69,10 +72,10 @@ impl std::fmt::Display for Step {
         f.write_str(match self {
             Step::Select => "SELECT",
             Step::Auth0 => "AUTH0",
+            Step::LoadCert => "LOAD CERT",
             Step::Auth1 => "AUTH1",
             Step::Exchange => "EXCHANGE",
             Step::ControlFlow => "CONTROL FLOW",
-            Step::GetResponse => "GET RESPONSE",
         })
     }
 }
@@ -214,6 +217,28 @@ impl Randomness {
     }
 }
 
+/// A reader certificate for LOAD CERT: the reader signs AUTH1 with a key certified by the
+/// reader group key instead of the group key itself.
+pub struct ReaderCertificate {
+    /// The compressed certificate (profile 0000) issued by the reader group key, sent as is.
+    pub certificate: Vec<u8>,
+    /// Private key of the certificate subject: signs AUTH1.
+    pub subject_key: SecretKey,
+    /// Reader group public key: its X enters the salts. This follows aliro-actuator's
+    /// endpoint; kormax's reader would put the subject key X there (vectors README,
+    /// disagreement 3), which an actuator endpoint cannot decrypt against.
+    pub group_public_key: PublicKey,
+}
+
+impl std::fmt::Debug for ReaderCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReaderCertificate")
+            .field("certificate_len", &self.certificate.len())
+            .field("subject_key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
 /// A Kpersistent the reader stored after an earlier STANDARD transaction with an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FastCredential {
@@ -301,6 +326,12 @@ enum State {
     AwaitAuth0 {
         fci_proprietary_tlv: Vec<u8>,
     },
+    AwaitLoadCert {
+        ctx: Box<TranscriptContext>,
+        ikm: SymmetricKey,
+        channel: SecureChannel,
+        auth1: Vec<u8>,
+    },
     AwaitAuth1 {
         ctx: Box<TranscriptContext>,
         ikm: SymmetricKey,
@@ -327,6 +358,7 @@ impl State {
             State::Idle => "idle",
             State::AwaitSelect => "awaiting SELECT response",
             State::AwaitAuth0 { .. } => "awaiting AUTH0 response",
+            State::AwaitLoadCert { .. } => "awaiting LOAD CERT response",
             State::AwaitAuth1 { .. } => "awaiting AUTH1 response",
             State::Authenticated { .. } => "authenticated",
             State::AwaitExchange { .. } => "awaiting EXCHANGE response",
@@ -337,6 +369,33 @@ impl State {
 }
 
 /// One reader-side Aliro transaction.
+///
+/// The adapter's loop (the ACL lookup and the transport are the caller's):
+///
+/// ```no_run
+/// use keyway::aliro::{Action, ReaderStatus, ReaderTransaction};
+/// # fn transmit(_c: &[u8]) -> Vec<u8> { unimplemented!() }
+/// # fn admitted(_key: &[u8; 65]) -> bool { unimplemented!() }
+/// # fn run(mut tx: ReaderTransaction) -> Result<(), keyway::aliro::AliroError> {
+/// let mut c_apdu = tx.start();
+/// let outcome = loop {
+///     let r_apdu = transmit(&c_apdu); // bounded by STEP_TIMEOUT in the adapter
+///     match tx.on_response(&r_apdu)? {
+///         Action::Transmit(next) => c_apdu = next,
+///         Action::Authenticated(ep) => {
+///             let status = if admitted(&ep.public_key) {
+///                 ReaderStatus::StateUnsecured
+///             } else {
+///                 ReaderStatus::PublicKeyNotFound
+///             };
+///             c_apdu = tx.complete(status)?;
+///         }
+///         Action::Exchanged(_) => unreachable!("only after ReaderTransaction::exchange"),
+///         Action::Done(outcome) => break outcome,
+///     }
+/// };
+/// # let _ = outcome; Ok(()) }
+/// ```
 pub struct ReaderTransaction {
     reader_identifier: [u8; 32],
     reader_key_x: [u8; 32],
@@ -344,6 +403,7 @@ pub struct ReaderTransaction {
     params: TransactionParams,
     rnd: Randomness,
     fast: Option<FastConfig>,
+    certificate: Option<ReaderCertificate>,
     state: State,
     /// Data of a response being assembled with GET RESPONSE.
     chained: Vec<u8>,
@@ -387,6 +447,7 @@ impl ReaderTransaction {
             params,
             rnd,
             fast: None,
+            certificate: None,
             state: State::Idle,
             chained: Vec::new(),
             chain_rounds: 0,
@@ -396,6 +457,13 @@ impl ReaderTransaction {
     /// Requests FAST in AUTH0 and tries `fast.credentials` against the cryptogram.
     pub fn with_fast(mut self, fast: FastConfig) -> Self {
         self.fast = Some(fast);
+        self
+    }
+
+    /// Sends `cert` with LOAD CERT before AUTH1 and signs AUTH1 with its subject key.
+    pub fn with_certificate(mut self, cert: ReaderCertificate) -> Self {
+        self.reader_key_x = crypto::public_key_x(&cert.group_public_key);
+        self.certificate = Some(cert);
         self
     }
 
@@ -483,6 +551,17 @@ impl ReaderTransaction {
             State::AwaitAuth0 {
                 fci_proprietary_tlv,
             } => self.on_auth0(&data, resp.sw, fci_proprietary_tlv),
+            State::AwaitLoadCert {
+                ctx,
+                ikm,
+                channel,
+                auth1,
+            } => {
+                // An error SW: the endpoint refused the certificate and ended its session.
+                ok_or_status(Step::LoadCert, resp.sw)?;
+                self.state = State::AwaitAuth1 { ctx, ikm, channel };
+                Ok(Action::Transmit(auth1))
+            }
             State::AwaitAuth1 { ctx, ikm, channel } => {
                 self.on_auth1(&data, resp.sw, &ctx, &ikm, channel)
             }
@@ -526,6 +605,7 @@ impl ReaderTransaction {
         Ok(match &self.state {
             State::AwaitSelect => Step::Select,
             State::AwaitAuth0 { .. } => Step::Auth0,
+            State::AwaitLoadCert { .. } => Step::LoadCert,
             State::AwaitAuth1 { .. } => Step::Auth1,
             State::AwaitExchange { .. } => Step::Exchange,
             State::AwaitReport { channel, .. } => {
@@ -649,7 +729,11 @@ impl ReaderTransaction {
             session.exchange_sk_reader.clone(),
             session.exchange_sk_device.clone(),
         );
-        let signature = crypto::sign(&self.signing_key, &ctx.signature_preimage(Signer::Reader));
+        let signing_key = match &self.certificate {
+            Some(cert) => &cert.subject_key,
+            None => &self.signing_key,
+        };
+        let signature = crypto::sign(signing_key, &ctx.signature_preimage(Signer::Reader));
         let mut body = Vec::with_capacity(70);
         push(
             &mut body,
@@ -661,6 +745,19 @@ impl ReaderTransaction {
             .with_data(body)
             .with_le(NE_SHORT_MAX)
             .encode()?;
+        if let Some(cert) = &self.certificate {
+            let load_cert = CommandApdu::new(CLA_PROPRIETARY, consts::INS_LOAD_CERT, 0, 0)
+                .with_data(cert.certificate.clone())
+                .with_le(NE_SHORT_MAX)
+                .encode()?;
+            self.state = State::AwaitLoadCert {
+                ctx: Box::new(ctx),
+                ikm,
+                channel,
+                auth1: cmd,
+            };
+            return Ok(Action::Transmit(load_cert));
+        }
         self.state = State::AwaitAuth1 {
             ctx: Box::new(ctx),
             ikm,
@@ -1091,6 +1188,56 @@ mod tests {
         assert_eq!(items[3].value.len(), 65);
         assert_eq!(items[4].value, &[0x55; 16]);
         assert_eq!(&items[5].value[..16], &[0x11; 16]);
+    }
+
+    #[test]
+    fn fci_with_extended_length_info_enters_salt_as_received() {
+        // A phone-style FCI with 7F66 and a vendor TLV: accepted, and the whole A5 TLV is what
+        // AUTH0 processing keeps (checked through the salt the endpoint would compute).
+        let mut a5 = Vec::new();
+        tlv::push_tlv(&mut a5, 0x80, &[0, 0]).unwrap();
+        tlv::push_tlv(&mut a5, 0x5C, &[1, 0]).unwrap();
+        tlv::push_tlv(
+            &mut a5,
+            0x7F66,
+            &[0x02, 0x02, 0x04, 0x00, 0x02, 0x02, 0x04, 0x00],
+        )
+        .unwrap();
+        let mut inner = Vec::new();
+        tlv::push_tlv(&mut inner, 0x84, &AID_EXPEDITED).unwrap();
+        tlv::push_tlv(&mut inner, 0xA5, &a5).unwrap();
+        let mut r = tlv::encode(0x6F, &inner).unwrap();
+        r.extend_from_slice(&[0x90, 0x00]);
+        let mut t = tx();
+        t.start();
+        assert!(matches!(t.on_response(&r), Ok(Action::Transmit(_))));
+        match &t.state {
+            State::AwaitAuth0 {
+                fci_proprietary_tlv,
+            } => assert_eq!(fci_proprietary_tlv, &tlv::encode(0xA5, &a5).unwrap()),
+            _ => panic!("expected AUTH0 state"),
+        }
+    }
+
+    #[test]
+    fn fci_naming_another_application_is_refused() {
+        let mut r = fci(&[1, 0]);
+        // The AID sits right after 6F len 84 len.
+        r[4 + AID_EXPEDITED.len() - 1] ^= 0x07;
+        let mut t = tx();
+        t.start();
+        assert!(matches!(
+            t.on_response(&r),
+            Ok(Action::Transmit(cf)) if cf[1] == 0x3C
+        ));
+    }
+
+    #[test]
+    fn generated_randomness_is_fresh() {
+        let a = Randomness::generate(&mut rand_core::OsRng);
+        let b = Randomness::generate(&mut rand_core::OsRng);
+        assert_ne!(a.transaction_id, b.transaction_id);
+        assert_ne!(a.ephemeral.to_bytes(), b.ephemeral.to_bytes());
     }
 
     #[test]
