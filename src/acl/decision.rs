@@ -150,12 +150,21 @@ mod tests {
     #[test]
     fn window_bounds_from_inclusive_until_exclusive() {
         let r = rec(Some(100), Some(200), true);
-        assert_eq!(evaluate(Some(&r), 99), Decision::Deny(DenyReason::NotYetValid));
+        assert_eq!(
+            evaluate(Some(&r), 99),
+            Decision::Deny(DenyReason::NotYetValid)
+        );
         assert!(evaluate(Some(&r), 100).is_grant());
         assert!(evaluate(Some(&r), 199).is_grant());
         assert_eq!(evaluate(Some(&r), 200), Decision::Deny(DenyReason::Expired));
-        assert_eq!(evaluate(Some(&r), i64::MAX), Decision::Deny(DenyReason::Expired));
-        assert_eq!(evaluate(Some(&r), i64::MIN), Decision::Deny(DenyReason::NotYetValid));
+        assert_eq!(
+            evaluate(Some(&r), i64::MAX),
+            Decision::Deny(DenyReason::Expired)
+        );
+        assert_eq!(
+            evaluate(Some(&r), i64::MIN),
+            Decision::Deny(DenyReason::NotYetValid)
+        );
     }
 
     #[test]

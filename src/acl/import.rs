@@ -284,10 +284,7 @@ fn parse_person_id(s: &str) -> Result<String, FieldError> {
         return Err(ferr(F, "must not be empty"));
     }
     if s.len() > MAX_PERSON_ID_BYTES {
-        return Err(ferr(
-            F,
-            format!("longer than {MAX_PERSON_ID_BYTES} bytes"),
-        ));
+        return Err(ferr(F, format!("longer than {MAX_PERSON_ID_BYTES} bytes")));
     }
     if s.chars().any(char::is_control) {
         return Err(ferr(F, "contains a control character"));
@@ -398,20 +395,26 @@ fn validate_row(raw: RawRow<'_>, line: u64) -> Result<CredentialSpec, FieldError
     let card_format = parse_card_format(required(raw.card_format, "card_format")?)?;
     let fc = required(raw.facility_code, "facility_code")?;
     let max_fc = card_format.max_facility_code();
-    let facility_code = u32::try_from(fc).ok().filter(|&v| v <= max_fc).ok_or_else(|| {
-        ferr(
-            "facility_code",
-            format!("{fc} is larger than the {card_format} maximum {max_fc}"),
-        )
-    })?;
+    let facility_code = u32::try_from(fc)
+        .ok()
+        .filter(|&v| v <= max_fc)
+        .ok_or_else(|| {
+            ferr(
+                "facility_code",
+                format!("{fc} is larger than the {card_format} maximum {max_fc}"),
+            )
+        })?;
     let cn = required(raw.card_number, "card_number")?;
     let max_cn = card_format.max_card_number();
-    let card_number = u32::try_from(cn).ok().filter(|&v| v <= max_cn).ok_or_else(|| {
-        ferr(
-            "card_number",
-            format!("{cn} is larger than the {card_format} maximum {max_cn}"),
-        )
-    })?;
+    let card_number = u32::try_from(cn)
+        .ok()
+        .filter(|&v| v <= max_cn)
+        .ok_or_else(|| {
+            ferr(
+                "card_number",
+                format!("{cn} is larger than the {card_format} maximum {max_cn}"),
+            )
+        })?;
     let valid_from = raw
         .valid_from
         .map(|s| parse_time("valid_from", s))
@@ -495,7 +498,10 @@ fn json_str<'a>(
     }
 }
 
-fn json_uint(v: &Option<serde_json::Value>, field: &'static str) -> Result<Option<u64>, FieldError> {
+fn json_uint(
+    v: &Option<serde_json::Value>,
+    field: &'static str,
+) -> Result<Option<u64>, FieldError> {
     match v {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::Number(n)) => n
@@ -662,7 +668,12 @@ fn decode_key(raw: &str) -> Option<String> {
 fn key_line(text: &str, name: &str) -> Option<u64> {
     let mut found = None;
     JsonScan { text }.walk(|item| {
-        if let ScanItem::Key { depth: 1, raw, line } = item {
+        if let ScanItem::Key {
+            depth: 1,
+            raw,
+            line,
+        } = item
+        {
             if found.is_none() && decode_key(raw).as_deref() == Some(name) {
                 found = Some(line);
             }
@@ -744,11 +755,7 @@ fn csv_records(text: &str, path: &Path) -> Result<Vec<CsvRecord>, ImportError> {
             loop {
                 match chars.next() {
                     None => {
-                        return Err(csv_syntax(
-                            path,
-                            open_line,
-                            "quoted field is never closed",
-                        ))
+                        return Err(csv_syntax(path, open_line, "quoted field is never closed"))
                     }
                     Some('"') => {
                         if chars.peek() == Some(&'"') {
@@ -787,7 +794,11 @@ fn csv_records(text: &str, path: &Path) -> Result<Vec<CsvRecord>, ImportError> {
                 }
                 Some('\r') => {
                     if chars.next() != Some('\n') {
-                        return Err(csv_syntax(path, line, "carriage return not followed by a line feed"));
+                        return Err(csv_syntax(
+                            path,
+                            line,
+                            "carriage return not followed by a line feed",
+                        ));
                     }
                     end_of_record = true;
                     line += 1;
@@ -891,7 +902,8 @@ fn parse_csv(text: &str, path: &Path) -> Result<Vec<CredentialSpec>, ImportError
                 .map(String::as_str)
                 .unwrap_or_default()
         };
-        let non_empty = |s: &'static str| -> Option<&str> { Some(get(s)).filter(|v| !v.is_empty()) };
+        let non_empty =
+            |s: &'static str| -> Option<&str> { Some(get(s)).filter(|v| !v.is_empty()) };
         let line = rec.line;
         let to_import = |e: FieldError| ImportError::Field {
             path: path.to_path_buf(),
@@ -964,7 +976,8 @@ impl Store {
         let mut existing: HashMap<Vec<u8>, i64> = HashMap::new();
         {
             let mut stmt = tx.prepare("SELECT endpoint_key, id FROM credentials")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))?;
             for row in rows {
                 let (k, id) = row?;
                 existing.insert(k, id);
@@ -988,7 +1001,8 @@ impl Store {
                  card_number = ?5, valid_from = ?6, valid_until = ?7, updated_at = ?8 \
                  WHERE id = ?1",
             )?;
-            let mut clear_doors = tx.prepare("DELETE FROM credential_doors WHERE credential_id = ?1")?;
+            let mut clear_doors =
+                tx.prepare("DELETE FROM credential_doors WHERE credential_id = ?1")?;
             let mut add_door =
                 tx.prepare("INSERT INTO credential_doors (credential_id, door) VALUES (?1, ?2)")?;
             for s in specs {
@@ -1042,7 +1056,10 @@ impl Store {
             meta.execute(rusqlite::params!["last_import_at", now.to_string()])?;
             meta.execute(rusqlite::params!["last_import_source", source])?;
             meta.execute(rusqlite::params!["last_import_mode", mode.as_str()])?;
-            meta.execute(rusqlite::params!["last_import_count", specs.len().to_string()])?;
+            meta.execute(rusqlite::params![
+                "last_import_count",
+                specs.len().to_string()
+            ])?;
         }
         tx.commit()?;
         Ok(summary)
@@ -1070,15 +1087,16 @@ mod tests {
         assert_eq!(key_line(text, "version"), Some(2));
         assert_eq!(json_lines("{\"credentials\":[]}"), Vec::<u64>::new());
         // Escaped key spelling is still the same key to serde, and to us.
-        assert_eq!(
-            json_lines("{\"cred\\u0065ntials\":[\n1,\n2]}"),
-            vec![2, 3]
-        );
+        assert_eq!(json_lines("{\"cred\\u0065ntials\":[\n1,\n2]}"), vec![2, 3]);
     }
 
     #[test]
     fn csv_strict_records() {
-        let recs = csv_records("a,b\r\n\"x,\"\"y\"\"\",z\n\n\"multi\nline\",q", Path::new(P)).unwrap();
+        let recs = csv_records(
+            "a,b\r\n\"x,\"\"y\"\"\",z\n\n\"multi\nline\",q",
+            Path::new(P),
+        )
+        .unwrap();
         assert_eq!(recs.len(), 3);
         assert_eq!(recs[1].fields, vec!["x,\"y\"", "z"]);
         assert_eq!(recs[1].line, 2);
@@ -1121,7 +1139,10 @@ mod tests {
         assert!(parse_decimal("card_number", "-1").is_err());
         assert!(parse_decimal("card_number", "1.0").is_err());
         assert!(parse_decimal("card_number", "99999999999999999999999").is_err());
-        assert_eq!(parse_time("valid_from", "1970-01-01T00:01:00Z").ok(), Some(60));
+        assert_eq!(
+            parse_time("valid_from", "1970-01-01T00:01:00Z").ok(),
+            Some(60)
+        );
         assert_eq!(
             parse_time("valid_from", "1970-01-01T01:01:00+01:00").ok(),
             Some(60)

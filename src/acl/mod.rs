@@ -353,8 +353,8 @@ impl Store {
         let card_format: CardFormat = format
             .parse()
             .map_err(|e: crate::card::CardError| corrupt(e.to_string()))?;
-        let facility_code = u32::try_from(fc)
-            .map_err(|_| corrupt(format!("facility_code {fc} out of range")))?;
+        let facility_code =
+            u32::try_from(fc).map_err(|_| corrupt(format!("facility_code {fc} out of range")))?;
         let card_number =
             u32::try_from(cn).map_err(|_| corrupt(format!("card_number {cn} out of range")))?;
         card_format
@@ -559,9 +559,7 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         let mut stmt = s
             .conn
-            .prepare(
-                "EXPLAIN QUERY PLAN SELECT c.id FROM credentials c WHERE c.endpoint_key = ?1",
-            )
+            .prepare("EXPLAIN QUERY PLAN SELECT c.id FROM credentials c WHERE c.endpoint_key = ?1")
             .unwrap();
         let plan: Vec<String> = stmt
             .query_map([vec![4u8; 65]], |r| r.get::<_, String>(3))
@@ -588,7 +586,10 @@ mod tests {
             Err(AclError::Corrupt { .. })
         ));
         s.conn
-            .execute("UPDATE credentials SET card_number = 1, card_format = 'x'", [])
+            .execute(
+                "UPDATE credentials SET card_number = 1, card_format = 'x'",
+                [],
+            )
             .unwrap();
         assert!(matches!(
             s.decide_at(&key(1), "x", 0),
@@ -631,6 +632,9 @@ mod tests {
         assert_eq!(st.door_grants, 2);
         assert_eq!(st.schema_version, SCHEMA_VERSION);
         let li = st.last_import.unwrap();
-        assert_eq!((li.source.as_str(), li.mode.as_str(), li.count), ("two.json", "replace", 2));
+        assert_eq!(
+            (li.source.as_str(), li.mode.as_str(), li.count),
+            ("two.json", "replace", 2)
+        );
     }
 }

@@ -415,7 +415,8 @@ mod tests {
     fn parity_holds(s: &str, even: (usize, usize), odd: (usize, usize)) -> bool {
         let ones = |a: usize, b: usize| s[a..=b].chars().filter(|&c| c == '1').count();
         let last = s.len() - 1;
-        (ones(even.0, even.1) + ones(0, 0)) % 2 == 0 && (ones(odd.0, odd.1) + ones(last, last)) % 2 == 1
+        (ones(even.0, even.1) + ones(0, 0)) % 2 == 0
+            && (ones(odd.0, odd.1) + ones(last, last)) % 2 == 1
     }
 
     #[test]
@@ -471,7 +472,10 @@ mod tests {
                 bad.data[i / 8] ^= 0x80 >> (i % 8);
                 let err = decode(&bad).unwrap_err();
                 assert!(
-                    matches!(err, CardError::EvenParity { .. } | CardError::OddParity { .. }),
+                    matches!(
+                        err,
+                        CardError::EvenParity { .. } | CardError::OddParity { .. }
+                    ),
                     "{format} bit {i}: {err:?}"
                 );
             }
@@ -491,7 +495,11 @@ mod tests {
         short.data.pop();
         assert!(matches!(
             decode(&short),
-            Err(CardError::DataLength { expected: 4, actual: 3, .. })
+            Err(CardError::DataLength {
+                expected: 4,
+                actual: 3,
+                ..
+            })
         ));
         let odd = WiegandBits {
             bit_count: 34,

@@ -158,7 +158,10 @@ impl AccessEvent {
             || self.door.len() > crate::acl::import::MAX_DOOR_ID_BYTES
             || !self.door.bytes().all(crate::acl::import::is_door_byte)
         {
-            return bad(format!("door id {:?} is not a valid door id", trunc(&self.door)));
+            return bad(format!(
+                "door id {:?} is not a valid door id",
+                trunc(&self.door)
+            ));
         }
         if self.reason.is_empty()
             || self.reason.len() > MAX_REASON_BYTES
@@ -333,7 +336,10 @@ pub fn log_fields(event: &AccessEvent, event_id: i64) -> Vec<(&'static str, Fiel
         ("door", FieldValue::Str(event.door.clone())),
         ("decision", FieldValue::Str(event.decision.as_str().into())),
         ("reason", FieldValue::Str(event.reason.clone())),
-        ("transport", FieldValue::Str(event.transport.as_str().into())),
+        (
+            "transport",
+            FieldValue::Str(event.transport.as_str().into()),
+        ),
         ("latency_ms", FieldValue::Int(i64::from(event.latency_ms))),
     ];
     if let Some(fp) = &event.endpoint_fingerprint {
@@ -437,9 +443,15 @@ mod tests {
     #[test]
     fn outbox_ids_increase_and_delivery_is_ordered() {
         let mut s = Store::open_in_memory().unwrap();
-        let a = s.record_event(&ev(EventDecision::Granted, "granted")).unwrap();
-        let b = s.record_event(&ev(EventDecision::Denied, "expired")).unwrap();
-        let c = s.record_event(&ev(EventDecision::Error, "timeout")).unwrap();
+        let a = s
+            .record_event(&ev(EventDecision::Granted, "granted"))
+            .unwrap();
+        let b = s
+            .record_event(&ev(EventDecision::Denied, "expired"))
+            .unwrap();
+        let c = s
+            .record_event(&ev(EventDecision::Error, "timeout"))
+            .unwrap();
         assert!(a < b && b < c);
         let recent = s.recent_events(2).unwrap();
         assert_eq!(recent.iter().map(|e| e.id).collect::<Vec<_>>(), vec![c, b]);
@@ -453,7 +465,9 @@ mod tests {
         // Pruning delivered rows never lets a new event reuse an old id.
         assert_eq!(s.prune_delivered_events(i64::MAX).unwrap(), 2);
         s.conn.execute("DELETE FROM events", []).unwrap();
-        let d = s.record_event(&ev(EventDecision::Granted, "granted")).unwrap();
+        let d = s
+            .record_event(&ev(EventDecision::Granted, "granted"))
+            .unwrap();
         assert!(d > c);
     }
 
@@ -510,7 +524,10 @@ mod tests {
             &Decision::Deny(DenyReason::WrongDoor),
             5,
         );
-        assert_eq!((d.decision, d.reason.as_str()), (EventDecision::Denied, "wrong_door"));
+        assert_eq!(
+            (d.decision, d.reason.as_str()),
+            (EventDecision::Denied, "wrong_door")
+        );
         assert_eq!(d.person_id, None);
         let x = AccessEvent::error(1, "d1", Transport::Nfc, None, "auth_failed", 9);
         assert_eq!(x.endpoint_fingerprint, None);
@@ -535,7 +552,14 @@ mod tests {
         let keys: Vec<_> = f.iter().map(|(k, _)| *k).collect();
         assert_eq!(
             keys,
-            vec!["event_id", "door", "decision", "reason", "transport", "latency_ms"]
+            vec![
+                "event_id",
+                "door",
+                "decision",
+                "reason",
+                "transport",
+                "latency_ms"
+            ]
         );
         assert_eq!(f[0].1, FieldValue::Int(44));
         assert_eq!(f[3].1, FieldValue::Str("timeout".into()));
