@@ -677,7 +677,10 @@ fn newer_schema_is_refused() {
 // ---------------------------------------------------------------------------------------
 // The access log record, captured with a test logger (this test binary owns the logger).
 
-struct Capture(std::sync::Mutex<Vec<(log::Level, String, String, Vec<(String, String)>)>>);
+/// (level, target, message, key-value pairs) of one captured record.
+type Captured = (log::Level, String, String, Vec<(String, String)>);
+
+struct Capture(std::sync::Mutex<Vec<Captured>>);
 
 impl log::Log for Capture {
     fn enabled(&self, _: &log::Metadata<'_>) -> bool {

@@ -258,7 +258,7 @@ impl Store {
             .conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(open_err)?;
-        if found > SCHEMA_VERSION || found < 0 {
+        if !(0..=SCHEMA_VERSION).contains(&found) {
             return Err(AclError::SchemaTooNew {
                 path: self.path.clone(),
                 found,

@@ -261,6 +261,10 @@ fn ones_in(word: u64, total: u16, range: (u16, u16)) -> u32 {
     field(word, total, range.0, range.1 - range.0 + 1).count_ones()
 }
 
+fn is_odd(n: u32) -> bool {
+    n & 1 == 1
+}
+
 /// Encodes a facility code and card number into Wiegand bits, parity included.
 pub fn encode(
     format: CardFormat,
@@ -274,11 +278,11 @@ pub fn encode(
     word |= u64::from(facility_code) << (total - l.fc_start - l.fc_len);
     word |= u64::from(card_number) << (total - l.cn_start - l.cn_len);
     // Even parity: the parity bit makes the count of ones over bit 0 plus its range even.
-    if ones_in(word, total, l.even_range) % 2 == 1 {
+    if is_odd(ones_in(word, total, l.even_range)) {
         word |= 1u64 << (total - 1);
     }
     // Odd parity: the parity bit makes the count of ones over its range plus itself odd.
-    if ones_in(word, total, l.odd_range) % 2 == 0 {
+    if !is_odd(ones_in(word, total, l.odd_range)) {
         word |= 1;
     }
     Ok(WiegandBits::from_u64(word, total))
@@ -293,11 +297,11 @@ pub fn decode(bits: &WiegandBits) -> Result<(CardFormat, u32, u32), CardError> {
     let l = format.layout();
     let total = l.bit_count;
     let even_bit = u32::from(field(word, total, 0, 1) == 1);
-    if (ones_in(word, total, l.even_range) + even_bit) % 2 != 0 {
+    if is_odd(ones_in(word, total, l.even_range) + even_bit) {
         return Err(CardError::EvenParity { format });
     }
     let odd_bit = u32::from(word & 1 == 1);
-    if (ones_in(word, total, l.odd_range) + odd_bit) % 2 != 1 {
+    if !is_odd(ones_in(word, total, l.odd_range) + odd_bit) {
         return Err(CardError::OddParity { format });
     }
     // Field widths are <= 19 bits, so the casts cannot truncate.
