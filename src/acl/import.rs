@@ -8,6 +8,8 @@
 
 use super::{normalize_endpoint_key, Store, ENDPOINT_KEY_LEN};
 use crate::card::CardFormat;
+use serde::de::Error as _;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -18,13 +20,15 @@ use time::OffsetDateTime;
 /// thousand credentials while staying well inside a Raspberry Pi's RAM.
 pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// Most credentials accepted in one file.
-pub const MAX_CREDENTIALS: usize = 1_000_000;
+pub const MAX_CREDENTIALS: usize = 250_000;
 /// Longest accepted `person_id`, in bytes.
 pub const MAX_PERSON_ID_BYTES: usize = 128;
 /// Longest accepted door id, in bytes.
 pub const MAX_DOOR_ID_BYTES: usize = 64;
 /// Most doors one credential may list.
 pub const MAX_DOORS_PER_CREDENTIAL: usize = 256;
+/// Most fields in one CSV row (bounds memory on a line of commas).
+pub const MAX_CSV_FIELDS: usize = 64;
 /// Longest accepted CSV field, in bytes (a full door list fits).
 pub const MAX_CSV_FIELD_BYTES: usize = 20 * 1024;
 /// The only JSON `version` this build reads.
@@ -464,13 +468,6 @@ fn validate_row(raw: RawRow<'_>, line: u64) -> Result<CredentialSpec, FieldError
 // ---------------------------------------------------------------------------------------
 // JSON: { "version": 1, "credentials": [ { ... }, ... ] }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonFile {
-    version: serde_json::Value,
-    credentials: Vec<JsonCredential>,
-}
-
 /// Every field is a raw value so type errors are reported by us, naming the field; serde
 /// still rejects unknown and duplicate fields (a typo like `valid_untill` must not be
 /// silently ignored).
@@ -542,39 +539,162 @@ fn json_row(c: &JsonCredential) -> Result<RawRow<'_>, FieldError> {
 }
 
 fn parse_json(text: &str, path: &Path) -> Result<Vec<CredentialSpec>, ImportError> {
-    let file: JsonFile = serde_json::from_str(text).map_err(|e| ImportError::Syntax {
-        path: path.to_path_buf(),
-        line: e.line() as u64,
-        message: serde_message(&e),
-    })?;
-    let version_ok = file.version.as_u64() == Some(JSON_FORMAT_VERSION);
-    if !version_ok {
-        return Err(ImportError::Field {
+    // Element lines come from a cheap pre-scan; elements are then validated one by one as
+    // serde streams them, so memory holds the validated specs, never a whole JSON tree.
+    let mut ctx = JsonCtx {
+        path,
+        text,
+        lines: credential_lines(text),
+        specs: Vec::new(),
+        failure: None,
+        version_ok: false,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = TopSeed(&mut ctx)
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+    if let Err(e) = parsed {
+        // Our own (row or version) error wins over the placeholder serde carried out.
+        return Err(ctx.failure.take().unwrap_or_else(|| ImportError::Syntax {
             path: path.to_path_buf(),
-            line: key_line(text, "version").unwrap_or(1),
+            line: e.line() as u64,
+            message: serde_message(&e),
+        }));
+    }
+    Ok(ctx.specs)
+}
+
+/// State shared by the streaming JSON visitors.
+struct JsonCtx<'a> {
+    path: &'a Path,
+    text: &'a str,
+    lines: Vec<u64>,
+    specs: Vec<CredentialSpec>,
+    /// The real error when a visitor aborts serde with a placeholder.
+    failure: Option<ImportError>,
+    version_ok: bool,
+}
+
+impl JsonCtx<'_> {
+    /// Stashes `e` and returns the placeholder that makes serde stop.
+    fn fail<E: serde::de::Error>(&mut self, e: ImportError) -> E {
+        self.failure = Some(e);
+        E::custom("rejected")
+    }
+
+    fn check_version(&mut self, v: &serde_json::Value) -> Result<(), ImportError> {
+        if v.as_u64() == Some(JSON_FORMAT_VERSION) {
+            self.version_ok = true;
+            return Ok(());
+        }
+        Err(ImportError::Field {
+            path: self.path.to_path_buf(),
+            line: key_line(self.text, "version").unwrap_or(1),
             field: "version",
             message: format!(
                 "unsupported version {} (this keyway reads {JSON_FORMAT_VERSION})",
-                truncate(&file.version.to_string())
+                truncate(&v.to_string())
             ),
-        });
+        })
     }
-    let lines = credential_lines(text);
-    let mut specs = Vec::with_capacity(file.credentials.len());
-    for (i, c) in file.credentials.iter().enumerate() {
-        // The scanner sees exactly the elements serde saw; the fallback is never expected.
-        let line = lines.get(i).copied().unwrap_or(1);
-        let spec = json_row(c)
-            .and_then(|raw| validate_row(raw, line))
-            .map_err(|e| ImportError::Field {
-                path: path.to_path_buf(),
-                line,
-                field: e.field,
-                message: e.message,
-            })?;
-        specs.push(spec);
+}
+
+/// The top-level object: exactly `version` and `credentials`, each once.
+struct TopSeed<'c, 'a>(&'c mut JsonCtx<'a>);
+
+impl<'de> DeserializeSeed<'de> for TopSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
     }
-    Ok(specs)
+}
+
+impl<'de> Visitor<'de> for TopSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object with \"version\" and \"credentials\"")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        const FIELDS: &[&str] = &["version", "credentials"];
+        let (mut version_seen, mut credentials_seen) = (false, false);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => {
+                    if std::mem::replace(&mut version_seen, true) {
+                        return Err(M::Error::duplicate_field("version"));
+                    }
+                    let v: serde_json::Value = map.next_value()?;
+                    if let Err(e) = self.0.check_version(&v) {
+                        return Err(self.0.fail(e));
+                    }
+                }
+                "credentials" => {
+                    if std::mem::replace(&mut credentials_seen, true) {
+                        return Err(M::Error::duplicate_field("credentials"));
+                    }
+                    map.next_value_seed(CredentialsSeed(&mut *self.0))?;
+                }
+                other => return Err(M::Error::unknown_field(other, FIELDS)),
+            }
+        }
+        if !version_seen {
+            return Err(M::Error::missing_field("version"));
+        }
+        if !credentials_seen {
+            return Err(M::Error::missing_field("credentials"));
+        }
+        Ok(())
+    }
+}
+
+/// The `credentials` array: each element is validated as soon as it is parsed.
+struct CredentialsSeed<'c, 'a>(&'c mut JsonCtx<'a>);
+
+impl<'de> DeserializeSeed<'de> for CredentialsSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CredentialsSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of credential objects")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        let ctx = self.0;
+        while let Some(c) = seq.next_element::<JsonCredential>()? {
+            if ctx.specs.len() >= MAX_CREDENTIALS {
+                let e = ImportError::TooManyCredentials {
+                    path: ctx.path.to_path_buf(),
+                    max: MAX_CREDENTIALS,
+                };
+                return Err(ctx.fail(e));
+            }
+            // The scanner sees the same elements serde does; the fallback is never expected.
+            let line = ctx.lines.get(ctx.specs.len()).copied().unwrap_or(1);
+            match json_row(&c).and_then(|raw| validate_row(raw, line)) {
+                Ok(spec) => ctx.specs.push(spec),
+                Err(e) => {
+                    let e = ImportError::Field {
+                        path: ctx.path.to_path_buf(),
+                        line,
+                        field: e.field,
+                        message: e.message,
+                    };
+                    return Err(ctx.fail(e));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// serde_json's message without its " at line L column C" suffix (we print the line ourselves).
@@ -724,8 +844,11 @@ fn csv_syntax(path: &Path, line: u64, message: impl Into<String>) -> ImportError
 
 /// Splits CSV text into records. Strict: a quote may only open a field, a quoted field must
 /// be followed by a delimiter or line end, and a bare CR is an error. Blank lines are skipped.
-fn csv_records(text: &str, path: &Path) -> Result<Vec<CsvRecord>, ImportError> {
-    let mut records = Vec::new();
+fn csv_records(
+    text: &str,
+    path: &Path,
+    mut on_record: impl FnMut(CsvRecord) -> Result<(), ImportError>,
+) -> Result<(), ImportError> {
     let mut chars = text.chars().peekable();
     let mut line: u64 = 1;
     let mut fields: Vec<String> = Vec::new();
@@ -824,19 +947,20 @@ fn csv_records(text: &str, path: &Path) -> Result<Vec<CsvRecord>, ImportError> {
                 }
             }
         }
+        if fields.len() >= MAX_CSV_FIELDS {
+            return Err(csv_syntax(
+                path,
+                line,
+                format!("more than {MAX_CSV_FIELDS} fields in one row"),
+            ));
+        }
         fields.push(std::mem::take(&mut field));
         if end_of_record {
             if record_started {
-                records.push(CsvRecord {
+                on_record(CsvRecord {
                     line: record_line,
                     fields: std::mem::take(&mut fields),
-                });
-                if records.len() > MAX_CREDENTIALS + 1 {
-                    return Err(ImportError::TooManyCredentials {
-                        path: path.to_path_buf(),
-                        max: MAX_CREDENTIALS,
-                    });
-                }
+                })?;
             } else {
                 fields.clear();
             }
@@ -847,16 +971,42 @@ fn csv_records(text: &str, path: &Path) -> Result<Vec<CsvRecord>, ImportError> {
             }
         }
     }
-    Ok(records)
+    Ok(())
 }
 
 fn parse_csv(text: &str, path: &Path) -> Result<Vec<CredentialSpec>, ImportError> {
-    let records = csv_records(text, path)?;
-    let mut iter = records.into_iter();
-    let Some(header) = iter.next() else {
+    let mut columns: Option<CsvColumns> = None;
+    let mut specs = Vec::new();
+    csv_records(text, path, |rec| match &columns {
+        None => {
+            columns = Some(csv_header(&rec, path)?);
+            Ok(())
+        }
+        Some(cols) => {
+            if specs.len() >= MAX_CREDENTIALS {
+                return Err(ImportError::TooManyCredentials {
+                    path: path.to_path_buf(),
+                    max: MAX_CREDENTIALS,
+                });
+            }
+            specs.push(csv_row(cols, &rec, path)?);
+            Ok(())
+        }
+    })?;
+    if columns.is_none() {
         return Err(csv_syntax(path, 1, "empty file: expected a header row"));
-    };
-    // Column index of each known name; any order, each exactly once, nothing unknown.
+    }
+    Ok(specs)
+}
+
+/// Column index of each known name, and the row width.
+struct CsvColumns {
+    index: HashMap<&'static str, usize>,
+    width: usize,
+}
+
+/// Any column order; each known column exactly once; nothing unknown.
+fn csv_header(header: &CsvRecord, path: &Path) -> Result<CsvColumns, ImportError> {
     let mut index: HashMap<&'static str, usize> = HashMap::new();
     for (i, name) in header.fields.iter().enumerate() {
         let Some(&known) = CSV_COLUMNS.iter().find(|&&c| c == name.trim()) else {
@@ -885,59 +1035,60 @@ fn parse_csv(text: &str, path: &Path) -> Result<Vec<CredentialSpec>, ImportError
             format!("missing column '{missing}'"),
         ));
     }
-    let width = header.fields.len();
-    let mut specs = Vec::new();
-    for rec in iter {
-        if rec.fields.len() != width {
-            return Err(csv_syntax(
-                path,
-                rec.line,
-                format!("expected {width} fields, found {}", rec.fields.len()),
-            ));
-        }
-        let get = |name: &str| -> &str {
-            index
-                .get(name)
-                .and_then(|&i| rec.fields.get(i))
-                .map(String::as_str)
-                .unwrap_or_default()
-        };
-        let non_empty =
-            |s: &'static str| -> Option<&str> { Some(get(s)).filter(|v| !v.is_empty()) };
-        let line = rec.line;
-        let to_import = |e: FieldError| ImportError::Field {
-            path: path.to_path_buf(),
-            line,
-            field: e.field,
-            message: e.message,
-        };
-        let facility_code = non_empty("facility_code")
-            .map(|s| parse_decimal("facility_code", s))
-            .transpose()
-            .map_err(to_import)?;
-        let card_number = non_empty("card_number")
-            .map(|s| parse_decimal("card_number", s))
-            .transpose()
-            .map_err(to_import)?;
-        let doors_field = get("doors");
-        let doors = if doors_field.trim().is_empty() {
-            Vec::new()
-        } else {
-            doors_field.split(';').map(str::trim).collect()
-        };
-        let raw = RawRow {
-            endpoint_key: non_empty("endpoint_key"),
-            person_id: non_empty("person_id"),
-            card_format: non_empty("card_format"),
-            facility_code,
-            card_number,
-            valid_from: non_empty("valid_from"),
-            valid_until: non_empty("valid_until"),
-            doors,
-        };
-        specs.push(validate_row(raw, line).map_err(to_import)?);
+    Ok(CsvColumns {
+        index,
+        width: header.fields.len(),
+    })
+}
+
+fn csv_row(cols: &CsvColumns, rec: &CsvRecord, path: &Path) -> Result<CredentialSpec, ImportError> {
+    if rec.fields.len() != cols.width {
+        return Err(csv_syntax(
+            path,
+            rec.line,
+            format!("expected {} fields, found {}", cols.width, rec.fields.len()),
+        ));
     }
-    Ok(specs)
+    let get = |name: &str| -> &str {
+        cols.index
+            .get(name)
+            .and_then(|&i| rec.fields.get(i))
+            .map(String::as_str)
+            .unwrap_or_default()
+    };
+    let non_empty = |s: &'static str| -> Option<&str> { Some(get(s)).filter(|v| !v.is_empty()) };
+    let line = rec.line;
+    let to_import = |e: FieldError| ImportError::Field {
+        path: path.to_path_buf(),
+        line,
+        field: e.field,
+        message: e.message,
+    };
+    let facility_code = non_empty("facility_code")
+        .map(|s| parse_decimal("facility_code", s))
+        .transpose()
+        .map_err(to_import)?;
+    let card_number = non_empty("card_number")
+        .map(|s| parse_decimal("card_number", s))
+        .transpose()
+        .map_err(to_import)?;
+    let doors_field = get("doors");
+    let doors = if doors_field.trim().is_empty() {
+        Vec::new()
+    } else {
+        doors_field.split(';').map(str::trim).collect()
+    };
+    let raw = RawRow {
+        endpoint_key: non_empty("endpoint_key"),
+        person_id: non_empty("person_id"),
+        card_format: non_empty("card_format"),
+        facility_code,
+        card_number,
+        valid_from: non_empty("valid_from"),
+        valid_until: non_empty("valid_until"),
+        doors,
+    };
+    validate_row(raw, line).map_err(to_import)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1090,13 +1241,18 @@ mod tests {
         assert_eq!(json_lines("{\"cred\\u0065ntials\":[\n1,\n2]}"), vec![2, 3]);
     }
 
+    fn collect(text: &str) -> Result<Vec<CsvRecord>, ImportError> {
+        let mut v = Vec::new();
+        csv_records(text, Path::new(P), |r| {
+            v.push(r);
+            Ok(())
+        })?;
+        Ok(v)
+    }
+
     #[test]
     fn csv_strict_records() {
-        let recs = csv_records(
-            "a,b\r\n\"x,\"\"y\"\"\",z\n\n\"multi\nline\",q",
-            Path::new(P),
-        )
-        .unwrap();
+        let recs = collect("a,b\r\n\"x,\"\"y\"\"\",z\n\n\"multi\nline\",q").unwrap();
         assert_eq!(recs.len(), 3);
         assert_eq!(recs[1].fields, vec!["x,\"y\"", "z"]);
         assert_eq!(recs[1].line, 2);
@@ -1108,9 +1264,64 @@ mod tests {
             ("a,b\n1,2\n\"open,z\nmore\n", 3),
             ("a,b\rc\n", 1),
         ] {
-            let e = csv_records(bad, Path::new(P)).err().unwrap();
+            let e = collect(bad).err().unwrap();
             assert_eq!(e.line(), Some(line), "{bad:?}: {e}");
         }
+    }
+
+    fn json(text: &str) -> Result<Vec<CredentialSpec>, ImportError> {
+        parse_bytes(text.as_bytes(), FileKind::Json, Path::new(P))
+    }
+
+    fn row(key: &str) -> String {
+        format!(
+            r#"{{"endpoint_key":"{key}","person_id":"p","card_format":"h10301","facility_code":1,"card_number":2,"doors":["*"]}}"#
+        )
+    }
+
+    #[test]
+    fn json_structure_errors() {
+        let ok = format!("{{\"credentials\": [{}],\n \"version\": 1}}", row(G_HEX));
+        let specs = json(&ok).unwrap();
+        assert_eq!(specs.len(), 1);
+        assert_eq!(specs[0].doors, vec!["*"]);
+        // Version after the credentials is still checked, and reported on its line.
+        let e = json(&ok.replace("\"version\": 1", "\"version\": \"1\"")).unwrap_err();
+        assert_eq!((e.line(), e.field()), (Some(2), Some("version")), "{e}");
+        let e = json("{\"version\": 1, \"credentials\": [],\n\"version\": 1}").unwrap_err();
+        assert!(e.to_string().contains("duplicate field `version`"), "{e}");
+        assert_eq!(e.line(), Some(2));
+        let e = json("{\"version\": 1, \"credentials\": []}\n\nx").unwrap_err();
+        assert!(e.to_string().contains("trailing characters"), "{e}");
+        assert_eq!(e.line(), Some(3));
+        assert!(json("[]").is_err());
+        assert!(json("{\"version\": 1}")
+            .unwrap_err()
+            .to_string()
+            .contains("missing field `credentials`"));
+        let e = json("{\"version\": 1, \"credentials\": [\n  5\n]}").unwrap_err();
+        assert_eq!(e.line(), Some(2), "{e}");
+        let e = json("{\"version\": 1, \"credentials\": {}}").unwrap_err();
+        assert!(e.to_string().contains("expected an array"), "{e}");
+        assert!(json("").is_err());
+    }
+
+    #[test]
+    fn csv_row_width_is_bounded() {
+        let text = format!("{}\n{}\n", CSV_COLUMNS.join(","), ",".repeat(100));
+        let e = parse_bytes(text.as_bytes(), FileKind::Csv, Path::new("a.csv")).unwrap_err();
+        assert!(e.to_string().contains("more than 64 fields"), "{e}");
+        assert_eq!(e.line(), Some(2));
+        let e = parse_bytes(b"", FileKind::Csv, Path::new("a.csv")).unwrap_err();
+        assert!(e.to_string().contains("header"), "{e}");
+        // A header alone is a valid, empty ACL.
+        let h = CSV_COLUMNS.join(",");
+        assert_eq!(
+            parse_bytes(h.as_bytes(), FileKind::Csv, Path::new("a.csv"))
+                .unwrap()
+                .len(),
+            0
+        );
     }
 
     #[test]
