@@ -784,3 +784,43 @@ fn access_event_is_recorded_and_logged_once_with_fields() {
         .iter()
         .all(|(k, _)| k != "person" && k != "fingerprint"));
 }
+
+/// The fenced block of `lang` in docs/acl-format.md, so the documented examples stay true.
+fn doc_block(lang: &str) -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/acl-format.md"))
+        .unwrap();
+    let start = doc.find(&format!("```{lang}\n")).unwrap() + lang.len() + 4;
+    let len = doc[start..].find("```").unwrap();
+    doc[start..start + len].to_string()
+}
+
+#[test]
+fn documented_examples_behave_as_documented() {
+    let (dir, mut store) = setup();
+    // Both examples list one key twice (uncompressed and compressed): refused as documented.
+    for (name, text) in [
+        ("doc.json", doc_block("json")),
+        ("doc.csv", doc_block("csv")),
+    ] {
+        let p = write(dir.path(), name, &text);
+        let e = store.import_file(&p, ImportMode::Replace).unwrap_err();
+        assert_eq!(e.field(), Some("endpoint_key"), "{e}");
+        assert!(e.to_string().contains("duplicate key"), "{e}");
+    }
+    // Without the second row the CSV example imports, and the generator key opens "front".
+    let csv = doc_block("csv");
+    let first_two: Vec<&str> = csv.lines().take(2).collect();
+    let p = write(dir.path(), "doc1.csv", &first_two.join("\n"));
+    store.import_file(&p, ImportMode::Replace).unwrap();
+    let g = p256::AffinePoint::GENERATOR.to_encoded_point(false);
+    match store
+        .decide(g.as_bytes(), "lab-2", datetime!(2026-01-01 00:00 UTC))
+        .unwrap()
+    {
+        Decision::Grant(grant) => {
+            assert_eq!(grant.person_id, "E-10442");
+            assert_eq!((grant.facility_code, grant.card_number), (123, 4567));
+        }
+        other => panic!("{other:?}"),
+    }
+}
