@@ -623,6 +623,11 @@ fn new_database_is_private_wal_and_persistent() {
             &json_file(&[obj(&key_hex(1), "alice", 12, 3456, "")]),
         );
         store.import_file(&p, ImportMode::Replace).unwrap();
+        // SQLite's side files get the database file's mode while the store is open.
+        for side in ["keyway.sqlite-wal", "keyway.sqlite-shm"] {
+            let m = std::fs::metadata(db.with_file_name(side)).unwrap();
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{side}");
+        }
     }
     let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "database mode {mode:o}");
