@@ -35,6 +35,13 @@ pub struct Grant {
     pub card_number: u32,
 }
 
+impl Grant {
+    /// The Wiegand bits to send to the panel for this grant.
+    pub fn wiegand(&self) -> Result<crate::card::WiegandBits, crate::card::CardError> {
+        crate::card::encode(self.card_format, self.facility_code, self.card_number)
+    }
+}
+
 /// Why access was denied. [`DenyReason::as_str`] gives stable codes for events and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -180,6 +187,18 @@ mod tests {
         assert_eq!(
             evaluate(Some(&rec(None, None, false)), 9),
             Decision::Deny(DenyReason::WrongDoor)
+        );
+    }
+
+    #[test]
+    fn grant_encodes_its_card() {
+        let Decision::Grant(g) = evaluate(Some(&rec(None, None, true)), 0) else {
+            panic!("expected a grant");
+        };
+        let bits = g.wiegand().unwrap();
+        assert_eq!(
+            crate::card::decode(&bits).unwrap(),
+            (CardFormat::H10301, 12, 3456)
         );
     }
 
