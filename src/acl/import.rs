@@ -704,7 +704,9 @@ fn serde_message(e: &serde_json::Error) -> String {
     full.strip_suffix(&suffix).unwrap_or(&full).to_owned()
 }
 
-/// Events of a minimal scan over already-validated JSON.
+/// A minimal scan of JSON text for line numbers. It runs before serde and tolerates invalid
+/// input (never panics); past a syntax error its lines may be off, but then serde's syntax
+/// error is what gets reported.
 struct JsonScan<'a> {
     text: &'a str,
 }
@@ -745,7 +747,7 @@ impl<'a> JsonScan<'a> {
                 }
                 b'{' | b'[' => {
                     visit(ScanItem::Value { depth, line });
-                    depth += 1;
+                    depth = depth.saturating_add(1);
                     visit(ScanItem::Open { depth, bracket: b });
                 }
                 b'}' | b']' => {
@@ -1322,6 +1324,37 @@ mod tests {
                 .len(),
             0
         );
+    }
+
+    #[test]
+    fn mangled_input_never_panics() {
+        let json_text = format!(
+            "{{\"version\": 1, \"credentials\": [\n{},\n{}\n]}}",
+            row(G_HEX),
+            row(&format!("03{}", &G_HEX[2..66])).replace("\"p\"", "\"q\\\"x\"")
+        );
+        let csv_text = format!(
+            "{}\n{G_HEX},\"a \"\"b\"\"\",h10301,1,2,,,front;back\r\n",
+            CSV_COLUMNS.join(",")
+        );
+        // Every prefix, and a deterministic sprinkle of byte substitutions.
+        let mut seed: u32 = 0x1234_5678;
+        for (kind, text) in [(FileKind::Json, &json_text), (FileKind::Csv, &csv_text)] {
+            let bytes = text.as_bytes();
+            for cut in 0..=bytes.len() {
+                let _ = parse_bytes(&bytes[..cut], kind, Path::new(P));
+            }
+            for _ in 0..2000 {
+                let mut m = bytes.to_vec();
+                for _ in 0..3 {
+                    seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    let pos = (seed >> 8) as usize % m.len();
+                    let table: &[u8] = b"\"\\,{}[]:\n\r;0zx\xff";
+                    m[pos] = table[(seed >> 24) as usize % table.len()];
+                }
+                let _ = parse_bytes(&m, kind, Path::new(P));
+            }
+        }
     }
 
     #[test]
