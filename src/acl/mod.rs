@@ -1,1 +1,640 @@
-//! (being written)
+//! The credential store (SQLite) and the access decision.
+//!
+//! One database file holds the ACL (`credentials`, `credential_doors`), the access-event
+//! outbox (`events`, written by [`crate::events`]) and `meta`. The schema is versioned with
+//! `PRAGMA user_version` and migrated forward on [`Store::open`].
+//!
+//! A decision is one unique-index lookup on the endpoint key plus a primary-key probe of the
+//! door list; the rules themselves live in [`decision`] as a pure function.
+
+pub mod decision;
+pub mod import;
+
+pub use decision::{evaluate, CredentialRecord, Decision, DenyReason, Grant, ALL_DOORS};
+pub use import::{load_file, CredentialSpec, FileKind, ImportError, ImportMode, ImportSummary};
+
+use crate::card::CardFormat;
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use rusqlite::{Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Length of an uncompressed SEC1 P-256 point (`04 || X || Y`).
+pub const ENDPOINT_KEY_LEN: usize = 65;
+
+/// How long a writer waits for another connection's lock before failing (the CLI may import
+/// while the daemon runs).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Schema migrations; entry `i` takes `user_version` from `i` to `i + 1`. Never edit a
+/// shipped entry: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // v1
+    "CREATE TABLE credentials (
+        id            INTEGER PRIMARY KEY,
+        endpoint_key  BLOB    NOT NULL
+                      CHECK (length(endpoint_key) = 65 AND substr(endpoint_key, 1, 1) = x'04'),
+        person_id     TEXT    NOT NULL CHECK (length(person_id) BETWEEN 1 AND 128),
+        card_format   TEXT    NOT NULL,
+        facility_code INTEGER NOT NULL CHECK (facility_code >= 0),
+        card_number   INTEGER NOT NULL CHECK (card_number >= 0),
+        valid_from    INTEGER,
+        valid_until   INTEGER,
+        created_at    INTEGER NOT NULL,
+        updated_at    INTEGER NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX credentials_endpoint_key ON credentials (endpoint_key);
+    CREATE INDEX credentials_person_id ON credentials (person_id);
+    CREATE TABLE credential_doors (
+        credential_id INTEGER NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+        door          TEXT    NOT NULL CHECK (length(door) BETWEEN 1 AND 64),
+        PRIMARY KEY (credential_id, door)
+    ) STRICT, WITHOUT ROWID;
+    -- AUTOINCREMENT: ids are never reused, even after delivered rows are pruned, so the id
+    -- order is the delivery order for the cloud sync.
+    CREATE TABLE events (
+        id                   INTEGER PRIMARY KEY AUTOINCREMENT,
+        time_ms              INTEGER NOT NULL,
+        door                 TEXT    NOT NULL,
+        transport            TEXT    NOT NULL,
+        endpoint_fingerprint TEXT,
+        person_id            TEXT,
+        credential_id        INTEGER,
+        decision             TEXT    NOT NULL,
+        reason               TEXT    NOT NULL,
+        latency_ms           INTEGER NOT NULL,
+        delivered_at         INTEGER
+    ) STRICT;
+    CREATE INDEX events_undelivered ON events (id) WHERE delivered_at IS NULL;
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) STRICT, WITHOUT ROWID;",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum AclError {
+    #[error("{}: cannot create the database directory: {source}", path.display())]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: cannot create or secure the database file: {source}", path.display())]
+    CreateFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: cannot open the database: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{}: journal mode WAL is not available (SQLite kept '{mode}')", path.display())]
+    NoWal { path: PathBuf, mode: String },
+    #[error(
+        "{}: database schema version {found} is newer than this keyway supports ({supported}); \
+         upgrade keyway",
+        path.display()
+    )]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("{}: schema migration to version {version} failed: {source}", path.display())]
+    Migration {
+        path: PathBuf,
+        version: i64,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("credential {id} is corrupt in the database: {what}")]
+    Corrupt { id: i64, what: String },
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+}
+
+/// The SQLite-backed credential store and event outbox. Not `Sync`: the daemon keeps it
+/// behind a mutex or on a dedicated thread.
+#[derive(Debug)]
+pub struct Store {
+    pub(crate) conn: Connection,
+    path: PathBuf,
+}
+
+/// Counts for `keyway status` and config checks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    pub schema_version: i64,
+    pub credentials: u64,
+    /// Distinct `person_id`s.
+    pub persons: u64,
+    /// Rows in `credential_doors`.
+    pub door_grants: u64,
+    pub events_total: u64,
+    pub events_undelivered: u64,
+    pub last_import: Option<LastImport>,
+}
+
+/// What the last successful import recorded in `meta`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LastImport {
+    /// Unix seconds.
+    pub at: i64,
+    /// File name the ACL came from.
+    pub source: String,
+    /// `replace` or `merge`.
+    pub mode: String,
+    /// Credentials in that file.
+    pub count: u64,
+}
+
+impl Store {
+    /// Opens (creating if missing, with mode 0600 and a 0700 parent directory) and migrates
+    /// the database at `path`.
+    ///
+    /// Pragmas: WAL so the daemon's reads never block on a CLI import; `synchronous=FULL`
+    /// because the event table is an audit trail and an import reported as done must survive
+    /// a power cut (a box on a wall loses power); at a few taps per minute the extra fsync per
+    /// commit costs nothing noticeable. Foreign keys on (door lists cascade), and a busy
+    /// timeout for concurrent writers.
+    pub fn open(path: &Path) -> Result<Store, AclError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(|source| AclError::CreateDir {
+                        path: parent.to_path_buf(),
+                        source,
+                    })?;
+            }
+        }
+        let create_err = |source| AclError::CreateFile {
+            path: path.to_path_buf(),
+            source,
+        };
+        // Create the file ourselves so it never exists with umask-default permissions;
+        // SQLite gives its -wal and -shm files the database file's mode.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(create_err)?;
+        let perms = file.metadata().map_err(create_err)?.permissions();
+        if perms.mode() & 0o077 != 0 {
+            log::warn!(
+                target: "keyway::acl",
+                "{}: database was readable by others (mode {:o}); setting 0600",
+                path.display(),
+                perms.mode() & 0o777
+            );
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(create_err)?;
+        }
+        drop(file);
+
+        let open_err = |source| AclError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(AclError::NoWal {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        let mut store = Store {
+            conn,
+            path: path.to_path_buf(),
+        };
+        store.configure_and_migrate()?;
+        Ok(store)
+    }
+
+    /// A private in-memory store (tests, dry runs). Same schema, no file.
+    pub fn open_in_memory() -> Result<Store, AclError> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory().map_err(|source| AclError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let mut store = Store { conn, path };
+        store.configure_and_migrate()?;
+        Ok(store)
+    }
+
+    fn configure_and_migrate(&mut self) -> Result<(), AclError> {
+        let open_err = |source| AclError::Open {
+            path: self.path.clone(),
+            source,
+        };
+        self.conn
+            .pragma_update(None, "foreign_keys", true)
+            .map_err(open_err)?;
+        let found: i64 = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if !(0..=SCHEMA_VERSION).contains(&found) {
+            return Err(AclError::SchemaTooNew {
+                path: self.path.clone(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (from, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let version = from as i64 + 1;
+            let mig_err = |source| AclError::Migration {
+                path: self.path.clone(),
+                version,
+                source,
+            };
+            // Schema change and version bump commit together, so a crash mid-way leaves
+            // the previous version intact.
+            let tx = self.conn.transaction().map_err(mig_err)?;
+            tx.execute_batch(sql).map_err(mig_err)?;
+            tx.pragma_update(None, "user_version", version)
+                .map_err(mig_err)?;
+            tx.commit().map_err(mig_err)?;
+        }
+        Ok(())
+    }
+
+    /// The database path given to [`Store::open`].
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Decides whether `endpoint_key` may open `door` at `now`.
+    pub fn decide(
+        &self,
+        endpoint_key: &[u8],
+        door: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<Decision, AclError> {
+        self.decide_at(endpoint_key, door, now.unix_timestamp())
+    }
+
+    /// [`Store::decide`] with `now` in unix seconds.
+    ///
+    /// `endpoint_key` is the phone's public key, uncompressed (65 bytes) or compressed (33);
+    /// anything that is not a valid P-256 point cannot be stored, so it is an unknown key.
+    pub fn decide_at(
+        &self,
+        endpoint_key: &[u8],
+        door: &str,
+        now_unix: i64,
+    ) -> Result<Decision, AclError> {
+        let record = self.lookup(endpoint_key, door)?;
+        Ok(evaluate(record.as_ref(), now_unix))
+    }
+
+    /// Fetches the credential for `endpoint_key` with `door_allowed` computed for `door`.
+    pub fn lookup(
+        &self,
+        endpoint_key: &[u8],
+        door: &str,
+    ) -> Result<Option<CredentialRecord>, AclError> {
+        let key: [u8; ENDPOINT_KEY_LEN] = match normalize_endpoint_key(endpoint_key) {
+            Ok(k) => k,
+            Err(_) => return Ok(None),
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.id, c.person_id, c.card_format, c.facility_code, c.card_number,
+                    c.valid_from, c.valid_until,
+                    EXISTS (SELECT 1 FROM credential_doors d
+                            WHERE d.credential_id = c.id AND d.door IN (?2, '*'))
+             FROM credentials c WHERE c.endpoint_key = ?1",
+        )?;
+        let row = stmt
+            .query_row(rusqlite::params![key.as_slice(), door], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, bool>(7)?,
+                ))
+            })
+            .optional()?;
+        let Some((id, person_id, format, fc, cn, valid_from, valid_until, door_allowed)) = row
+        else {
+            return Ok(None);
+        };
+        // The importer validated these; re-check so a hand-edited database cannot make us
+        // send a truncated card number to the panel.
+        let corrupt = |what: String| AclError::Corrupt { id, what };
+        let card_format: CardFormat = format
+            .parse()
+            .map_err(|e: crate::card::CardError| corrupt(e.to_string()))?;
+        let facility_code =
+            u32::try_from(fc).map_err(|_| corrupt(format!("facility_code {fc} out of range")))?;
+        let card_number =
+            u32::try_from(cn).map_err(|_| corrupt(format!("card_number {cn} out of range")))?;
+        card_format
+            .check_range(facility_code, card_number)
+            .map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some(CredentialRecord {
+            credential_id: id,
+            person_id,
+            card_format,
+            facility_code,
+            card_number,
+            valid_from,
+            valid_until,
+            door_allowed,
+        }))
+    }
+
+    /// Counts for status output.
+    pub fn stats(&self) -> Result<StoreStats, AclError> {
+        let count = |sql: &str| -> Result<u64, rusqlite::Error> {
+            let n: i64 = self.conn.query_row(sql, [], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        let meta = |key: &str| -> Result<Option<String>, rusqlite::Error> {
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        };
+        let last_import = match meta("last_import_at")? {
+            None => None,
+            Some(at) => Some(LastImport {
+                at: at.parse().unwrap_or(0),
+                source: meta("last_import_source")?.unwrap_or_default(),
+                mode: meta("last_import_mode")?.unwrap_or_default(),
+                count: meta("last_import_count")?
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0),
+            }),
+        };
+        Ok(StoreStats {
+            schema_version: self
+                .conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))?,
+            credentials: count("SELECT count(*) FROM credentials")?,
+            persons: count("SELECT count(DISTINCT person_id) FROM credentials")?,
+            door_grants: count("SELECT count(*) FROM credential_doors")?,
+            events_total: count("SELECT count(*) FROM events")?,
+            events_undelivered: count("SELECT count(*) FROM events WHERE delivered_at IS NULL")?,
+            last_import,
+        })
+    }
+}
+
+/// Validates a SEC1-encoded P-256 public key (compressed or uncompressed) and returns it
+/// uncompressed (`04 || X || Y`). The error says what is wrong, for import messages.
+pub fn normalize_endpoint_key(raw: &[u8]) -> Result<[u8; ENDPOINT_KEY_LEN], String> {
+    let shape_ok = matches!(
+        (raw.len(), raw.first()),
+        (ENDPOINT_KEY_LEN, Some(0x04)) | (33, Some(0x02 | 0x03))
+    );
+    if !shape_ok {
+        return Err(format!(
+            "expected 65 bytes starting 04 or 33 bytes starting 02/03, got {} bytes{}",
+            raw.len(),
+            raw.first()
+                .map(|b| format!(" starting {b:02x}"))
+                .unwrap_or_default()
+        ));
+    }
+    let key = p256::PublicKey::from_sec1_bytes(raw)
+        .map_err(|_| "not a point on the P-256 curve".to_string())?;
+    let point = key.to_encoded_point(false);
+    point
+        .as_bytes()
+        .try_into()
+        .map_err(|_| "could not re-encode the point".to_string())
+}
+
+/// Short stable id of an endpoint key for logs and events: the first 8 bytes of SHA-256 of
+/// the uncompressed key, in hex (16 characters). Compressed input gives the same id.
+pub fn fingerprint(endpoint_key: &[u8]) -> String {
+    let digest = match normalize_endpoint_key(endpoint_key) {
+        Ok(k) => Sha256::digest(k),
+        // Not a valid key: still give a stable id, of the bytes as they came.
+        Err(_) => Sha256::digest(endpoint_key),
+    };
+    hex::encode(digest.get(..8).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+
+    fn key(seed: u8) -> [u8; ENDPOINT_KEY_LEN] {
+        let mut scalar = [0u8; 32];
+        scalar[31] = seed;
+        scalar[0] = 1;
+        let sk = p256::SecretKey::from_slice(&scalar).unwrap();
+        sk.public_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .try_into()
+            .unwrap()
+    }
+
+    fn spec(seed: u8, doors: &[&str], from: Option<i64>, until: Option<i64>) -> CredentialSpec {
+        CredentialSpec {
+            line: 1,
+            endpoint_key: key(seed),
+            person_id: format!("person-{seed}"),
+            card_format: CardFormat::H10301,
+            facility_code: 10,
+            card_number: u32::from(seed) * 100,
+            valid_from: from,
+            valid_until: until,
+            doors: doors.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_sha256_prefix_and_form_independent() {
+        let k = key(3);
+        let expected = hex::encode(&Sha256::digest(k)[..8]);
+        assert_eq!(fingerprint(&k), expected);
+        assert_eq!(fingerprint(&k).len(), 16);
+        let compressed = p256::PublicKey::from_sec1_bytes(&k)
+            .unwrap()
+            .to_encoded_point(true);
+        assert_eq!(fingerprint(compressed.as_bytes()), expected);
+        assert_ne!(fingerprint(&key(4)), expected);
+    }
+
+    #[test]
+    fn normalize_rejects_bad_shapes_and_points() {
+        let k = key(5);
+        assert_eq!(normalize_endpoint_key(&k).unwrap(), k);
+        let mut bad = k;
+        bad[64] ^= 1;
+        assert!(normalize_endpoint_key(&bad).unwrap_err().contains("P-256"));
+        let mut wrong_tag = k;
+        wrong_tag[0] = 0x05;
+        assert!(normalize_endpoint_key(&wrong_tag).is_err());
+        assert!(normalize_endpoint_key(&[]).is_err());
+        assert!(normalize_endpoint_key(&k[..64]).is_err());
+        // An all-0xff X is larger than the field prime p, so it is no coordinate at all.
+        let mut big_x = [0xffu8; 33];
+        big_x[0] = 0x02;
+        assert!(normalize_endpoint_key(&big_x).is_err());
+    }
+
+    #[test]
+    fn decide_all_outcomes_in_memory() {
+        let mut s = Store::open_in_memory().unwrap();
+        let specs = vec![
+            spec(1, &["front"], None, None),
+            spec(2, &["*"], Some(1000), Some(2000)),
+            spec(3, &["front", "back"], None, None),
+        ];
+        s.import_specs(&specs, ImportMode::Replace, "t").unwrap();
+        let d = s.decide_at(&key(1), "front", 0).unwrap();
+        match d {
+            Decision::Grant(g) => {
+                assert_eq!(g.person_id, "person-1");
+                assert_eq!(g.card_number, 100);
+                assert_eq!(g.facility_code, 10);
+                assert_eq!(g.card_format, CardFormat::H10301);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            s.decide_at(&key(1), "back", 0).unwrap(),
+            Decision::Deny(DenyReason::WrongDoor)
+        );
+        assert_eq!(
+            s.decide_at(&key(9), "front", 0).unwrap(),
+            Decision::Deny(DenyReason::UnknownKey)
+        );
+        assert_eq!(
+            s.decide_at(&[1, 2, 3], "front", 0).unwrap(),
+            Decision::Deny(DenyReason::UnknownKey)
+        );
+        assert!(s.decide_at(&key(2), "anything", 1500).unwrap().is_grant());
+        assert_eq!(
+            s.decide_at(&key(2), "front", 999).unwrap(),
+            Decision::Deny(DenyReason::NotYetValid)
+        );
+        assert_eq!(
+            s.decide_at(&key(2), "front", 2000).unwrap(),
+            Decision::Deny(DenyReason::Expired)
+        );
+        assert!(s.decide_at(&key(3), "back", 0).unwrap().is_grant());
+        // A door literally named like a SQL wildcard does not match everything.
+        assert_eq!(
+            s.decide_at(&key(3), "%", 0).unwrap(),
+            Decision::Deny(DenyReason::WrongDoor)
+        );
+    }
+
+    #[test]
+    fn lookup_is_an_index_search() {
+        let s = Store::open_in_memory().unwrap();
+        let mut stmt = s
+            .conn
+            .prepare("EXPLAIN QUERY PLAN SELECT c.id FROM credentials c WHERE c.endpoint_key = ?1")
+            .unwrap();
+        let plan: Vec<String> = stmt
+            .query_map([vec![4u8; 65]], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join(" | ");
+        assert!(
+            plan.contains("SEARCH") && plan.contains("credentials_endpoint_key"),
+            "{plan}"
+        );
+    }
+
+    #[test]
+    fn corrupt_rows_are_reported_not_sent() {
+        let mut s = Store::open_in_memory().unwrap();
+        s.import_specs(&[spec(1, &["*"], None, None)], ImportMode::Replace, "t")
+            .unwrap();
+        s.conn
+            .execute("UPDATE credentials SET card_number = 70000", [])
+            .unwrap();
+        assert!(matches!(
+            s.decide_at(&key(1), "x", 0),
+            Err(AclError::Corrupt { .. })
+        ));
+        s.conn
+            .execute(
+                "UPDATE credentials SET card_number = 1, card_format = 'x'",
+                [],
+            )
+            .unwrap();
+        assert!(matches!(
+            s.decide_at(&key(1), "x", 0),
+            Err(AclError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn merge_and_replace_keep_ids_and_count() {
+        let mut s = Store::open_in_memory().unwrap();
+        let sum = s
+            .import_specs(
+                &[spec(1, &["a"], None, None), spec(2, &["a"], None, None)],
+                ImportMode::Replace,
+                "one.csv",
+            )
+            .unwrap();
+        assert_eq!((sum.inserted, sum.updated, sum.removed), (2, 0, 0));
+        let id1 = s.lookup(&key(1), "a").unwrap().unwrap().credential_id;
+        let sum = s
+            .import_specs(&[spec(3, &["a"], None, None)], ImportMode::Merge, "m.csv")
+            .unwrap();
+        assert_eq!((sum.inserted, sum.updated, sum.removed), (1, 0, 0));
+        assert_eq!(s.stats().unwrap().credentials, 3);
+        let sum = s
+            .import_specs(
+                &[spec(1, &["b"], None, None), spec(4, &["a"], None, None)],
+                ImportMode::Replace,
+                "two.json",
+            )
+            .unwrap();
+        assert_eq!((sum.inserted, sum.updated, sum.removed), (1, 1, 2));
+        let r1 = s.lookup(&key(1), "b").unwrap().unwrap();
+        assert_eq!(r1.credential_id, id1);
+        assert!(r1.door_allowed);
+        assert!(!s.lookup(&key(1), "a").unwrap().unwrap().door_allowed);
+        assert!(s.lookup(&key(2), "a").unwrap().is_none());
+        let st = s.stats().unwrap();
+        assert_eq!(st.credentials, 2);
+        assert_eq!(st.door_grants, 2);
+        assert_eq!(st.schema_version, SCHEMA_VERSION);
+        let li = st.last_import.unwrap();
+        assert_eq!(
+            (li.source.as_str(), li.mode.as_str(), li.count),
+            ("two.json", "replace", 2)
+        );
+    }
+}

@@ -1,1 +1,581 @@
-//! (being written)
+//! Access events: one row in the SQLite outbox (`events`, delivered later to the cloud in id
+//! order) and one structured `log` record (journald fields via systemd-journal-logger).
+//!
+//! Events carry ids only: the endpoint key's fingerprint and the person id, never the key
+//! itself or the card number (a card number is enough to clone a card).
+
+use crate::acl::{fingerprint, AclError, Decision, Store};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// `log` target of access records (journald field `TARGET`).
+pub const LOG_TARGET: &str = "keyway::access";
+/// Reason stored for granted accesses.
+pub const REASON_GRANTED: &str = "granted";
+/// Longest accepted reason code.
+pub const MAX_REASON_BYTES: usize = 64;
+
+/// How the phone reached the reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Nfc,
+    Ble,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Nfc => "nfc",
+            Transport::Ble => "ble",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Transport> {
+        match s {
+            "nfc" => Some(Transport::Nfc),
+            "ble" => Some(Transport::Ble),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome recorded for an access attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventDecision {
+    Granted,
+    Denied,
+    /// The attempt failed before a decision (protocol error, timeout, panel unreachable...).
+    Error,
+}
+
+impl EventDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventDecision::Granted => "granted",
+            EventDecision::Denied => "denied",
+            EventDecision::Error => "error",
+        }
+    }
+
+    fn parse(s: &str) -> Option<EventDecision> {
+        match s {
+            "granted" => Some(EventDecision::Granted),
+            "denied" => Some(EventDecision::Denied),
+            "error" => Some(EventDecision::Error),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for EventDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One access attempt. Serialises to JSON for the cloud sync (field names as below).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessEvent {
+    /// Unix milliseconds when the attempt started.
+    pub time_ms: i64,
+    /// Door id from the configuration.
+    pub door: String,
+    pub transport: Transport,
+    /// [`crate::acl::fingerprint`] of the endpoint key, if the phone got far enough to send one.
+    pub endpoint_fingerprint: Option<String>,
+    /// Set when the key matched a credential.
+    pub person_id: Option<String>,
+    /// Set when the key matched a credential.
+    pub credential_id: Option<i64>,
+    pub decision: EventDecision,
+    /// `granted`, a deny code (`unknown_key`, `expired`, `not_yet_valid`, `wrong_door`) or a
+    /// snake_case error code.
+    pub reason: String,
+    /// From the first reader contact to the decision (or error).
+    pub latency_ms: u32,
+}
+
+impl AccessEvent {
+    /// The event for an ACL decision about `endpoint_key`.
+    pub fn from_decision(
+        time_ms: i64,
+        door: &str,
+        transport: Transport,
+        endpoint_key: &[u8],
+        decision: &Decision,
+        latency_ms: u32,
+    ) -> AccessEvent {
+        let (decision, reason, person_id, credential_id) = match decision {
+            Decision::Grant(g) => (
+                EventDecision::Granted,
+                REASON_GRANTED.to_owned(),
+                Some(g.person_id.clone()),
+                Some(g.credential_id),
+            ),
+            Decision::Deny(r) => (EventDecision::Denied, r.as_str().to_owned(), None, None),
+        };
+        AccessEvent {
+            time_ms,
+            door: door.to_owned(),
+            transport,
+            endpoint_fingerprint: Some(fingerprint(endpoint_key)),
+            person_id,
+            credential_id,
+            decision,
+            reason,
+            latency_ms,
+        }
+    }
+
+    /// The event for an attempt that failed with `code` (snake_case) before a decision.
+    pub fn error(
+        time_ms: i64,
+        door: &str,
+        transport: Transport,
+        endpoint_key: Option<&[u8]>,
+        code: &str,
+        latency_ms: u32,
+    ) -> AccessEvent {
+        AccessEvent {
+            time_ms,
+            door: door.to_owned(),
+            transport,
+            endpoint_fingerprint: endpoint_key.map(fingerprint),
+            person_id: None,
+            credential_id: None,
+            decision: EventDecision::Error,
+            reason: code.to_owned(),
+            latency_ms,
+        }
+    }
+
+    /// Bounds and character checks so the outbox and journald never get junk.
+    pub fn validate(&self) -> Result<(), AclError> {
+        let bad = |m: String| Err(AclError::InvalidEvent(m));
+        if self.door.is_empty()
+            || self.door.len() > crate::acl::import::MAX_DOOR_ID_BYTES
+            || !self.door.bytes().all(crate::acl::import::is_door_byte)
+        {
+            return bad(format!(
+                "door id {:?} is not a valid door id",
+                trunc(&self.door)
+            ));
+        }
+        if self.reason.is_empty()
+            || self.reason.len() > MAX_REASON_BYTES
+            || !self
+                .reason
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return bad(format!(
+                "reason {:?} is not a snake_case code of at most {MAX_REASON_BYTES} bytes",
+                trunc(&self.reason)
+            ));
+        }
+        if let Some(fp) = &self.endpoint_fingerprint {
+            if fp.is_empty() || fp.len() > 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(format!("fingerprint {:?} is not short hex", trunc(fp)));
+            }
+        }
+        if let Some(p) = &self.person_id {
+            if p.is_empty()
+                || p.len() > crate::acl::import::MAX_PERSON_ID_BYTES
+                || p.chars().any(char::is_control)
+            {
+                return bad(format!("person id {:?} is not valid", trunc(p)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn trunc(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+/// Milliseconds since the Unix epoch of `t`, saturating (for [`AccessEvent::time_ms`]).
+pub fn unix_ms(t: time::OffsetDateTime) -> i64 {
+    let ms = t.unix_timestamp_nanos() / 1_000_000;
+    i64::try_from(ms).unwrap_or(if ms < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// An event as stored in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoredEvent {
+    /// Strictly increasing; the delivery order.
+    pub id: i64,
+    #[serde(flatten)]
+    pub event: AccessEvent,
+    /// Unix milliseconds of delivery to the cloud; `None` = still to send.
+    pub delivered_at_ms: Option<i64>,
+}
+
+const EVENT_COLUMNS: &str = "id, time_ms, door, transport, endpoint_fingerprint, person_id, \
+                             credential_id, decision, reason, latency_ms, delivered_at";
+
+fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    let id: i64 = r.get(0)?;
+    let transport: String = r.get(3)?;
+    let decision: String = r.get(7)?;
+    let bad = |col: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            col,
+            rusqlite::types::Type::Text,
+            format!("event {id}: unknown {what}").into(),
+        )
+    };
+    Ok(StoredEvent {
+        id,
+        event: AccessEvent {
+            time_ms: r.get(1)?,
+            door: r.get(2)?,
+            transport: Transport::parse(&transport).ok_or_else(|| bad(3, "transport"))?,
+            endpoint_fingerprint: r.get(4)?,
+            person_id: r.get(5)?,
+            credential_id: r.get(6)?,
+            decision: EventDecision::parse(&decision).ok_or_else(|| bad(7, "decision"))?,
+            reason: r.get(8)?,
+            latency_ms: r.get(9)?,
+        },
+        delivered_at_ms: r.get(10)?,
+    })
+}
+
+impl Store {
+    /// Appends `event` to the outbox; returns its id (strictly increasing).
+    pub fn record_event(&mut self, event: &AccessEvent) -> Result<i64, AclError> {
+        event.validate()?;
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO events (time_ms, door, transport, endpoint_fingerprint, person_id, \
+             credential_id, decision, reason, latency_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        stmt.execute(rusqlite::params![
+            event.time_ms,
+            event.door,
+            event.transport.as_str(),
+            event.endpoint_fingerprint,
+            event.person_id,
+            event.credential_id,
+            event.decision.as_str(),
+            event.reason,
+            event.latency_ms,
+        ])?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    /// The newest `limit` events, newest first.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<StoredEvent>, AclError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events ORDER BY id DESC LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map([limit], read_event)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Up to `limit` undelivered events with id greater than `after_id`, oldest first (the
+    /// cloud sync's next batch).
+    pub fn undelivered_events(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, AclError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE delivered_at IS NULL AND id > ?1 \
+             ORDER BY id LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map([after_id, limit], read_event)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Marks every undelivered event with id `<= up_to_id` as delivered at `at_ms`; returns
+    /// how many rows changed.
+    pub fn mark_delivered(&mut self, up_to_id: i64, at_ms: i64) -> Result<usize, AclError> {
+        Ok(self.conn.execute(
+            "UPDATE events SET delivered_at = ?2 WHERE delivered_at IS NULL AND id <= ?1",
+            [up_to_id, at_ms],
+        )?)
+    }
+
+    /// Deletes delivered events older than `before_ms` (retention); undelivered ones are kept.
+    pub fn prune_delivered_events(&mut self, before_ms: i64) -> Result<usize, AclError> {
+        Ok(self.conn.execute(
+            "DELETE FROM events WHERE delivered_at IS NOT NULL AND time_ms < ?1",
+            [before_ms],
+        )?)
+    }
+}
+
+/// A key-value field of the access log record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldValue {
+    Str(String),
+    Int(i64),
+}
+
+impl fmt::Display for FieldValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FieldValue::Str(s) => f.write_str(s),
+            FieldValue::Int(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+/// The structured fields of the log record for `event`, in order. Absent values are left
+/// out rather than logged as "None". systemd-journal-logger upper-cases the keys into
+/// journald fields (`door` -> `DOOR`).
+pub fn log_fields(event: &AccessEvent, event_id: i64) -> Vec<(&'static str, FieldValue)> {
+    let mut f = vec![
+        ("event_id", FieldValue::Int(event_id)),
+        ("door", FieldValue::Str(event.door.clone())),
+        ("decision", FieldValue::Str(event.decision.as_str().into())),
+        ("reason", FieldValue::Str(event.reason.clone())),
+        (
+            "transport",
+            FieldValue::Str(event.transport.as_str().into()),
+        ),
+        ("latency_ms", FieldValue::Int(i64::from(event.latency_ms))),
+    ];
+    if let Some(fp) = &event.endpoint_fingerprint {
+        f.push(("fingerprint", FieldValue::Str(fp.clone())));
+    }
+    if let Some(p) = &event.person_id {
+        f.push(("person", FieldValue::Str(p.clone())));
+    }
+    if let Some(c) = event.credential_id {
+        f.push(("credential_id", FieldValue::Int(c)));
+    }
+    f
+}
+
+/// The human-readable message of the log record (journald `MESSAGE`).
+pub fn log_message(event: &AccessEvent, event_id: i64) -> String {
+    let mut m = format!("access {} door={}", event.decision, event.door);
+    if event.decision != EventDecision::Granted {
+        m.push_str(&format!(" reason={}", event.reason));
+    }
+    if let Some(p) = &event.person_id {
+        m.push_str(&format!(" person={p}"));
+    }
+    if let Some(fp) = &event.endpoint_fingerprint {
+        m.push_str(&format!(" fp={fp}"));
+    }
+    m.push_str(&format!(
+        " via {} in {} ms (event {event_id})",
+        event.transport.as_str(),
+        event.latency_ms
+    ));
+    m
+}
+
+struct Fields(Vec<(&'static str, FieldValue)>);
+
+impl log::kv::Source for Fields {
+    fn visit<'kvs>(
+        &'kvs self,
+        visitor: &mut dyn log::kv::VisitSource<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        for (k, v) in &self.0 {
+            let value = match v {
+                FieldValue::Str(s) => log::kv::Value::from(s.as_str()),
+                FieldValue::Int(i) => log::kv::Value::from(*i),
+            };
+            visitor.visit_pair(log::kv::Key::from_str(k), value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Emits ONE `log` record for `event` on target [`LOG_TARGET`] with the fields of
+/// [`log_fields`]: `info` for granted and denied, `warn` for errors.
+///
+/// Built with `Record::builder` rather than `log::info!` so absent fields are omitted
+/// instead of appearing as `None` in journald.
+pub fn log_event(event: &AccessEvent, event_id: i64) {
+    let level = match event.decision {
+        EventDecision::Granted | EventDecision::Denied => log::Level::Info,
+        EventDecision::Error => log::Level::Warn,
+    };
+    if level > log::max_level() {
+        return;
+    }
+    let fields = Fields(log_fields(event, event_id));
+    let message = log_message(event, event_id);
+    log::logger().log(
+        &log::Record::builder()
+            .level(level)
+            .target(LOG_TARGET)
+            .args(format_args!("{message}"))
+            .key_values(&fields)
+            .module_path_static(Some(module_path!()))
+            .file_static(Some(file!()))
+            .line(Some(line!()))
+            .build(),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{DenyReason, Grant};
+    use crate::card::CardFormat;
+
+    fn ev(decision: EventDecision, reason: &str) -> AccessEvent {
+        AccessEvent {
+            time_ms: 1_700_000_000_123,
+            door: "front".into(),
+            transport: Transport::Nfc,
+            endpoint_fingerprint: Some("0011223344556677".into()),
+            person_id: Some("p-1".into()),
+            credential_id: Some(3),
+            decision,
+            reason: reason.into(),
+            latency_ms: 87,
+        }
+    }
+
+    #[test]
+    fn outbox_ids_increase_and_delivery_is_ordered() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = s
+            .record_event(&ev(EventDecision::Granted, "granted"))
+            .unwrap();
+        let b = s
+            .record_event(&ev(EventDecision::Denied, "expired"))
+            .unwrap();
+        let c = s
+            .record_event(&ev(EventDecision::Error, "timeout"))
+            .unwrap();
+        assert!(a < b && b < c);
+        let recent = s.recent_events(2).unwrap();
+        assert_eq!(recent.iter().map(|e| e.id).collect::<Vec<_>>(), vec![c, b]);
+        assert_eq!(recent[1].event, ev(EventDecision::Denied, "expired"));
+        assert_eq!(recent[0].delivered_at_ms, None);
+        assert_eq!(s.mark_delivered(b, 5).unwrap(), 2);
+        let pending = s.undelivered_events(0, 10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].id, c);
+        assert_eq!(s.stats().unwrap().events_undelivered, 1);
+        // Pruning delivered rows never lets a new event reuse an old id.
+        assert_eq!(s.prune_delivered_events(i64::MAX).unwrap(), 2);
+        s.conn.execute("DELETE FROM events", []).unwrap();
+        let d = s
+            .record_event(&ev(EventDecision::Granted, "granted"))
+            .unwrap();
+        assert!(d > c);
+    }
+
+    #[test]
+    fn invalid_events_are_refused() {
+        let mut s = Store::open_in_memory().unwrap();
+        for bad in [
+            AccessEvent {
+                door: "front door".into(),
+                ..ev(EventDecision::Granted, "granted")
+            },
+            ev(EventDecision::Denied, "Not Valid"),
+            ev(EventDecision::Denied, ""),
+            AccessEvent {
+                endpoint_fingerprint: Some("zz".into()),
+                ..ev(EventDecision::Denied, "expired")
+            },
+            AccessEvent {
+                person_id: Some("a\nb".into()),
+                ..ev(EventDecision::Denied, "expired")
+            },
+        ] {
+            assert!(matches!(
+                s.record_event(&bad),
+                Err(AclError::InvalidEvent(_))
+            ));
+        }
+        assert_eq!(s.recent_events(10).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn from_decision_carries_ids_not_card_data() {
+        let key = [9u8; 5];
+        let g = Decision::Grant(Grant {
+            credential_id: 12,
+            person_id: "p-9".into(),
+            card_format: CardFormat::H10301,
+            facility_code: 1,
+            card_number: 4242,
+        });
+        let e = AccessEvent::from_decision(1, "d1", Transport::Ble, &key, &g, 5);
+        assert_eq!(e.decision, EventDecision::Granted);
+        assert_eq!(e.reason, "granted");
+        assert_eq!(e.person_id.as_deref(), Some("p-9"));
+        assert_eq!(e.credential_id, Some(12));
+        assert_eq!(e.endpoint_fingerprint, Some(fingerprint(&key)));
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(!json.contains("4242"), "{json}");
+        let d = AccessEvent::from_decision(
+            1,
+            "d1",
+            Transport::Nfc,
+            &key,
+            &Decision::Deny(DenyReason::WrongDoor),
+            5,
+        );
+        assert_eq!(
+            (d.decision, d.reason.as_str()),
+            (EventDecision::Denied, "wrong_door")
+        );
+        assert_eq!(d.person_id, None);
+        let x = AccessEvent::error(1, "d1", Transport::Nfc, None, "auth_failed", 9);
+        assert_eq!(x.endpoint_fingerprint, None);
+        assert!(x.validate().is_ok());
+    }
+
+    #[test]
+    fn serde_shape_is_stable() {
+        let v = serde_json::to_value(ev(EventDecision::Denied, "expired")).unwrap();
+        assert_eq!(v["transport"], "nfc");
+        assert_eq!(v["decision"], "denied");
+        assert_eq!(v["time_ms"], 1_700_000_000_123i64);
+        assert_eq!(v["endpoint_fingerprint"], "0011223344556677");
+        let back: AccessEvent = serde_json::from_value(v).unwrap();
+        assert_eq!(back, ev(EventDecision::Denied, "expired"));
+    }
+
+    #[test]
+    fn log_fields_omit_absent_values() {
+        let e = AccessEvent::error(1, "d1", Transport::Nfc, None, "timeout", 9);
+        let f = log_fields(&e, 44);
+        let keys: Vec<_> = f.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "event_id",
+                "door",
+                "decision",
+                "reason",
+                "transport",
+                "latency_ms"
+            ]
+        );
+        assert_eq!(f[0].1, FieldValue::Int(44));
+        assert_eq!(f[3].1, FieldValue::Str("timeout".into()));
+        let full = log_fields(&ev(EventDecision::Granted, "granted"), 1);
+        assert!(full.contains(&("person", FieldValue::Str("p-1".into()))));
+        assert!(full.contains(&("fingerprint", FieldValue::Str("0011223344556677".into()))));
+        assert_eq!(
+            log_message(&ev(EventDecision::Denied, "expired"), 7),
+            "access denied door=front reason=expired person=p-1 fp=0011223344556677 via nfc in 87 ms (event 7)"
+        );
+    }
+
+    #[test]
+    fn unix_ms_converts() {
+        let t = time::OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap()
+            + time::Duration::milliseconds(123);
+        assert_eq!(unix_ms(t), 1_700_000_000_123);
+    }
+}
