@@ -79,30 +79,36 @@ impl Bus {
         loop {
             let n = self.decoder.push(rest, now);
             rest = rest.get(n..).unwrap_or_default();
-            while let Some(item) = self.decoder.poll() {
-                match item {
-                    Ok(frame) => {
-                        if frame.is_reply() {
-                            continue;
-                        }
-                        let target = if frame.address() == BROADCAST_ADDR {
-                            if self.pds.len() == 1 {
-                                self.pds.first_mut()
-                            } else {
-                                None
-                            }
-                        } else {
-                            self.pds.iter_mut().find(|p| p.address() == frame.address())
-                        };
-                        if let Some(reply) = target.and_then(|pd| pd.handle_frame(&frame, now)) {
-                            replies.push(reply);
-                        }
-                    }
-                    Err(e) => self.last_phy_error = Some(e),
-                }
-            }
+            self.drain_decoder(now, &mut replies);
             if rest.is_empty() {
                 return replies;
+            }
+        }
+    }
+
+    fn drain_decoder(&mut self, now: Instant, replies: &mut Vec<Vec<u8>>) {
+        while let Some(item) = self.decoder.poll() {
+            let frame = match item {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.last_phy_error = Some(e);
+                    continue;
+                }
+            };
+            if frame.is_reply() {
+                continue;
+            }
+            let target = if frame.address() == BROADCAST_ADDR {
+                if self.pds.len() == 1 {
+                    self.pds.first_mut()
+                } else {
+                    None
+                }
+            } else {
+                self.pds.iter_mut().find(|p| p.address() == frame.address())
+            };
+            if let Some(reply) = target.and_then(|pd| pd.handle_frame(&frame, now)) {
+                replies.push(reply);
             }
         }
     }
@@ -116,11 +122,16 @@ impl Bus {
             .min()
     }
 
-    pub fn handle_timeout(&mut self, now: Instant) {
+    /// Advance timers. Dropping a stale partial packet can expose a complete command
+    /// behind it, so this may return replies to write, like `receive`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<Vec<u8>> {
         self.decoder.handle_timeout(now);
+        let mut replies = Vec::new();
+        self.drain_decoder(now, &mut replies);
         for pd in &mut self.pds {
             pd.handle_timeout(now);
         }
+        replies
     }
 
     /// Next `(address, event)` from any PD.
@@ -220,6 +231,19 @@ mod tests {
     }
 
     #[test]
+    fn command_hidden_behind_a_stale_false_som_is_answered_on_timeout() {
+        let mut bus = Bus::new(vec![PdConfig::new(1)]).unwrap();
+        let now = Instant::now();
+        // Noise: SOM with a plausible length (200) swallows the POLL that follows.
+        let bytes = [vec![0x53, 0x01, 200, 0x00, 0x04], poll(1, 0)].concat();
+        assert!(bus.receive(&bytes, now).is_empty());
+        let t = bus.next_timeout().expect("decoder timer");
+        let replies = bus.handle_timeout(t + Duration::from_millis(1));
+        assert_eq!(replies.len(), 1);
+        assert_eq!(reply_of(&replies[0]).code, rc::ACK);
+    }
+
+    #[test]
     fn config_errors() {
         assert_eq!(Bus::new(vec![]).err(), Some(PdError::NoPds));
         assert_eq!(
@@ -246,7 +270,7 @@ mod tests {
         bus.receive(&poll(1, 0), now);
         let t = bus.next_timeout().unwrap();
         assert_eq!(t, now + Duration::from_secs(3));
-        bus.handle_timeout(t + Duration::from_millis(1));
+        assert!(bus.handle_timeout(t + Duration::from_millis(1)).is_empty());
         let evs: Vec<_> = std::iter::from_fn(|| bus.poll_event()).collect();
         assert_eq!(evs, vec![(1, PdEvent::Online), (1, PdEvent::Offline)]);
     }

@@ -200,10 +200,13 @@ pub struct FrameDecoder {
 }
 
 const BUF_CAP: usize = MAX_PACKET_LEN + 1;
+/// Silence after which a partial packet is abandoned. A CP writes a packet in one go; even a
+/// USB RS-485 adapter's latency timer (16 ms) stays well below this.
+pub const DEFAULT_STALE_AFTER: Duration = Duration::from_millis(50);
 
 impl Default for FrameDecoder {
     fn default() -> Self {
-        Self::new(Duration::from_millis(100))
+        Self::new(DEFAULT_STALE_AFTER)
     }
 }
 
