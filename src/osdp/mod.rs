@@ -20,5 +20,5 @@ pub mod reply;
 pub use bus::Bus;
 pub use command::{BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
 pub use pd::{DropReason, LedState, OutputState, Pd, PdConfig, PdError, PdEvent};
-pub use phy::{Check, Frame, FrameDecoder, PhyError};
+pub use phy::{Check, DecoderStats, Frame, FrameDecoder, PhyError};
 pub use reply::{NakCode, PdIdentity, RawCard, RawFormat, Reply};

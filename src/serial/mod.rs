@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
+use crate::osdp::phy::DecoderStats;
 use crate::osdp::{Bus, PdConfig, PdError, PdEvent, RawCard};
 
 /// Events buffered per subscriber before the oldest are lost.
@@ -77,6 +78,7 @@ enum Request {
         card: RawCard,
         done: oneshot::Sender<Result<(), PdError>>,
     },
+    Stats(oneshot::Sender<DecoderStats>),
 }
 
 /// Handle to a running bus task.
@@ -90,6 +92,7 @@ impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Request::SendCard { addr, .. } => write!(f, "SendCard({addr})"),
+            Request::Stats(_) => write!(f, "Stats"),
         }
     }
 }
@@ -107,6 +110,16 @@ impl BusHandle {
         rx.await
             .map_err(|_| SerialError::Stopped)?
             .map_err(SerialError::Card)
+    }
+
+    /// Framing counters of the line (noise, bad checks, resynchronisations).
+    pub async fn stats(&self) -> Result<DecoderStats, SerialError> {
+        let (done, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Stats(done))
+            .await
+            .map_err(|_| SerialError::Stopped)?;
+        rx.await.map_err(|_| SerialError::Stopped)
     }
 
     /// A new receiver of bus events (from now on).
@@ -251,6 +264,9 @@ impl BusTask {
             Request::SendCard { addr, card, done } => {
                 let r = self.bus.queue_card(addr, card, Instant::now());
                 let _ = done.send(r);
+            }
+            Request::Stats(done) => {
+                let _ = done.send(self.bus.decoder_stats());
             }
         }
     }
