@@ -16,6 +16,8 @@ pub mod command;
 pub mod pd;
 pub mod phy;
 pub mod reply;
+#[cfg(test)]
+mod robustness;
 
 pub use bus::Bus;
 pub use command::{BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
