@@ -31,9 +31,9 @@ impl Drop for KillOnDrop {
 }
 
 fn python() -> PathBuf {
-    let py = std::env::var_os("KEYWAY_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python")
-    });
+    let py = std::env::var_os("KEYWAY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
     let ok = Command::new(&py)
         .args(["-c", "import osdp, osdp_sys"])
         .stdout(Stdio::null())
@@ -86,10 +86,18 @@ fn pty_pair() -> PtyPair {
     let guard = KillOnDrop(child);
     let start = Instant::now();
     while !(pd.exists() && cp.exists()) {
-        assert!(start.elapsed() < STEP_TIMEOUT, "socat did not create the pty links");
+        assert!(
+            start.elapsed() < STEP_TIMEOUT,
+            "socat did not create the pty links"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    PtyPair { _socat: guard, _dir: dir, pd, cp }
+    PtyPair {
+        _socat: guard,
+        _dir: dir,
+        pd,
+        cp,
+    }
 }
 
 /// The libosdp CP peer with its JSON-line output.
@@ -130,7 +138,12 @@ impl Cp {
                 }
             }
         });
-        Cp { _child: KillOnDrop(child), stdin, lines: rx, seen: Vec::new() }
+        Cp {
+            _child: KillOnDrop(child),
+            stdin,
+            lines: rx,
+            seen: Vec::new(),
+        }
     }
 
     /// Wait for a line matching `pred`; panics with everything seen on timeout.
@@ -160,7 +173,9 @@ impl Cp {
     }
 
     fn wait_online(&mut self, pd: u8) -> Value {
-        self.wait_for(&format!("online pd {pd}"), |v| v["event"] == "online" && v["pd"] == pd)
+        self.wait_for(&format!("online pd {pd}"), |v| {
+            v["event"] == "online" && v["pd"] == pd
+        })
     }
 
     fn went_offline(&self) -> bool {
@@ -178,7 +193,10 @@ async fn wait_bus(
         loop {
             match rx.recv().await {
                 Ok(ev) if pred(&ev) => return ev,
-                Ok(BusEvent::Pd { addr, event: PdEvent::NakSent { command, code } }) => {
+                Ok(BusEvent::Pd {
+                    addr,
+                    event: PdEvent::NakSent { command, code },
+                }) => {
                     panic!("keyway NAKed command {command:#04x} on PD {addr}: {code:?}")
                 }
                 Ok(_) => {}
@@ -193,11 +211,20 @@ async fn wait_bus(
 }
 
 fn card(bits: u16, data: &[u8]) -> RawCard {
-    RawCard { reader: 0, format: RawFormat::Wiegand, bit_count: bits, data: data.to_vec() }
+    RawCard {
+        reader: 0,
+        format: RawFormat::Wiegand,
+        bit_count: bits,
+        data: data.to_vec(),
+    }
 }
 
 fn bus_config(path: &Path, pds: Vec<PdConfig>) -> BusConfig {
-    BusConfig { path: path.to_path_buf(), baud: 115_200, pds }
+    BusConfig {
+        path: path.to_path_buf(),
+        baud: 115_200,
+        pds,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +235,10 @@ async fn pd_comes_online_and_card_reaches_the_cp() {
     cfg.identity.vendor_code = 0x00_1A_2B;
     cfg.identity.serial = 0x0102_0304;
     let (handle, mut events, join) = spawn_bus(bus_config(&pty.pd, vec![cfg]), stop_rx).unwrap();
-    wait_bus(&mut events, "port opened", |e| matches!(e, BusEvent::PortOpened { .. })).await;
+    wait_bus(&mut events, "port opened", |e| {
+        matches!(e, BusEvent::PortOpened { .. })
+    })
+    .await;
 
     let mut cp = Cp::start(&pty.cp, &[1]);
     let online = cp.wait_online(1);
@@ -219,15 +249,26 @@ async fn pd_comes_online_and_card_reaches_the_cp() {
     assert_eq!(online["caps"]["CommunicationSecurity"][0], 0);
     assert_eq!(online["caps"]["LEDControl"][1], 1);
     wait_bus(&mut events, "PD online", |e| {
-        matches!(e, BusEvent::Pd { addr: 1, event: PdEvent::Online })
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 1,
+                event: PdEvent::Online
+            }
+        )
     })
     .await;
 
     // 26-bit Wiegand and an odd 35-bit card: the exact bits arrive.
-    for (bits, data) in [(26u16, vec![0x12, 0x34, 0x56, 0x40]), (35, vec![0xAB, 0xCD, 0xEF, 0x01, 0xE0])] {
+    for (bits, data) in [
+        (26u16, vec![0x12, 0x34, 0x56, 0x40]),
+        (35, vec![0xAB, 0xCD, 0xEF, 0x01, 0xE0]),
+    ] {
         handle.send_card(1, card(bits, &data)).await.unwrap();
         let hex = hex::encode(&data);
-        let got = cp.wait_for("card", |v| v["event"] == "card" && v["data"] == hex.as_str());
+        let got = cp.wait_for("card", |v| {
+            v["event"] == "card" && v["data"] == hex.as_str()
+        });
         assert_eq!(got["pd"], 1);
         assert_eq!(got["bits"], bits);
         assert_eq!(got["format"], 1);
@@ -240,7 +281,10 @@ async fn pd_comes_online_and_card_reaches_the_cp() {
     assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
 
     stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join).await.expect("bus task stops").expect("no panic");
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,31 +301,65 @@ async fn led_buzzer_output_are_acked_and_tracked() {
     // Permanent green LED.
     cp.send(serde_json::json!({"cmd": "led", "pd": 3, "control_code": 1, "on_color": 2, "on_count": 10}));
     let ev = wait_bus(&mut events, "LED event", |e| {
-        matches!(e, BusEvent::Pd { addr: 3, event: PdEvent::Led(_) })
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 3,
+                event: PdEvent::Led(_)
+            }
+        )
     })
     .await;
-    let BusEvent::Pd { event: PdEvent::Led(state), .. } = ev else { unreachable!() };
+    let BusEvent::Pd {
+        event: PdEvent::Led(state),
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
     assert_eq!(state.permanent.control, 1);
     assert_eq!(state.permanent.on_color, 2);
     assert_eq!(state.permanent.on_time, 10);
 
     // Temporary red for 2 s on top.
-    cp.send(serde_json::json!({"cmd": "led", "pd": 3, "temporary": true, "control_code": 2,
-        "on_color": 1, "on_count": 3, "off_count": 3, "timer_count": 20}));
-    let ev = wait_bus(&mut events, "temporary LED", |e| {
-        matches!(e, BusEvent::Pd { addr: 3, event: PdEvent::Led(s) } if s.temporary.is_some())
-    })
+    cp.send(
+        serde_json::json!({"cmd": "led", "pd": 3, "temporary": true, "control_code": 2,
+        "on_color": 1, "on_count": 3, "off_count": 3, "timer_count": 20}),
+    );
+    let ev = wait_bus(
+        &mut events,
+        "temporary LED",
+        |e| matches!(e, BusEvent::Pd { addr: 3, event: PdEvent::Led(s) } if s.temporary.is_some()),
+    )
     .await;
-    let BusEvent::Pd { event: PdEvent::Led(state), .. } = ev else { unreachable!() };
+    let BusEvent::Pd {
+        event: PdEvent::Led(state),
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
     assert_eq!(state.effective().on_color, 1);
     assert_eq!(state.permanent.on_color, 2);
 
     cp.send(serde_json::json!({"cmd": "buzzer", "pd": 3, "control_code": 2, "on_count": 2, "off_count": 1, "rep_count": 3}));
     let ev = wait_bus(&mut events, "buzzer event", |e| {
-        matches!(e, BusEvent::Pd { addr: 3, event: PdEvent::Buzzer(_) })
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 3,
+                event: PdEvent::Buzzer(_)
+            }
+        )
     })
     .await;
-    let BusEvent::Pd { event: PdEvent::Buzzer(b), .. } = ev else { unreachable!() };
+    let BusEvent::Pd {
+        event: PdEvent::Buzzer(b),
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
     assert_eq!((b.tone, b.on_time, b.off_time, b.count), (2, 2, 1, 3));
 
     cp.send(serde_json::json!({"cmd": "output", "pd": 3, "output_no": 0, "control_code": 2}));
@@ -298,32 +376,53 @@ async fn led_buzzer_output_are_acked_and_tracked() {
     assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
 
     stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join).await.expect("bus task stops").expect("no panic");
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_pds_on_one_bus() {
     let pty = pty_pair();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (handle, mut events, join) =
-        spawn_bus(bus_config(&pty.pd, vec![PdConfig::new(1), PdConfig::new(2)]), stop_rx).unwrap();
+    let (handle, mut events, join) = spawn_bus(
+        bus_config(&pty.pd, vec![PdConfig::new(1), PdConfig::new(2)]),
+        stop_rx,
+    )
+    .unwrap();
     let mut cp = Cp::start(&pty.cp, &[1, 2]);
     cp.wait_online(1);
     cp.wait_online(2);
-    handle.send_card(2, card(26, &[0x01, 0x02, 0x03, 0x00])).await.unwrap();
+    handle
+        .send_card(2, card(26, &[0x01, 0x02, 0x03, 0x00]))
+        .await
+        .unwrap();
     let got = cp.wait_for("card on pd 2", |v| v["event"] == "card");
     assert_eq!(got["pd"], 2);
     assert_eq!(got["data"], "01020300");
-    handle.send_card(1, card(26, &[0x0A, 0x0B, 0x0C, 0x00])).await.unwrap();
+    handle
+        .send_card(1, card(26, &[0x0A, 0x0B, 0x0C, 0x00]))
+        .await
+        .unwrap();
     let got = cp.wait_for("card on pd 1", |v| v["event"] == "card");
     assert_eq!(got["pd"], 1);
     assert_eq!(got["data"], "0a0b0c00");
     wait_bus(&mut events, "delivered on 1", |e| {
-        matches!(e, BusEvent::Pd { addr: 1, event: PdEvent::CardDelivered(_) })
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 1,
+                event: PdEvent::CardDelivered(_)
+            }
+        )
     })
     .await;
     stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join).await.expect("bus task stops").expect("no panic");
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
 }
 
 /// xorshift64*: deterministic noise without an extra crate.
@@ -342,13 +441,17 @@ fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
 async fn garbage_on_the_line_is_survived() {
     let pty = pty_pair();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (handle, mut events, join) = spawn_bus(bus_config(&pty.pd, vec![PdConfig::new(1)]), stop_rx).unwrap();
+    let (handle, mut events, join) =
+        spawn_bus(bus_config(&pty.pd, vec![PdConfig::new(1)]), stop_rx).unwrap();
     let mut cp = Cp::start(&pty.cp, &[1]);
     cp.wait_online(1);
 
     // A second writer on the CP side of the line: its bytes reach keyway between the CP's
     // packets. Random bytes, false SOMs with plausible lengths, and truncated packets.
-    let mut line = std::fs::OpenOptions::new().write(true).open(&pty.cp).expect("open CP side");
+    let mut line = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pty.cp)
+        .expect("open CP side");
     let mut seed = 0x5EED_1234_ABCD_0001u64;
     for burst in 0..30u8 {
         let mut bytes = noise(&mut seed, 48);
@@ -363,19 +466,37 @@ async fn garbage_on_the_line_is_survived() {
     drop(line);
     let stats = handle.stats().await.unwrap();
     eprintln!("keyway decoder after noise: {stats:?}");
-    assert!(stats.skipped_bytes > 0, "noise never reached keyway: {stats:?}");
-    assert!(stats.bad_length + stats.bad_check + stats.stale_drops > 0, "{stats:?}");
+    assert!(
+        stats.skipped_bytes > 0,
+        "noise never reached keyway: {stats:?}"
+    );
+    assert!(
+        stats.bad_length + stats.bad_check + stats.stale_drops > 0,
+        "{stats:?}"
+    );
 
     // The link recovers: a card still goes through, and the bus task is alive.
     assert!(!join.is_finished(), "bus task ended under noise");
-    handle.send_card(1, card(26, &[0xDE, 0xAD, 0xBE, 0xC0])).await.unwrap();
+    handle
+        .send_card(1, card(26, &[0xDE, 0xAD, 0xBE, 0xC0]))
+        .await
+        .unwrap();
     let got = cp.wait_for("card after noise", |v| v["event"] == "card");
     assert_eq!(got["data"], "deadbec0");
     wait_bus(&mut events, "delivered after noise", |e| {
-        matches!(e, BusEvent::Pd { addr: 1, event: PdEvent::CardDelivered(_) })
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 1,
+                event: PdEvent::CardDelivered(_)
+            }
+        )
     })
     .await;
 
     stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join).await.expect("bus task stops").expect("no panic");
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
 }

@@ -1,4 +1,4 @@
-//! Typed parsing of CP-to-PD command data (OSDP 2.2 §6), with length checks.
+//! Typed parsing of CP-to-PD command data (OSDP 2.2, chapter "Commands"), with length checks.
 //!
 //! Parsing is total: any byte string yields either a [`Command`] or a [`CommandError`] that
 //! maps to the NAK code the spec asks for (length errors → 0x02, unknown codes → 0x03).
@@ -57,7 +57,7 @@ impl CommandError {
     }
 }
 
-/// One LED setting (temporary or permanent part of an osdp_LED record, §6.10).
+/// One LED setting (temporary or permanent part of an osdp_LED record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LedParams {
     /// Temporary: 0 NOP, 1 cancel temporary, 2 set temporary. Permanent: 0 NOP, 1 set.
@@ -81,7 +81,7 @@ pub struct LedRecord {
     pub permanent: LedParams,
 }
 
-/// One osdp_BUZ record (5 bytes, §6.11).
+/// One osdp_BUZ record (5 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuzzerRecord {
     pub reader: u8,
@@ -93,7 +93,7 @@ pub struct BuzzerRecord {
     pub count: u8,
 }
 
-/// One osdp_OUT record (4 bytes, §6.9).
+/// One osdp_OUT record (4 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputRecord {
     pub output: u8,
@@ -108,8 +108,12 @@ pub struct OutputRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Poll,
-    Id { reply_type: u8 },
-    Cap { reply_type: u8 },
+    Id {
+        reply_type: u8,
+    },
+    Cap {
+        reply_type: u8,
+    },
     LocalStatus,
     InputStatus,
     OutputStatus,
@@ -117,23 +121,43 @@ pub enum Command {
     Output(Vec<OutputRecord>),
     Led(Vec<LedRecord>),
     Buzzer(Vec<BuzzerRecord>),
-    Text { reader: u8, control: u8, temp_time: u8, row: u8, col: u8, text: Vec<u8> },
-    ComSet { address: u8, baud: u32 },
+    Text {
+        reader: u8,
+        control: u8,
+        temp_time: u8,
+        row: u8,
+        col: u8,
+        text: Vec<u8>,
+    },
+    ComSet {
+        address: u8,
+        baud: u32,
+    },
     AcuRxSize(u16),
     KeepActive(u16),
     Abort,
-    Mfg { vendor: [u8; 3], data: Vec<u8> },
+    Mfg {
+        vendor: [u8; 3],
+        data: Vec<u8>,
+    },
     /// Secure-channel commands (KEYSET, CHLNG, SCRYPT): recognised, handled by the SC layer.
-    SecureChannel { code: u8 },
+    SecureChannel {
+        code: u8,
+    },
     /// A defined command this PD does not implement (RMODE, TDSET, BIO*, FILETRANSFER, ...).
-    Unsupported { code: u8 },
+    Unsupported {
+        code: u8,
+    },
 }
 
 fn exact(code: u8, data: &[u8], n: usize) -> Result<(), CommandError> {
     if data.len() == n {
         Ok(())
     } else {
-        Err(CommandError::Length { code, len: data.len() })
+        Err(CommandError::Length {
+            code,
+            len: data.len(),
+        })
     }
 }
 
@@ -143,14 +167,18 @@ fn records<const N: usize, T>(
     f: impl Fn(&[u8; N]) -> T,
 ) -> Result<Vec<T>, CommandError> {
     // At least one record, and a whole number of them.
-    if data.is_empty() || data.len() % N != 0 {
-        return Err(CommandError::Length { code, len: data.len() });
+    if data.is_empty() || !data.len().is_multiple_of(N) {
+        return Err(CommandError::Length {
+            code,
+            len: data.len(),
+        });
     }
     let mut out = Vec::with_capacity(data.len() / N);
     for chunk in data.chunks_exact(N) {
-        let rec: &[u8; N] = chunk
-            .try_into()
-            .map_err(|_| CommandError::Length { code, len: data.len() })?;
+        let rec: &[u8; N] = chunk.try_into().map_err(|_| CommandError::Length {
+            code,
+            len: data.len(),
+        })?;
         out.push(f(rec));
     }
     Ok(out)
@@ -233,22 +261,42 @@ pub fn parse(code: u8, data: &[u8]) -> Result<Command, CommandError> {
                     text: text.to_vec(),
                 }
             }
-            _ => return Err(CommandError::Length { code, len: data.len() }),
+            _ => {
+                return Err(CommandError::Length {
+                    code,
+                    len: data.len(),
+                })
+            }
         },
         c::COMSET => match data {
             [address, b0, b1, b2, b3] => Command::ComSet {
                 address: *address,
                 baud: u32::from_le_bytes([*b0, *b1, *b2, *b3]),
             },
-            _ => return Err(CommandError::Length { code, len: data.len() }),
+            _ => {
+                return Err(CommandError::Length {
+                    code,
+                    len: data.len(),
+                })
+            }
         },
         c::ACURXSIZE => match data {
             [lo, hi] => Command::AcuRxSize(u16::from_le_bytes([*lo, *hi])),
-            _ => return Err(CommandError::Length { code, len: data.len() }),
+            _ => {
+                return Err(CommandError::Length {
+                    code,
+                    len: data.len(),
+                })
+            }
         },
         c::KEEPACTIVE => match data {
             [lo, hi] => Command::KeepActive(u16::from_le_bytes([*lo, *hi])),
-            _ => return Err(CommandError::Length { code, len: data.len() }),
+            _ => {
+                return Err(CommandError::Length {
+                    code,
+                    len: data.len(),
+                })
+            }
         },
         c::ABORT => {
             exact(code, data, 0)?;
@@ -259,11 +307,23 @@ pub fn parse(code: u8, data: &[u8]) -> Result<Command, CommandError> {
                 vendor: [*v0, *v1, *v2],
                 data: rest.to_vec(),
             },
-            _ => return Err(CommandError::Length { code, len: data.len() }),
+            _ => {
+                return Err(CommandError::Length {
+                    code,
+                    len: data.len(),
+                })
+            }
         },
         c::KEYSET | c::CHLNG | c::SCRYPT => Command::SecureChannel { code },
-        c::RMODE | c::TDSET | c::BIOREAD | c::BIOMATCH | c::FILETRANSFER | c::XWR
-        | c::PIVDATA | c::GENAUTH | c::CRAUTH => Command::Unsupported { code },
+        c::RMODE
+        | c::TDSET
+        | c::BIOREAD
+        | c::BIOMATCH
+        | c::FILETRANSFER
+        | c::XWR
+        | c::PIVDATA
+        | c::GENAUTH
+        | c::CRAUTH => Command::Unsupported { code },
         other => return Err(CommandError::Unknown(other)),
     })
 }
@@ -291,7 +351,9 @@ mod tests {
         // permanent: set, on 1, off 0, green, black.
         let data = [0, 0, 2, 5, 5, 1, 0, 30, 0, 1, 1, 0, 2, 0];
         let cmd = parse(0x69, &data).unwrap();
-        let Command::Led(recs) = cmd else { panic!("not LED") };
+        let Command::Led(recs) = cmd else {
+            panic!("not LED")
+        };
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].temporary.control, 2);
         assert_eq!(recs[0].temporary.on_color, 1);
@@ -300,16 +362,39 @@ mod tests {
         assert_eq!(recs[0].permanent.on_color, 2);
         // Two records are fine, 13 or 15 bytes are not.
         assert!(matches!(parse(0x69, &[data, data].concat()), Ok(Command::Led(r)) if r.len() == 2));
-        assert_eq!(parse(0x69, &data[..13]).unwrap_err().nak(), NakCode::CmdLength);
+        assert_eq!(
+            parse(0x69, &data[..13]).unwrap_err().nak(),
+            NakCode::CmdLength
+        );
         assert!(parse(0x69, &[]).is_err());
     }
 
     #[test]
     fn out_and_buz_layout() {
-        let Command::Output(o) = parse(0x68, &[1, 5, 0x10, 0x01]).unwrap() else { panic!() };
-        assert_eq!(o[0], OutputRecord { output: 1, control: 5, timer: 0x0110 });
-        let Command::Buzzer(b) = parse(0x6A, &[0, 2, 1, 1, 3]).unwrap() else { panic!() };
-        assert_eq!(b[0], BuzzerRecord { reader: 0, tone: 2, on_time: 1, off_time: 1, count: 3 });
+        let Command::Output(o) = parse(0x68, &[1, 5, 0x10, 0x01]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            o[0],
+            OutputRecord {
+                output: 1,
+                control: 5,
+                timer: 0x0110
+            }
+        );
+        let Command::Buzzer(b) = parse(0x6A, &[0, 2, 1, 1, 3]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            b[0],
+            BuzzerRecord {
+                reader: 0,
+                tone: 2,
+                on_time: 1,
+                off_time: 1,
+                count: 3
+            }
+        );
         assert!(parse(0x6A, &[0, 2, 1, 1]).is_err());
         assert!(parse(0x68, &[1, 5, 0x10]).is_err());
     }
@@ -325,10 +410,16 @@ mod tests {
     fn comset_and_unknown() {
         assert_eq!(
             parse(0x6E, &[5, 0x00, 0xC2, 0x01, 0x00]),
-            Ok(Command::ComSet { address: 5, baud: 115_200 })
+            Ok(Command::ComSet {
+                address: 5,
+                baud: 115_200
+            })
         );
         assert_eq!(parse(0x42, &[]).unwrap_err().nak(), NakCode::UnknownCommand);
-        assert_eq!(parse(0x76, &[0; 8]), Ok(Command::SecureChannel { code: 0x76 }));
+        assert_eq!(
+            parse(0x76, &[0; 8]),
+            Ok(Command::SecureChannel { code: 0x76 })
+        );
         assert_eq!(parse(0x7C, &[]), Ok(Command::Unsupported { code: 0x7C }));
     }
 }

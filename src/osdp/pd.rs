@@ -1,9 +1,9 @@
-//! The Peripheral Device state machine for one address (OSDP 2.2 §5.7, §6, §7), sans-IO.
+//! The Peripheral Device state machine for one address (OSDP 2.2), sans-IO.
 //!
 //! Input: decoded frames addressed to this PD and the current time. Output: reply packets
 //! (bytes to write at once) and [`PdEvent`]s for the daemon. No port, timer or clock inside.
 //!
-//! Sequence numbers (§5.7): a command with SQN 0 starts a session; the PD then expects
+//! Sequence numbers (message control, CTRL.SQN): a command with SQN 0 starts a session; the PD then expects
 //! 1, 2, 3, 1, ... A command repeating the last SQN with the same code is a CP retry: the PD
 //! resends its previous reply byte for byte (a card read is not consumed twice). Any other
 //! SQN gets NAK 0x04. One deliberate leniency: a PD that has not seen any command since it
@@ -149,15 +149,27 @@ pub enum PdEvent {
     /// The card went out as osdp_RAW and the CP moved on to its next sequence number, which
     /// it only does after receiving the reply.
     CardDelivered(RawCard),
-    CardDropped { card: RawCard, reason: DropReason },
+    CardDropped {
+        card: RawCard,
+        reason: DropReason,
+    },
     /// An LED changed (after an osdp_LED record or when a temporary setting ended).
     Led(LedState),
     Buzzer(BuzzerRecord),
-    Output { output: u8, state: OutputState },
+    Output {
+        output: u8,
+        state: OutputState,
+    },
     /// The CP asked for a new address/baud; keyway keeps its settings and says so in osdp_COM.
-    ComSetRequested { address: u8, baud: u32 },
+    ComSetRequested {
+        address: u8,
+        baud: u32,
+    },
     /// A NAK went out (useful in logs: a NAK makes many CPs drop the PD).
-    NakSent { command: u8, code: NakCode },
+    NakSent {
+        command: u8,
+        code: NakCode,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +225,10 @@ impl Pd {
                 });
             }
         }
-        let off = OutputState { active: false, until: None };
+        let off = OutputState {
+            active: false,
+            until: None,
+        };
         Ok(Self {
             buzzers: vec![None; usize::from(cfg.readers)],
             outputs: vec![off; usize::from(cfg.outputs)],
@@ -266,8 +281,14 @@ impl Pd {
 
     /// The capabilities sent in osdp_PDCAP: only what this PD really handles.
     pub fn capabilities(&self) -> Vec<Capability> {
-        let c = |function, compliance, count| Capability { function, compliance, count };
-        let [rx_lo, rx_hi] = u16::try_from(MAX_PACKET_LEN).unwrap_or(u16::MAX).to_le_bytes();
+        let c = |function, compliance, count| Capability {
+            function,
+            compliance,
+            count,
+        };
+        let [rx_lo, rx_hi] = u16::try_from(MAX_PACKET_LEN)
+            .unwrap_or(u16::MAX)
+            .to_le_bytes();
         let mut caps = Vec::new();
         if self.cfg.outputs > 0 {
             // 1: on/off on command (timed codes are accepted and tracked too).
@@ -329,7 +350,8 @@ impl Pd {
     /// When `handle_timeout` has work to do.
     pub fn next_timeout(&self) -> Option<Instant> {
         let offline = if self.online {
-            self.last_rx.and_then(|t| t.checked_add(self.cfg.offline_after))
+            self.last_rx
+                .and_then(|t| t.checked_add(self.cfg.offline_after))
         } else {
             None
         };
@@ -358,9 +380,15 @@ impl Pd {
         for (i, out) in self.outputs.iter_mut().enumerate() {
             if let Some((end, after)) = out.until {
                 if end <= now {
-                    *out = OutputState { active: after, until: None };
+                    *out = OutputState {
+                        active: after,
+                        until: None,
+                    };
                     let output = u8::try_from(i).unwrap_or(u8::MAX);
-                    changed.push(PdEvent::Output { output, state: *out });
+                    changed.push(PdEvent::Output {
+                        output,
+                        state: *out,
+                    });
                 }
             }
         }
@@ -379,7 +407,7 @@ impl Pd {
         if frame.address() != self.cfg.address && !broadcast {
             return None;
         }
-        // §5.7: only configuration commands make sense on the broadcast address; answering
+        // Only configuration commands make sense on the broadcast address; answering
         // others could collide with a real PD's reply.
         if broadcast && !matches!(frame.code, command::code::ID | command::code::CAP) {
             return None;
@@ -407,7 +435,10 @@ impl Pd {
                 // Same SQN, different command: treat as a fresh command with this SQN.
             } else if s != next_sqn(last) {
                 let reply = Reply::Nak(NakCode::SequenceNumber);
-                self.emit(PdEvent::NakSent { command: frame.code, code: NakCode::SequenceNumber });
+                self.emit(PdEvent::NakSent {
+                    command: frame.code,
+                    code: NakCode::SequenceNumber,
+                });
                 return self.encode(frame, &reply);
             } else if let Some(q) = self.in_flight.take() {
                 // The CP advanced: it got the osdp_RAW.
@@ -424,7 +455,10 @@ impl Pd {
             }
         };
         if let Reply::Nak(code) = reply {
-            self.emit(PdEvent::NakSent { command: frame.code, code });
+            self.emit(PdEvent::NakSent {
+                command: frame.code,
+                code,
+            });
         }
         let bytes = self.encode(frame, &reply)?;
         self.seq = Seq::Last(s);
@@ -452,7 +486,10 @@ impl Pd {
             Command::Poll => self.poll_reply(now),
             Command::Id { .. } => Reply::PdId(self.cfg.identity),
             Command::Cap { .. } => Reply::PdCap(self.capabilities()),
-            Command::LocalStatus => Reply::LocalStatus { tamper: false, power_fail: false },
+            Command::LocalStatus => Reply::LocalStatus {
+                tamper: false,
+                power_fail: false,
+            },
             Command::OutputStatus if self.cfg.outputs > 0 => {
                 Reply::OutputStatus(self.outputs.iter().map(|o| o.active).collect())
             }
@@ -461,7 +498,10 @@ impl Pd {
             Command::Output(recs) => self.apply_output(&recs, now),
             Command::ComSet { address, baud } => {
                 self.emit(PdEvent::ComSetRequested { address, baud });
-                Reply::Com { address: self.cfg.address, baud: self.cfg.baud }
+                Reply::Com {
+                    address: self.cfg.address,
+                    baud: self.cfg.baud,
+                }
             }
             Command::AcuRxSize(_) | Command::KeepActive(_) | Command::Abort => Reply::Ack,
             Command::SecureChannel { .. } => Reply::Nak(NakCode::ScUnsupported),
@@ -477,7 +517,10 @@ impl Pd {
     fn poll_reply(&mut self, now: Instant) -> Reply {
         while let Some(q) = self.cards.pop_front() {
             if now.saturating_duration_since(q.at) > self.cfg.card_ttl {
-                self.emit(PdEvent::CardDropped { card: q.card, reason: DropReason::Expired });
+                self.emit(PdEvent::CardDropped {
+                    card: q.card,
+                    reason: DropReason::Expired,
+                });
                 continue;
             }
             let reply = Reply::Raw(q.card.clone());
@@ -499,8 +542,8 @@ impl Pd {
             return Reply::Nak(NakCode::Record);
         }
         for r in recs {
-            let idx = usize::from(r.reader) * usize::from(self.cfg.leds_per_reader)
-                + usize::from(r.led);
+            let idx =
+                usize::from(r.reader) * usize::from(self.cfg.leds_per_reader) + usize::from(r.led);
             let Some(led) = self.leds.get_mut(idx) else {
                 continue;
             };
@@ -525,7 +568,10 @@ impl Pd {
         if !self.cfg.buzzer {
             return Reply::Nak(NakCode::UnknownCommand);
         }
-        if !recs.iter().all(|r| r.reader < self.cfg.readers && r.tone <= 2) {
+        if !recs
+            .iter()
+            .all(|r| r.reader < self.cfg.readers && r.tone <= 2)
+        {
             return Reply::Nak(NakCode::Record);
         }
         for r in recs {
@@ -538,7 +584,10 @@ impl Pd {
     }
 
     fn apply_output(&mut self, recs: &[OutputRecord], now: Instant) -> Reply {
-        if !recs.iter().all(|r| r.output < self.cfg.outputs && r.control <= 6) {
+        if !recs
+            .iter()
+            .all(|r| r.output < self.cfg.outputs && r.control <= 6)
+        {
             return Reply::Nak(NakCode::Record);
         }
         for r in recs {
@@ -549,21 +598,42 @@ impl Pd {
             let prev = *out;
             *out = match r.control {
                 0 => prev,
-                1 => OutputState { active: false, until: None },
-                2 => OutputState { active: true, until: None },
+                1 => OutputState {
+                    active: false,
+                    until: None,
+                },
+                2 => OutputState {
+                    active: true,
+                    until: None,
+                },
                 // 3/4: permanent state applies once a running timer ends.
                 3 | 4 => {
                     let want = r.control == 4;
                     match prev.until {
-                        Some((end, _)) => OutputState { active: prev.active, until: Some((end, want)) },
-                        None => OutputState { active: want, until: None },
+                        Some((end, _)) => OutputState {
+                            active: prev.active,
+                            until: Some((end, want)),
+                        },
+                        None => OutputState {
+                            active: want,
+                            until: None,
+                        },
                     }
                 }
-                5 => OutputState { active: true, until: timed.map(|t| (t, prev.active)) },
-                _ => OutputState { active: false, until: timed.map(|t| (t, prev.active)) },
+                5 => OutputState {
+                    active: true,
+                    until: timed.map(|t| (t, prev.active)),
+                },
+                _ => OutputState {
+                    active: false,
+                    until: timed.map(|t| (t, prev.active)),
+                },
             };
             let state = *out;
-            self.emit(PdEvent::Output { output: r.output, state });
+            self.emit(PdEvent::Output {
+                output: r.output,
+                state,
+            });
         }
         Reply::Ack
     }
@@ -652,7 +722,10 @@ mod tests {
         let mut pd = Pd::new(cfg).unwrap();
         let r = run(&mut pd, cmd(0, 0x61, &[0]), Instant::now());
         assert_eq!(r.code, rc::PDID);
-        assert_eq!(r.data, vec![0x0C, 0x0B, 0x0A, 3, 4, 0xEF, 0xBE, 0xAD, 0xDE, 5, 6, 7]);
+        assert_eq!(
+            r.data,
+            vec![0x0C, 0x0B, 0x0A, 3, 4, 0xEF, 0xBE, 0xAD, 0xDE, 5, 6, 7]
+        );
     }
 
     #[test]
@@ -767,12 +840,31 @@ mod tests {
         pd.queue_card(card26(), now).unwrap();
         pd.queue_card(card26(), now).unwrap();
         assert_eq!(pd.queue_card(card26(), now), Err(PdError::QueueFull(2)));
-        let bad = RawCard { data: vec![0; 3], ..card26() };
-        assert!(matches!(pd.queue_card(bad, now), Err(PdError::InvalidCard(_))));
-        let bad = RawCard { reader: 1, ..card26() };
-        assert!(matches!(pd.queue_card(bad, now), Err(PdError::InvalidCard(_))));
-        let bad = RawCard { bit_count: 0, data: vec![], ..card26() };
-        assert!(matches!(pd.queue_card(bad, now), Err(PdError::InvalidCard(_))));
+        let bad = RawCard {
+            data: vec![0; 3],
+            ..card26()
+        };
+        assert!(matches!(
+            pd.queue_card(bad, now),
+            Err(PdError::InvalidCard(_))
+        ));
+        let bad = RawCard {
+            reader: 1,
+            ..card26()
+        };
+        assert!(matches!(
+            pd.queue_card(bad, now),
+            Err(PdError::InvalidCard(_))
+        ));
+        let bad = RawCard {
+            bit_count: 0,
+            data: vec![],
+            ..card26()
+        };
+        assert!(matches!(
+            pd.queue_card(bad, now),
+            Err(PdError::InvalidCard(_))
+        ));
     }
 
     #[test]
@@ -811,7 +903,10 @@ mod tests {
         run(&mut pd, cmd(0, 0x60, &[]), now);
         events(&mut pd);
         // Permanent green.
-        assert_eq!(run(&mut pd, cmd(1, 0x69, &led_data(0, 0, 1, 2)), now).code, rc::ACK);
+        assert_eq!(
+            run(&mut pd, cmd(1, 0x69, &led_data(0, 0, 1, 2)), now).code,
+            rc::ACK
+        );
         assert_eq!(pd.leds()[0].effective().on_color, 2);
         // Temporary red for 1 s.
         let temp = [0, 0, 2, 3, 3, 1, 0, 10, 0, 0, 0, 0, 0, 0];
@@ -826,7 +921,10 @@ mod tests {
         assert_eq!(pd.leds()[0].effective().on_color, 2);
         assert!(matches!(events(&mut pd)[..], [PdEvent::Led(s)] if s.temporary.is_none()));
         // Buzzer.
-        assert_eq!(run(&mut pd, cmd(3, 0x6A, &[0, 2, 1, 1, 2]), now).code, rc::ACK);
+        assert_eq!(
+            run(&mut pd, cmd(3, 0x6A, &[0, 2, 1, 1, 2]), now).code,
+            rc::ACK
+        );
         assert_eq!(pd.buzzer(0).map(|b| b.count), Some(2));
         // Output 1 on, then temporary off for 0.5 s.
         assert_eq!(run(&mut pd, cmd(1, 0x68, &[1, 2, 0, 0]), now).code, rc::ACK);
@@ -940,15 +1038,25 @@ mod tests {
     #[test]
     fn comset_reports_request_and_keeps_settings() {
         let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
-        let r = run(&mut pd, cmd(0, 0x6E, &[7, 0x80, 0x25, 0, 0]), Instant::now());
+        let r = run(
+            &mut pd,
+            cmd(0, 0x6E, &[7, 0x80, 0x25, 0, 0]),
+            Instant::now(),
+        );
         assert_eq!(r.code, 0x54);
         assert_eq!(r.data, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]);
-        assert!(events(&mut pd).contains(&PdEvent::ComSetRequested { address: 7, baud: 9600 }));
+        assert!(events(&mut pd).contains(&PdEvent::ComSetRequested {
+            address: 7,
+            baud: 9600
+        }));
     }
 
     #[test]
     fn config_validation() {
-        assert_eq!(Pd::new(PdConfig::new(0x7F)).err(), Some(PdError::BadAddress(0x7F)));
+        assert_eq!(
+            Pd::new(PdConfig::new(0x7F)).err(),
+            Some(PdError::BadAddress(0x7F))
+        );
         let mut c = PdConfig::new(1);
         c.readers = 0;
         assert!(Pd::new(c).is_err());

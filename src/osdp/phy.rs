@@ -1,4 +1,4 @@
-//! OSDP packet layer (OSDP 2.2 §5): framing, check characters and a resynchronising decoder.
+//! OSDP packet layer (OSDP 2.2 message structure): framing, check characters and a resynchronising decoder.
 //!
 //! Wire layout of one packet (little-endian length, which counts the whole packet from SOM to
 //! the last check byte, without the optional leading mark byte 0xFF):
@@ -244,7 +244,8 @@ impl FrameDecoder {
         }
         let room = BUF_CAP.saturating_sub(self.buf.len());
         let n = room.min(bytes.len());
-        self.buf.extend_from_slice(bytes.get(..n).unwrap_or_default());
+        self.buf
+            .extend_from_slice(bytes.get(..n).unwrap_or_default());
         n
     }
 
@@ -298,7 +299,10 @@ impl FrameDecoder {
         }
         if i > 0 {
             // Mark bytes are idle-line filler, not noise worth counting.
-            let noise = self.buf.get(..i).map_or(0, |s| s.iter().filter(|&&b| b != MARK).count());
+            let noise = self
+                .buf
+                .get(..i)
+                .map_or(0, |s| s.iter().filter(|&&b| b != MARK).count());
             self.stats.skipped_bytes += noise as u64;
             self.buf.drain(..i);
         }
@@ -334,34 +338,32 @@ impl FrameDecoder {
 
     /// The next complete packet or error, or `None` when more bytes are needed.
     pub fn poll(&mut self) -> Option<Result<Frame, PhyError>> {
-        loop {
-            self.skip_to_som();
-            let len = match self.candidate_len()? {
-                Ok(len) => len,
-                Err(e) => {
-                    self.stats.bad_length += 1;
-                    self.drop_som();
-                    return Some(Err(e));
+        self.skip_to_som();
+        let len = match self.candidate_len()? {
+            Ok(len) => len,
+            Err(e) => {
+                self.stats.bad_length += 1;
+                self.drop_som();
+                return Some(Err(e));
+            }
+        };
+        let s = self.som_pos();
+        let end = s.checked_add(len)?;
+        let pkt = self.buf.get(s..end)?;
+        match parse_packet(pkt, s == 1) {
+            Ok(frame) => {
+                self.buf.drain(..end);
+                self.stats.frames += 1;
+                Some(Ok(frame))
+            }
+            Err(e) => {
+                match e {
+                    PhyError::BadCheck { .. } => self.stats.bad_check += 1,
+                    PhyError::BadSecurityBlock => self.stats.bad_scb += 1,
+                    _ => self.stats.bad_length += 1,
                 }
-            };
-            let s = self.som_pos();
-            let end = s.checked_add(len)?;
-            let pkt = self.buf.get(s..end)?;
-            match parse_packet(pkt, s == 1) {
-                Ok(frame) => {
-                    self.buf.drain(..end);
-                    self.stats.frames += 1;
-                    return Some(Ok(frame));
-                }
-                Err(e) => {
-                    match e {
-                        PhyError::BadCheck { .. } => self.stats.bad_check += 1,
-                        PhyError::BadSecurityBlock => self.stats.bad_scb += 1,
-                        _ => self.stats.bad_length += 1,
-                    }
-                    self.drop_som();
-                    return Some(Err(e));
-                }
+                self.drop_som();
+                Some(Err(e))
             }
         }
     }
@@ -409,7 +411,9 @@ fn parse_packet(pkt: &[u8], mark: bool) -> Result<Frame, PhyError> {
         if sb_len < 2 || pos + sb_len >= body.len() {
             return Err(PhyError::BadSecurityBlock);
         }
-        let sb = body.get(pos..pos + sb_len).ok_or(PhyError::BadSecurityBlock)?;
+        let sb = body
+            .get(pos..pos + sb_len)
+            .ok_or(PhyError::BadSecurityBlock)?;
         pos += sb_len;
         Some(sb.to_vec())
     } else {
@@ -444,7 +448,11 @@ mod tests {
         Instant::now()
     }
 
-    fn decode_all(d: &mut FrameDecoder, bytes: &[u8], now: Instant) -> Vec<Result<Frame, PhyError>> {
+    fn decode_all(
+        d: &mut FrameDecoder,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Vec<Result<Frame, PhyError>> {
         let mut out = Vec::new();
         let mut rest = bytes;
         loop {
@@ -667,7 +675,11 @@ mod tests {
             data: vec![0; MAX_PACKET_LEN],
         };
         assert_eq!(f.encode(), Err(PhyError::TooLong));
-        let f = Frame { sqn: 4, data: vec![], ..f };
+        let f = Frame {
+            sqn: 4,
+            data: vec![],
+            ..f
+        };
         assert_eq!(f.encode(), Err(PhyError::BadSequence(4)));
     }
 
@@ -675,7 +687,13 @@ mod tests {
     fn buffer_stays_bounded() {
         let mut d = FrameDecoder::default();
         // A candidate declaring the maximum length, then endless filler.
-        let hdr = [SOM, 0x01, (MAX_PACKET_LEN & 0xFF) as u8, (MAX_PACKET_LEN >> 8) as u8, 0x04];
+        let hdr = [
+            SOM,
+            0x01,
+            (MAX_PACKET_LEN & 0xFF) as u8,
+            (MAX_PACKET_LEN >> 8) as u8,
+            0x04,
+        ];
         let mut taken = d.push(&hdr, t0());
         let filler = vec![0u8; 4096];
         taken += d.push(&filler, t0());

@@ -1,4 +1,4 @@
-//! Encoders for PD-to-CP reply data (OSDP 2.2 §7). Each reply yields its code and data
+//! Encoders for PD-to-CP reply data (OSDP 2.2, chapter "Replies"). Each reply yields its code and data
 //! bytes; the packet layer ([`super::phy`]) wraps them.
 
 /// Reply codes (OSDP 2.2 Table 6; verified against libosdp's `osdp_common.h`).
@@ -16,7 +16,7 @@ pub mod code {
     pub const BUSY: u8 = 0x79;
 }
 
-/// NAK error codes (OSDP 2.2 §7.3).
+/// NAK error codes (osdp_NAK data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum NakCode {
@@ -66,7 +66,7 @@ pub struct Capability {
     pub count: u8,
 }
 
-/// osdp_PDID contents (§7.4).
+/// osdp_PDID contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PdIdentity {
     /// IEEE OUI, 24 bits (sent little-endian).
@@ -78,7 +78,7 @@ pub struct PdIdentity {
     pub firmware: [u8; 3],
 }
 
-/// Card data format of osdp_RAW (§7.11).
+/// Card data format of osdp_RAW.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RawFormat {
     NotSpecified = 0,
@@ -159,7 +159,13 @@ impl Reply {
                 out.extend_from_slice(&card.bit_count.to_le_bytes());
                 // Exactly ceil(bits/8) bytes: the CP checks this against the bit count.
                 let n = card.byte_len();
-                out.extend(card.data.iter().copied().chain(std::iter::repeat(0)).take(n));
+                out.extend(
+                    card.data
+                        .iter()
+                        .copied()
+                        .chain(std::iter::repeat(0))
+                        .take(n),
+                );
             }
             Reply::Com { address, baud } => {
                 out.push(*address);
@@ -176,7 +182,7 @@ mod tests {
 
     #[test]
     fn pdid_layout_matches_spec() {
-        // §7.4: vendor code 3 bytes LSB first, model, version, serial 4 bytes LSB first,
+        // osdp_PDID: vendor code 3 bytes LSB first, model, version, serial 4 bytes LSB first,
         // firmware major, minor, build.
         let id = PdIdentity {
             vendor_code: 0x00A1B2C3,
@@ -193,7 +199,7 @@ mod tests {
 
     #[test]
     fn raw_layout_matches_spec() {
-        // §7.11: reader, format, bit count LSB first, data.
+        // osdp_RAW: reader, format, bit count LSB first, data.
         let card = RawCard {
             reader: 0,
             format: RawFormat::Wiegand,
@@ -204,21 +210,35 @@ mod tests {
             Reply::Raw(card).data(),
             vec![0x00, 0x01, 26, 0x00, 0xAA, 0xBB, 0xCC, 0xC0]
         );
-        assert_eq!(Reply::Raw(RawCard {
-            reader: 1,
-            format: RawFormat::NotSpecified,
-            bit_count: 9,
-            data: vec![0xFF],
-        })
-        .data(), vec![1, 0, 9, 0, 0xFF, 0x00]);
+        assert_eq!(
+            Reply::Raw(RawCard {
+                reader: 1,
+                format: RawFormat::NotSpecified,
+                bit_count: 9,
+                data: vec![0xFF],
+            })
+            .data(),
+            vec![1, 0, 9, 0, 0xFF, 0x00]
+        );
     }
 
     #[test]
     fn nak_and_caps() {
         assert_eq!(Reply::Nak(NakCode::SequenceNumber).data(), vec![0x04]);
         assert_eq!(Reply::Nak(NakCode::Record).data(), vec![0x09]);
-        let caps = vec![Capability { function: 8, compliance: 1, count: 0 }];
+        let caps = vec![Capability {
+            function: 8,
+            compliance: 1,
+            count: 0,
+        }];
         assert_eq!(Reply::PdCap(caps).data(), vec![8, 1, 0]);
-        assert_eq!(Reply::Com { address: 3, baud: 9600 }.data(), vec![3, 0x80, 0x25, 0, 0]);
+        assert_eq!(
+            Reply::Com {
+                address: 3,
+                baud: 9600
+            }
+            .data(),
+            vec![3, 0x80, 0x25, 0, 0]
+        );
     }
 }

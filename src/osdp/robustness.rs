@@ -35,7 +35,11 @@ fn command(addr: u8, sqn: u8, code: u8, data: Vec<u8>, rng: &mut Rng) -> Vec<u8>
         mark: rng.below(2) == 0,
         addr_byte: addr,
         sqn,
-        check: if rng.below(4) == 0 { Check::Checksum } else { Check::Crc16 },
+        check: if rng.below(4) == 0 {
+            Check::Checksum
+        } else {
+            Check::Crc16
+        },
         scb: None,
         code,
         data,
@@ -58,7 +62,12 @@ fn bus(rng: &mut Rng) -> Bus {
     a.outputs = 2;
     let b = PdConfig::new(2);
     let mut bus = Bus::new(vec![a, b]).unwrap_or_else(|e| panic!("{e}"));
-    let card = RawCard { reader: 0, format: RawFormat::Wiegand, bit_count: 26, data: rng.bytes(4) };
+    let card = RawCard {
+        reader: 0,
+        format: RawFormat::Wiegand,
+        bit_count: 26,
+        data: rng.bytes(4),
+    };
     let _ = bus.queue_card(1, card, Instant::now());
     bus
 }
@@ -95,9 +104,16 @@ fn random_commands_with_valid_checks_get_valid_replies() {
     let mut rng = Rng(0xFEED_FACE_CAFE_BEEF);
     let mut bus = bus(&mut rng);
     let now = Instant::now();
-    let codes = [0x60, 0x61, 0x62, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6A, 0x6B, 0x6E, 0x75, 0x76, 0x7B, 0x80, 0xA2, 0xA7];
+    let codes = [
+        0x60, 0x61, 0x62, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6A, 0x6B, 0x6E, 0x75, 0x76, 0x7B,
+        0x80, 0xA2, 0xA7,
+    ];
     for _ in 0..5000 {
-        let code = if rng.below(5) == 0 { rng.byte() } else { codes[rng.below(codes.len())] };
+        let code = if rng.below(5) == 0 {
+            rng.byte()
+        } else {
+            codes[rng.below(codes.len())]
+        };
         let len = match rng.below(3) {
             0 => rng.below(4),
             1 => 14 * (1 + rng.below(3)),
@@ -160,6 +176,11 @@ fn commands_between_noise_are_all_answered() {
         let want: Vec<(u8, u8)> = sent.iter().map(|&s| (rc::ACK, s)).collect();
         assert_eq!(got, want, "seed {seed}");
         let events: Vec<_> = std::iter::from_fn(|| bus.poll_event()).collect();
-        assert!(!events.iter().any(|(_, e)| matches!(e, PdEvent::NakSent { .. })), "seed {seed}");
+        assert!(
+            !events
+                .iter()
+                .any(|(_, e)| matches!(e, PdEvent::NakSent { .. })),
+            "seed {seed}"
+        );
     }
 }

@@ -66,10 +66,19 @@ pub struct BusConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BusEvent {
     /// An event of the PD at `addr`.
-    Pd { addr: u8, event: PdEvent },
-    PortOpened { path: PathBuf },
+    Pd {
+        addr: u8,
+        event: PdEvent,
+    },
+    PortOpened {
+        path: PathBuf,
+    },
     /// The port could not be opened or failed; the task retries after `retry_in`.
-    PortError { path: PathBuf, error: String, retry_in: Duration },
+    PortError {
+        path: PathBuf,
+        error: String,
+        retry_in: Duration,
+    },
 }
 
 enum Request {
@@ -197,7 +206,9 @@ impl BusTask {
                 Ok(port) => {
                     backoff = BACKOFF_MIN;
                     log::info!(path:? = self.path; "OSDP serial port open");
-                    self.emit(BusEvent::PortOpened { path: self.path.clone() });
+                    self.emit(BusEvent::PortOpened {
+                        path: self.path.clone(),
+                    });
                     match self.serve(port).await {
                         Stop::Shutdown => return,
                         Stop::Failed(e) => e,
@@ -367,7 +378,10 @@ mod tests {
             baud: 0,
             pds: vec![PdConfig::new(1)],
         };
-        assert!(matches!(spawn_bus(cfg, rx.clone()), Err(SerialError::Settings(_))));
+        assert!(matches!(
+            spawn_bus(cfg, rx.clone()),
+            Err(SerialError::Settings(_))
+        ));
         let cfg = BusConfig {
             path: "/dev/null".into(),
             baud: 9600,
