@@ -70,10 +70,21 @@ struct PtyPair {
 }
 
 fn pty_pair() -> PtyPair {
-    require_socat();
     let dir = tempfile::tempdir().expect("tempdir");
     let pd = dir.path().join("pd");
     let cp = dir.path().join("cp");
+    let guard = socat(&pd, &cp);
+    PtyPair {
+        _socat: guard,
+        _dir: dir,
+        pd,
+        cp,
+    }
+}
+
+/// Start socat linking a pty pair at `pd` and `cp`; returns once both links exist.
+fn socat(pd: &Path, cp: &Path) -> KillOnDrop {
+    require_socat();
     let child = Command::new("socat")
         .arg("-d")
         .arg(format!("pty,raw,echo=0,link={}", pd.display()))
@@ -92,12 +103,7 @@ fn pty_pair() -> PtyPair {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    PtyPair {
-        _socat: guard,
-        _dir: dir,
-        pd,
-        cp,
-    }
+    guard
 }
 
 /// The libosdp CP peer with its JSON-line output.
@@ -493,6 +499,65 @@ async fn garbage_on_the_line_is_survived() {
         )
     })
     .await;
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_missing_then_vanishing_is_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pd_path = dir.path().join("pd");
+    let cp_path = dir.path().join("cp");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) =
+        spawn_bus(bus_config(&pd_path, vec![PdConfig::new(1)]), stop_rx).unwrap();
+    // No port yet: errors, retries, no panic.
+    wait_bus(&mut events, "open error", |e| {
+        matches!(e, BusEvent::PortError { .. })
+    })
+    .await;
+    wait_bus(&mut events, "second open error", |e| {
+        matches!(e, BusEvent::PortError { .. })
+    })
+    .await;
+
+    let line = socat(&pd_path, &cp_path);
+    wait_bus(&mut events, "port opened", |e| {
+        matches!(e, BusEvent::PortOpened { .. })
+    })
+    .await;
+    let mut cp = Cp::start(&cp_path, &[1]);
+    cp.wait_online(1);
+
+    // The line disappears under keyway.
+    drop(cp);
+    drop(line);
+    wait_bus(&mut events, "port failure", |e| {
+        matches!(e, BusEvent::PortError { .. })
+    })
+    .await;
+    // SIGKILLed socat leaves its links behind; a new one needs the names free.
+    let _ = std::fs::remove_file(&pd_path);
+    let _ = std::fs::remove_file(&cp_path);
+
+    // It comes back: keyway reopens it and serves a new CP session.
+    let _line = socat(&pd_path, &cp_path);
+    wait_bus(&mut events, "port reopened", |e| {
+        matches!(e, BusEvent::PortOpened { .. })
+    })
+    .await;
+    let mut cp = Cp::start(&cp_path, &[1]);
+    cp.wait_online(1);
+    handle
+        .send_card(1, card(26, &[0x55, 0xAA, 0x55, 0x80]))
+        .await
+        .unwrap();
+    let got = cp.wait_for("card after reconnect", |v| v["event"] == "card");
+    assert_eq!(got["data"], "55aa5580");
 
     stop_tx.send(true).unwrap();
     tokio::time::timeout(STEP_TIMEOUT, join)

@@ -223,7 +223,7 @@ impl BusTask {
                 error: failure.to_string(),
                 retry_in: backoff,
             });
-            if let Stop::Shutdown = self.idle(backoff).await {
+            if self.idle(backoff).await {
                 return;
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -292,8 +292,8 @@ impl BusTask {
         tokio::time::Instant::from_std(t)
     }
 
-    /// Serve requests and timers without a port for `wait`.
-    async fn idle(&mut self, wait: Duration) -> Stop {
+    /// Serve requests and timers without a port for `wait`. True when shutting down.
+    async fn idle(&mut self, wait: Duration) -> bool {
         let until = tokio::time::Instant::now() + wait;
         loop {
             let deadline = self.deadline().min(until);
@@ -301,7 +301,7 @@ impl BusTask {
                 biased;
                 r = self.shutdown.changed() => {
                     if r.is_err() || self.shutting_down() {
-                        return Stop::Shutdown;
+                        return true;
                     }
                 }
                 req = recv_request(&mut self.requests) => match req {
@@ -313,7 +313,7 @@ impl BusTask {
                     let _ = self.bus.handle_timeout(Instant::now());
                     self.drain_events();
                     if tokio::time::Instant::now() >= until {
-                        return Stop::Failed(SerialError::Eof);
+                        return false;
                     }
                 }
             }
