@@ -19,9 +19,16 @@ fn check_reply(bytes: &[u8], now: Instant) {
 fuzz_target!(|input: &[u8]| {
     let mut a = PdConfig::new(1);
     a.outputs = 2;
-    let Ok(mut bus) = Bus::new(vec![a, PdConfig::new(2)]) else { return };
+    let Ok(mut bus) = Bus::new(vec![a, PdConfig::new(2)]) else {
+        return;
+    };
     let mut now = Instant::now();
-    let card = RawCard { reader: 0, format: RawFormat::Wiegand, bit_count: 26, data: vec![1, 2, 3, 0x40] };
+    let card = RawCard {
+        reader: 0,
+        format: RawFormat::Wiegand,
+        bit_count: 26,
+        data: vec![1, 2, 3, 0x40],
+    };
     let _ = bus.queue_card(1, card, now);
     // Records of [addr, ctrl, code, len, data...] become well-framed commands, so the fuzzer
     // reaches the command parsers without having to guess CRCs; the raw input goes in too.
@@ -32,8 +39,16 @@ fuzz_target!(|input: &[u8]| {
             mark: ctrl & 0x10 != 0,
             addr_byte: *addr,
             sqn: ctrl & 0x03,
-            check: if ctrl & 0x04 != 0 { Check::Crc16 } else { Check::Checksum },
-            scb: if ctrl & 0x08 != 0 { Some(vec![2, 0x15]) } else { None },
+            check: if ctrl & 0x04 != 0 {
+                Check::Crc16
+            } else {
+                Check::Checksum
+            },
+            scb: if ctrl & 0x08 != 0 {
+                Some(vec![2, 0x15])
+            } else {
+                None
+            },
             code: *code,
             data: tail[..n].to_vec(),
         };

@@ -205,6 +205,17 @@ mod tests {
     }
 
     #[test]
+    fn answers_libosdp_poll_byte_for_byte() {
+        // libosdp's CP POLL to PD 0x65, SQN 0, CRC, with its mark byte (from libosdp's
+        // tests/unit-tests/test-cp-phy.c). The expected ACK was computed outside this code
+        // (Python binascii.crc_hqx with init 0x1D0F over 53 e5 08 00 04 40).
+        let poll = [0xFF, 0x53, 0x65, 0x08, 0x00, 0x04, 0x60, 0x60, 0x90];
+        let ack = vec![0xFF, 0x53, 0xE5, 0x08, 0x00, 0x04, 0x40, 0xD2, 0x96];
+        let mut bus = Bus::new(vec![PdConfig::new(0x65)]).unwrap();
+        assert_eq!(bus.receive(&poll, Instant::now()), vec![ack]);
+    }
+
+    #[test]
     fn two_commands_in_one_chunk_get_two_replies() {
         let mut bus = Bus::new(vec![PdConfig::new(1), PdConfig::new(2)]).unwrap();
         let bytes = [poll(1, 0), poll(2, 0)].concat();
