@@ -1,1 +1,26 @@
-//! (being written)
+//! OSDP Peripheral Device, sans-IO (OSDP 2.2 / IEC 60839-11-5), split like libosdp:
+//!
+//! - [`phy`]: packet framing, CRC-16/checksum, a resynchronising decoder (the secure channel
+//!   will slot in here: security block, MAC, encryption).
+//! - [`command`]: typed parsing of command data.
+//! - [`reply`]: reply encoders, capability and NAK codes.
+//! - [`pd`]: the state machine of one PD (sequence numbers, retries, card queue, LED/buzzer/
+//!   output state, online/offline from the clock passed in).
+//! - [`bus`]: several PDs on one line, routed by address.
+//!
+//! Nothing here touches a port or reads the clock: callers pass bytes and `Instant`s in and
+//! write the returned replies out (see `crate::serial`).
+
+pub mod bus;
+pub mod command;
+pub mod pd;
+pub mod phy;
+pub mod reply;
+#[cfg(test)]
+mod robustness;
+
+pub use bus::Bus;
+pub use command::{BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
+pub use pd::{DropReason, LedState, OutputState, Pd, PdConfig, PdError, PdEvent};
+pub use phy::{Check, DecoderStats, Frame, FrameDecoder, PhyError};
+pub use reply::{NakCode, PdIdentity, RawCard, RawFormat, Reply};

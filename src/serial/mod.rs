@@ -1,1 +1,435 @@
-//! (being written)
+//! The RS-485 OSDP bus adapter: owns the serial port (tokio-serial) and drives the sans-IO
+//! [`crate::osdp::Bus`] with the bytes it reads and the current time.
+//!
+//! Replies are written as soon as the command that asked for them is decoded (no sleeps, no
+//! batching): the CP allows 200 ms, keyway aims at a few. If the port cannot be opened or
+//! goes away, the task reports it, retries with exponential backoff and keeps the core's
+//! state (queued cards, LED state) across reconnects. It never panics on line data.
+//!
+//! The daemon talks to the task through a cheap, cloneable [`BusHandle`] and receives
+//! [`BusEvent`]s on a broadcast channel (a slow subscriber loses old events; it never stalls
+//! the bus).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_serial::{SerialPortBuilderExt, SerialStream};
+
+use crate::osdp::phy::DecoderStats;
+use crate::osdp::{Bus, PdConfig, PdError, PdEvent, RawCard};
+
+/// Events buffered per subscriber before the oldest are lost.
+const EVENT_CHANNEL_CAP: usize = 256;
+/// Requests (cards) waiting for the bus task.
+const REQUEST_CHANNEL_CAP: usize = 64;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Upper bound on how long the task sleeps when the core has no timer (so a stalled clock
+/// source cannot park it forever).
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// Errors of the serial adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("bus configuration: {0}")]
+    Config(#[from] PdError),
+    #[error("invalid serial settings: {0}")]
+    Settings(&'static str),
+    #[error("card refused: {0}")]
+    Card(PdError),
+    #[error("the bus task has stopped")]
+    Stopped,
+    #[error("serial port {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: tokio_serial::Error,
+    },
+    #[error("serial I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("serial port closed")]
+    Eof,
+}
+
+/// One serial line and the PDs (doors) keyway serves on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusConfig {
+    pub path: PathBuf,
+    pub baud: u32,
+    pub pds: Vec<PdConfig>,
+}
+
+/// What the bus task reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusEvent {
+    /// An event of the PD at `addr`.
+    Pd {
+        addr: u8,
+        event: PdEvent,
+    },
+    PortOpened {
+        path: PathBuf,
+    },
+    /// The port could not be opened or failed; the task retries after `retry_in`.
+    PortError {
+        path: PathBuf,
+        error: String,
+        retry_in: Duration,
+    },
+}
+
+enum Request {
+    SendCard {
+        addr: u8,
+        card: RawCard,
+        done: oneshot::Sender<Result<(), PdError>>,
+    },
+    Stats(oneshot::Sender<DecoderStats>),
+}
+
+/// Handle to a running bus task.
+#[derive(Debug, Clone)]
+pub struct BusHandle {
+    requests: mpsc::Sender<Request>,
+    events: broadcast::Sender<BusEvent>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::SendCard { addr, .. } => write!(f, "SendCard({addr})"),
+            Request::Stats(_) => write!(f, "Stats"),
+        }
+    }
+}
+
+impl BusHandle {
+    /// Queue a card on the door at `addr`; it goes out as osdp_RAW at the next POLL.
+    /// Returns once the core accepted (or refused) it, not when the panel received it
+    /// (watch for [`PdEvent::CardDelivered`]).
+    pub async fn send_card(&self, addr: u8, card: RawCard) -> Result<(), SerialError> {
+        let (done, rx) = oneshot::channel();
+        self.requests
+            .send(Request::SendCard { addr, card, done })
+            .await
+            .map_err(|_| SerialError::Stopped)?;
+        rx.await
+            .map_err(|_| SerialError::Stopped)?
+            .map_err(SerialError::Card)
+    }
+
+    /// Framing counters of the line (noise, bad checks, resynchronisations).
+    pub async fn stats(&self) -> Result<DecoderStats, SerialError> {
+        let (done, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Stats(done))
+            .await
+            .map_err(|_| SerialError::Stopped)?;
+        rx.await.map_err(|_| SerialError::Stopped)
+    }
+
+    /// A new receiver of bus events (from now on).
+    pub fn subscribe(&self) -> broadcast::Receiver<BusEvent> {
+        self.events.subscribe()
+    }
+}
+
+/// Start the bus task. The returned receiver sees every event from the start (including the
+/// first `PortOpened`); more receivers come from [`BusHandle::subscribe`]. The task ends when
+/// `shutdown` becomes `true` or its sender is dropped.
+pub fn spawn_bus(
+    cfg: BusConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(BusHandle, broadcast::Receiver<BusEvent>, JoinHandle<()>), SerialError> {
+    if cfg.baud == 0 {
+        return Err(SerialError::Settings("baud rate must be positive"));
+    }
+    if cfg.path.as_os_str().is_empty() {
+        return Err(SerialError::Settings("empty serial port path"));
+    }
+    let bus = Bus::new(cfg.pds.clone())?;
+    let (req_tx, req_rx) = mpsc::channel(REQUEST_CHANNEL_CAP);
+    let (ev_tx, ev_rx) = broadcast::channel(EVENT_CHANNEL_CAP);
+    let task = BusTask {
+        path: cfg.path,
+        baud: cfg.baud,
+        bus,
+        requests: Some(req_rx),
+        events: ev_tx.clone(),
+        shutdown,
+    };
+    let join = tokio::spawn(task.run());
+    Ok((
+        BusHandle {
+            requests: req_tx,
+            events: ev_tx,
+        },
+        ev_rx,
+        join,
+    ))
+}
+
+struct BusTask {
+    path: PathBuf,
+    baud: u32,
+    bus: Bus,
+    /// `None` once every handle is dropped: the bus keeps answering polls.
+    requests: Option<mpsc::Receiver<Request>>,
+    events: broadcast::Sender<BusEvent>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Why serving a port stopped.
+enum Stop {
+    Shutdown,
+    Failed(SerialError),
+}
+
+async fn recv_request(rx: &mut Option<mpsc::Receiver<Request>>) -> Option<Request> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl BusTask {
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            if self.shutting_down() {
+                return;
+            }
+            let failure = match self.open() {
+                Ok(port) => {
+                    backoff = BACKOFF_MIN;
+                    log::info!(path:? = self.path; "OSDP serial port open");
+                    self.emit(BusEvent::PortOpened {
+                        path: self.path.clone(),
+                    });
+                    match self.serve(port).await {
+                        Stop::Shutdown => return,
+                        Stop::Failed(e) => e,
+                    }
+                }
+                Err(e) => e,
+            };
+            log::warn!(path:? = self.path, error:% = failure, retry_ms = backoff.as_millis() as u64;
+                "OSDP serial port failed; retrying");
+            self.emit(BusEvent::PortError {
+                path: self.path.clone(),
+                error: failure.to_string(),
+                retry_in: backoff,
+            });
+            if self.idle(backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn open(&self) -> Result<SerialStream, SerialError> {
+        let path = self.path.to_string_lossy().into_owned();
+        tokio_serial::new(path.clone(), self.baud)
+            .data_bits(tokio_serial::DataBits::Eight)
+            .parity(tokio_serial::Parity::None)
+            .stop_bits(tokio_serial::StopBits::One)
+            .flow_control(tokio_serial::FlowControl::None)
+            .open_native_async()
+            .map_err(|source| SerialError::Open { path, source })
+    }
+
+    fn emit(&self, ev: BusEvent) {
+        // No subscriber is fine: events are also logged.
+        let _ = self.events.send(ev);
+    }
+
+    fn drain_events(&mut self) {
+        while let Some((addr, event)) = self.bus.poll_event() {
+            match &event {
+                PdEvent::Online => log::info!(addr; "OSDP PD online"),
+                PdEvent::Offline => log::warn!(addr; "OSDP PD offline"),
+                PdEvent::NakSent { command, code } => {
+                    log::warn!(addr, command, code:? = code; "OSDP NAK sent")
+                }
+                PdEvent::CardDelivered(card) => {
+                    log::info!(addr, bits = card.bit_count; "OSDP card delivered")
+                }
+                PdEvent::CardDropped { reason, .. } => {
+                    log::warn!(addr, reason:? = reason; "OSDP card dropped")
+                }
+                other => log::debug!(addr, event:? = other; "OSDP PD event"),
+            }
+            self.emit(BusEvent::Pd { addr, event });
+        }
+    }
+
+    fn handle_request(&mut self, req: Request) {
+        match req {
+            Request::SendCard { addr, card, done } => {
+                let r = self.bus.queue_card(addr, card, Instant::now());
+                let _ = done.send(r);
+            }
+            Request::Stats(done) => {
+                let _ = done.send(self.bus.decoder_stats());
+            }
+        }
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        let now = Instant::now();
+        let t = self
+            .bus
+            .next_timeout()
+            .unwrap_or(now + IDLE_TICK)
+            .min(now + IDLE_TICK);
+        tokio::time::Instant::from_std(t)
+    }
+
+    /// Serve requests and timers without a port for `wait`. True when shutting down.
+    async fn idle(&mut self, wait: Duration) -> bool {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let deadline = self.deadline().min(until);
+            tokio::select! {
+                biased;
+                r = self.shutdown.changed() => {
+                    if r.is_err() || self.shutting_down() {
+                        return true;
+                    }
+                }
+                req = recv_request(&mut self.requests) => match req {
+                    Some(req) => self.handle_request(req),
+                    None => self.requests = None,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    // No port: nothing to write; replies to bytes from a dead port are moot.
+                    let _ = self.bus.handle_timeout(Instant::now());
+                    self.drain_events();
+                    if tokio::time::Instant::now() >= until {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(&mut self, mut port: SerialStream) -> Stop {
+        let mut buf = [0u8; 512];
+        loop {
+            let deadline = self.deadline();
+            tokio::select! {
+                biased;
+                r = self.shutdown.changed() => {
+                    if r.is_err() || self.shutting_down() {
+                        return Stop::Shutdown;
+                    }
+                }
+                r = port.read(&mut buf) => {
+                    let n = match r {
+                        Ok(0) => return Stop::Failed(SerialError::Eof),
+                        Ok(n) => n,
+                        Err(e) => return Stop::Failed(SerialError::Io(e)),
+                    };
+                    let replies = self.bus.receive(buf.get(..n).unwrap_or_default(), Instant::now());
+                    for reply in replies {
+                        if let Err(e) = port.write_all(&reply).await {
+                            return Stop::Failed(SerialError::Io(e));
+                        }
+                    }
+                    if let Some(e) = self.bus.take_phy_error() {
+                        log::debug!(error:% = e; "OSDP framing error (resynchronised)");
+                    }
+                    self.drain_events();
+                }
+                req = recv_request(&mut self.requests) => match req {
+                    Some(req) => self.handle_request(req),
+                    None => self.requests = None,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let replies = self.bus.handle_timeout(Instant::now());
+                    for reply in replies {
+                        if let Err(e) = port.write_all(&reply).await {
+                            return Stop::Failed(SerialError::Io(e));
+                        }
+                    }
+                    self.drain_events();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn config_errors_are_reported_synchronously() {
+        let (_tx, rx) = watch::channel(false);
+        let cfg = BusConfig {
+            path: "/dev/null".into(),
+            baud: 0,
+            pds: vec![PdConfig::new(1)],
+        };
+        assert!(matches!(
+            spawn_bus(cfg, rx.clone()),
+            Err(SerialError::Settings(_))
+        ));
+        let cfg = BusConfig {
+            path: "/dev/null".into(),
+            baud: 9600,
+            pds: vec![],
+        };
+        assert!(matches!(
+            spawn_bus(cfg, rx),
+            Err(SerialError::Config(PdError::NoPds))
+        ));
+    }
+
+    #[tokio::test]
+    async fn missing_port_is_retried_and_shutdown_ends_the_task() {
+        let (tx, rx) = watch::channel(false);
+        let cfg = BusConfig {
+            path: "/nonexistent/keyway-test-tty".into(),
+            baud: 9600,
+            pds: vec![PdConfig::new(1)],
+        };
+        let (handle, mut events, join) = spawn_bus(cfg, rx).unwrap();
+        // Two failures in a row: the task keeps trying, with a growing delay.
+        let mut delays = Vec::new();
+        while delays.len() < 2 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+                .await
+                .expect("an event")
+                .expect("channel open");
+            if let BusEvent::PortError { retry_in, .. } = ev {
+                delays.push(retry_in);
+            }
+        }
+        assert!(delays[1] > delays[0]);
+        // Cards are still accepted (and validated) while the port is down.
+        let card = RawCard {
+            reader: 0,
+            format: crate::osdp::RawFormat::Wiegand,
+            bit_count: 8,
+            data: vec![0xAB],
+        };
+        handle.send_card(1, card.clone()).await.unwrap();
+        assert!(matches!(
+            handle.send_card(2, card).await,
+            Err(SerialError::Card(PdError::UnknownAddress(2)))
+        ));
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), join)
+            .await
+            .expect("task ends on shutdown")
+            .expect("task did not panic");
+    }
+}

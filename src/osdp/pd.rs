@@ -1,0 +1,1064 @@
+//! The Peripheral Device state machine for one address (OSDP 2.2), sans-IO.
+//!
+//! Input: decoded frames addressed to this PD and the current time. Output: reply packets
+//! (bytes to write at once) and [`PdEvent`]s for the daemon. No port, timer or clock inside.
+//!
+//! Sequence numbers (message control, CTRL.SQN): a command with SQN 0 starts a session; the PD then expects
+//! 1, 2, 3, 1, ... A command repeating the last SQN with the same code is a CP retry: the PD
+//! resends its previous reply byte for byte (a card read is not consumed twice). Any other
+//! SQN gets NAK 0x04. One deliberate leniency: a PD that has not seen any command since it
+//! started adopts whatever SQN arrives first, so restarting keyway under a running CP does not
+//! cost a NAK (which libosdp's CP answers by taking the PD offline for 300 s).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::command::{self, BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
+use super::phy::{Frame, BROADCAST_ADDR, MAX_PACKET_LEN, REPLY_BIT};
+use super::reply::{cap, Capability, NakCode, PdIdentity, RawCard, Reply};
+
+/// Events queued per PD before the oldest are dropped (the adapter drains them after every
+/// chunk, so this only fills when the daemon stalls).
+const EVENT_QUEUE_CAP: usize = 64;
+/// Largest card (bytes of data) accepted for osdp_RAW.
+pub const MAX_CARD_BYTES: usize = 64;
+
+/// Errors of the PD core (configuration and the card API; bus bytes never produce these).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PdError {
+    #[error("PD address {0} outside 0..=126")]
+    BadAddress(u8),
+    #[error("two PDs configured with address {0}")]
+    DuplicateAddress(u8),
+    #[error("no PD configured on the bus")]
+    NoPds,
+    #[error("no PD with address {0} on this bus")]
+    UnknownAddress(u8),
+    #[error("invalid card: {0}")]
+    InvalidCard(&'static str),
+    #[error("card queue full ({0} cards waiting)")]
+    QueueFull(usize),
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+}
+
+/// Static configuration of one PD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PdConfig {
+    /// Bus address 0..=126 (0x7F is the broadcast address).
+    pub address: u8,
+    pub identity: PdIdentity,
+    /// Readers behind this PD (card sources, LED and buzzer owners). At least 1.
+    pub readers: u8,
+    /// LEDs per reader the CP may control. At least 1.
+    pub leds_per_reader: u8,
+    /// Whether the CP may drive a buzzer (advertised as audible output).
+    pub buzzer: bool,
+    /// Outputs (relays) the CP may drive. 0 = not advertised.
+    pub outputs: u8,
+    /// Baud rate reported in osdp_COM (the adapter's actual speed).
+    pub baud: u32,
+    /// Cards waiting for a POLL before `queue_card` refuses more.
+    pub card_queue_len: usize,
+    /// A queued card older than this is dropped instead of sent: a late card would open a
+    /// door long after the person left.
+    pub card_ttl: Duration,
+    /// No valid command for this long → offline.
+    pub offline_after: Duration,
+}
+
+impl PdConfig {
+    /// Defaults for one door at `address`.
+    pub fn new(address: u8) -> Self {
+        Self {
+            address,
+            identity: PdIdentity {
+                vendor_code: 0,
+                model: 1,
+                version: 1,
+                serial: 0,
+                firmware: [0, 1, 0],
+            },
+            readers: 1,
+            leds_per_reader: 1,
+            buzzer: true,
+            outputs: 0,
+            baud: 115_200,
+            card_queue_len: 8,
+            card_ttl: Duration::from_secs(5),
+            offline_after: Duration::from_secs(3),
+        }
+    }
+
+    fn validate(&self) -> Result<(), PdError> {
+        if self.address >= BROADCAST_ADDR {
+            return Err(PdError::BadAddress(self.address));
+        }
+        if self.readers == 0 {
+            return Err(PdError::Config("readers must be at least 1"));
+        }
+        if self.leds_per_reader == 0 {
+            return Err(PdError::Config("leds_per_reader must be at least 1"));
+        }
+        if self.card_queue_len == 0 {
+            return Err(PdError::Config("card_queue_len must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Current state of one LED as the CP set it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LedState {
+    pub reader: u8,
+    pub led: u8,
+    pub permanent: LedParams,
+    /// The temporary setting and when it ends (then the permanent one shows again).
+    pub temporary: Option<(LedParams, Instant)>,
+}
+
+impl LedState {
+    /// The setting visible now.
+    pub fn effective(&self) -> LedParams {
+        self.temporary.map_or(self.permanent, |(t, _)| t)
+    }
+}
+
+/// Current state of one output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputState {
+    pub active: bool,
+    /// For a temporary command: when it ends and the state it returns to.
+    pub until: Option<(Instant, bool)>,
+}
+
+/// Why a queued card was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Older than `card_ttl` when a POLL came.
+    Expired,
+}
+
+/// What the PD reports to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PdEvent {
+    /// A valid command arrived after silence (or for the first time).
+    Online,
+    /// No valid command for `offline_after`.
+    Offline,
+    /// The card went out as osdp_RAW and the CP moved on to its next sequence number, which
+    /// it only does after receiving the reply.
+    CardDelivered(RawCard),
+    CardDropped {
+        card: RawCard,
+        reason: DropReason,
+    },
+    /// An LED changed (after an osdp_LED record or when a temporary setting ended).
+    Led(LedState),
+    Buzzer(BuzzerRecord),
+    Output {
+        output: u8,
+        state: OutputState,
+    },
+    /// The CP asked for a new address/baud; keyway keeps its settings and says so in osdp_COM.
+    ComSetRequested {
+        address: u8,
+        baud: u32,
+    },
+    /// A NAK went out (useful in logs: a NAK makes many CPs drop the PD).
+    NakSent {
+        command: u8,
+        code: NakCode,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seq {
+    /// No command accepted since start.
+    Fresh,
+    Last(u8),
+}
+
+fn next_sqn(s: u8) -> u8 {
+    if s >= 3 {
+        1
+    } else {
+        s + 1
+    }
+}
+
+#[derive(Debug)]
+struct Queued {
+    card: RawCard,
+    at: Instant,
+}
+
+/// One Peripheral Device.
+#[derive(Debug)]
+pub struct Pd {
+    cfg: PdConfig,
+    seq: Seq,
+    /// (command code, reply bytes) of the last reply, for retries.
+    last_reply: Option<(u8, Vec<u8>)>,
+    cards: VecDeque<Queued>,
+    in_flight: Option<Queued>,
+    events: VecDeque<PdEvent>,
+    events_dropped: u64,
+    online: bool,
+    last_rx: Option<Instant>,
+    leds: Vec<LedState>,
+    buzzers: Vec<Option<BuzzerRecord>>,
+    outputs: Vec<OutputState>,
+}
+
+impl Pd {
+    pub fn new(cfg: PdConfig) -> Result<Self, PdError> {
+        cfg.validate()?;
+        let mut leds = Vec::new();
+        for reader in 0..cfg.readers {
+            for led in 0..cfg.leds_per_reader {
+                leds.push(LedState {
+                    reader,
+                    led,
+                    permanent: LedParams::default(),
+                    temporary: None,
+                });
+            }
+        }
+        let off = OutputState {
+            active: false,
+            until: None,
+        };
+        Ok(Self {
+            buzzers: vec![None; usize::from(cfg.readers)],
+            outputs: vec![off; usize::from(cfg.outputs)],
+            leds,
+            cfg,
+            seq: Seq::Fresh,
+            last_reply: None,
+            cards: VecDeque::new(),
+            in_flight: None,
+            events: VecDeque::new(),
+            events_dropped: 0,
+            online: false,
+            last_rx: None,
+        })
+    }
+
+    pub fn address(&self) -> u8 {
+        self.cfg.address
+    }
+
+    pub fn config(&self) -> &PdConfig {
+        &self.cfg
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online
+    }
+
+    pub fn leds(&self) -> &[LedState] {
+        &self.leds
+    }
+
+    pub fn buzzer(&self, reader: u8) -> Option<BuzzerRecord> {
+        self.buzzers.get(usize::from(reader)).copied().flatten()
+    }
+
+    pub fn outputs(&self) -> &[OutputState] {
+        &self.outputs
+    }
+
+    /// Cards waiting for a POLL (not counting one sent but not yet confirmed).
+    pub fn queued_cards(&self) -> usize {
+        self.cards.len()
+    }
+
+    /// Events lost because nobody drained them.
+    pub fn events_dropped(&self) -> u64 {
+        self.events_dropped
+    }
+
+    /// The capabilities sent in osdp_PDCAP: only what this PD really handles.
+    pub fn capabilities(&self) -> Vec<Capability> {
+        let c = |function, compliance, count| Capability {
+            function,
+            compliance,
+            count,
+        };
+        let [rx_lo, rx_hi] = u16::try_from(MAX_PACKET_LEN)
+            .unwrap_or(u16::MAX)
+            .to_le_bytes();
+        let mut caps = Vec::new();
+        if self.cfg.outputs > 0 {
+            // 1: on/off on command (timed codes are accepted and tracked too).
+            caps.push(c(cap::OUTPUT_CONTROL, 1, self.cfg.outputs));
+        }
+        // 1: card data as an array of bits (osdp_RAW).
+        caps.push(c(cap::CARD_DATA_FORMAT, 1, 0));
+        // 4: timed, multi-colour LEDs: every field of osdp_LED is kept and reported.
+        caps.push(c(cap::LED_CONTROL, 4, self.cfg.leds_per_reader));
+        if self.cfg.buzzer {
+            // 2: timed on/off.
+            caps.push(c(cap::AUDIBLE_OUTPUT, 2, 1));
+        }
+        caps.push(c(cap::CHECK_CHARACTER, 1, 0));
+        // No secure channel yet.
+        caps.push(c(cap::COMMUNICATION_SECURITY, 0, 0));
+        caps.push(c(cap::RECEIVE_BUFFER, rx_lo, rx_hi));
+        caps.push(c(cap::LARGEST_COMBINED_MESSAGE, rx_lo, rx_hi));
+        caps.push(c(cap::READERS, 0, self.cfg.readers));
+        // 2: SIA OSDP 2.2.
+        caps.push(c(cap::OSDP_VERSION, 2, 0));
+        caps
+    }
+
+    /// Queue a card for the next POLL. `now` starts its time-to-live.
+    pub fn queue_card(&mut self, card: RawCard, now: Instant) -> Result<(), PdError> {
+        if card.bit_count == 0 {
+            return Err(PdError::InvalidCard("zero bits"));
+        }
+        if card.byte_len() > MAX_CARD_BYTES {
+            return Err(PdError::InvalidCard("too many bits"));
+        }
+        if card.data.len() != card.byte_len() {
+            return Err(PdError::InvalidCard("data length does not match bit count"));
+        }
+        if card.reader >= self.cfg.readers {
+            return Err(PdError::InvalidCard("no such reader"));
+        }
+        if self.cards.len() >= self.cfg.card_queue_len {
+            return Err(PdError::QueueFull(self.cards.len()));
+        }
+        self.cards.push_back(Queued { card, at: now });
+        Ok(())
+    }
+
+    /// Next event for the daemon.
+    pub fn poll_event(&mut self) -> Option<PdEvent> {
+        self.events.pop_front()
+    }
+
+    fn emit(&mut self, ev: PdEvent) {
+        if self.events.len() >= EVENT_QUEUE_CAP {
+            self.events.pop_front();
+            self.events_dropped += 1;
+        }
+        self.events.push_back(ev);
+    }
+
+    /// When `handle_timeout` has work to do.
+    pub fn next_timeout(&self) -> Option<Instant> {
+        let offline = if self.online {
+            self.last_rx
+                .and_then(|t| t.checked_add(self.cfg.offline_after))
+        } else {
+            None
+        };
+        let leds = self.leds.iter().filter_map(|l| l.temporary.map(|(_, t)| t));
+        let outs = self.outputs.iter().filter_map(|o| o.until.map(|(t, _)| t));
+        offline.into_iter().chain(leds).chain(outs).min()
+    }
+
+    /// Advance timers: offline detection, end of temporary LED and output settings.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.online {
+            if let Some(last) = self.last_rx {
+                if now.saturating_duration_since(last) > self.cfg.offline_after {
+                    self.online = false;
+                    self.emit(PdEvent::Offline);
+                }
+            }
+        }
+        let mut changed = Vec::new();
+        for led in &mut self.leds {
+            if matches!(led.temporary, Some((_, end)) if end <= now) {
+                led.temporary = None;
+                changed.push(PdEvent::Led(*led));
+            }
+        }
+        for (i, out) in self.outputs.iter_mut().enumerate() {
+            if let Some((end, after)) = out.until {
+                if end <= now {
+                    *out = OutputState {
+                        active: after,
+                        until: None,
+                    };
+                    let output = u8::try_from(i).unwrap_or(u8::MAX);
+                    changed.push(PdEvent::Output {
+                        output,
+                        state: *out,
+                    });
+                }
+            }
+        }
+        for ev in changed {
+            self.emit(ev);
+        }
+    }
+
+    /// Handle a command frame addressed to this PD (or broadcast). Returns the reply packet
+    /// to write now, or `None` when the PD must stay silent.
+    pub fn handle_frame(&mut self, frame: &Frame, now: Instant) -> Option<Vec<u8>> {
+        if frame.is_reply() {
+            return None;
+        }
+        let broadcast = frame.address() == BROADCAST_ADDR;
+        if frame.address() != self.cfg.address && !broadcast {
+            return None;
+        }
+        // Only configuration commands make sense on the broadcast address; answering
+        // others could collide with a real PD's reply.
+        if broadcast && !matches!(frame.code, command::code::ID | command::code::CAP) {
+            return None;
+        }
+        self.last_rx = Some(now);
+        if !self.online {
+            self.online = true;
+            self.emit(PdEvent::Online);
+        }
+
+        let s = frame.sqn;
+        if s == 0 {
+            // New session: a card sent in the old one may never have arrived.
+            if let Some(q) = self.in_flight.take() {
+                self.cards.push_front(q);
+            }
+            self.last_reply = None;
+        } else if let Seq::Last(last) = self.seq {
+            if s == last {
+                if let Some((code, bytes)) = &self.last_reply {
+                    if *code == frame.code {
+                        return Some(bytes.clone());
+                    }
+                }
+                // Same SQN, different command: treat as a fresh command with this SQN.
+            } else if s != next_sqn(last) {
+                let reply = Reply::Nak(NakCode::SequenceNumber);
+                self.emit(PdEvent::NakSent {
+                    command: frame.code,
+                    code: NakCode::SequenceNumber,
+                });
+                return self.encode(frame, &reply);
+            } else if let Some(q) = self.in_flight.take() {
+                // The CP advanced: it got the osdp_RAW.
+                self.emit(PdEvent::CardDelivered(q.card));
+            }
+        }
+
+        let reply = if frame.scb.is_some() {
+            Reply::Nak(NakCode::ScUnsupported)
+        } else {
+            match command::parse(frame.code, &frame.data) {
+                Ok(cmd) => self.execute(cmd, now),
+                Err(e) => Reply::Nak(e.nak()),
+            }
+        };
+        if let Reply::Nak(code) = reply {
+            self.emit(PdEvent::NakSent {
+                command: frame.code,
+                code,
+            });
+        }
+        let bytes = self.encode(frame, &reply)?;
+        self.seq = Seq::Last(s);
+        self.last_reply = Some((frame.code, bytes.clone()));
+        Some(bytes)
+    }
+
+    fn encode(&self, cmd: &Frame, reply: &Reply) -> Option<Vec<u8>> {
+        let frame = Frame {
+            mark: cmd.mark,
+            addr_byte: cmd.address() | REPLY_BIT,
+            sqn: cmd.sqn,
+            // Answer with the check character the CP used.
+            check: cmd.check,
+            scb: None,
+            code: reply.code(),
+            data: reply.data(),
+        };
+        // Only fails for oversized data, which no reply of ours can reach.
+        frame.encode().ok()
+    }
+
+    fn execute(&mut self, cmd: Command, now: Instant) -> Reply {
+        match cmd {
+            Command::Poll => self.poll_reply(now),
+            Command::Id { .. } => Reply::PdId(self.cfg.identity),
+            Command::Cap { .. } => Reply::PdCap(self.capabilities()),
+            Command::LocalStatus => Reply::LocalStatus {
+                tamper: false,
+                power_fail: false,
+            },
+            Command::OutputStatus if self.cfg.outputs > 0 => {
+                Reply::OutputStatus(self.outputs.iter().map(|o| o.active).collect())
+            }
+            Command::Led(recs) => self.apply_led(&recs, now),
+            Command::Buzzer(recs) => self.apply_buzzer(&recs),
+            Command::Output(recs) => self.apply_output(&recs, now),
+            Command::ComSet { address, baud } => {
+                self.emit(PdEvent::ComSetRequested { address, baud });
+                Reply::Com {
+                    address: self.cfg.address,
+                    baud: self.cfg.baud,
+                }
+            }
+            Command::AcuRxSize(_) | Command::KeepActive(_) | Command::Abort => Reply::Ack,
+            Command::SecureChannel { .. } => Reply::Nak(NakCode::ScUnsupported),
+            Command::OutputStatus
+            | Command::InputStatus
+            | Command::ReaderStatus
+            | Command::Text { .. }
+            | Command::Mfg { .. }
+            | Command::Unsupported { .. } => Reply::Nak(NakCode::UnknownCommand),
+        }
+    }
+
+    fn poll_reply(&mut self, now: Instant) -> Reply {
+        while let Some(q) = self.cards.pop_front() {
+            if now.saturating_duration_since(q.at) > self.cfg.card_ttl {
+                self.emit(PdEvent::CardDropped {
+                    card: q.card,
+                    reason: DropReason::Expired,
+                });
+                continue;
+            }
+            let reply = Reply::Raw(q.card.clone());
+            self.in_flight = Some(q);
+            return reply;
+        }
+        Reply::Ack
+    }
+
+    fn apply_led(&mut self, recs: &[LedRecord], now: Instant) -> Reply {
+        // Validate every record first so a command is applied whole or not at all.
+        let valid = recs.iter().all(|r| {
+            r.reader < self.cfg.readers
+                && r.led < self.cfg.leds_per_reader
+                && r.temporary.control <= 2
+                && r.permanent.control <= 1
+        });
+        if !valid {
+            return Reply::Nak(NakCode::Record);
+        }
+        for r in recs {
+            let idx =
+                usize::from(r.reader) * usize::from(self.cfg.leds_per_reader) + usize::from(r.led);
+            let Some(led) = self.leds.get_mut(idx) else {
+                continue;
+            };
+            if r.permanent.control == 1 {
+                led.permanent = r.permanent;
+            }
+            match r.temporary.control {
+                1 => led.temporary = None,
+                2 => {
+                    let dur = Duration::from_millis(u64::from(r.temporary.timer) * 100);
+                    led.temporary = now.checked_add(dur).map(|end| (r.temporary, end));
+                }
+                _ => {}
+            }
+            let state = *led;
+            self.emit(PdEvent::Led(state));
+        }
+        Reply::Ack
+    }
+
+    fn apply_buzzer(&mut self, recs: &[BuzzerRecord]) -> Reply {
+        if !self.cfg.buzzer {
+            return Reply::Nak(NakCode::UnknownCommand);
+        }
+        if !recs
+            .iter()
+            .all(|r| r.reader < self.cfg.readers && r.tone <= 2)
+        {
+            return Reply::Nak(NakCode::Record);
+        }
+        for r in recs {
+            if let Some(slot) = self.buzzers.get_mut(usize::from(r.reader)) {
+                *slot = Some(*r);
+            }
+            self.emit(PdEvent::Buzzer(*r));
+        }
+        Reply::Ack
+    }
+
+    fn apply_output(&mut self, recs: &[OutputRecord], now: Instant) -> Reply {
+        if !recs
+            .iter()
+            .all(|r| r.output < self.cfg.outputs && r.control <= 6)
+        {
+            return Reply::Nak(NakCode::Record);
+        }
+        for r in recs {
+            let Some(out) = self.outputs.get_mut(usize::from(r.output)) else {
+                continue;
+            };
+            let timed = now.checked_add(Duration::from_millis(u64::from(r.timer) * 100));
+            let prev = *out;
+            *out = match r.control {
+                0 => prev,
+                1 => OutputState {
+                    active: false,
+                    until: None,
+                },
+                2 => OutputState {
+                    active: true,
+                    until: None,
+                },
+                // 3/4: permanent state applies once a running timer ends.
+                3 | 4 => {
+                    let want = r.control == 4;
+                    match prev.until {
+                        Some((end, _)) => OutputState {
+                            active: prev.active,
+                            until: Some((end, want)),
+                        },
+                        None => OutputState {
+                            active: want,
+                            until: None,
+                        },
+                    }
+                }
+                5 => OutputState {
+                    active: true,
+                    until: timed.map(|t| (t, prev.active)),
+                },
+                _ => OutputState {
+                    active: false,
+                    until: timed.map(|t| (t, prev.active)),
+                },
+            };
+            let state = *out;
+            self.emit(PdEvent::Output {
+                output: r.output,
+                state,
+            });
+        }
+        Reply::Ack
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::osdp::phy::{Check, FrameDecoder};
+    use crate::osdp::reply::{code as rc, RawFormat};
+
+    const ADDR: u8 = 0x65;
+
+    fn cmd(sqn: u8, code: u8, data: &[u8]) -> Frame {
+        Frame {
+            mark: true,
+            addr_byte: ADDR,
+            sqn,
+            check: Check::Crc16,
+            scb: None,
+            code,
+            data: data.to_vec(),
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Frame {
+        let mut d = FrameDecoder::default();
+        assert_eq!(d.push(bytes, Instant::now()), bytes.len());
+        let f = d.poll().expect("a frame").expect("valid frame");
+        assert!(d.poll().is_none());
+        f
+    }
+
+    fn run(pd: &mut Pd, f: Frame, now: Instant) -> Frame {
+        let bytes = pd.handle_frame(&f, now).expect("a reply");
+        decode(&bytes)
+    }
+
+    fn events(pd: &mut Pd) -> Vec<PdEvent> {
+        std::iter::from_fn(|| pd.poll_event()).collect()
+    }
+
+    fn card26() -> RawCard {
+        RawCard {
+            reader: 0,
+            format: RawFormat::Wiegand,
+            bit_count: 26,
+            data: vec![0x12, 0x34, 0x56, 0x40],
+        }
+    }
+
+    fn led_data(reader: u8, led: u8, perm_ctl: u8, color: u8) -> Vec<u8> {
+        vec![reader, led, 0, 0, 0, 0, 0, 0, 0, perm_ctl, 1, 0, color, 0]
+    }
+
+    #[test]
+    fn reply_header_mirrors_command() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        let r = run(&mut pd, cmd(0, 0x60, &[]), now);
+        assert_eq!(r.addr_byte, ADDR | 0x80);
+        assert_eq!(r.sqn, 0);
+        assert!(r.mark);
+        assert_eq!(r.check, Check::Crc16);
+        assert_eq!(r.code, rc::ACK);
+        let mut c = cmd(1, 0x60, &[]);
+        c.mark = false;
+        c.check = Check::Checksum;
+        let r = run(&mut pd, c, now);
+        assert!(!r.mark);
+        assert_eq!(r.check, Check::Checksum);
+        assert_eq!(r.sqn, 1);
+        assert_eq!(events(&mut pd), vec![PdEvent::Online]);
+    }
+
+    #[test]
+    fn id_reply_carries_configured_identity() {
+        let mut cfg = PdConfig::new(ADDR);
+        cfg.identity = PdIdentity {
+            vendor_code: 0x0A0B0C,
+            model: 3,
+            version: 4,
+            serial: 0xDEADBEEF,
+            firmware: [5, 6, 7],
+        };
+        let mut pd = Pd::new(cfg).unwrap();
+        let r = run(&mut pd, cmd(0, 0x61, &[0]), Instant::now());
+        assert_eq!(r.code, rc::PDID);
+        assert_eq!(
+            r.data,
+            vec![0x0C, 0x0B, 0x0A, 3, 4, 0xEF, 0xBE, 0xAD, 0xDE, 5, 6, 7]
+        );
+    }
+
+    #[test]
+    fn sequence_progression_and_wrap() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        for s in [0u8, 1, 2, 3, 1, 2, 3, 1] {
+            let r = run(&mut pd, cmd(s, 0x60, &[]), now);
+            assert_eq!((r.code, r.sqn), (rc::ACK, s));
+        }
+    }
+
+    #[test]
+    fn out_of_order_sequence_gets_nak_4_and_state_is_kept() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        run(&mut pd, cmd(1, 0x60, &[]), now);
+        let r = run(&mut pd, cmd(3, 0x60, &[]), now);
+        assert_eq!((r.code, r.data.clone(), r.sqn), (rc::NAK, vec![0x04], 3));
+        // The expected number still works.
+        assert_eq!(run(&mut pd, cmd(2, 0x60, &[]), now).code, rc::ACK);
+        assert!(events(&mut pd).contains(&PdEvent::NakSent {
+            command: 0x60,
+            code: NakCode::SequenceNumber
+        }));
+    }
+
+    #[test]
+    fn sqn_zero_restarts_session() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        run(&mut pd, cmd(1, 0x60, &[]), now);
+        assert_eq!(run(&mut pd, cmd(0, 0x61, &[0]), now).code, rc::PDID);
+        assert_eq!(run(&mut pd, cmd(1, 0x62, &[0]), now).code, rc::PDCAP);
+    }
+
+    #[test]
+    fn fresh_pd_adopts_first_sequence_number() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        assert_eq!(run(&mut pd, cmd(2, 0x60, &[]), now).code, rc::ACK);
+        assert_eq!(run(&mut pd, cmd(3, 0x60, &[]), now).code, rc::ACK);
+        assert_eq!(run(&mut pd, cmd(3 - 1, 0x60, &[]), now).code, rc::NAK);
+    }
+
+    #[test]
+    fn retry_resends_card_byte_for_byte_and_delivery_is_confirmed_by_next_sqn() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        pd.queue_card(card26(), now).unwrap();
+        let first = pd.handle_frame(&cmd(1, 0x60, &[]), now).unwrap();
+        let f = decode(&first);
+        assert_eq!(f.code, rc::RAW);
+        // reader 0, Wiegand, 26 bits LE, then the 4 data bytes.
+        assert_eq!(f.data, vec![0, 1, 26, 0, 0x12, 0x34, 0x56, 0x40]);
+        events(&mut pd);
+        // The CP did not get it and retries with the same SQN: identical bytes, queue empty.
+        let again = pd.handle_frame(&cmd(1, 0x60, &[]), now).unwrap();
+        assert_eq!(first, again);
+        assert!(events(&mut pd).is_empty());
+        // Next SQN: plain ACK, and the card counts as delivered.
+        assert_eq!(run(&mut pd, cmd(2, 0x60, &[]), now).code, rc::ACK);
+        assert_eq!(events(&mut pd), vec![PdEvent::CardDelivered(card26())]);
+    }
+
+    #[test]
+    fn same_sqn_different_command_is_processed_not_replayed() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        assert_eq!(run(&mut pd, cmd(0, 0x61, &[0]), now).code, rc::PDID);
+        let mut p = Pd::new(PdConfig::new(ADDR)).unwrap();
+        run(&mut p, cmd(0, 0x60, &[]), now);
+        run(&mut p, cmd(1, 0x60, &[]), now);
+        assert_eq!(run(&mut p, cmd(1, 0x64, &[]), now).code, rc::LSTATR);
+    }
+
+    #[test]
+    fn card_sent_in_a_dropped_session_is_resent_after_restart() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        pd.queue_card(card26(), now).unwrap();
+        assert_eq!(run(&mut pd, cmd(1, 0x60, &[]), now).code, rc::RAW);
+        // CP gave up and restarts with ID at SQN 0.
+        run(&mut pd, cmd(0, 0x61, &[0]), now);
+        assert_eq!(run(&mut pd, cmd(1, 0x60, &[]), now).code, rc::RAW);
+    }
+
+    #[test]
+    fn stale_cards_are_dropped_not_sent() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        pd.queue_card(card26(), now).unwrap();
+        let later = now + Duration::from_secs(6);
+        assert_eq!(run(&mut pd, cmd(0, 0x60, &[]), later).code, rc::ACK);
+        assert!(events(&mut pd).contains(&PdEvent::CardDropped {
+            card: card26(),
+            reason: DropReason::Expired
+        }));
+    }
+
+    #[test]
+    fn card_queue_is_bounded_and_validated() {
+        let mut cfg = PdConfig::new(ADDR);
+        cfg.card_queue_len = 2;
+        let mut pd = Pd::new(cfg).unwrap();
+        let now = Instant::now();
+        pd.queue_card(card26(), now).unwrap();
+        pd.queue_card(card26(), now).unwrap();
+        assert_eq!(pd.queue_card(card26(), now), Err(PdError::QueueFull(2)));
+        let bad = RawCard {
+            data: vec![0; 3],
+            ..card26()
+        };
+        assert!(matches!(
+            pd.queue_card(bad, now),
+            Err(PdError::InvalidCard(_))
+        ));
+        let bad = RawCard {
+            reader: 1,
+            ..card26()
+        };
+        assert!(matches!(
+            pd.queue_card(bad, now),
+            Err(PdError::InvalidCard(_))
+        ));
+        let bad = RawCard {
+            bit_count: 0,
+            data: vec![],
+            ..card26()
+        };
+        assert!(matches!(
+            pd.queue_card(bad, now),
+            Err(PdError::InvalidCard(_))
+        ));
+    }
+
+    #[test]
+    fn nak_codes() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        // Unknown command.
+        let r = run(&mut pd, cmd(1, 0x42, &[]), now);
+        assert_eq!((r.code, r.data), (rc::NAK, vec![0x03]));
+        // Bad length.
+        let r = run(&mut pd, cmd(2, 0x69, &[0; 13]), now);
+        assert_eq!((r.code, r.data), (rc::NAK, vec![0x02]));
+        // LED that does not exist.
+        let r = run(&mut pd, cmd(3, 0x69, &led_data(0, 1, 1, 2)), now);
+        assert_eq!((r.code, r.data), (rc::NAK, vec![0x09]));
+        // No outputs configured: any output is out of range.
+        let r = run(&mut pd, cmd(1, 0x68, &[0, 2, 0, 0]), now);
+        assert_eq!((r.code, r.data), (rc::NAK, vec![0x09]));
+        // Secure channel.
+        let r = run(&mut pd, cmd(2, 0x76, &[0; 8]), now);
+        assert_eq!((r.code, r.data), (rc::NAK, vec![0x05]));
+        // A security block in a plaintext PD.
+        let mut f = cmd(3, 0x60, &[]);
+        f.scb = Some(vec![2, 0x15]);
+        let r = run(&mut pd, f, now);
+        assert_eq!((r.code, r.data), (rc::NAK, vec![0x05]));
+    }
+
+    #[test]
+    fn led_buzzer_output_state_is_tracked() {
+        let mut cfg = PdConfig::new(ADDR);
+        cfg.outputs = 2;
+        let mut pd = Pd::new(cfg).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        events(&mut pd);
+        // Permanent green.
+        assert_eq!(
+            run(&mut pd, cmd(1, 0x69, &led_data(0, 0, 1, 2)), now).code,
+            rc::ACK
+        );
+        assert_eq!(pd.leds()[0].effective().on_color, 2);
+        // Temporary red for 1 s.
+        let temp = [0, 0, 2, 3, 3, 1, 0, 10, 0, 0, 0, 0, 0, 0];
+        assert_eq!(run(&mut pd, cmd(2, 0x69, &temp), now).code, rc::ACK);
+        assert_eq!(pd.leds()[0].effective().on_color, 1);
+        assert_eq!(pd.leds()[0].permanent.on_color, 2);
+        let evs = events(&mut pd);
+        assert_eq!(evs.len(), 2);
+        assert!(matches!(evs[1], PdEvent::Led(s) if s.temporary.is_some()));
+        assert_eq!(pd.next_timeout(), Some(now + Duration::from_secs(1)));
+        pd.handle_timeout(now + Duration::from_secs(1));
+        assert_eq!(pd.leds()[0].effective().on_color, 2);
+        assert!(matches!(events(&mut pd)[..], [PdEvent::Led(s)] if s.temporary.is_none()));
+        // Buzzer.
+        assert_eq!(
+            run(&mut pd, cmd(3, 0x6A, &[0, 2, 1, 1, 2]), now).code,
+            rc::ACK
+        );
+        assert_eq!(pd.buzzer(0).map(|b| b.count), Some(2));
+        // Output 1 on, then temporary off for 0.5 s.
+        assert_eq!(run(&mut pd, cmd(1, 0x68, &[1, 2, 0, 0]), now).code, rc::ACK);
+        assert!(pd.outputs()[1].active);
+        assert_eq!(run(&mut pd, cmd(2, 0x68, &[1, 6, 5, 0]), now).code, rc::ACK);
+        assert!(!pd.outputs()[1].active);
+        pd.handle_timeout(now + Duration::from_millis(500));
+        assert!(pd.outputs()[1].active);
+        // OSTAT reports both outputs.
+        let r = run(&mut pd, cmd(3, 0x66, &[]), now);
+        assert_eq!((r.code, r.data), (rc::OSTATR, vec![0, 1]));
+        // A multi-record command with one bad record changes nothing.
+        let mut data = led_data(0, 0, 1, 5);
+        data.extend(led_data(0, 9, 1, 5));
+        assert_eq!(run(&mut pd, cmd(1, 0x69, &data), now).code, rc::NAK);
+        assert_eq!(pd.leds()[0].permanent.on_color, 2);
+    }
+
+    #[test]
+    fn caps_are_honest() {
+        // Whatever PDCAP advertises must be accepted; what it does not must not be claimed.
+        for (buzzer, outputs) in [(true, 0u8), (false, 3)] {
+            let mut cfg = PdConfig::new(ADDR);
+            cfg.buzzer = buzzer;
+            cfg.outputs = outputs;
+            let mut pd = Pd::new(cfg).unwrap();
+            let now = Instant::now();
+            let r = run(&mut pd, cmd(0, 0x62, &[0]), now);
+            assert_eq!(r.code, rc::PDCAP);
+            assert_eq!(r.data.len() % 3, 0);
+            let caps: Vec<(u8, u8, u8)> =
+                r.data.chunks_exact(3).map(|c| (c[0], c[1], c[2])).collect();
+            let find = |f: u8| caps.iter().find(|c| c.0 == f).copied();
+            let mut sqn = 0;
+            let mut next = || {
+                sqn = next_sqn(sqn);
+                sqn
+            };
+            // Check character: CRC claimed, and CRC commands are answered (all of ours are).
+            assert_eq!(find(8), Some((8, 1, 0)));
+            // No secure channel claimed.
+            assert_eq!(find(9).map(|c| c.1), Some(0));
+            // Receive buffer: as many bytes as the decoder accepts.
+            let rx = find(10).map(|c| usize::from(c.1) | usize::from(c.2) << 8);
+            assert_eq!(rx, Some(MAX_PACKET_LEN));
+            // Every advertised LED is accepted.
+            let (_, _, leds) = find(4).expect("LED cap");
+            for led in 0..leds {
+                let r = run(&mut pd, cmd(next(), 0x69, &led_data(0, led, 1, 1)), now);
+                assert_eq!(r.code, rc::ACK);
+            }
+            // Buzzer accepted iff advertised.
+            let r = run(&mut pd, cmd(next(), 0x6A, &[0, 2, 1, 1, 1]), now);
+            assert_eq!(r.code == rc::ACK, find(5).is_some());
+            // Outputs: every advertised one is accepted.
+            let n = find(2).map_or(0, |c| c.2);
+            assert_eq!(n, outputs);
+            for o in 0..n {
+                let r = run(&mut pd, cmd(next(), 0x68, &[o, 2, 0, 0]), now);
+                assert_eq!(r.code, rc::ACK);
+            }
+            // No text output, no contact inputs claimed: those are NAKed (never sent by a CP
+            // that reads our caps).
+            assert!(find(6).is_none() && find(1).is_none());
+        }
+    }
+
+    #[test]
+    fn other_addresses_and_replies_are_ignored() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        let mut f = cmd(0, 0x60, &[]);
+        f.addr_byte = 0x01;
+        assert!(pd.handle_frame(&f, now).is_none());
+        f.addr_byte = ADDR | 0x80;
+        assert!(pd.handle_frame(&f, now).is_none());
+        assert!(events(&mut pd).is_empty());
+    }
+
+    #[test]
+    fn broadcast_only_for_id_and_cap() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        let mut f = cmd(0, 0x61, &[0]);
+        f.addr_byte = 0x7F;
+        let r = run(&mut pd, f.clone(), now);
+        assert_eq!((r.addr_byte, r.code), (0xFF, rc::PDID));
+        f.code = 0x60;
+        f.data.clear();
+        f.sqn = 1;
+        assert!(pd.handle_frame(&f, now).is_none());
+    }
+
+    #[test]
+    fn online_offline_from_clock() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        assert!(!pd.is_online());
+        assert_eq!(pd.next_timeout(), None);
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        assert!(pd.is_online());
+        pd.handle_timeout(now + Duration::from_secs(2));
+        assert!(pd.is_online());
+        pd.handle_timeout(now + Duration::from_secs(4));
+        assert!(!pd.is_online());
+        assert_eq!(events(&mut pd), vec![PdEvent::Online, PdEvent::Offline]);
+        run(&mut pd, cmd(1, 0x60, &[]), now + Duration::from_secs(5));
+        assert_eq!(events(&mut pd), vec![PdEvent::Online]);
+    }
+
+    #[test]
+    fn comset_reports_request_and_keeps_settings() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let r = run(
+            &mut pd,
+            cmd(0, 0x6E, &[7, 0x80, 0x25, 0, 0]),
+            Instant::now(),
+        );
+        assert_eq!(r.code, 0x54);
+        assert_eq!(r.data, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]);
+        assert!(events(&mut pd).contains(&PdEvent::ComSetRequested {
+            address: 7,
+            baud: 9600
+        }));
+    }
+
+    #[test]
+    fn config_validation() {
+        assert_eq!(
+            Pd::new(PdConfig::new(0x7F)).err(),
+            Some(PdError::BadAddress(0x7F))
+        );
+        let mut c = PdConfig::new(1);
+        c.readers = 0;
+        assert!(Pd::new(c).is_err());
+    }
+}

@@ -1,0 +1,567 @@
+//! Interop with a real OSDP Control Panel: libosdp (PyPI `libosdp`) drives keyway's serial bus
+//! adapter over a pty pair made by socat.
+//!
+//! Needs `socat` on PATH and a Python with libosdp: `KEYWAY_PYTHON`, or
+//! `<repo>/.venv/bin/python` (made by `scripts/setup`). Missing peers fail the test with a
+//! message saying what to install; nothing is skipped silently.
+//!
+//! Every assertion waits with a timeout for something to happen; none measures time.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use keyway::osdp::{PdConfig, PdEvent, RawCard, RawFormat};
+use keyway::serial::{spawn_bus, BusConfig, BusEvent};
+use serde_json::Value;
+use tokio::sync::{broadcast, watch};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Kills and reaps a child process when dropped (also on a failed assertion).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn python() -> PathBuf {
+    let py = std::env::var_os("KEYWAY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let ok = Command::new(&py)
+        .args(["-c", "import osdp, osdp_sys"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "python with libosdp not found at {} (set KEYWAY_PYTHON, or create the venv with \
+         scripts/setup / `python3 -m venv .venv && .venv/bin/pip install libosdp==3.2.9`)",
+        py.display()
+    );
+    py
+}
+
+fn require_socat() {
+    let ok = Command::new("socat")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "socat not found on PATH (apt-get install socat)");
+}
+
+/// A pty pair: keyway opens `pd`, the CP opens `cp`.
+struct PtyPair {
+    _socat: KillOnDrop,
+    _dir: tempfile::TempDir,
+    pd: PathBuf,
+    cp: PathBuf,
+}
+
+fn pty_pair() -> PtyPair {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pd = dir.path().join("pd");
+    let cp = dir.path().join("cp");
+    let guard = socat(&pd, &cp);
+    PtyPair {
+        _socat: guard,
+        _dir: dir,
+        pd,
+        cp,
+    }
+}
+
+/// Start socat linking a pty pair at `pd` and `cp`; returns once both links exist.
+fn socat(pd: &Path, cp: &Path) -> KillOnDrop {
+    require_socat();
+    let child = Command::new("socat")
+        .arg("-d")
+        .arg(format!("pty,raw,echo=0,link={}", pd.display()))
+        .arg(format!("pty,raw,echo=0,link={}", cp.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn socat");
+    let guard = KillOnDrop(child);
+    let start = Instant::now();
+    while !(pd.exists() && cp.exists()) {
+        assert!(
+            start.elapsed() < STEP_TIMEOUT,
+            "socat did not create the pty links"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guard
+}
+
+/// The libosdp CP peer with its JSON-line output.
+struct Cp {
+    _child: KillOnDrop,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<Value>,
+    seen: Vec<Value>,
+}
+
+impl Cp {
+    fn start(port: &Path, pds: &[u8]) -> Cp {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/osdp_cp.py");
+        let mut cmd = Command::new(python());
+        cmd.arg("-u").arg(script).arg("--port").arg(port);
+        for pd in pds {
+            cmd.arg("--pd").arg(pd.to_string());
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn CP peer");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => eprintln!("cp (non-json): {line}"),
+                }
+            }
+        });
+        Cp {
+            _child: KillOnDrop(child),
+            stdin,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Wait for a line matching `pred`; panics with everything seen on timeout.
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let left = STEP_TIMEOUT.saturating_sub(start.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if v["event"] == "error" {
+                        panic!("CP peer error: {v}");
+                    }
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!("timed out waiting for CP {what}; CP said: {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn send(&mut self, v: Value) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{v}").expect("write to CP");
+        stdin.flush().expect("flush CP stdin");
+    }
+
+    fn wait_online(&mut self, pd: u8) -> Value {
+        self.wait_for(&format!("online pd {pd}"), |v| {
+            v["event"] == "online" && v["pd"] == pd
+        })
+    }
+
+    fn went_offline(&self) -> bool {
+        self.seen.iter().any(|v| v["event"] == "offline")
+    }
+}
+
+/// Wait for a bus event matching `pred`.
+async fn wait_bus(
+    rx: &mut broadcast::Receiver<BusEvent>,
+    what: &str,
+    pred: impl Fn(&BusEvent) -> bool,
+) -> BusEvent {
+    let fut = async {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if pred(&ev) => return ev,
+                Ok(BusEvent::Pd {
+                    addr,
+                    event: PdEvent::NakSent { command, code },
+                }) => {
+                    panic!("keyway NAKed command {command:#04x} on PD {addr}: {code:?}")
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("bus event channel: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(STEP_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for bus event: {what}"))
+}
+
+fn card(bits: u16, data: &[u8]) -> RawCard {
+    RawCard {
+        reader: 0,
+        format: RawFormat::Wiegand,
+        bit_count: bits,
+        data: data.to_vec(),
+    }
+}
+
+fn bus_config(path: &Path, pds: Vec<PdConfig>) -> BusConfig {
+    BusConfig {
+        path: path.to_path_buf(),
+        baud: 115_200,
+        pds,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pd_comes_online_and_card_reaches_the_cp() {
+    let pty = pty_pair();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut cfg = PdConfig::new(1);
+    cfg.identity.vendor_code = 0x00_1A_2B;
+    cfg.identity.serial = 0x0102_0304;
+    let (handle, mut events, join) = spawn_bus(bus_config(&pty.pd, vec![cfg]), stop_rx).unwrap();
+    wait_bus(&mut events, "port opened", |e| {
+        matches!(e, BusEvent::PortOpened { .. })
+    })
+    .await;
+
+    let mut cp = Cp::start(&pty.cp, &[1]);
+    let online = cp.wait_online(1);
+    assert_eq!(online["id"]["vendor_code"], 0x1A2B);
+    assert_eq!(online["id"]["serial_number"], 0x0102_0304);
+    // The CP read our capabilities: CRC, LEDs, no secure channel.
+    assert_eq!(online["caps"]["CheckCharacter"][0], 1);
+    assert_eq!(online["caps"]["CommunicationSecurity"][0], 0);
+    assert_eq!(online["caps"]["LEDControl"][1], 1);
+    wait_bus(&mut events, "PD online", |e| {
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 1,
+                event: PdEvent::Online
+            }
+        )
+    })
+    .await;
+
+    // 26-bit Wiegand and an odd 35-bit card: the exact bits arrive.
+    for (bits, data) in [
+        (26u16, vec![0x12, 0x34, 0x56, 0x40]),
+        (35, vec![0xAB, 0xCD, 0xEF, 0x01, 0xE0]),
+    ] {
+        handle.send_card(1, card(bits, &data)).await.unwrap();
+        let hex = hex::encode(&data);
+        let got = cp.wait_for("card", |v| {
+            v["event"] == "card" && v["data"] == hex.as_str()
+        });
+        assert_eq!(got["pd"], 1);
+        assert_eq!(got["bits"], bits);
+        assert_eq!(got["format"], 1);
+        assert_eq!(got["reader"], 0);
+        wait_bus(&mut events, "card delivered", |e| {
+            matches!(e, BusEvent::Pd { addr: 1, event: PdEvent::CardDelivered(c) } if c.data == data)
+        })
+        .await;
+    }
+    assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn led_buzzer_output_are_acked_and_tracked() {
+    let pty = pty_pair();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut cfg = PdConfig::new(3);
+    cfg.outputs = 1;
+    let (_handle, mut events, join) = spawn_bus(bus_config(&pty.pd, vec![cfg]), stop_rx).unwrap();
+    let mut cp = Cp::start(&pty.cp, &[3]);
+    let online = cp.wait_online(3);
+    assert_eq!(online["caps"]["OutputControl"][1], 1);
+
+    // Permanent green LED.
+    cp.send(serde_json::json!({"cmd": "led", "pd": 3, "control_code": 1, "on_color": 2, "on_count": 10}));
+    let ev = wait_bus(&mut events, "LED event", |e| {
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 3,
+                event: PdEvent::Led(_)
+            }
+        )
+    })
+    .await;
+    let BusEvent::Pd {
+        event: PdEvent::Led(state),
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    assert_eq!(state.permanent.control, 1);
+    assert_eq!(state.permanent.on_color, 2);
+    assert_eq!(state.permanent.on_time, 10);
+
+    // Temporary red for 2 s on top.
+    cp.send(
+        serde_json::json!({"cmd": "led", "pd": 3, "temporary": true, "control_code": 2,
+        "on_color": 1, "on_count": 3, "off_count": 3, "timer_count": 20}),
+    );
+    let ev = wait_bus(
+        &mut events,
+        "temporary LED",
+        |e| matches!(e, BusEvent::Pd { addr: 3, event: PdEvent::Led(s) } if s.temporary.is_some()),
+    )
+    .await;
+    let BusEvent::Pd {
+        event: PdEvent::Led(state),
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    assert_eq!(state.effective().on_color, 1);
+    assert_eq!(state.permanent.on_color, 2);
+
+    cp.send(serde_json::json!({"cmd": "buzzer", "pd": 3, "control_code": 2, "on_count": 2, "off_count": 1, "rep_count": 3}));
+    let ev = wait_bus(&mut events, "buzzer event", |e| {
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 3,
+                event: PdEvent::Buzzer(_)
+            }
+        )
+    })
+    .await;
+    let BusEvent::Pd {
+        event: PdEvent::Buzzer(b),
+        ..
+    } = ev
+    else {
+        unreachable!()
+    };
+    assert_eq!((b.tone, b.on_time, b.off_time, b.count), (2, 2, 1, 3));
+
+    cp.send(serde_json::json!({"cmd": "output", "pd": 3, "output_no": 0, "control_code": 2}));
+    wait_bus(&mut events, "output on", |e| {
+        matches!(e, BusEvent::Pd { addr: 3, event: PdEvent::Output { output: 0, state } } if state.active)
+    })
+    .await;
+
+    // Every command completed at the CP (libosdp reports completion only after an ACK).
+    for _ in 0..4 {
+        let done = cp.wait_for("command completion", |v| v["event"] == "completed");
+        assert_eq!(done["status"], 0, "command failed at the CP: {done}");
+    }
+    assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pds_on_one_bus() {
+    let pty = pty_pair();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) = spawn_bus(
+        bus_config(&pty.pd, vec![PdConfig::new(1), PdConfig::new(2)]),
+        stop_rx,
+    )
+    .unwrap();
+    let mut cp = Cp::start(&pty.cp, &[1, 2]);
+    cp.wait_online(1);
+    cp.wait_online(2);
+    handle
+        .send_card(2, card(26, &[0x01, 0x02, 0x03, 0x00]))
+        .await
+        .unwrap();
+    let got = cp.wait_for("card on pd 2", |v| v["event"] == "card");
+    assert_eq!(got["pd"], 2);
+    assert_eq!(got["data"], "01020300");
+    handle
+        .send_card(1, card(26, &[0x0A, 0x0B, 0x0C, 0x00]))
+        .await
+        .unwrap();
+    let got = cp.wait_for("card on pd 1", |v| v["event"] == "card");
+    assert_eq!(got["pd"], 1);
+    assert_eq!(got["data"], "0a0b0c00");
+    wait_bus(&mut events, "delivered on 1", |e| {
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 1,
+                event: PdEvent::CardDelivered(_)
+            }
+        )
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
+}
+
+/// xorshift64*: deterministic noise without an extra crate.
+fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed >> 12;
+            *seed ^= *seed << 25;
+            *seed ^= *seed >> 27;
+            (seed.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_line_is_survived() {
+    let pty = pty_pair();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) =
+        spawn_bus(bus_config(&pty.pd, vec![PdConfig::new(1)]), stop_rx).unwrap();
+    let mut cp = Cp::start(&pty.cp, &[1]);
+    cp.wait_online(1);
+
+    // A second writer on the CP side of the line: its bytes reach keyway between the CP's
+    // packets. Random bytes, false SOMs with plausible lengths, and truncated packets.
+    let mut line = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pty.cp)
+        .expect("open CP side");
+    let mut seed = 0x5EED_1234_ABCD_0001u64;
+    for burst in 0..30u8 {
+        let mut bytes = noise(&mut seed, 48);
+        match burst % 3 {
+            0 => bytes.extend_from_slice(&[0x53, 0x01, 0x40, 0x00, 0x04, 0x60]),
+            1 => bytes.extend_from_slice(&[0xFF, 0x53, 0x01, 0x08, 0x00, 0x04, 0x60, 0x00, 0x00]),
+            _ => bytes.extend_from_slice(&[0x53, 0x01, 0xFF, 0xFF]),
+        }
+        line.write_all(&bytes).expect("inject noise");
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    drop(line);
+    let stats = handle.stats().await.unwrap();
+    eprintln!("keyway decoder after noise: {stats:?}");
+    assert!(
+        stats.skipped_bytes > 0,
+        "noise never reached keyway: {stats:?}"
+    );
+    assert!(
+        stats.bad_length + stats.bad_check + stats.stale_drops > 0,
+        "{stats:?}"
+    );
+
+    // The link recovers: a card still goes through, and the bus task is alive.
+    assert!(!join.is_finished(), "bus task ended under noise");
+    handle
+        .send_card(1, card(26, &[0xDE, 0xAD, 0xBE, 0xC0]))
+        .await
+        .unwrap();
+    let got = cp.wait_for("card after noise", |v| v["event"] == "card");
+    assert_eq!(got["data"], "deadbec0");
+    wait_bus(&mut events, "delivered after noise", |e| {
+        matches!(
+            e,
+            BusEvent::Pd {
+                addr: 1,
+                event: PdEvent::CardDelivered(_)
+            }
+        )
+    })
+    .await;
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_missing_then_vanishing_is_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pd_path = dir.path().join("pd");
+    let cp_path = dir.path().join("cp");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) =
+        spawn_bus(bus_config(&pd_path, vec![PdConfig::new(1)]), stop_rx).unwrap();
+    // No port yet: errors, retries, no panic.
+    wait_bus(&mut events, "open error", |e| {
+        matches!(e, BusEvent::PortError { .. })
+    })
+    .await;
+    wait_bus(&mut events, "second open error", |e| {
+        matches!(e, BusEvent::PortError { .. })
+    })
+    .await;
+
+    let line = socat(&pd_path, &cp_path);
+    wait_bus(&mut events, "port opened", |e| {
+        matches!(e, BusEvent::PortOpened { .. })
+    })
+    .await;
+    let mut cp = Cp::start(&cp_path, &[1]);
+    cp.wait_online(1);
+
+    // The line disappears under keyway.
+    drop(cp);
+    drop(line);
+    wait_bus(&mut events, "port failure", |e| {
+        matches!(e, BusEvent::PortError { .. })
+    })
+    .await;
+    // SIGKILLed socat leaves its links behind; a new one needs the names free.
+    let _ = std::fs::remove_file(&pd_path);
+    let _ = std::fs::remove_file(&cp_path);
+
+    // It comes back: keyway reopens it and serves a new CP session.
+    let _line = socat(&pd_path, &cp_path);
+    wait_bus(&mut events, "port reopened", |e| {
+        matches!(e, BusEvent::PortOpened { .. })
+    })
+    .await;
+    let mut cp = Cp::start(&cp_path, &[1]);
+    cp.wait_online(1);
+    handle
+        .send_card(1, card(26, &[0x55, 0xAA, 0x55, 0x80]))
+        .await
+        .unwrap();
+    let got = cp.wait_for("card after reconnect", |v| v["event"] == "card");
+    assert_eq!(got["data"], "55aa5580");
+
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
+}
