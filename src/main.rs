@@ -105,22 +105,39 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let summary = store
                 .import_file(&file, mode)
                 .with_context(|| format!("ACL file {} rejected, nothing changed", file.display()))?;
-            println!("{}: {summary}", file.display());
+            println!(
+                "{}: {} credentials ({} mode): {} added, {} updated, {} removed",
+                file.display(),
+                summary.credentials,
+                summary.mode.as_str(),
+                summary.inserted,
+                summary.updated,
+                summary.removed
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Events { limit, json } => {
             let cfg = config::load(&cli.config)?;
             let store = open_store(&cfg.daemon.database)?;
-            let events = store.recent_events(limit)?;
-            for (id, ev) in events.iter().rev() {
+            let events = store.recent_events(limit as usize)?;
+            // Oldest first, like a log.
+            for stored in events.iter().rev() {
                 if json {
-                    let mut v = serde_json::to_value(ev)?;
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("id".into(), (*id).into());
-                    }
-                    println!("{v}");
+                    println!("{}", serde_json::to_string(stored)?);
                 } else {
-                    println!("{id:>6} {ev}");
+                    let e = &stored.event;
+                    println!(
+                        "{:>6}  {}  {:<12} {:<4} {:<8} {:<14} key {:<16} person {:<12} {:>5} ms",
+                        stored.id,
+                        format_ms(e.time_ms),
+                        e.door,
+                        e.transport.as_str(),
+                        e.decision.as_str(),
+                        e.reason,
+                        e.endpoint_fingerprint.as_deref().unwrap_or("-"),
+                        e.person_id.as_deref().unwrap_or("-"),
+                        e.latency_ms
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -146,4 +163,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn open_store(path: &Path) -> anyhow::Result<Store> {
     Store::open(path).with_context(|| format!("opening the store {}", path.display()))
+}
+
+fn format_ms(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000);
+    match t {
+        Ok(t) => {
+            let f = time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]Z"
+            );
+            t.format(&f).unwrap_or_else(|_| ms.to_string())
+        }
+        Err(_) => ms.to_string(),
+    }
 }

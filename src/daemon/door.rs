@@ -7,11 +7,10 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::acl::Decision;
 use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
 use crate::card::WiegandBits;
 use crate::config::{Door, NfcConfig};
-use crate::events::{self, AccessEvent, Decision as EventDecision, Transport};
+use crate::events::{self, AccessEvent, Transport};
 use crate::nfc::{ReaderEvent, ReaderLoop, ReaderLoopConfig};
 
 use super::store::StoreHandle;
@@ -70,30 +69,20 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
 
 /// Turns a tap report into an event row (durable first) and a journald entry.
 async fn record(store: &StoreHandle, door: &Door, report: TapReport) {
-    let (decision, reason, person) = match (&report.decision, &report.error) {
-        (Some(Decision::Grant(g)), _) => (
-            EventDecision::Granted,
-            "granted".to_string(),
-            Some(g.person_id.clone()),
-        ),
-        (Some(Decision::Deny(r)), _) => (EventDecision::Denied, r.as_str().to_string(), None),
-        (None, Some(e)) => (EventDecision::Error, e.code().to_string(), None),
-        (None, None) => (EventDecision::Error, "no_decision".to_string(), None),
-    };
     if let Some(e) = &report.error {
         log::warn!(target: "keyway::nfc", door = door.id.as_str(), error = e.code();
             "door {}: tap ended: {e}", door.id);
     }
     let latency = report.to_decision.unwrap_or(report.total);
-    let event = AccessEvent {
-        time_ms: unix_ms(),
-        door: door.id.clone(),
-        transport: Transport::Nfc,
-        endpoint_fingerprint: report.fingerprint.clone(),
-        person_id: person,
-        decision,
-        reason,
-        latency_ms: u32::try_from(latency.as_millis()).unwrap_or(u32::MAX),
+    let latency_ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
+    let now = events::unix_ms(time::OffsetDateTime::now_utc());
+    let key = report.endpoint_key.as_ref().map(|k| k.as_slice());
+    let event = match (&report.decision, key, &report.error) {
+        (Some(d), Some(k), _) => {
+            AccessEvent::from_decision(now, &door.id, Transport::Nfc, k, d, latency_ms)
+        }
+        (_, k, Some(e)) => AccessEvent::error(now, &door.id, Transport::Nfc, k, e.code(), latency_ms),
+        (_, k, None) => AccessEvent::error(now, &door.id, Transport::Nfc, k, "no_decision", latency_ms),
     };
     match store.record(event.clone()).await {
         Ok(id) => events::log_event(&event, id),
@@ -103,11 +92,6 @@ async fn record(store: &StoreHandle, door: &Door, report: TapReport) {
             events::log_event(&event, -1);
         }
     }
-}
-
-fn unix_ms() -> i64 {
-    let now = time::OffsetDateTime::now_utc();
-    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
 fn log_reader_event(door: &str, ev: &ReaderEvent) {

@@ -17,8 +17,8 @@ use tokio::sync::watch;
 use crate::aliro::reader::ReaderIdentity;
 use crate::card::WiegandBits;
 use crate::config::{self, Door, Validated};
-use crate::osdp::{PdConfig, PdEvent, RawCard};
-use crate::serial::{self, BusConfig, BusHandle};
+use crate::osdp::{PdConfig, PdEvent, PdIdentity, RawCard, RawFormat};
+use crate::serial::{self, BusConfig, BusEvent, BusHandle};
 
 pub use door::{run_door, DoorRuntime, PanelSink};
 pub use store::{StoreError, StoreHandle};
@@ -49,14 +49,23 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     for (port, doors) in cfg.buses() {
         let pds = doors
             .iter()
-            .map(|d| PdConfig {
-                address: d.address,
-                vendor_code: cfg.vendor_code,
-                model: cfg.model,
-                version: 1,
-                serial_number: cfg.serial_number,
-                firmware: firmware_version(),
-                outputs: d.outputs,
+            .map(|d| {
+                let mut pd = PdConfig::new(d.address);
+                pd.identity = PdIdentity {
+                    vendor_code: u32::from_le_bytes([
+                        cfg.vendor_code[2],
+                        cfg.vendor_code[1],
+                        cfg.vendor_code[0],
+                        0,
+                    ]),
+                    model: cfg.model,
+                    version: 1,
+                    serial: cfg.serial_number,
+                    firmware: firmware_version(),
+                };
+                pd.outputs = d.outputs;
+                pd.baud = d.baud;
+                pd
             })
             .collect();
         let bus_cfg = BusConfig {
@@ -76,8 +85,15 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
         let pending = Pending::default();
         let delivered = pending.clone();
         tasks.spawn(async move {
-            while let Some((address, event)) = events.recv().await {
-                log_bus_event(&port_name, address, &event, &delivered);
+            loop {
+                match events.recv().await {
+                    Ok(event) => log_bus_event(&port_name, &event, &delivered),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        log::warn!(target: "keyway::osdp", port = port_name.as_str();
+                            "osdp {port_name}: {n} bus events not logged (logger fell behind)")
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
             }
         });
         buses.push((port, handle, pending));
@@ -173,16 +189,39 @@ struct BusPanel {
 
 impl PanelSink for BusPanel {
     fn send_card(&self, door: &Door, bits: WiegandBits, started: Instant) {
-        let raw = RawCard::wiegand(bits.bit_count, bits.data);
-        match self.bus.send_card(door.address, raw) {
-            Ok(()) => self.pending.push(door.address, started),
-            Err(e) => log::error!(target: "keyway::osdp", door = door.id.as_str();
-                "door {}: card not queued for the panel: {e}", door.id),
-        }
+        let raw = RawCard {
+            reader: 0,
+            format: RawFormat::Wiegand,
+            bit_count: bits.bit_count,
+            data: bits.data,
+        };
+        self.pending.push(door.address, started);
+        let (bus, address, id) = (self.bus.clone(), door.address, door.id.clone());
+        // The bus task answers within one poll; the tap need not wait for it.
+        tokio::spawn(async move {
+            if let Err(e) = bus.send_card(address, raw).await {
+                log::error!(target: "keyway::osdp", door = id.as_str();
+                    "door {id}: card not queued for the panel: {e}");
+            }
+        });
     }
 }
 
-fn log_bus_event(port: &str, address: u8, event: &PdEvent, pending: &Pending) {
+fn log_bus_event(port: &str, event: &BusEvent, pending: &Pending) {
+    let (address, event) = match event {
+        BusEvent::Pd { addr, event } => (*addr, event),
+        BusEvent::PortOpened { .. } => {
+            log::info!(target: "keyway::osdp", port = port; "osdp {port}: port open");
+            return;
+        }
+        BusEvent::PortError {
+            error, retry_in, ..
+        } => {
+            log::warn!(target: "keyway::osdp", port = port;
+                "osdp {port}: {error}; retrying in {retry_in:?}");
+            return;
+        }
+    };
     if let PdEvent::CardDelivered { .. } = event {
         let ms = pending
             .pop(address)
@@ -192,7 +231,7 @@ fn log_bus_event(port: &str, address: u8, event: &PdEvent, pending: &Pending) {
             "osdp {port} pd {address}: raw sent, {ms:.1} ms after the tap");
         return;
     }
-    log::info!(target: "keyway::osdp", port = port, address = address; "osdp {port} pd {address}: {event}");
+    log::info!(target: "keyway::osdp", port = port, address = address; "osdp {port} pd {address}: {event:?}");
 }
 
 fn notify_ready() {

@@ -19,6 +19,8 @@ pub enum StoreError {
     Acl(#[from] AclError),
     #[error("the store thread has stopped")]
     Gone,
+    #[error("cannot start the store thread: {0}")]
+    Thread(std::io::Error),
 }
 
 enum Request {
@@ -65,7 +67,7 @@ impl StoreHandle {
                     }
                 }
             })
-            .map_err(|e| StoreError::Acl(AclError::Io(e)))?;
+            .map_err(StoreError::Thread)?;
         Ok((Self { tx }, thread))
     }
 

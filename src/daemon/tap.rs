@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use crate::acl::{fingerprint, Decision, DenyReason};
+use crate::acl::{Decision, DenyReason};
 use crate::aliro::reader::{
     Action, Randomness, ReaderIdentity, ReaderTransaction, TransactionParams,
 };
@@ -39,6 +39,8 @@ pub enum TapError {
     Store(#[from] StoreError),
     #[error("transaction took longer than {0:?}")]
     Timeout(Duration),
+    #[error("unexpected {0} from the reader core")]
+    Unexpected(&'static str),
     #[error("ACL entry cannot be encoded for the panel: {0}")]
     Card(#[from] card::CardError),
 }
@@ -53,6 +55,7 @@ impl TapError {
             TapError::Aliro(e) => e.code(),
             TapError::Store(_) => "store_error",
             TapError::Card(_) => "bad_card_data",
+            TapError::Unexpected(_) => "internal_error",
         }
     }
 }
@@ -60,8 +63,8 @@ impl TapError {
 /// What one tap produced.
 #[derive(Debug)]
 pub struct TapReport {
-    /// Fingerprint of the authenticated endpoint key, if authentication got that far.
-    pub fingerprint: Option<String>,
+    /// The authenticated endpoint key, if authentication got that far.
+    pub endpoint_key: Option<[u8; 65]>,
     pub decision: Option<Decision>,
     pub error: Option<TapError>,
     /// From card presence to the access decision.
@@ -88,7 +91,7 @@ pub async fn run_tap<C: CardChannel>(
     on_grant: impl FnOnce(WiegandBits),
 ) -> TapReport {
     let mut report = TapReport {
-        fingerprint: None,
+        endpoint_key: None,
         decision: None,
         error: None,
         to_decision: None,
@@ -122,7 +125,7 @@ async fn transaction<C: CardChannel>(
             Action::Transmit(next) => capdu = next,
             Action::Authenticated(endpoint) => {
                 let key = endpoint.public_key_sec1();
-                report.fingerprint = Some(fingerprint(&key));
+                report.endpoint_key = Some(key);
                 let decision = ctx
                     .store
                     .decide(&key, ctx.door, time::OffsetDateTime::now_utc())
@@ -143,6 +146,8 @@ async fn transaction<C: CardChannel>(
                 capdu = tx.complete(status)?;
             }
             Action::Done(_) => return Ok(()),
+            // Only answers `ReaderTransaction::exchange`, which a plain tap never calls.
+            Action::Exchanged(_) => return Err(TapError::Unexpected("EXCHANGE response")),
         }
     }
 }

@@ -318,6 +318,7 @@ impl ReaderLoop {
         .await?;
         // Keep only the state bits; CHANGED and the event counter make UNAWARE loops.
         *state = event - pcsc::State::CHANGED;
+        log::trace!(target: "keyway::nfc", door = self.cfg.door.as_str(); "reader state {event:?}");
         if event.intersects(pcsc::State::UNKNOWN | pcsc::State::IGNORE | pcsc::State::UNAVAILABLE)
         {
             return Ok(Wait::ReaderGone);

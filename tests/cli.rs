@@ -1,0 +1,160 @@
+//! The `keyway` binary as an installer uses it: check-config, acl import, events, version.
+//! Broken input must give a clear message and a non-zero exit, never a panic.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn keyway(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyway"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run keyway")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn no_panic(o: &Output) {
+    let t = text(o);
+    assert!(!t.contains("panicked"), "keyway panicked:\n{t}");
+    assert_ne!(o.status.code(), Some(101), "exit code 101 is a panic:\n{t}");
+}
+
+struct Site {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+fn site(mode: u32) -> Site {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let dir = tempfile::tempdir().unwrap();
+    let key = p256::SecretKey::random(&mut rand_core::OsRng);
+    let key_path = dir.path().join("reader.pem");
+    std::fs::write(&key_path, key.to_pkcs8_pem(LineEnding::LF).unwrap()).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(mode)).unwrap();
+    let config = dir.path().join("keyway.toml");
+    std::fs::write(
+        &config,
+        r#"
+[daemon]
+database = "keyway.db"
+
+[[door]]
+id = "front"
+osdp = { port = "/dev/ttyUSB0", address = 1 }
+nfc = { reader = "Virtual PCD 00 00" }
+aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }
+"#,
+    )
+    .unwrap();
+    Site { dir, config }
+}
+
+#[test]
+fn check_config_accepts_a_good_site() {
+    let s = site(0o600);
+    let o = keyway(&s.config, &["check-config"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("ok (1 door"), "{}", text(&o));
+}
+
+#[test]
+fn check_config_refuses_a_key_others_can_read() {
+    let s = site(0o644);
+    let o = keyway(&s.config, &["check-config"]);
+    no_panic(&o);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("door \"front\": aliro.private_key_file"), "{t}");
+    assert!(t.contains("readable by group or others"), "{t}");
+    assert!(!t.contains("BEGIN PRIVATE KEY"), "key material leaked: {t}");
+}
+
+#[test]
+fn check_config_names_the_broken_field() {
+    let s = site(0o600);
+    let good = std::fs::read_to_string(&s.config).unwrap();
+    for (broken, expect) in [
+        (good.replace("address = 1", "address = 200"), "osdp.address: 200 is out of range"),
+        (good.replace("ffeeddccbbaa99887766554433221100", "ff"), "aliro.sub_id: must be 16 bytes"),
+        (good.replace("[daemon]", "[deamon]"), "deamon"),
+        (good.replace("id = \"front\"", "id = \"front door\""), "door \"front door\": id"),
+        (good.replace("reader.pem", "missing.pem"), "cannot read key file"),
+        ("\u{0}\u{1}garbage = = =".to_string(), "config file"),
+        (String::new(), "no door configured"),
+    ] {
+        std::fs::write(&s.config, &broken).unwrap();
+        let o = keyway(&s.config, &["check-config"]);
+        no_panic(&o);
+        assert!(!o.status.success(), "accepted:\n{broken}");
+        assert!(text(&o).contains(expect), "want {expect:?} in:\n{}", text(&o));
+    }
+    let o = keyway(&s.dir.path().join("nope.toml"), &["check-config"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cannot read config file"), "{}", text(&o));
+}
+
+#[test]
+fn acl_import_bad_file_names_the_line_and_keeps_the_old_acl() {
+    let s = site(0o600);
+    let key = p256::SecretKey::random(&mut rand_core::OsRng);
+    let pubhex = hex::encode(key.public_key().to_sec1_bytes());
+    let good = s.dir.path().join("good.csv");
+    std::fs::write(
+        &good,
+        format!(
+            "endpoint_key,person_id,card_format,facility_code,card_number,valid_from,valid_until,doors\n\
+             {pubhex},p-1,h10301,1,100,,,front\n"
+        ),
+    )
+    .unwrap();
+    let o = keyway(&s.config, &["acl", "import", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let bad = s.dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        format!(
+            "endpoint_key,person_id,card_format,facility_code,card_number,valid_from,valid_until,doors\n\
+             {pubhex},p-1,h10301,1,100,,,front\n\
+             {pubhex}00,p-2,h10301,1,101,,,front\n"
+        ),
+    )
+    .unwrap();
+    let o = keyway(&s.config, &["acl", "import", bad.to_str().unwrap()]);
+    no_panic(&o);
+    assert!(!o.status.success());
+    let t = text(&o);
+    assert!(t.contains("line 3"), "{t}");
+    assert!(t.contains("nothing changed"), "{t}");
+
+    // The previous ACL is intact.
+    let store = keyway::acl::Store::open(&s.dir.path().join("keyway.db")).unwrap();
+    let d = store
+        .decide(
+            &key.public_key().to_sec1_bytes(),
+            "front",
+            time::OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    assert!(d.is_grant(), "{d:?}");
+}
+
+#[test]
+fn version_and_events_on_an_empty_store() {
+    let s = site(0o600);
+    let o = keyway(&s.config, &["version"]);
+    assert!(o.status.success());
+    assert!(text(&o).starts_with("keyway "), "{}", text(&o));
+    let o = keyway(&s.config, &["events", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "");
+}
