@@ -222,7 +222,7 @@ fn log_bus_event(port: &str, event: &BusEvent, pending: &Pending) {
             return;
         }
     };
-    if let PdEvent::CardDelivered { .. } = event {
+    if let PdEvent::CardSent(_) = event {
         let ms = pending
             .pop(address)
             .map(|t| t.elapsed().as_secs_f64() * 1000.0)

@@ -146,6 +146,8 @@ pub enum PdEvent {
     Online,
     /// No valid command for `offline_after`.
     Offline,
+    /// The card is leaving as osdp_RAW in reply to this POLL (the tap-to-RAW moment).
+    CardSent(RawCard),
     /// The card went out as osdp_RAW and the CP moved on to its next sequence number, which
     /// it only does after receiving the reply.
     CardDelivered(RawCard),
@@ -524,6 +526,7 @@ impl Pd {
                 continue;
             }
             let reply = Reply::Raw(q.card.clone());
+            self.emit(PdEvent::CardSent(q.card.clone()));
             self.in_flight = Some(q);
             return reply;
         }
@@ -784,7 +787,7 @@ mod tests {
         assert_eq!(f.code, rc::RAW);
         // reader 0, Wiegand, 26 bits LE, then the 4 data bytes.
         assert_eq!(f.data, vec![0, 1, 26, 0, 0x12, 0x34, 0x56, 0x40]);
-        events(&mut pd);
+        assert_eq!(events(&mut pd), vec![PdEvent::CardSent(card26())]);
         // The CP did not get it and retries with the same SQN: identical bytes, queue empty.
         let again = pd.handle_frame(&cmd(1, 0x60, &[]), now).unwrap();
         assert_eq!(first, again);
