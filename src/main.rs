@@ -10,7 +10,11 @@ use keyway::acl::{ImportMode, Store};
 use keyway::{config, daemon, logging};
 
 #[derive(Parser)]
-#[command(name = "keyway", version, about = "Phones open doors: Aliro over NFC, ACL in SQLite, OSDP to the panel")]
+#[command(
+    name = "keyway",
+    version,
+    about = "Phones open doors: Aliro over NFC, ACL in SQLite, OSDP to the panel"
+)]
 struct Cli {
     /// Configuration file.
     #[arg(long, short, global = true, default_value = config::DEFAULT_PATH)]
@@ -102,9 +106,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ImportMode::Replace
             };
-            let summary = store
-                .import_file(&file, mode)
-                .with_context(|| format!("ACL file {} rejected, nothing changed", file.display()))?;
+            let summary = store.import_file(&file, mode).with_context(|| {
+                format!("ACL file {} rejected, nothing changed", file.display())
+            })?;
             println!(
                 "{}: {} credentials ({} mode): {} added, {} updated, {} removed",
                 file.display(),

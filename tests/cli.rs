@@ -83,11 +83,23 @@ fn check_config_names_the_broken_field() {
     let s = site(0o600);
     let good = std::fs::read_to_string(&s.config).unwrap();
     for (broken, expect) in [
-        (good.replace("address = 1", "address = 200"), "osdp.address: 200 is out of range"),
-        (good.replace("ffeeddccbbaa99887766554433221100", "ff"), "aliro.sub_id: must be 16 bytes"),
+        (
+            good.replace("address = 1", "address = 200"),
+            "osdp.address: 200 is out of range",
+        ),
+        (
+            good.replace("ffeeddccbbaa99887766554433221100", "ff"),
+            "aliro.sub_id: must be 16 bytes",
+        ),
         (good.replace("[daemon]", "[deamon]"), "deamon"),
-        (good.replace("id = \"front\"", "id = \"front door\""), "door \"front door\": id"),
-        (good.replace("reader.pem", "missing.pem"), "cannot read key file"),
+        (
+            good.replace("id = \"front\"", "id = \"front door\""),
+            "door \"front door\": id",
+        ),
+        (
+            good.replace("reader.pem", "missing.pem"),
+            "cannot read key file",
+        ),
         ("\u{0}\u{1}garbage = = =".to_string(), "config file"),
         (String::new(), "no door configured"),
     ] {
@@ -95,7 +107,11 @@ fn check_config_names_the_broken_field() {
         let o = keyway(&s.config, &["check-config"]);
         no_panic(&o);
         assert!(!o.status.success(), "accepted:\n{broken}");
-        assert!(text(&o).contains(expect), "want {expect:?} in:\n{}", text(&o));
+        assert!(
+            text(&o).contains(expect),
+            "want {expect:?} in:\n{}",
+            text(&o)
+        );
     }
     let o = keyway(&s.dir.path().join("nope.toml"), &["check-config"]);
     assert!(!o.status.success());

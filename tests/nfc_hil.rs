@@ -47,10 +47,7 @@ impl Pcscd {
                 String::from_utf8_lossy(&out.stdout).trim()
             );
         }
-        let log = dir.join(format!(
-            "pcscd-{}.log",
-            Instant::now().elapsed().as_nanos()
-        ));
+        let log = dir.join(format!("pcscd-{}.log", Instant::now().elapsed().as_nanos()));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new("pcscd")
             .args(["--foreground", "--debug"])
@@ -231,7 +228,10 @@ impl Bench {
             .as_ref()
             .and_then(|p| std::fs::read_to_string(&p.log).ok())
             .unwrap_or_default();
-        let lines: Vec<&str> = log.lines().filter(|l| !l.contains("winscard_svc.c")).collect();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("winscard_svc.c"))
+            .collect();
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
@@ -362,7 +362,9 @@ async fn enrolled_phone_granted_unknown_denied_held_phone_one_event() {
 /// `n`-th C-APDU (0-based), then either closes the socket (card pulled) or goes silent for
 /// `silence` before closing.
 async fn partial_tap(phone: &mut Endpoint, n: usize, silence: Option<Duration>) {
-    let mut stream = vpcd::connect(addr(), Duration::from_secs(10)).await.unwrap();
+    let mut stream = vpcd::connect(addr(), Duration::from_secs(10))
+        .await
+        .unwrap();
     let mut apdus = 0usize;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -436,7 +438,11 @@ async fn silent_phone_times_out_and_reader_is_free_again() {
     let s = b.tap(&mut phone, Duration::from_millis(200)).await;
     assert!(s.finished, "{s:?}");
     let ev = b.wait_events(2).await;
-    assert_eq!(ev.last().map(|e| e.decision), Some(Decision::Granted), "{ev:?}");
+    assert_eq!(
+        ev.last().map(|e| e.decision),
+        Some(Decision::Granted),
+        "{ev:?}"
+    );
     b.stop().await;
 }
 

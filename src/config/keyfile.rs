@@ -117,7 +117,10 @@ mod tests {
         let p = write(dir.path(), "e.pem", "not a key", 0o600);
         let e = load_private_key(&p).unwrap_err().to_string();
         assert!(e.contains("holds no P-256 private key"), "{e}");
-        assert!(!e.contains("not a key"), "error must not echo file contents: {e}");
+        assert!(
+            !e.contains("not a key"),
+            "error must not echo file contents: {e}"
+        );
 
         // Zero is not a valid scalar.
         let p = write(dir.path(), "f.hex", &"00".repeat(32), 0o600);

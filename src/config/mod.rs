@@ -568,7 +568,10 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
     #[test]
     fn errors_name_the_field() {
         let e = err(&GOOD.replace("address = 1", "address = 127"));
-        assert!(e.contains("door \"front\": osdp.address: 127 is out of range"), "{e}");
+        assert!(
+            e.contains("door \"front\": osdp.address: 127 is out of range"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("00112233445566778899aabbccddeeff", "0011"));
         assert!(e.contains("aliro.group_id: must be 16 bytes"), "{e}");
         let e = err(&GOOD.replace("ffeeddccbbaa99887766554433221100", "zz"));
@@ -584,7 +587,10 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
         let e = err("");
         assert!(e.contains("no door configured"), "{e}");
         let e = err(&GOOD.replace("address = 1", "address = 1, baud = 1234"));
-        assert!(e.contains("osdp.baud: 1234 is not an OSDP baud rate"), "{e}");
+        assert!(
+            e.contains("osdp.baud: 1234 is not an OSDP baud rate"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -596,7 +602,10 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
             "{GOOD}\n[[door]]{}",
             second.replace("\"front\"", "\"back\"")
         ));
-        assert!(e.contains("door \"back\": osdp.address: address 1 is already used"), "{e}");
+        assert!(
+            e.contains("door \"back\": osdp.address: address 1 is already used"),
+            "{e}"
+        );
         let ok = format!(
             "{GOOD}\n[[door]]{}",
             second

@@ -81,8 +81,12 @@ async fn record(store: &StoreHandle, door: &Door, report: TapReport) {
         (Some(d), Some(k), _) => {
             AccessEvent::from_decision(now, &door.id, Transport::Nfc, k, d, latency_ms)
         }
-        (_, k, Some(e)) => AccessEvent::error(now, &door.id, Transport::Nfc, k, e.code(), latency_ms),
-        (_, k, None) => AccessEvent::error(now, &door.id, Transport::Nfc, k, "no_decision", latency_ms),
+        (_, k, Some(e)) => {
+            AccessEvent::error(now, &door.id, Transport::Nfc, k, e.code(), latency_ms)
+        }
+        (_, k, None) => {
+            AccessEvent::error(now, &door.id, Transport::Nfc, k, "no_decision", latency_ms)
+        }
     };
     match store.record(event.clone()).await {
         Ok(id) => events::log_event(&event, id),

@@ -73,8 +73,8 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             baud: doors.first().map(|d| d.baud).unwrap_or(9600),
             pds,
         };
-        let (handle, mut events, task) = serial::spawn_bus(bus_cfg, shutdown_rx.clone())
-            .map_err(|e| DaemonError::Bus {
+        let (handle, mut events, task) =
+            serial::spawn_bus(bus_cfg, shutdown_rx.clone()).map_err(|e| DaemonError::Bus {
                 port: port.display().to_string(),
                 message: e.to_string(),
             })?;
@@ -100,11 +100,12 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     }
 
     for door in &cfg.doors {
-        let key =
-            config::load_private_key(&door.private_key_file).map_err(|source| DaemonError::Key {
+        let key = config::load_private_key(&door.private_key_file).map_err(|source| {
+            DaemonError::Key {
                 door: door.id.clone(),
                 source,
-            })?;
+            }
+        })?;
         let identity = Arc::new(ReaderIdentity::new(door.group_id, door.sub_id, key));
         let (bus, pending) = buses
             .iter()

@@ -116,7 +116,7 @@ async fn transaction<C: CardChannel>(
     report: &mut TapReport,
     on_grant: impl FnOnce(WiegandBits),
 ) -> Result<(), TapError> {
-    let mut tx = ReaderTransaction::new(ctx.identity, ctx.params.clone(), randomness);
+    let mut tx = ReaderTransaction::new(ctx.identity, ctx.params, randomness);
     let mut on_grant = Some(on_grant);
     let mut capdu = tx.start();
     loop {
@@ -149,5 +149,195 @@ async fn transaction<C: CardChannel>(
             // Only answers `ReaderTransaction::exchange`, which a plain tap never calls.
             Action::Exchanged(_) => return Err(TapError::Unexpected("EXCHANGE response")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{CredentialSpec, ImportMode, Store};
+    use crate::card::CardFormat;
+    use crate::sim::{Endpoint, EndpointConfig, OsRandom, ReaderGroupCredential};
+    use p256::SecretKey;
+    use rand_core::OsRng;
+    use std::sync::Mutex;
+
+    /// The phone emulator in memory as a card channel; `fail_at` makes the n-th APDU vanish.
+    struct InMemory {
+        phone: Mutex<Endpoint>,
+        fail_at: Option<usize>,
+        sent: Mutex<usize>,
+    }
+
+    impl CardChannel for InMemory {
+        fn transmit(&self, capdu: &[u8]) -> impl Future<Output = Result<Vec<u8>, NfcError>> + Send {
+            let mut n = self.sent.lock().unwrap();
+            let r = if Some(*n) == self.fail_at {
+                Err(NfcError::CardGone)
+            } else {
+                Ok(self.phone.lock().unwrap().handle(capdu))
+            };
+            *n += 1;
+            async move { r }
+        }
+    }
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        store: StoreHandle,
+        identity: ReaderIdentity,
+        enrolled: SecretKey,
+    }
+
+    fn setup(valid_from: Option<i64>, valid_until: Option<i64>, door: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        let enrolled = SecretKey::random(&mut OsRng);
+        let spec = CredentialSpec {
+            line: 1,
+            endpoint_key: enrolled
+                .public_key()
+                .to_sec1_bytes()
+                .as_ref()
+                .try_into()
+                .unwrap(),
+            person_id: "p-7".into(),
+            card_format: CardFormat::H10304,
+            facility_code: 300,
+            card_number: 70_000,
+            valid_from,
+            valid_until,
+            doors: vec![door.into()],
+        };
+        Store::open(&db)
+            .unwrap()
+            .import_specs(&[spec], ImportMode::Replace, "test")
+            .unwrap();
+        let (store, _t) = StoreHandle::open(&db).unwrap();
+        let identity = ReaderIdentity::new([1; 16], [2; 16], SecretKey::random(&mut OsRng));
+        Setup {
+            _dir: dir,
+            store,
+            identity,
+            enrolled,
+        }
+    }
+
+    async fn tap(
+        s: &Setup,
+        phone_key: &SecretKey,
+        fail_at: Option<usize>,
+    ) -> (TapReport, Vec<WiegandBits>, Endpoint) {
+        let cred = ReaderGroupCredential {
+            group_id: s.identity.group_id,
+            reader_group_key: s.identity.private_key.public_key(),
+        };
+        let chan = InMemory {
+            phone: Mutex::new(Endpoint::new(
+                EndpointConfig::new(phone_key.clone(), vec![cred]),
+                Box::new(OsRandom),
+            )),
+            fail_at,
+            sent: Mutex::new(0),
+        };
+        let ctx = TapContext {
+            door: "front",
+            identity: &s.identity,
+            params: TransactionParams::nfc(1),
+            store: &s.store,
+            transaction_timeout: Duration::from_secs(5),
+        };
+        let mut cards = Vec::new();
+        let report = run_tap(
+            &ctx,
+            &chan,
+            Randomness::generate(&mut OsRng),
+            Instant::now(),
+            |b| cards.push(b),
+        )
+        .await;
+        (report, cards, chan.phone.into_inner().unwrap())
+    }
+
+    fn status(phone: &Endpoint) -> Option<u16> {
+        phone.outcomes().find_map(|o| match o {
+            crate::sim::Outcome::Completed { reader_status, .. } => Some(*reader_status),
+            _ => None,
+        })
+    }
+
+    #[tokio::test]
+    async fn granted_phone_gets_its_card_to_the_panel_and_is_told() {
+        let s = setup(None, None, "front");
+        let (r, cards, phone) = tap(&s, &s.enrolled.clone(), None).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert!(matches!(r.decision, Some(Decision::Grant(ref g)) if g.person_id == "p-7"));
+        assert_eq!(cards.len(), 1);
+        assert_eq!(
+            crate::card::decode(&cards[0]).unwrap(),
+            (CardFormat::H10304, 300, 70_000)
+        );
+        assert_eq!(status(&phone), Some(ReaderStatus::AccessGranted.code()));
+        assert!(r.to_decision.is_some());
+    }
+
+    #[tokio::test]
+    async fn every_deny_reason_keeps_the_card_from_the_panel() {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        for (s, key, reason, phone_status) in [
+            {
+                let s = setup(None, None, "front");
+                let k = SecretKey::random(&mut OsRng);
+                (
+                    s,
+                    Some(k),
+                    DenyReason::UnknownKey,
+                    ReaderStatus::PublicKeyNotFound,
+                )
+            },
+            (
+                setup(None, Some(now - 10), "front"),
+                None,
+                DenyReason::Expired,
+                ReaderStatus::AccessDenied,
+            ),
+            (
+                setup(Some(now + 3600), None, "front"),
+                None,
+                DenyReason::NotYetValid,
+                ReaderStatus::AccessDenied,
+            ),
+            (
+                setup(None, None, "back"),
+                None,
+                DenyReason::WrongDoor,
+                ReaderStatus::AccessDenied,
+            ),
+        ] {
+            let key = key.unwrap_or_else(|| s.enrolled.clone());
+            let (r, cards, phone) = tap(&s, &key, None).await;
+            assert!(r.error.is_none(), "{reason:?}: {:?}", r.error);
+            assert!(
+                matches!(r.decision, Some(Decision::Deny(d)) if d == reason),
+                "{reason:?}: {:?}",
+                r.decision
+            );
+            assert!(cards.is_empty(), "{reason:?}");
+            assert_eq!(status(&phone), Some(phone_status.code()), "{reason:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn phone_gone_before_or_after_the_decision() {
+        let s = setup(None, None, "front");
+        // SELECT answered, AUTH0 lost: no decision, nothing to the panel.
+        let (r, cards, _) = tap(&s, &s.enrolled.clone(), Some(1)).await;
+        assert_eq!(r.error.as_ref().map(TapError::code), Some("card_gone"));
+        assert!(r.decision.is_none() && cards.is_empty());
+        // Lost during the final EXCHANGE: the grant stands and the card went to the panel.
+        let (r, cards, _) = tap(&s, &s.enrolled.clone(), Some(3)).await;
+        assert_eq!(r.error.as_ref().map(TapError::code), Some("card_gone"));
+        assert!(matches!(r.decision, Some(Decision::Grant(_))));
+        assert_eq!(cards.len(), 1);
     }
 }

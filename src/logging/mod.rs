@@ -48,7 +48,12 @@ impl Log for StderrLog {
     }
 
     fn log(&self, record: &Record) {
-        let mut line = format!("{:<5} {}: {}", record.level(), record.target(), record.args());
+        let mut line = format!(
+            "{:<5} {}: {}",
+            record.level(),
+            record.target(),
+            record.args()
+        );
         let mut kv = KvLine(&mut line);
         let _ = record.key_values().visit(&mut kv);
         line.push('\n');

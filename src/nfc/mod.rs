@@ -158,24 +158,23 @@ impl ReaderLoop {
     {
         let mut last_service_error: Option<String> = None;
         while !*shutdown.borrow() {
-            let ctx = match blocking(PCSC_SLACK, || pcsc::Context::establish(pcsc::Scope::User))
-                .await
-            {
-                Ok(ctx) => {
-                    last_service_error = None;
-                    ctx
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    // Say it once, not once a second while pcscd is down.
-                    if last_service_error.as_deref() != Some(msg.as_str()) {
-                        on_event(ReaderEvent::ServiceDown(msg.clone()));
-                        last_service_error = Some(msg);
+            let ctx =
+                match blocking(PCSC_SLACK, || pcsc::Context::establish(pcsc::Scope::User)).await {
+                    Ok(ctx) => {
+                        last_service_error = None;
+                        ctx
                     }
-                    sleep_or_shutdown(self.cfg.retry, &mut shutdown).await;
-                    continue;
-                }
-            };
+                    Err(e) => {
+                        let msg = e.to_string();
+                        // Say it once, not once a second while pcscd is down.
+                        if last_service_error.as_deref() != Some(msg.as_str()) {
+                            on_event(ReaderEvent::ServiceDown(msg.clone()));
+                            last_service_error = Some(msg);
+                        }
+                        sleep_or_shutdown(self.cfg.retry, &mut shutdown).await;
+                        continue;
+                    }
+                };
             if let Err(e) = self
                 .serve_context(&ctx, &mut shutdown, &mut on_card, &on_event)
                 .await
@@ -207,7 +206,9 @@ impl ReaderLoop {
                 self.wait_for_pnp(ctx, shutdown).await?;
                 continue;
             };
-            on_event(ReaderEvent::ReaderFound(name.to_string_lossy().into_owned()));
+            on_event(ReaderEvent::ReaderFound(
+                name.to_string_lossy().into_owned(),
+            ));
             let mut state = pcsc::State::UNAWARE;
             loop {
                 if *shutdown.borrow() {
@@ -284,7 +285,8 @@ impl ReaderLoop {
                 pcsc::State::UNAWARE,
             )];
             // First call learns the current reader count, the second waits for a change.
-            c.get_status_change(Duration::ZERO, &mut states).or_else(ok_timeout)?;
+            c.get_status_change(Duration::ZERO, &mut states)
+                .or_else(ok_timeout)?;
             states[0].sync_current_state();
             c.get_status_change(wait, &mut states).or_else(ok_timeout)
         })
@@ -312,15 +314,15 @@ impl ReaderLoop {
         let current = *state;
         let (event, atr) = blocking(STATUS_POLL + PCSC_SLACK, move || {
             let mut rs = [pcsc::ReaderState::new(n, current)];
-            c.get_status_change(STATUS_POLL, &mut rs).or_else(ok_timeout)?;
+            c.get_status_change(STATUS_POLL, &mut rs)
+                .or_else(ok_timeout)?;
             Ok((rs[0].event_state(), rs[0].atr().to_vec()))
         })
         .await?;
         // Keep only the state bits; CHANGED and the event counter make UNAWARE loops.
         *state = event - pcsc::State::CHANGED;
         log::trace!(target: "keyway::nfc", door = self.cfg.door.as_str(); "reader state {event:?}");
-        if event.intersects(pcsc::State::UNKNOWN | pcsc::State::IGNORE | pcsc::State::UNAVAILABLE)
-        {
+        if event.intersects(pcsc::State::UNKNOWN | pcsc::State::IGNORE | pcsc::State::UNAVAILABLE) {
             return Ok(Wait::ReaderGone);
         }
         let present = event.contains(pcsc::State::PRESENT) && !event.contains(pcsc::State::MUTE);
@@ -371,7 +373,9 @@ async fn disconnect(link: CardLink) {
     let _ = blocking(PCSC_SLACK, move || {
         if let Ok(card) = Arc::try_unwrap(card) {
             if let Ok(card) = card.into_inner() {
-                return card.disconnect(pcsc::Disposition::ResetCard).map_err(|(_, e)| e);
+                return card
+                    .disconnect(pcsc::Disposition::ResetCard)
+                    .map_err(|(_, e)| e);
             }
         }
         Ok(())
