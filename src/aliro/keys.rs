@@ -169,23 +169,30 @@ pub fn derive_volatile(
     ikm: &SymmetricKey,
     ctx: &TranscriptContext,
 ) -> Result<VolatileKeys, CryptoError> {
-    let okm = crypto::hkdf_sha256(
-        ikm.as_bytes(),
-        &ctx.volatile_salt(),
-        &ctx.hkdf_info(),
-        SESSION_OKM_LEN,
-    )?;
+    let [exchange_sk_reader, exchange_sk_device, step_up_ikm, ble_ikm, ursk] =
+        session_keys(ikm, &ctx.volatile_salt(), &ctx.hkdf_info())?;
+    Ok(VolatileKeys {
+        exchange_sk_reader,
+        exchange_sk_device,
+        step_up_ikm,
+        ble_ikm,
+        ursk,
+    })
+}
+
+/// HKDF-SHA256 to 160 bytes, split in five 32-byte keys in output order: the shape both the
+/// volatile and the FAST derivations share.
+fn session_keys(
+    ikm: &SymmetricKey,
+    salt: &[u8],
+    info: &[u8],
+) -> Result<[SymmetricKey; 5], CryptoError> {
+    let okm = crypto::hkdf_sha256(ikm.as_bytes(), salt, info, SESSION_OKM_LEN)?;
     let k = |i: usize| {
         okm.key_at(i * 32)
             .ok_or(CryptoError::KdfLength(SESSION_OKM_LEN))
     };
-    Ok(VolatileKeys {
-        exchange_sk_reader: k(0)?,
-        exchange_sk_device: k(1)?,
-        step_up_ikm: k(2)?,
-        ble_ikm: k(3)?,
-        ursk: k(4)?,
-    })
+    Ok([k(0)?, k(1)?, k(2)?, k(3)?, k(4)?])
 }
 
 /// Kpersistent = HKDF(transaction IKM, persistent salt, info, 32).
@@ -217,22 +224,17 @@ pub fn derive_fast(
     ctx: &TranscriptContext,
     endpoint_long_term_x: &[u8; 32],
 ) -> Result<FastKeys, CryptoError> {
-    let okm = crypto::hkdf_sha256(
-        k_persistent.as_bytes(),
+    let [cryptogram_sk, exchange_sk_reader, exchange_sk_device, ble_ikm, ursk] = session_keys(
+        k_persistent,
         &ctx.fast_salt(endpoint_long_term_x),
         &ctx.hkdf_info(),
-        SESSION_OKM_LEN,
     )?;
-    let k = |i: usize| {
-        okm.key_at(i * 32)
-            .ok_or(CryptoError::KdfLength(SESSION_OKM_LEN))
-    };
     Ok(FastKeys {
-        cryptogram_sk: k(0)?,
-        exchange_sk_reader: k(1)?,
-        exchange_sk_device: k(2)?,
-        ble_ikm: k(3)?,
-        ursk: k(4)?,
+        cryptogram_sk,
+        exchange_sk_reader,
+        exchange_sk_device,
+        ble_ikm,
+        ursk,
     })
 }
 
