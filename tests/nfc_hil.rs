@@ -327,7 +327,9 @@ async fn enrolled_phone_granted_unknown_denied_held_phone_one_event() {
     assert!(s.finished, "the reader completed the transaction: {s:?}");
     let granted_status = reader_status(&phone).expect("phone got a reader status");
 
-    // Unknown phone.
+    // Unknown phone, after the pause a person takes between taps (pcscd polls vpcd for presence
+    // every ~400 ms; a faster swap looks like the same card still held).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let stranger = SecretKey::random(&mut rand_core::OsRng);
     let mut phone2 = b.phone(&stranger);
     let s2 = b.tap(&mut phone2, Duration::from_millis(200)).await;
