@@ -6,6 +6,7 @@
 //! - [`reply`]: reply encoders, capability and NAK codes.
 //! - [`pd`]: the state machine of one PD (sequence numbers, retries, card queue, LED/buzzer/
 //!   output state, online/offline from the clock passed in).
+//! - [`sc`]: secure channel cryptography (session keys, cryptograms, MAC chain, data blocks).
 //! - [`bus`]: several PDs on one line, routed by address.
 //!
 //! Nothing here touches a port or reads the clock: callers pass bytes and `Instant`s in and
@@ -16,6 +17,7 @@ pub mod command;
 pub mod pd;
 pub mod phy;
 pub mod reply;
+pub mod sc;
 #[cfg(test)]
 mod robustness;
 
