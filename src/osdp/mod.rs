@@ -23,6 +23,10 @@ mod robustness;
 
 pub use bus::Bus;
 pub use command::{BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
-pub use pd::{DropReason, LedState, OutputState, Pd, PdConfig, PdError, PdEvent};
+pub use pd::{
+    DropReason, KeyStore, LedState, OutputState, Pd, PdConfig, PdDeps, PdError, PdEvent,
+    ScEndReason, SecureConfig,
+};
 pub use phy::{Check, DecoderStats, Frame, FrameDecoder, PhyError};
 pub use reply::{NakCode, PdIdentity, RawCard, RawFormat, Reply};
+pub use sc::Scbk;

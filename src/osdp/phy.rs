@@ -9,8 +9,8 @@
 //!
 //! CTRL bits 0-1 carry the sequence number, bit 2 selects CRC-16 (1) or the 8-bit checksum (0),
 //! bit 3 says a security block follows the header. A PD replies with bit 7 of ADDR set.
-//! The security block is kept as raw bytes here so the secure channel can later be added in this
-//! layer (MAC check and decryption between [`FrameDecoder::poll`] and command parsing).
+//! The security block is kept as raw bytes; the PD ([`super::pd`]) checks the MAC over
+//! [`Frame::mac_input`] and decrypts with [`super::sc`] before parsing the command.
 
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,32 @@ impl Frame {
 
     /// Serialise with the check character the frame asks for.
     pub fn encode(&self) -> Result<Vec<u8>, PhyError> {
+        let body = self.body()?;
+        let mut out = Vec::with_capacity(body.len() + 3);
+        if self.mark {
+            out.push(MARK);
+        }
+        out.extend_from_slice(&body);
+        match self.check {
+            Check::Crc16 => out.extend_from_slice(&crc16(&body).to_le_bytes()),
+            Check::Checksum => out.push(checksum(&body)),
+        }
+        Ok(out)
+    }
+
+    /// The bytes a secure-channel MAC covers: SOM through the end of the data, without the
+    /// trailing 4-byte MAC that `data` carries (the length field counts MAC and check).
+    pub fn mac_input(&self) -> Result<Vec<u8>, PhyError> {
+        if self.data.len() < crate::osdp::sc::MAC_LEN {
+            return Err(PhyError::BadSecurityBlock);
+        }
+        let mut body = self.body()?;
+        body.truncate(body.len().saturating_sub(crate::osdp::sc::MAC_LEN));
+        Ok(body)
+    }
+
+    /// SOM through the end of the data (no mark, no check character), length field final.
+    fn body(&self) -> Result<Vec<u8>, PhyError> {
         if self.sqn > CTRL_SQN {
             return Err(PhyError::BadSequence(self.sqn));
         }
@@ -115,10 +141,6 @@ impl Frame {
         }
         let len16 = u16::try_from(len).map_err(|_| PhyError::TooLong)?;
         let mut out = Vec::with_capacity(len + 1);
-        if self.mark {
-            out.push(MARK);
-        }
-        let start = out.len();
         let mut ctrl = self.sqn;
         if self.check == Check::Crc16 {
             ctrl |= CTRL_CRC;
@@ -135,17 +157,6 @@ impl Frame {
         }
         out.push(self.code);
         out.extend_from_slice(&self.data);
-        let body = out.get(start..).unwrap_or_default();
-        match self.check {
-            Check::Crc16 => {
-                let crc = crc16(body);
-                out.extend_from_slice(&crc.to_le_bytes());
-            }
-            Check::Checksum => {
-                let sum = checksum(body);
-                out.push(sum);
-            }
-        }
         Ok(out)
     }
 }
@@ -474,6 +485,41 @@ mod tests {
         assert_eq!(crc16(&LIBOSDP_NAK[..7]), 0x8f0e);
         // CRC-16/AUG-CCITT standard check value over "123456789".
         assert_eq!(crc16(b"123456789"), 0xE5CC);
+    }
+
+    #[test]
+    fn annex_e_crc_and_checksum_examples() {
+        // SIA OSDP 2.2 Annex E, CRC examples 1-2 and checksum examples 1-2 (as reproduced in
+        // libosdp's tests/unit-tests/test-sc-sia-vectors.c); re-typed as test data.
+        let crc1 = [0x53, 0x7F, 0x0D, 0x00, 0x04, 0x6E, 0x00, 0x80, 0x25, 0x00, 0x00];
+        assert_eq!(crc16(&crc1).to_le_bytes(), [0x6E, 0x38]);
+        let crc2 = [0x53, 0x00, 0x09, 0x00, 0x04, 0x61, 0x00];
+        assert_eq!(crc16(&crc2).to_le_bytes(), [0xC0, 0x66]);
+        let sum1 = [0x53, 0x7F, 0x0C, 0x00, 0x00, 0x6E, 0x00, 0x80, 0x25, 0x00, 0x00];
+        assert_eq!(checksum(&sum1), 0x0F);
+        let sum2 = [0x53, 0x00, 0x08, 0x00, 0x00, 0x61, 0x00];
+        assert_eq!(checksum(&sum2), 0x44);
+    }
+
+    #[test]
+    fn mac_input_is_packet_without_mac_and_check() {
+        let f = Frame {
+            mark: true,
+            addr_byte: 0x01,
+            sqn: 2,
+            check: Check::Crc16,
+            scb: Some(vec![0x02, 0x15]),
+            code: 0x60,
+            data: vec![0xA1, 0xA2, 0xA3, 0xA4],
+        };
+        let wire = f.encode().unwrap();
+        // Without the mark, without the MAC (4) and CRC (2).
+        assert_eq!(f.mac_input().unwrap(), wire[1..wire.len() - 6].to_vec());
+        let short = Frame {
+            data: vec![1, 2, 3],
+            ..f
+        };
+        assert_eq!(short.mac_input(), Err(PhyError::BadSecurityBlock));
     }
 
     #[test]
