@@ -26,15 +26,22 @@ impl Bus {
     }
 
     pub fn with_decoder(configs: Vec<PdConfig>, decoder: FrameDecoder) -> Result<Self, PdError> {
-        if configs.is_empty() {
+        let pds = configs
+            .into_iter()
+            .map(Pd::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::with_pds(pds, decoder)
+    }
+
+    /// A bus of ready-made PDs (e.g. built with [`Pd::with_deps`] for the secure channel).
+    pub fn with_pds(pds: Vec<Pd>, decoder: FrameDecoder) -> Result<Self, PdError> {
+        if pds.is_empty() {
             return Err(PdError::NoPds);
         }
-        let mut pds: Vec<Pd> = Vec::with_capacity(configs.len());
-        for cfg in configs {
-            if pds.iter().any(|p| p.address() == cfg.address) {
-                return Err(PdError::DuplicateAddress(cfg.address));
+        for (i, p) in pds.iter().enumerate() {
+            if pds.iter().skip(i + 1).any(|q| q.address() == p.address()) {
+                return Err(PdError::DuplicateAddress(p.address()));
             }
-            pds.push(Pd::new(cfg)?);
         }
         Ok(Self {
             decoder,

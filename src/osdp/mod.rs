@@ -17,9 +17,9 @@ pub mod command;
 pub mod pd;
 pub mod phy;
 pub mod reply;
-pub mod sc;
 #[cfg(test)]
 mod robustness;
+pub mod sc;
 
 pub use bus::Bus;
 pub use command::{BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};

@@ -90,7 +90,10 @@ enum ScState {
         pd_random: [u8; 8],
         default_key: bool,
     },
-    Active { session: Session, last: Instant },
+    Active {
+        session: Session,
+        last: Instant,
+    },
 }
 
 impl std::fmt::Debug for ScState {
@@ -340,7 +343,9 @@ impl Pd {
     pub fn with_deps(cfg: PdConfig, deps: PdDeps) -> Result<Self, PdError> {
         cfg.validate()?;
         if cfg.secure.is_some() && deps.rng.is_none() {
-            return Err(PdError::Config("secure channel needs a random number source"));
+            return Err(PdError::Config(
+                "secure channel needs a random number source",
+            ));
         }
         let scbk = cfg.secure.as_ref().and_then(|s| s.scbk.clone());
         let install_mode = cfg.secure.as_ref().is_some_and(|s| s.install_mode);
@@ -1591,7 +1596,11 @@ mod tests {
             assert_eq!(open_reply(&mut cp, &r), (rc::ACK, vec![]));
         }
         // Encrypted LED command → ACK; the LED state changed.
-        let r = run(&mut pd, secure_cmd(&mut cp, 2, 0x69, &led_data(0, 0, 1, 2)), now);
+        let r = run(
+            &mut pd,
+            secure_cmd(&mut cp, 2, 0x69, &led_data(0, 0, 1, 2)),
+            now,
+        );
         assert_eq!(open_reply(&mut cp, &r).0, rc::ACK);
         assert_eq!(pd.leds()[0].permanent.on_color, 2);
         // A card goes out as an encrypted RAW.

@@ -110,10 +110,16 @@ pub enum Reply {
     Nak(NakCode),
     PdId(PdIdentity),
     PdCap(Vec<Capability>),
-    LocalStatus { tamper: bool, power_fail: bool },
+    LocalStatus {
+        tamper: bool,
+        power_fail: bool,
+    },
     OutputStatus(Vec<bool>),
     Raw(RawCard),
-    Com { address: u8, baud: u32 },
+    Com {
+        address: u8,
+        baud: u32,
+    },
     Busy,
     /// osdp_CCRYPT: client UID, PD random, client cryptogram.
     Ccrypt {

@@ -10,6 +10,9 @@
 //! [`BusEvent`]s on a broadcast channel (a slow subscriber loses old events; it never stalls
 //! the bus).
 
+mod keyfile;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -18,8 +21,10 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
-use crate::osdp::phy::DecoderStats;
-use crate::osdp::{Bus, PdConfig, PdError, PdEvent, RawCard};
+use crate::osdp::phy::{DecoderStats, FrameDecoder};
+use crate::osdp::{Bus, KeyStore, Pd, PdConfig, PdDeps, PdError, PdEvent, RawCard};
+
+pub use keyfile::{load_scbk, store_scbk, FileKeyStore, KeyFileError};
 
 /// Events buffered per subscriber before the oldest are lost.
 const EVENT_CHANNEL_CAP: usize = 256;
@@ -60,6 +65,9 @@ pub struct BusConfig {
     pub path: PathBuf,
     pub baud: u32,
     pub pds: Vec<PdConfig>,
+    /// Where osdp_KEYSET stores each secure PD's new SCBK (by address). A secure PD without
+    /// an entry NAKs KEYSET (it could not keep the key).
+    pub key_files: BTreeMap<u8, PathBuf>,
 }
 
 /// What the bus task reports.
@@ -150,7 +158,25 @@ pub fn spawn_bus(
     if cfg.path.as_os_str().is_empty() {
         return Err(SerialError::Settings("empty serial port path"));
     }
-    let bus = Bus::new(cfg.pds.clone())?;
+    let pds = cfg
+        .pds
+        .iter()
+        .map(|p| {
+            let deps = if p.secure.is_some() {
+                PdDeps {
+                    // The OS RNG lives here, in the adapter; the core only sees the trait.
+                    rng: Some(Box::new(rand_core::OsRng)),
+                    key_store: cfg.key_files.get(&p.address).map(|path| {
+                        Box::new(FileKeyStore { path: path.clone() }) as Box<dyn KeyStore>
+                    }),
+                }
+            } else {
+                PdDeps::default()
+            };
+            Pd::with_deps(p.clone(), deps)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let bus = Bus::with_pds(pds, FrameDecoder::default())?;
     let (req_tx, req_rx) = mpsc::channel(REQUEST_CHANNEL_CAP);
     let (ev_tx, ev_rx) = broadcast::channel(EVENT_CHANNEL_CAP);
     let task = BusTask {
@@ -263,6 +289,20 @@ impl BusTask {
                 }
                 PdEvent::CardDropped { reason, .. } => {
                     log::warn!(addr, reason:? = reason; "OSDP card dropped")
+                }
+                PdEvent::SecureChannelUp { install_key } => {
+                    if *install_key {
+                        log::warn!(addr; "OSDP secure channel up with SCBK-D (install mode)")
+                    } else {
+                        log::info!(addr; "OSDP secure channel up")
+                    }
+                }
+                PdEvent::SecureChannelDown { reason } => {
+                    log::info!(addr, reason:? = reason; "OSDP secure channel down")
+                }
+                PdEvent::KeyInstalled => log::info!(addr; "OSDP new SCBK installed"),
+                PdEvent::KeyStoreFailed(e) => {
+                    log::error!(addr, error = e.as_str(); "OSDP KEYSET refused: key not stored")
                 }
                 other => log::debug!(addr, event:? = other; "OSDP PD event"),
             }
@@ -377,6 +417,7 @@ mod tests {
             path: "/dev/null".into(),
             baud: 0,
             pds: vec![PdConfig::new(1)],
+            key_files: BTreeMap::new(),
         };
         assert!(matches!(
             spawn_bus(cfg, rx.clone()),
@@ -386,6 +427,7 @@ mod tests {
             path: "/dev/null".into(),
             baud: 9600,
             pds: vec![],
+            key_files: BTreeMap::new(),
         };
         assert!(matches!(
             spawn_bus(cfg, rx),
@@ -400,6 +442,7 @@ mod tests {
             path: "/nonexistent/keyway-test-tty".into(),
             baud: 9600,
             pds: vec![PdConfig::new(1)],
+            key_files: BTreeMap::new(),
         };
         let (handle, mut events, join) = spawn_bus(cfg, rx).unwrap();
         // Two failures in a row: the task keeps trying, with a growing delay.
