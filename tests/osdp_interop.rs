@@ -13,7 +13,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use keyway::osdp::{PdConfig, PdEvent, RawCard, RawFormat, Scbk, SecureConfig};
+use keyway::osdp::{PdConfig, PdEvent, RawCard, RawFormat, Scbk, SecureConfig, Verdict};
 use keyway::serial::{load_scbk, spawn_bus, BusConfig, BusEvent};
 use serde_json::Value;
 use tokio::sync::{broadcast, watch};
@@ -591,11 +591,10 @@ async fn garbage_scenario(secure: bool) {
 async fn secure_channel_with_known_scbk_delivers_card() {
     let pty = pty_pair();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (handle, mut events, join) = spawn_bus(
-        bus_config(&pty.pd, vec![secure_pd(1, Some(scbk()), false)]),
-        stop_rx,
-    )
-    .unwrap();
+    let mut pd = secure_pd(1, Some(scbk()), false);
+    // Generous: the test machine may be slow; the rule itself is unit-tested.
+    pd.verdict_window = Duration::from_secs(15);
+    let (handle, mut events, join) = spawn_bus(bus_config(&pty.pd, vec![pd]), stop_rx).unwrap();
     let mut cp = Cp::start_with(&pty.cp, &[1], &["--scbk", SCBK_HEX, "--enforce-secure"]);
     let online = cp.wait_online(1);
     assert_eq!(online["sc"], true, "{online}");
@@ -623,13 +622,23 @@ async fn secure_channel_with_known_scbk_delivers_card() {
     })
     .await;
 
-    cp.send(serde_json::json!({"cmd": "led", "pd": 1, "control_code": 1, "on_color": 2}));
+    // The panel flashes green: read as its verdict on that card.
+    cp.send(
+        serde_json::json!({"cmd": "led", "pd": 1, "temporary": true, "control_code": 2,
+        "on_color": 2, "on_count": 5, "off_count": 0, "timer_count": 10}),
+    );
     wait_bus(&mut events, "LED under SC", |e| {
         is_pd(
             e,
             1,
-            |p| matches!(p, PdEvent::Led(s) if s.permanent.on_color == 2),
+            |p| matches!(p, PdEvent::Led(s) if s.effective().on_color == 2),
         )
+    })
+    .await;
+    wait_bus(&mut events, "panel verdict", |e| {
+        is_pd(e, 1, |p| {
+            matches!(p, PdEvent::PanelVerdict { card, verdict: Verdict::Granted } if card.data == data)
+        })
     })
     .await;
     let done = cp.wait_for("LED completion", |v| v["event"] == "completed");

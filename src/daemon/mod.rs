@@ -67,6 +67,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             pd.baud = d.baud;
             if let Some(opts) = cfg.osdp_options.get(&d.id) {
                 pd.secure = secure_config(d, opts, &mut key_files)?;
+                pd.verdict_window = opts.verdict_window;
             }
             pds.push(pd);
         }
@@ -268,6 +269,12 @@ fn log_bus_event(port: &str, event: &BusEvent, pending: &Pending) {
             .unwrap_or(-1.0);
         log::info!(target: "keyway::osdp", port = port, address = address, tap_to_raw_ms = ms;
             "osdp {port} pd {address}: raw sent, {ms:.1} ms after the tap");
+        return;
+    }
+    if let PdEvent::PanelVerdict { verdict, .. } = event {
+        let verdict = verdict.as_str();
+        log::info!(target: "keyway::osdp", port = port, address = address, verdict = verdict;
+            "osdp {port} pd {address}: panel verdict {verdict}");
         return;
     }
     log::info!(target: "keyway::osdp", port = port, address = address; "osdp {port} pd {address}: {event:?}");

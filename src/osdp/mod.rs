@@ -7,6 +7,7 @@
 //! - [`pd`]: the state machine of one PD (sequence numbers, retries, card queue, LED/buzzer/
 //!   output state, online/offline from the clock passed in).
 //! - [`sc`]: secure channel cryptography (session keys, cryptograms, MAC chain, data blocks).
+//! - [`verdict`]: the panel's grant/deny read from its LED commands after a card read.
 //! - [`bus`]: several PDs on one line, routed by address.
 //!
 //! Nothing here touches a port or reads the clock: callers pass bytes and `Instant`s in and
@@ -20,6 +21,7 @@ pub mod reply;
 #[cfg(test)]
 mod robustness;
 pub mod sc;
+pub mod verdict;
 
 pub use bus::Bus;
 pub use command::{BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
@@ -30,3 +32,4 @@ pub use pd::{
 pub use phy::{Check, DecoderStats, Frame, FrameDecoder, PhyError};
 pub use reply::{NakCode, PdIdentity, RawCard, RawFormat, Reply};
 pub use sc::Scbk;
+pub use verdict::Verdict;

@@ -20,6 +20,7 @@ use super::command::{self, BuzzerRecord, Command, LedParams, LedRecord, OutputRe
 use super::phy::{Frame, BROADCAST_ADDR, MAX_PACKET_LEN, REPLY_BIT};
 use super::reply::{cap, Capability, NakCode, PdIdentity, RawCard, Reply};
 use super::sc::{self, scs, Direction, Scbk, Session, SessionKeys, MAC_LEN};
+use super::verdict::{Verdict, VerdictWindow, DEFAULT_VERDICT_WINDOW};
 
 /// Events queued per PD before the oldest are dropped (the adapter drains them after every
 /// chunk, so this only fills when the daemon stalls).
@@ -159,6 +160,9 @@ pub struct PdConfig {
     pub offline_after: Duration,
     /// Secure channel; `None` = plaintext only (not advertised, SC commands NAK 0x05).
     pub secure: Option<SecureConfig>,
+    /// After a card goes out, LED commands within this window are read as the panel's
+    /// verdict ([`PdEvent::PanelVerdict`]).
+    pub verdict_window: Duration,
 }
 
 impl PdConfig {
@@ -182,6 +186,7 @@ impl PdConfig {
             card_ttl: Duration::from_secs(5),
             offline_after: Duration::from_secs(3),
             secure: None,
+            verdict_window: DEFAULT_VERDICT_WINDOW,
         }
     }
 
@@ -285,6 +290,12 @@ pub enum PdEvent {
     KeyInstalled,
     /// osdp_KEYSET could not be stored; it was NAKed.
     KeyStoreFailed(String),
+    /// The panel's decision on a card, read from its LED commands after the osdp_RAW
+    /// (green = granted, red = denied; unknown when the window closed without either).
+    PanelVerdict {
+        card: RawCard,
+        verdict: Verdict,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -331,6 +342,7 @@ pub struct Pd {
     install_mode: bool,
     /// A key ACKed in the reply being built; becomes current once the reply is out.
     pending_key: Option<Scbk>,
+    verdict: VerdictWindow<RawCard>,
 }
 
 impl Pd {
@@ -349,6 +361,7 @@ impl Pd {
         }
         let scbk = cfg.secure.as_ref().and_then(|s| s.scbk.clone());
         let install_mode = cfg.secure.as_ref().is_some_and(|s| s.install_mode);
+        let cfg_verdict_window = cfg.verdict_window;
         let mut leds = Vec::new();
         for reader in 0..cfg.readers {
             for led in 0..cfg.leds_per_reader {
@@ -382,6 +395,7 @@ impl Pd {
             scbk,
             install_mode,
             pending_key: None,
+            verdict: VerdictWindow::new(cfg_verdict_window),
         })
     }
 
@@ -536,11 +550,20 @@ impl Pd {
             ScState::Active { last, .. } => last.checked_add(SC_TIMEOUT),
             _ => None,
         };
-        offline.into_iter().chain(leds).chain(outs).chain(sc).min()
+        offline
+            .into_iter()
+            .chain(leds)
+            .chain(outs)
+            .chain(sc)
+            .chain(self.verdict.deadline())
+            .min()
     }
 
     /// Advance timers: offline detection, end of temporary LED and output settings.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some((card, verdict)) = self.verdict.expire(now) {
+            self.emit(PdEvent::PanelVerdict { card, verdict });
+        }
         if let ScState::Active { last, .. } = &self.sc {
             if now.saturating_duration_since(*last) >= SC_TIMEOUT {
                 self.end_session(ScEndReason::Timeout);
@@ -927,6 +950,9 @@ impl Pd {
             }
             let reply = Reply::Raw(q.card.clone());
             self.emit(PdEvent::CardSent(q.card.clone()));
+            if let Some((card, verdict)) = self.verdict.card_sent(q.card.clone(), now) {
+                self.emit(PdEvent::PanelVerdict { card, verdict });
+            }
             self.in_flight = Some(q);
             return reply;
         }
@@ -963,6 +989,9 @@ impl Pd {
             }
             let state = *led;
             self.emit(PdEvent::Led(state));
+        }
+        if let Some((card, verdict)) = self.verdict.led(recs, now) {
+            self.emit(PdEvent::PanelVerdict { card, verdict });
         }
         Reply::Ack
     }
@@ -1451,6 +1480,49 @@ mod tests {
         assert!(events(&mut pd).contains(&PdEvent::ComSetRequested {
             address: 7,
             baud: 9600
+        }));
+    }
+
+    #[test]
+    fn panel_verdict_from_led_after_raw() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        pd.queue_card(card26(), now).unwrap();
+        assert_eq!(run(&mut pd, cmd(1, 0x60, &[]), now).code, rc::RAW);
+        // Temporary green flash 300 ms later → granted.
+        let green = [0, 0, 2, 5, 5, 2, 0, 30, 0, 0, 0, 0, 0, 0];
+        let t = now + Duration::from_millis(300);
+        assert_eq!(run(&mut pd, cmd(2, 0x69, &green), t).code, rc::ACK);
+        let evs = events(&mut pd);
+        assert!(evs.contains(&PdEvent::PanelVerdict {
+            card: card26(),
+            verdict: Verdict::Granted
+        }));
+        // Next card: nothing conclusive → unknown when the window closes.
+        pd.queue_card(card26(), t).unwrap();
+        assert_eq!(run(&mut pd, cmd(3, 0x60, &[]), t).code, rc::RAW);
+        events(&mut pd);
+        pd.handle_timeout(t + Duration::from_millis(1999));
+        assert!(events(&mut pd).is_empty());
+        pd.handle_timeout(t + DEFAULT_VERDICT_WINDOW);
+        assert_eq!(
+            events(&mut pd),
+            vec![PdEvent::PanelVerdict {
+                card: card26(),
+                verdict: Verdict::Unknown
+            }]
+        );
+        // Red permanent after a third card → denied.
+        pd.queue_card(card26(), t).unwrap();
+        assert_eq!(run(&mut pd, cmd(1, 0x60, &[]), t).code, rc::RAW);
+        assert_eq!(
+            run(&mut pd, cmd(2, 0x69, &led_data(0, 0, 1, 1)), t).code,
+            rc::ACK
+        );
+        assert!(events(&mut pd).contains(&PdEvent::PanelVerdict {
+            card: card26(),
+            verdict: Verdict::Denied
         }));
     }
 

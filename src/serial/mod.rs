@@ -301,6 +301,9 @@ impl BusTask {
                     log::info!(addr, reason:? = reason; "OSDP secure channel down")
                 }
                 PdEvent::KeyInstalled => log::info!(addr; "OSDP new SCBK installed"),
+                PdEvent::PanelVerdict { verdict, .. } => {
+                    log::info!(addr, verdict = verdict.as_str(); "OSDP panel verdict")
+                }
                 PdEvent::KeyStoreFailed(e) => {
                     log::error!(addr, error = e.as_str(); "OSDP KEYSET refused: key not stored")
                 }
