@@ -256,6 +256,7 @@ fn bus_config(path: &Path, pds: Vec<PdConfig>) -> BusConfig {
         baud: 115_200,
         pds,
         key_files: Default::default(),
+        com_file: None,
     }
 }
 
@@ -728,6 +729,66 @@ async fn install_mode_keyset_survives_restart() {
             "SCBK-D accepted after KEYSET"
         );
     }
+    stop(stop_tx, join).await;
+}
+
+/// (e): the panel moves the PD to a new address with osdp_COMSET. keyway answers there from
+/// the next command on (a card still reaches the panel), and the change is persisted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comset_moves_the_pd_to_a_new_address() {
+    let pty = pty_pair();
+    let dir = tempfile::tempdir().unwrap();
+    let com_file = dir.path().join("bus.com.json");
+    let mut cfg = bus_config(&pty.pd, vec![PdConfig::new(1)]);
+    cfg.com_file = Some(com_file.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) = spawn_bus(cfg, stop_rx).unwrap();
+    let mut cp = Cp::start(&pty.cp, &[1]);
+    cp.wait_online(1);
+    cp.send(serde_json::json!({"cmd": "comset", "pd": 1, "address": 5, "baud_rate": 115200}));
+    wait_bus(&mut events, "COMSET applied", |e| {
+        is_pd(e, 1, |p| {
+            *p == PdEvent::ComSetApplied {
+                address: 5,
+                baud: 115_200,
+            }
+        })
+    })
+    .await;
+    let done = cp.wait_for("COMSET completion", |v| v["event"] == "completed");
+    assert_eq!(done["status"], 0, "{done}");
+    // The card API still uses the door's configured address; the wire uses the new one.
+    handle
+        .send_card(1, card(26, &[0x33, 0x44, 0x55, 0x40]))
+        .await
+        .unwrap();
+    let got = cp.wait_for("card after COMSET", |v| v["event"] == "card");
+    assert_eq!(got["data"], "33445540");
+    assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
+    let stored = keyway::serial::load_com_settings(&com_file).unwrap();
+    assert_eq!(
+        stored.get(&1).map(|c| (c.address, c.baud)),
+        Some((5, 115_200))
+    );
+
+    // Restart both ends (holding the pty open meanwhile): keyway answers on address 5 from
+    // the stored settings, so a panel configured for 5 finds it.
+    let hold = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("hold pty")
+    };
+    let (_hold_pd, _hold_cp) = (hold(&pty.pd), hold(&pty.cp));
+    drop(cp);
+    stop(stop_tx, join).await;
+    let mut cfg = bus_config(&pty.pd, vec![PdConfig::new(1)]);
+    cfg.com_file = Some(com_file.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (_handle, _events, join) = spawn_bus(cfg, stop_rx).unwrap();
+    let mut cp = Cp::start(&pty.cp, &[5]);
+    cp.wait_online(5);
     stop(stop_tx, join).await;
 }
 

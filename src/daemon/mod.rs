@@ -76,6 +76,8 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             baud: doors.first().map(|d| d.baud).unwrap_or(9600),
             pds,
             key_files,
+            // Beside the database: a panel's osdp_COMSET survives restarts.
+            com_file: Some(com_file_for(&cfg.daemon.database, &port)),
         };
         let (handle, mut events, task) =
             serial::spawn_bus(bus_cfg, shutdown_rx.clone()).map_err(|e| DaemonError::Bus {
@@ -187,6 +189,18 @@ fn secure_config(
         install_mode,
         enforce_secure: opts.enforce_secure,
     }))
+}
+
+/// `<database dir>/osdp-<port file name>.com.json`, one per serial line.
+fn com_file_for(database: &std::path::Path, port: &std::path::Path) -> std::path::PathBuf {
+    let name = port
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bus".into());
+    database
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(format!("osdp-{name}.com.json"))
 }
 
 fn firmware_version() -> [u8; 3] {

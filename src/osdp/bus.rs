@@ -39,16 +39,32 @@ impl Bus {
             return Err(PdError::NoPds);
         }
         for (i, p) in pds.iter().enumerate() {
-            if pds.iter().skip(i + 1).any(|q| q.address() == p.address()) {
+            if pds
+                .iter()
+                .skip(i + 1)
+                .any(|q| q.address() == p.address() || q.bus_address() == p.bus_address())
+            {
                 return Err(PdError::DuplicateAddress(p.address()));
             }
         }
-        Ok(Self {
+        let mut bus = Self {
             decoder,
             pds,
             next_event_pd: 0,
             last_phy_error: None,
-        })
+        };
+        bus.refresh_neighbours();
+        Ok(bus)
+    }
+
+    /// Tell every PD which addresses the others answer on (for osdp_COMSET).
+    fn refresh_neighbours(&mut self) {
+        let all: Vec<u8> = self.pds.iter().map(Pd::bus_address).collect();
+        let alone = self.pds.len() == 1;
+        for pd in &mut self.pds {
+            let me = pd.bus_address();
+            pd.set_neighbours(all.iter().copied().filter(|&a| a != me).collect(), alone);
+        }
     }
 
     pub fn addresses(&self) -> Vec<u8> {
@@ -112,10 +128,19 @@ impl Bus {
                     None
                 }
             } else {
-                self.pds.iter_mut().find(|p| p.address() == frame.address())
+                self.pds
+                    .iter_mut()
+                    .find(|p| p.bus_address() == frame.address())
             };
-            if let Some(reply) = target.and_then(|pd| pd.handle_frame(&frame, now)) {
+            let Some(pd) = target else { continue };
+            let before = pd.bus_address();
+            let reply = pd.handle_frame(&frame, now);
+            let moved = pd.bus_address() != before;
+            if let Some(reply) = reply {
                 replies.push(reply);
+            }
+            if moved {
+                self.refresh_neighbours();
             }
         }
     }

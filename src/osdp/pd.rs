@@ -22,6 +22,9 @@ use super::reply::{cap, Capability, NakCode, PdIdentity, RawCard, Reply};
 use super::sc::{self, scs, Direction, Scbk, Session, SessionKeys, MAC_LEN};
 use super::verdict::{Verdict, VerdictWindow, DEFAULT_VERDICT_WINDOW};
 
+/// Baud rates a PD accepts in osdp_COMSET (the usual OSDP speeds).
+pub const COMSET_BAUDS: [u32; 6] = [9600, 19_200, 38_400, 57_600, 115_200, 230_400];
+
 /// Events queued per PD before the oldest are dropped (the adapter drains them after every
 /// chunk, so this only fills when the daemon stalls).
 const EVENT_QUEUE_CAP: usize = 64;
@@ -269,8 +272,15 @@ pub enum PdEvent {
         output: u8,
         state: OutputState,
     },
-    /// The CP asked for a new address/baud; keyway keeps its settings and says so in osdp_COM.
-    ComSetRequested {
+    /// osdp_COMSET accepted: after its osdp_COM reply went out the PD answers on `address`
+    /// at `baud` (the adapter switches the port's speed and persists both).
+    ComSetApplied {
+        address: u8,
+        baud: u32,
+    },
+    /// osdp_COMSET refused (address taken or out of range, baud not supported or, on a bus
+    /// with several PDs, a speed change): osdp_COM reported the unchanged settings.
+    ComSetRefused {
         address: u8,
         baud: u32,
     },
@@ -343,6 +353,15 @@ pub struct Pd {
     /// A key ACKed in the reply being built; becomes current once the reply is out.
     pending_key: Option<Scbk>,
     verdict: VerdictWindow<RawCard>,
+    /// Address the PD answers on (starts as `cfg.address`, changed by osdp_COMSET).
+    /// `cfg.address` stays the PD's identity for the card API and events.
+    bus_address: u8,
+    /// Bus addresses of the other PDs on this line (kept by the `Bus`).
+    taken: Vec<u8>,
+    /// A speed change would move every PD on the line: only allowed when alone.
+    baud_change_allowed: bool,
+    /// osdp_COMSET accepted in the reply being built; applied once the reply is out.
+    pending_com: Option<(u8, u32)>,
 }
 
 impl Pd {
@@ -362,6 +381,7 @@ impl Pd {
         let scbk = cfg.secure.as_ref().and_then(|s| s.scbk.clone());
         let install_mode = cfg.secure.as_ref().is_some_and(|s| s.install_mode);
         let cfg_verdict_window = cfg.verdict_window;
+        let cfg_address = cfg.address;
         let mut leds = Vec::new();
         for reader in 0..cfg.readers {
             for led in 0..cfg.leds_per_reader {
@@ -396,6 +416,10 @@ impl Pd {
             install_mode,
             pending_key: None,
             verdict: VerdictWindow::new(cfg_verdict_window),
+            bus_address: cfg_address,
+            taken: Vec::new(),
+            baud_change_allowed: true,
+            pending_com: None,
         })
     }
 
@@ -425,8 +449,34 @@ impl Pd {
         [v[0], v[1], v[2], id.model, s[0], s[1], s[2], s[3]]
     }
 
+    /// The PD's identity: its configured address (stable across osdp_COMSET).
     pub fn address(&self) -> u8 {
         self.cfg.address
+    }
+
+    /// The address the PD currently answers on.
+    pub fn bus_address(&self) -> u8 {
+        self.bus_address
+    }
+
+    /// Answer on `addr` from now on (e.g. a persisted osdp_COMSET applied at start-up).
+    pub fn set_bus_address(&mut self, addr: u8) -> Result<(), PdError> {
+        if addr >= BROADCAST_ADDR {
+            return Err(PdError::BadAddress(addr));
+        }
+        self.bus_address = addr;
+        Ok(())
+    }
+
+    /// The speed reported in osdp_COM (set after a persisted osdp_COMSET at start-up).
+    pub fn set_baud(&mut self, baud: u32) {
+        self.cfg.baud = baud;
+    }
+
+    /// Called by the `Bus`: other PDs' addresses, and whether this PD is alone on the line.
+    pub fn set_neighbours(&mut self, taken: Vec<u8>, alone: bool) {
+        self.taken = taken;
+        self.baud_change_allowed = alone;
     }
 
     pub fn config(&self) -> &PdConfig {
@@ -611,7 +661,7 @@ impl Pd {
             return None;
         }
         let broadcast = frame.address() == BROADCAST_ADDR;
-        if frame.address() != self.cfg.address && !broadcast {
+        if frame.address() != self.bus_address && !broadcast {
             return None;
         }
         // Only configuration commands make sense on the broadcast address; answering
@@ -670,6 +720,14 @@ impl Pd {
             });
         }
         let bytes = self.encode(frame, &reply, wrap);
+        if let Some((address, baud)) = self.pending_com.take() {
+            // The osdp_COM went out from the old address; the CP follows to the new one.
+            if bytes.is_some() {
+                self.bus_address = address;
+                self.cfg.baud = baud;
+                self.emit(PdEvent::ComSetApplied { address, baud });
+            }
+        }
         if let Some(key) = self.pending_key.take() {
             // The ACK went out under the old session; from now on only the new key.
             if bytes.is_some() {
@@ -919,10 +977,19 @@ impl Pd {
             Command::Buzzer(recs) => self.apply_buzzer(&recs),
             Command::Output(recs) => self.apply_output(&recs, now),
             Command::ComSet { address, baud } => {
-                self.emit(PdEvent::ComSetRequested { address, baud });
-                Reply::Com {
-                    address: self.cfg.address,
-                    baud: self.cfg.baud,
+                let address_ok = address < BROADCAST_ADDR
+                    && (address == self.bus_address || !self.taken.contains(&address));
+                let baud_ok = COMSET_BAUDS.contains(&baud)
+                    && (baud == self.cfg.baud || self.baud_change_allowed);
+                if address_ok && baud_ok {
+                    self.pending_com = Some((address, baud));
+                    Reply::Com { address, baud }
+                } else {
+                    self.emit(PdEvent::ComSetRefused { address, baud });
+                    Reply::Com {
+                        address: self.bus_address,
+                        baud: self.cfg.baud,
+                    }
                 }
             }
             Command::AcuRxSize(_) | Command::KeepActive(_) | Command::Abort => Reply::Ack,
@@ -1468,19 +1535,39 @@ mod tests {
     }
 
     #[test]
-    fn comset_reports_request_and_keeps_settings() {
+    fn comset_applies_after_the_reply_and_refuses_bad_settings() {
         let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
-        let r = run(
-            &mut pd,
-            cmd(0, 0x6E, &[7, 0x80, 0x25, 0, 0]),
-            Instant::now(),
-        );
-        assert_eq!(r.code, 0x54);
+        pd.set_neighbours(vec![9], true);
+        let now = Instant::now();
+        // Taken address: refused, current settings reported.
+        let r = run(&mut pd, cmd(0, 0x6E, &[9, 0x80, 0x25, 0, 0]), now);
+        assert_eq!((r.code, r.data), (0x54, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]));
+        // Unsupported baud: refused.
+        let r = run(&mut pd, cmd(1, 0x6E, &[7, 0x10, 0x27, 0, 0]), now);
         assert_eq!(r.data, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]);
-        assert!(events(&mut pd).contains(&PdEvent::ComSetRequested {
+        assert!(events(&mut pd)
+            .iter()
+            .any(|e| matches!(e, PdEvent::ComSetRefused { address: 7, .. })));
+        // Valid: the reply (from the old address) carries the new settings...
+        let r = run(&mut pd, cmd(2, 0x6E, &[7, 0x80, 0x25, 0, 0]), now);
+        assert_eq!(r.addr_byte, ADDR | 0x80);
+        assert_eq!(r.data, vec![7, 0x80, 0x25, 0x00, 0x00]);
+        assert!(events(&mut pd).contains(&PdEvent::ComSetApplied {
             address: 7,
             baud: 9600
         }));
+        // ...then the PD answers on the new address only; its identity is unchanged.
+        assert_eq!((pd.bus_address(), pd.address()), (7, ADDR));
+        assert!(pd.handle_frame(&cmd(3, 0x60, &[]), now).is_none());
+        let mut f = cmd(3, 0x60, &[]);
+        f.addr_byte = 7;
+        assert_eq!(run(&mut pd, f, now).addr_byte, 0x87);
+        // With other PDs on the line a speed change is refused (it would move them all).
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        pd.set_neighbours(vec![9], false);
+        let r = run(&mut pd, cmd(0, 0x6E, &[ADDR, 0x80, 0x25, 0, 0]), now);
+        assert_eq!(r.data, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]);
+        assert_eq!(pd.set_bus_address(0x7F), Err(PdError::BadAddress(0x7F)));
     }
 
     #[test]

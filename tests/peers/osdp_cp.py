@@ -20,6 +20,7 @@ Commands are read from stdin as JSON lines, for example:
   {"cmd": "buzzer", "pd": 1, "control_code": 2, "on_count": 1, "off_count": 1, "rep_count": 1}
   {"cmd": "output", "pd": 1, "output_no": 0, "control_code": 2, "timer_count": 0}
   {"cmd": "lstat", "pd": 1}
+  {"cmd": "comset", "pd": 1, "address": 5, "baud_rate": 115200}
   {"cmd": "enable", "pd": 1} / {"cmd": "disable", "pd": 1}
 
 Missing fields default to harmless values. Exits on stdin EOF, on {"cmd": "quit"}, or after
@@ -162,6 +163,12 @@ def build_command(req):
         }
     if kind == "lstat":
         return {"command": Command.Status, "type": StatusReportType.Local}
+    if kind == "comset":
+        return {
+            "command": Command.Comset,
+            "address": int(req.get("address", 0)),
+            "baud_rate": int(req.get("baud_rate", 115200)),
+        }
     return None
 
 
