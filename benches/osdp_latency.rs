@@ -275,7 +275,9 @@ fn main() {
     let mut poller = Poller::open(&cp_l);
     let (l_plain, l_secure) = measure(&mut poller, rounds);
 
-    println!("OSDP reply latency over a pty (write of the command → reply decoded), {rounds} each:");
+    println!(
+        "OSDP reply latency over a pty (write of the command → reply decoded), {rounds} each:"
+    );
     println!("  keyway   POLL→ACK        {}", stats(k_plain));
     println!("  libosdp  POLL→ACK        {}", stats(l_plain));
     println!("  keyway   secure POLL→ACK {}", stats(k_secure));

@@ -307,6 +307,46 @@ mod tests {
     }
 
     #[test]
+    fn comset_on_a_shared_bus_keeps_addresses_unique() {
+        let mut bus = Bus::new(vec![PdConfig::new(1), PdConfig::new(2)]).unwrap();
+        let now = Instant::now();
+        let comset = |addr: u8, sqn: u8, new: u8| {
+            Frame {
+                mark: false,
+                addr_byte: addr,
+                sqn,
+                check: Check::Crc16,
+                scb: None,
+                code: 0x6E,
+                // Same speed: a speed change is refused on a shared line anyway.
+                data: vec![new, 0x00, 0xC2, 0x01, 0x00],
+            }
+            .encode()
+            .unwrap()
+        };
+        // PD 1 cannot take PD 2's address.
+        let r = bus.receive(&comset(1, 0, 2), now);
+        assert_eq!(reply_of(&r[0]).data[0], 1);
+        // It can move to 3; then 3 reaches it, 1 reaches nobody, and PD 2 cannot take 3.
+        let r = bus.receive(&comset(1, 1, 3), now);
+        assert_eq!(reply_of(&r[0]).data[0], 3);
+        assert_eq!(bus.pd(1).map(Pd::bus_address), Some(3));
+        assert!(bus.receive(&poll(1, 2), now).is_empty());
+        assert_eq!(reply_of(&bus.receive(&poll(3, 2), now)[0]).addr_byte, 0x83);
+        let r = bus.receive(&comset(2, 0, 3), now);
+        assert_eq!(reply_of(&r[0]).data[0], 2);
+        // Cards still go to the door by its configured address.
+        let card = RawCard {
+            reader: 0,
+            format: RawFormat::Wiegand,
+            bit_count: 8,
+            data: vec![0x5A],
+        };
+        bus.queue_card(1, card, now).unwrap();
+        assert_eq!(reply_of(&bus.receive(&poll(3, 3), now)[0]).code, rc::RAW);
+    }
+
+    #[test]
     fn timeouts_reach_the_pds() {
         let mut bus = Bus::new(vec![PdConfig::new(1)]).unwrap();
         let now = Instant::now();

@@ -1963,6 +1963,17 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_of_a_secure_pd_shows_no_key_material() {
+        let (mut pd, _) = secure_pd(Some([0xA7; 16]), false, true);
+        let now = Instant::now();
+        let _cp = handshake(&mut pd, &Scbk::new([0xA7; 16]), false, now);
+        let text = format!("{pd:?}");
+        assert!(text.contains("Active"), "{text}");
+        // 0xA7 = 167 (decimal Debug of an array) or a7 (hex).
+        assert!(!text.contains("167") && !text.to_lowercase().contains("a7, "));
+    }
+
+    #[test]
     fn secure_config_needs_a_key_or_install_mode_and_an_rng() {
         let mut cfg = PdConfig::new(ADDR);
         cfg.secure = Some(SecureConfig {

@@ -302,7 +302,7 @@ impl SessionKeys {
             .iter()
             .rposition(|&b| b != 0)
             .ok_or(ScError::BadPadding)?;
-        if out.get(marker) != Some(&PAD_MARKER) || out.len() - marker > BLOCK {
+        if out.get(marker) != Some(&PAD_MARKER) || out.len().saturating_sub(marker) > BLOCK {
             return Err(ScError::BadPadding);
         }
         out.truncate(marker);
