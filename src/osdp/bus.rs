@@ -277,13 +277,35 @@ mod tests {
     fn command_hidden_behind_a_stale_false_som_is_answered_on_timeout() {
         let mut bus = Bus::new(vec![PdConfig::new(1)]).unwrap();
         let now = Instant::now();
-        // Noise: SOM with a plausible length (200) swallows the POLL that follows.
-        let bytes = [vec![0x53, 0x01, 200, 0x00, 0x04], poll(1, 0)].concat();
+        // Noise: SOM with a plausible length (200) swallows the POLL that follows. The POLL
+        // uses the checksum: a complete CRC packet would be found at once (decoder lookahead).
+        let cksum_poll = Frame {
+            mark: false,
+            addr_byte: 1,
+            sqn: 0,
+            check: Check::Checksum,
+            scb: None,
+            code: 0x60,
+            data: vec![],
+        }
+        .encode()
+        .unwrap();
+        let bytes = [vec![0x53, 0x01, 200, 0x00, 0x04], cksum_poll].concat();
         assert!(bus.receive(&bytes, now).is_empty());
         let t = bus.next_timeout().expect("decoder timer");
         let replies = bus.handle_timeout(t + Duration::from_millis(1));
         assert_eq!(replies.len(), 1);
         assert_eq!(reply_of(&replies[0]).code, rc::ACK);
+    }
+
+    #[test]
+    fn crc_command_behind_a_false_som_is_answered_at_once() {
+        let mut bus = Bus::new(vec![PdConfig::new(1)]).unwrap();
+        let bytes = [vec![0x53, 0x01, 200, 0x00, 0x04], poll(1, 0)].concat();
+        let replies = bus.receive(&bytes, Instant::now());
+        assert_eq!(replies.len(), 1);
+        assert_eq!(reply_of(&replies[0]).code, rc::ACK);
+        assert_eq!(bus.decoder_stats().false_som, 1);
     }
 
     #[test]

@@ -193,6 +193,8 @@ pub struct DecoderStats {
     pub bad_check: u64,
     pub bad_scb: u64,
     pub stale_drops: u64,
+    /// Incomplete head candidates abandoned because a complete packet followed them.
+    pub false_som: u64,
 }
 
 /// Turns a byte stream into frames. Accepts any chunking (one byte at a time or many packets
@@ -349,34 +351,74 @@ impl FrameDecoder {
 
     /// The next complete packet or error, or `None` when more bytes are needed.
     pub fn poll(&mut self) -> Option<Result<Frame, PhyError>> {
-        self.skip_to_som();
-        let len = match self.candidate_len()? {
-            Ok(len) => len,
-            Err(e) => {
-                self.stats.bad_length += 1;
-                self.drop_som();
-                return Some(Err(e));
-            }
-        };
-        let s = self.som_pos();
-        let end = s.checked_add(len)?;
-        let pkt = self.buf.get(s..end)?;
-        match parse_packet(pkt, s == 1) {
-            Ok(frame) => {
-                self.buf.drain(..end);
-                self.stats.frames += 1;
-                Some(Ok(frame))
-            }
-            Err(e) => {
-                match e {
-                    PhyError::BadCheck { .. } => self.stats.bad_check += 1,
-                    PhyError::BadSecurityBlock => self.stats.bad_scb += 1,
-                    _ => self.stats.bad_length += 1,
+        loop {
+            self.skip_to_som();
+            let len = match self.candidate_len()? {
+                Ok(len) => len,
+                Err(e) => {
+                    self.stats.bad_length += 1;
+                    self.drop_som();
+                    return Some(Err(e));
                 }
-                self.drop_som();
-                Some(Err(e))
-            }
+            };
+            let s = self.som_pos();
+            let end = s.checked_add(len)?;
+            let Some(pkt) = self.buf.get(s..end) else {
+                // Incomplete. A CP writes a packet in one go, so a complete, CRC-valid packet
+                // further on means the head was a false SOM: skip to it now rather than wait
+                // for the head to fill up or go stale (noise can keep it alive).
+                let i = self.complete_packet_later()?;
+                let cut = if self.buf.get(i.wrapping_sub(1)) == Some(&MARK) {
+                    i.saturating_sub(1)
+                } else {
+                    i
+                };
+                self.stats.false_som += 1;
+                self.buf.drain(..cut);
+                continue;
+            };
+            return match parse_packet(pkt, s == 1) {
+                Ok(frame) => {
+                    self.buf.drain(..end);
+                    self.stats.frames += 1;
+                    Some(Ok(frame))
+                }
+                Err(e) => {
+                    match e {
+                        PhyError::BadCheck { .. } => self.stats.bad_check += 1,
+                        PhyError::BadSecurityBlock => self.stats.bad_scb += 1,
+                        _ => self.stats.bad_length += 1,
+                    }
+                    self.drop_som();
+                    Some(Err(e))
+                }
+            };
         }
+    }
+
+    /// Start of a complete CRC-16 packet that passes all checks and begins after the head
+    /// candidate's SOM. Only CRC packets: an 8-bit checksum matches random bytes too often.
+    fn complete_packet_later(&self) -> Option<usize> {
+        let first = self.som_pos().checked_add(1)?;
+        (first..self.buf.len()).find(|&i| {
+            if self.buf.get(i) != Some(&SOM) {
+                return false;
+            }
+            let (Some(&lo), Some(&hi), Some(&ctrl)) = (
+                self.buf.get(i + 2),
+                self.buf.get(i + 3),
+                self.buf.get(i + 4),
+            ) else {
+                return false;
+            };
+            let len = usize::from(u16::from_le_bytes([lo, hi]));
+            ctrl & CTRL_CRC != 0
+                && (MIN_PACKET_LEN + 1..=MAX_PACKET_LEN).contains(&len)
+                && self
+                    .buf
+                    .get(i..i + len)
+                    .is_some_and(|pkt| parse_packet(pkt, false).is_ok())
+        })
     }
 }
 
@@ -625,16 +667,41 @@ mod tests {
     #[test]
     fn false_som_with_huge_length_does_not_hide_real_packet() {
         // 0x53 followed by a length of 0x0300 (valid range): the decoder waits for it, the
-        // real POLL is swallowed, silence follows, and the stale candidate is dropped.
+        // real (checksum) packet is swallowed, silence follows, and the stale candidate is
+        // dropped. (A CRC packet is found at once: see the test below.)
         let mut d = FrameDecoder::new(Duration::from_millis(50));
         let now = t0();
-        let bytes: Vec<u8> = [&[SOM, 0x01, 0x00, 0x03, 0x04][..], &LIBOSDP_POLL].concat();
+        let bytes: Vec<u8> = [&[SOM, 0x01, 0x00, 0x03, 0x04][..], &LIBOSDP_ACK].concat();
         assert!(decode_all(&mut d, &bytes, now).is_empty());
         d.handle_timeout(now + Duration::from_millis(60));
         let got: Vec<_> = std::iter::from_fn(|| d.poll()).collect();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].as_ref().unwrap().code, 0x60);
+        assert_eq!(got[0].as_ref().unwrap().code, 0x40);
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn false_som_kept_alive_by_noise_does_not_hide_a_complete_packet() {
+        // A false SOM claims 0x300 bytes; a real POLL follows at once, then noise keeps
+        // arriving faster than the stale timeout. The POLL is decoded without waiting.
+        let mut d = FrameDecoder::new(Duration::from_millis(50));
+        let now = t0();
+        let bytes: Vec<u8> = [&[SOM, 0x01, 0x00, 0x03, 0x04][..], &[MARK], &LIBOSDP_POLL].concat();
+        let got = decode_all(&mut d, &bytes, now);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let poll = got[0].as_ref().unwrap();
+        assert_eq!(poll.code, 0x60);
+        assert!(poll.mark);
+        assert_eq!(d.stats().false_som, 1);
+        assert_eq!(d.buffered(), 0);
+        // A checksum packet is not taken this way (8 bits match noise too often).
+        let mut d = FrameDecoder::new(Duration::from_millis(50));
+        let bytes: Vec<u8> = [&[SOM, 0x01, 0x00, 0x03, 0x04][..], &LIBOSDP_ACK].concat();
+        assert!(decode_all(&mut d, &bytes, now).is_empty());
+        // Partial packets are still waited for: no complete packet follows the head.
+        let mut d = FrameDecoder::new(Duration::from_millis(50));
+        assert!(decode_all(&mut d, &LIBOSDP_ID[..5], now).is_empty());
+        assert_eq!(decode_all(&mut d, &LIBOSDP_ID[5..], now).len(), 1);
     }
 
     #[test]
