@@ -13,8 +13,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use keyway::osdp::{PdConfig, PdEvent, RawCard, RawFormat};
-use keyway::serial::{spawn_bus, BusConfig, BusEvent};
+use keyway::osdp::{PdConfig, PdEvent, RawCard, RawFormat, Scbk, SecureConfig, Verdict};
+use keyway::serial::{load_scbk, spawn_bus, BusConfig, BusEvent};
 use serde_json::Value;
 use tokio::sync::{broadcast, watch};
 
@@ -116,12 +116,18 @@ struct Cp {
 
 impl Cp {
     fn start(port: &Path, pds: &[u8]) -> Cp {
+        Self::start_with(port, pds, &[])
+    }
+
+    /// Start with extra arguments (e.g. `--scbk HEX`, `--enforce-secure`).
+    fn start_with(port: &Path, pds: &[u8], extra: &[&str]) -> Cp {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/osdp_cp.py");
         let mut cmd = Command::new(python());
         cmd.arg("-u").arg(script).arg("--port").arg(port);
         for pd in pds {
             cmd.arg("--pd").arg(pd.to_string());
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -189,11 +195,30 @@ impl Cp {
     }
 }
 
-/// Wait for a bus event matching `pred`.
+/// Wait for a bus event matching `pred`; any NAK keyway sends meanwhile fails the test.
 async fn wait_bus(
     rx: &mut broadcast::Receiver<BusEvent>,
     what: &str,
     pred: impl Fn(&BusEvent) -> bool,
+) -> BusEvent {
+    wait_bus_inner(rx, what, pred, false).await
+}
+
+/// Like `wait_bus`, for steps where a NAK is part of the protocol (install mode: the CP's
+/// first handshake with its own key is refused; a restarted PD refuses the old session).
+async fn wait_bus_naks_ok(
+    rx: &mut broadcast::Receiver<BusEvent>,
+    what: &str,
+    pred: impl Fn(&BusEvent) -> bool,
+) -> BusEvent {
+    wait_bus_inner(rx, what, pred, true).await
+}
+
+async fn wait_bus_inner(
+    rx: &mut broadcast::Receiver<BusEvent>,
+    what: &str,
+    pred: impl Fn(&BusEvent) -> bool,
+    naks_ok: bool,
 ) -> BusEvent {
     let fut = async {
         loop {
@@ -202,7 +227,7 @@ async fn wait_bus(
                 Ok(BusEvent::Pd {
                     addr,
                     event: PdEvent::NakSent { command, code },
-                }) => {
+                }) if !naks_ok => {
                     panic!("keyway NAKed command {command:#04x} on PD {addr}: {code:?}")
                 }
                 Ok(_) => {}
@@ -230,7 +255,37 @@ fn bus_config(path: &Path, pds: Vec<PdConfig>) -> BusConfig {
         path: path.to_path_buf(),
         baud: 115_200,
         pds,
+        key_files: Default::default(),
+        com_file: None,
     }
+}
+
+const SCBK_HEX: &str = "4b657977617920746573742053434b31";
+
+fn scbk() -> Scbk {
+    Scbk::from_slice(&hex::decode(SCBK_HEX).unwrap()).unwrap()
+}
+
+fn secure_pd(addr: u8, scbk: Option<Scbk>, install_mode: bool) -> PdConfig {
+    let mut cfg = PdConfig::new(addr);
+    cfg.secure = Some(SecureConfig {
+        scbk,
+        install_mode,
+        enforce_secure: true,
+    });
+    cfg
+}
+
+fn is_pd(e: &BusEvent, addr: u8, pred: impl Fn(&PdEvent) -> bool) -> bool {
+    matches!(e, BusEvent::Pd { addr: a, event } if *a == addr && pred(event))
+}
+
+async fn stop(stop_tx: watch::Sender<bool>, join: tokio::task::JoinHandle<()>) {
+    stop_tx.send(true).unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, join)
+        .await
+        .expect("bus task stops")
+        .expect("no panic");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -445,12 +500,30 @@ fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_the_line_is_survived() {
+    garbage_scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_line_is_survived_under_secure_channel() {
+    garbage_scenario(true).await;
+}
+
+async fn garbage_scenario(secure: bool) {
     let pty = pty_pair();
     let (stop_tx, stop_rx) = watch::channel(false);
-    let (handle, mut events, join) =
-        spawn_bus(bus_config(&pty.pd, vec![PdConfig::new(1)]), stop_rx).unwrap();
-    let mut cp = Cp::start(&pty.cp, &[1]);
-    cp.wait_online(1);
+    let pd = if secure {
+        secure_pd(1, Some(scbk()), false)
+    } else {
+        PdConfig::new(1)
+    };
+    let (handle, mut events, join) = spawn_bus(bus_config(&pty.pd, vec![pd]), stop_rx).unwrap();
+    let mut cp = if secure {
+        Cp::start_with(&pty.cp, &[1], &["--scbk", SCBK_HEX, "--enforce-secure"])
+    } else {
+        Cp::start(&pty.cp, &[1])
+    };
+    let online = cp.wait_online(1);
+    assert_eq!(online["sc"], secure, "{online}");
 
     // A second writer on the CP side of the line: its bytes reach keyway between the CP's
     // packets. Random bytes, false SOMs with plausible lengths, and truncated packets.
@@ -500,11 +573,223 @@ async fn garbage_on_the_line_is_survived() {
     })
     .await;
 
-    stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join)
+    assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
+    if secure {
+        assert!(
+            !cp.seen
+                .iter()
+                .any(|v| v["event"] == "sc" && v["active"] == false),
+            "secure channel dropped under noise: {:#?}",
+            cp.seen
+        );
+    }
+    stop(stop_tx, join).await;
+}
+
+/// (b) + (f): secure channel with a known SCBK, enforced on both sides; a card read goes out
+/// as osdp_RAW inside the secure channel and LED commands arrive through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_channel_with_known_scbk_delivers_card() {
+    let pty = pty_pair();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut pd = secure_pd(1, Some(scbk()), false);
+    // Generous: the test machine may be slow; the rule itself is unit-tested.
+    pd.verdict_window = Duration::from_secs(15);
+    let (handle, mut events, join) = spawn_bus(bus_config(&pty.pd, vec![pd]), stop_rx).unwrap();
+    let mut cp = Cp::start_with(&pty.cp, &[1], &["--scbk", SCBK_HEX, "--enforce-secure"]);
+    let online = cp.wait_online(1);
+    assert_eq!(online["sc"], true, "{online}");
+    // Advertised: AES-128, no SCBK-D (a key is installed).
+    assert_eq!(online["caps"]["CommunicationSecurity"][0], 1);
+    assert_eq!(online["caps"]["CommunicationSecurity"][1], 0);
+    wait_bus(&mut events, "secure channel up", |e| {
+        is_pd(e, 1, |p| {
+            *p == PdEvent::SecureChannelUp { install_key: false }
+        })
+    })
+    .await;
+
+    let data = vec![0x8A, 0x5C, 0x3E, 0x80];
+    handle.send_card(1, card(26, &data)).await.unwrap();
+    let got = cp.wait_for("card under SC", |v| v["event"] == "card");
+    assert_eq!(got["data"], "8a5c3e80");
+    assert_eq!(got["bits"], 26);
+    wait_bus(&mut events, "card delivered under SC", |e| {
+        is_pd(
+            e,
+            1,
+            |p| matches!(p, PdEvent::CardDelivered(c) if c.data == data),
+        )
+    })
+    .await;
+
+    // The panel flashes green: read as its verdict on that card.
+    cp.send(
+        serde_json::json!({"cmd": "led", "pd": 1, "temporary": true, "control_code": 2,
+        "on_color": 2, "on_count": 5, "off_count": 0, "timer_count": 10}),
+    );
+    wait_bus(&mut events, "LED under SC", |e| {
+        is_pd(
+            e,
+            1,
+            |p| matches!(p, PdEvent::Led(s) if s.effective().on_color == 2),
+        )
+    })
+    .await;
+    wait_bus(&mut events, "panel verdict", |e| {
+        is_pd(e, 1, |p| {
+            matches!(p, PdEvent::PanelVerdict { card, verdict: Verdict::Granted } if card.data == data)
+        })
+    })
+    .await;
+    let done = cp.wait_for("LED completion", |v| v["event"] == "completed");
+    assert_eq!(done["status"], 0, "{done}");
+    assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
+    stop(stop_tx, join).await;
+}
+
+/// (c): install mode. keyway has no key; the CP (with its SCBK) is refused, falls back to
+/// SCBK-D, installs its key with osdp_KEYSET and comes up secure with it. The key is on disk
+/// (0600). keyway then restarts from that file: install mode is over, the CP (re-enabled, as
+/// libosdp parks a PD for 300 s after an error) comes up secure again with the stored key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_mode_keyset_survives_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let pty = pty_pair();
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("door1.scbk");
+    let mut cfg = bus_config(&pty.pd, vec![secure_pd(1, None, true)]);
+    cfg.key_files.insert(1, key_file.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (_handle, mut events, join) = spawn_bus(cfg, stop_rx).unwrap();
+    let mut cp = Cp::start_with(&pty.cp, &[1], &["--scbk", SCBK_HEX]);
+    wait_bus_naks_ok(&mut events, "SCBK-D session", |e| {
+        is_pd(e, 1, |p| {
+            *p == PdEvent::SecureChannelUp { install_key: true }
+        })
+    })
+    .await;
+    wait_bus_naks_ok(&mut events, "key installed", |e| {
+        is_pd(e, 1, |p| *p == PdEvent::KeyInstalled)
+    })
+    .await;
+    wait_bus_naks_ok(&mut events, "session with the new key", |e| {
+        is_pd(e, 1, |p| {
+            *p == PdEvent::SecureChannelUp { install_key: false }
+        })
+    })
+    .await;
+    let online = cp.wait_online(1);
+    assert_eq!(online["sc"], true, "{online}");
+    assert_eq!(load_scbk(&key_file).unwrap(), Some(scbk()));
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Hold the PD side of the pty open across the restart: socat ends the pair when the last
+    // reader of a side closes, which a real RS-485 line would not do.
+    let _hold = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pty.pd)
+        .expect("hold pty");
+    stop(stop_tx, join).await;
+
+    // keyway restarts with the stored key; install mode no longer applies.
+    let stored = load_scbk(&key_file).unwrap();
+    assert!(stored.is_some());
+    let mut cfg = bus_config(&pty.pd, vec![secure_pd(1, stored, false)]);
+    cfg.key_files.insert(1, key_file.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) = spawn_bus(cfg, stop_rx).unwrap();
+    cp.send(serde_json::json!({"cmd": "disable", "pd": 1}));
+    let r = cp.wait_for("disabled", |v| v["cmd"] == "disable");
+    assert_eq!(r["ok"], true, "{r}");
+    cp.send(serde_json::json!({"cmd": "enable", "pd": 1}));
+    let r = cp.wait_for("enabled", |v| v["cmd"] == "enable");
+    assert_eq!(r["ok"], true, "{r}");
+    wait_bus_naks_ok(&mut events, "secure again after restart", |e| {
+        is_pd(e, 1, |p| {
+            *p == PdEvent::SecureChannelUp { install_key: false }
+        })
+    })
+    .await;
+    cp.wait_for("sc active after restart", |v| {
+        v["event"] == "sc" && v["active"] == true
+    });
+    handle
+        .send_card(1, card(26, &[0x01, 0x02, 0x03, 0x40]))
         .await
-        .expect("bus task stops")
-        .expect("no panic");
+        .unwrap();
+    let got = cp.wait_for("card after restart", |v| v["event"] == "card");
+    assert_eq!(got["data"], "01020340");
+    // SCBK-D was never accepted again: no second install-key session.
+    while let Ok(ev) = events.try_recv() {
+        assert!(
+            !is_pd(&ev, 1, |p| *p
+                == PdEvent::SecureChannelUp { install_key: true }),
+            "SCBK-D accepted after KEYSET"
+        );
+    }
+    stop(stop_tx, join).await;
+}
+
+/// (e): the panel moves the PD to a new address with osdp_COMSET. keyway answers there from
+/// the next command on (a card still reaches the panel), and the change is persisted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn comset_moves_the_pd_to_a_new_address() {
+    let pty = pty_pair();
+    let dir = tempfile::tempdir().unwrap();
+    let com_file = dir.path().join("bus.com.json");
+    let mut cfg = bus_config(&pty.pd, vec![PdConfig::new(1)]);
+    cfg.com_file = Some(com_file.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) = spawn_bus(cfg, stop_rx).unwrap();
+    let mut cp = Cp::start(&pty.cp, &[1]);
+    cp.wait_online(1);
+    cp.send(serde_json::json!({"cmd": "comset", "pd": 1, "address": 5, "baud_rate": 115200}));
+    wait_bus(&mut events, "COMSET applied", |e| {
+        is_pd(e, 1, |p| {
+            *p == PdEvent::ComSetApplied {
+                address: 5,
+                baud: 115_200,
+            }
+        })
+    })
+    .await;
+    let done = cp.wait_for("COMSET completion", |v| v["event"] == "completed");
+    assert_eq!(done["status"], 0, "{done}");
+    // The card API still uses the door's configured address; the wire uses the new one.
+    handle
+        .send_card(1, card(26, &[0x33, 0x44, 0x55, 0x40]))
+        .await
+        .unwrap();
+    let got = cp.wait_for("card after COMSET", |v| v["event"] == "card");
+    assert_eq!(got["data"], "33445540");
+    assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
+    let stored = keyway::serial::load_com_settings(&com_file).unwrap();
+    assert_eq!(
+        stored.get(&1).map(|c| (c.address, c.baud)),
+        Some((5, 115_200))
+    );
+
+    // Restart both ends (holding the pty open meanwhile): keyway answers on address 5 from
+    // the stored settings, so a panel configured for 5 finds it.
+    let hold = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .expect("hold pty")
+    };
+    let (_hold_pd, _hold_cp) = (hold(&pty.pd), hold(&pty.cp));
+    drop(cp);
+    stop(stop_tx, join).await;
+    let mut cfg = bus_config(&pty.pd, vec![PdConfig::new(1)]);
+    cfg.com_file = Some(com_file.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (_handle, _events, join) = spawn_bus(cfg, stop_rx).unwrap();
+    let mut cp = Cp::start(&pty.cp, &[5]);
+    cp.wait_online(5);
+    stop(stop_tx, join).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

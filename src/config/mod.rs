@@ -180,6 +180,21 @@ pub struct DoorOsdp {
     pub baud: u32,
     /// This door's PD address on the bus.
     pub address: u8,
+    /// OSDP secure channel: file holding this PD's SCBK (32 hex digits, mode 0600). Absent
+    /// (the default) = plaintext only. With `install_mode`, the file may be missing: the
+    /// panel's osdp_KEYSET creates it.
+    #[serde(default)]
+    pub scbk_file: Option<PathBuf>,
+    /// Accept the default key SCBK-D until the panel installs a key (default false).
+    #[serde(default)]
+    pub install_mode: bool,
+    /// Answer only ID, CAP, COMSET and the handshake outside a secure session (default false).
+    #[serde(default)]
+    pub enforce_secure: bool,
+    /// How long after a card is delivered the panel's LED/buzzer commands count as its
+    /// verdict (default 2000 ms).
+    #[serde(default)]
+    pub verdict_window_ms: Option<u64>,
 }
 
 fn default_baud() -> u32 {
@@ -256,7 +271,22 @@ pub struct Validated {
     pub model: u8,
     pub serial_number: u32,
     pub doors: Vec<Door>,
+    /// OSDP options per door id (secure channel, verdict window); kept beside `Door` so the
+    /// door struct stays as it is.
+    pub osdp_options: BTreeMap<String, OsdpDoorOptions>,
 }
+
+/// A door's optional OSDP settings, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OsdpDoorOptions {
+    pub scbk_file: Option<PathBuf>,
+    pub install_mode: bool,
+    pub enforce_secure: bool,
+    pub verdict_window: Duration,
+}
+
+/// Default window for reading the panel's verdict from its LED/buzzer commands.
+pub const DEFAULT_VERDICT_WINDOW: Duration = Duration::from_secs(2);
 
 impl Validated {
     /// Doors grouped by serial port: one OSDP bus task per port.
@@ -355,6 +385,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
     let mut addresses = BTreeSet::new();
     let mut bauds: BTreeMap<PathBuf, u32> = BTreeMap::new();
     let mut doors = Vec::with_capacity(raw.doors.len());
+    let mut osdp_options = BTreeMap::new();
     for (i, d) in raw.doors.into_iter().enumerate() {
         let name = if d.id.is_empty() {
             format!("door[{i}]")
@@ -427,6 +458,31 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         let sub_id =
             decode_hex_array(&d.aliro.sub_id).map_err(|m| invalid(field("aliro.sub_id"), m))?;
         let key_path = resolve(path, &d.aliro.private_key_file);
+        if (d.osdp.install_mode || d.osdp.enforce_secure) && d.osdp.scbk_file.is_none() {
+            return Err(invalid(
+                field("osdp.scbk_file"),
+                "install_mode and enforce_secure need a key file".into(),
+            ));
+        }
+        let verdict_window = match d.osdp.verdict_window_ms {
+            None => DEFAULT_VERDICT_WINDOW,
+            Some(ms @ 1..=60_000) => Duration::from_millis(ms),
+            Some(ms) => {
+                return Err(invalid(
+                    field("osdp.verdict_window_ms"),
+                    format!("{ms} is out of range (1..=60000)"),
+                ))
+            }
+        };
+        osdp_options.insert(
+            d.id.clone(),
+            OsdpDoorOptions {
+                scbk_file: d.osdp.scbk_file.as_ref().map(|p| resolve(path, p)),
+                install_mode: d.osdp.install_mode,
+                enforce_secure: d.osdp.enforce_secure,
+                verdict_window,
+            },
+        );
         doors.push(Door {
             id: d.id,
             port: d.osdp.port,
@@ -452,6 +508,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         model: raw.osdp.model,
         serial_number: raw.osdp.serial_number,
         doors,
+        osdp_options,
     })
 }
 
@@ -615,6 +672,31 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
         let v = parse(&ok, Path::new("k.toml")).unwrap();
         assert_eq!(v.buses().len(), 1);
         assert_eq!(v.buses().values().next().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn osdp_secure_options_default_off_and_validate() {
+        let v = parse(GOOD, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        let o = &v.osdp_options["front"];
+        assert_eq!(o.scbk_file, None);
+        assert!(!o.install_mode && !o.enforce_secure);
+        assert_eq!(o.verdict_window, DEFAULT_VERDICT_WINDOW);
+        let sc = GOOD.replace(
+            "address = 1 }",
+            "address = 1, scbk_file = \"keys/front.scbk\", install_mode = true, enforce_secure = true, verdict_window_ms = 1500 }",
+        );
+        let v = parse(&sc, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        let o = &v.osdp_options["front"];
+        assert_eq!(
+            o.scbk_file.as_deref(),
+            Some(Path::new("/etc/keyway/keys/front.scbk"))
+        );
+        assert!(o.install_mode && o.enforce_secure);
+        assert_eq!(o.verdict_window, Duration::from_millis(1500));
+        let e = err(&GOOD.replace("address = 1 }", "address = 1, install_mode = true }"));
+        assert!(e.contains("osdp.scbk_file"), "{e}");
+        let e = err(&GOOD.replace("address = 1 }", "address = 1, verdict_window_ms = 0 }"));
+        assert!(e.contains("osdp.verdict_window_ms"), "{e}");
     }
 
     #[test]

@@ -47,31 +47,37 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     // One bus per serial port; doors find their bus handle by port.
     let mut buses: Vec<(std::path::PathBuf, BusHandle, Pending)> = Vec::new();
     for (port, doors) in cfg.buses() {
-        let pds = doors
-            .iter()
-            .map(|d| {
-                let mut pd = PdConfig::new(d.address);
-                pd.identity = PdIdentity {
-                    vendor_code: u32::from_le_bytes([
-                        cfg.vendor_code[2],
-                        cfg.vendor_code[1],
-                        cfg.vendor_code[0],
-                        0,
-                    ]),
-                    model: cfg.model,
-                    version: 1,
-                    serial: cfg.serial_number,
-                    firmware: firmware_version(),
-                };
-                pd.outputs = d.outputs;
-                pd.baud = d.baud;
-                pd
-            })
-            .collect();
+        let mut key_files = std::collections::BTreeMap::new();
+        let mut pds = Vec::with_capacity(doors.len());
+        for d in &doors {
+            let mut pd = PdConfig::new(d.address);
+            pd.identity = PdIdentity {
+                vendor_code: u32::from_le_bytes([
+                    cfg.vendor_code[2],
+                    cfg.vendor_code[1],
+                    cfg.vendor_code[0],
+                    0,
+                ]),
+                model: cfg.model,
+                version: 1,
+                serial: cfg.serial_number,
+                firmware: firmware_version(),
+            };
+            pd.outputs = d.outputs;
+            pd.baud = d.baud;
+            if let Some(opts) = cfg.osdp_options.get(&d.id) {
+                pd.secure = secure_config(d, opts, &mut key_files)?;
+                pd.verdict_window = opts.verdict_window;
+            }
+            pds.push(pd);
+        }
         let bus_cfg = BusConfig {
             path: port.clone(),
             baud: doors.first().map(|d| d.baud).unwrap_or(9600),
             pds,
+            key_files,
+            // Beside the database: a panel's osdp_COMSET survives restarts.
+            com_file: Some(com_file_for(&cfg.daemon.database, &port)),
         };
         let (handle, mut events, task) =
             serial::spawn_bus(bus_cfg, shutdown_rx.clone()).map_err(|e| DaemonError::Bus {
@@ -148,6 +154,53 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     // The store thread finishes queued writes, then ends.
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     Ok(())
+}
+
+/// The door's secure-channel settings with its SCBK loaded (never logged). Install mode
+/// applies only while no key is stored: once KEYSET wrote the file, SCBK-D is refused.
+fn secure_config(
+    door: &Door,
+    opts: &config::OsdpDoorOptions,
+    key_files: &mut std::collections::BTreeMap<u8, std::path::PathBuf>,
+) -> Result<Option<crate::osdp::SecureConfig>, DaemonError> {
+    let Some(path) = &opts.scbk_file else {
+        return Ok(None);
+    };
+    let scbk = serial::load_scbk(path).map_err(|e| DaemonError::Bus {
+        port: door.port.display().to_string(),
+        message: format!("door \"{}\": {e}", door.id),
+    })?;
+    if scbk.is_none() && !opts.install_mode {
+        return Err(DaemonError::Bus {
+            port: door.port.display().to_string(),
+            message: format!(
+                "door \"{}\": no SCBK in {} and install_mode is off",
+                door.id,
+                path.display()
+            ),
+        });
+    }
+    let install_mode = opts.install_mode && scbk.is_none();
+    log::info!(target: "keyway::osdp", door = door.id.as_str(), install_mode, enforce_secure = opts.enforce_secure;
+        "door {}: OSDP secure channel {}", door.id, if install_mode { "in install mode (SCBK-D until KEYSET)" } else { "with stored SCBK" });
+    key_files.insert(door.address, path.clone());
+    Ok(Some(crate::osdp::SecureConfig {
+        scbk,
+        install_mode,
+        enforce_secure: opts.enforce_secure,
+    }))
+}
+
+/// `<database dir>/osdp-<port file name>.com.json`, one per serial line.
+fn com_file_for(database: &std::path::Path, port: &std::path::Path) -> std::path::PathBuf {
+    let name = port
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "bus".into());
+    database
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(format!("osdp-{name}.com.json"))
 }
 
 fn firmware_version() -> [u8; 3] {
@@ -230,6 +283,12 @@ fn log_bus_event(port: &str, event: &BusEvent, pending: &Pending) {
             .unwrap_or(-1.0);
         log::info!(target: "keyway::osdp", port = port, address = address, tap_to_raw_ms = ms;
             "osdp {port} pd {address}: raw sent, {ms:.1} ms after the tap");
+        return;
+    }
+    if let PdEvent::PanelVerdict { verdict, .. } = event {
+        let verdict = verdict.as_str();
+        log::info!(target: "keyway::osdp", port = port, address = address, verdict = verdict;
+            "osdp {port} pd {address}: panel verdict {verdict}");
         return;
     }
     log::info!(target: "keyway::osdp", port = port, address = address; "osdp {port} pd {address}: {event:?}");

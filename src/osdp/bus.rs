@@ -26,22 +26,45 @@ impl Bus {
     }
 
     pub fn with_decoder(configs: Vec<PdConfig>, decoder: FrameDecoder) -> Result<Self, PdError> {
-        if configs.is_empty() {
+        let pds = configs
+            .into_iter()
+            .map(Pd::new)
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::with_pds(pds, decoder)
+    }
+
+    /// A bus of ready-made PDs (e.g. built with [`Pd::with_deps`] for the secure channel).
+    pub fn with_pds(pds: Vec<Pd>, decoder: FrameDecoder) -> Result<Self, PdError> {
+        if pds.is_empty() {
             return Err(PdError::NoPds);
         }
-        let mut pds: Vec<Pd> = Vec::with_capacity(configs.len());
-        for cfg in configs {
-            if pds.iter().any(|p| p.address() == cfg.address) {
-                return Err(PdError::DuplicateAddress(cfg.address));
+        for (i, p) in pds.iter().enumerate() {
+            if pds
+                .iter()
+                .skip(i + 1)
+                .any(|q| q.address() == p.address() || q.bus_address() == p.bus_address())
+            {
+                return Err(PdError::DuplicateAddress(p.address()));
             }
-            pds.push(Pd::new(cfg)?);
         }
-        Ok(Self {
+        let mut bus = Self {
             decoder,
             pds,
             next_event_pd: 0,
             last_phy_error: None,
-        })
+        };
+        bus.refresh_neighbours();
+        Ok(bus)
+    }
+
+    /// Tell every PD which addresses the others answer on (for osdp_COMSET).
+    fn refresh_neighbours(&mut self) {
+        let all: Vec<u8> = self.pds.iter().map(Pd::bus_address).collect();
+        let alone = self.pds.len() == 1;
+        for pd in &mut self.pds {
+            let me = pd.bus_address();
+            pd.set_neighbours(all.iter().copied().filter(|&a| a != me).collect(), alone);
+        }
     }
 
     pub fn addresses(&self) -> Vec<u8> {
@@ -105,10 +128,19 @@ impl Bus {
                     None
                 }
             } else {
-                self.pds.iter_mut().find(|p| p.address() == frame.address())
+                self.pds
+                    .iter_mut()
+                    .find(|p| p.bus_address() == frame.address())
             };
-            if let Some(reply) = target.and_then(|pd| pd.handle_frame(&frame, now)) {
+            let Some(pd) = target else { continue };
+            let before = pd.bus_address();
+            let reply = pd.handle_frame(&frame, now);
+            let moved = pd.bus_address() != before;
+            if let Some(reply) = reply {
                 replies.push(reply);
+            }
+            if moved {
+                self.refresh_neighbours();
             }
         }
     }
@@ -245,13 +277,35 @@ mod tests {
     fn command_hidden_behind_a_stale_false_som_is_answered_on_timeout() {
         let mut bus = Bus::new(vec![PdConfig::new(1)]).unwrap();
         let now = Instant::now();
-        // Noise: SOM with a plausible length (200) swallows the POLL that follows.
-        let bytes = [vec![0x53, 0x01, 200, 0x00, 0x04], poll(1, 0)].concat();
+        // Noise: SOM with a plausible length (200) swallows the POLL that follows. The POLL
+        // uses the checksum: a complete CRC packet would be found at once (decoder lookahead).
+        let cksum_poll = Frame {
+            mark: false,
+            addr_byte: 1,
+            sqn: 0,
+            check: Check::Checksum,
+            scb: None,
+            code: 0x60,
+            data: vec![],
+        }
+        .encode()
+        .unwrap();
+        let bytes = [vec![0x53, 0x01, 200, 0x00, 0x04], cksum_poll].concat();
         assert!(bus.receive(&bytes, now).is_empty());
         let t = bus.next_timeout().expect("decoder timer");
         let replies = bus.handle_timeout(t + Duration::from_millis(1));
         assert_eq!(replies.len(), 1);
         assert_eq!(reply_of(&replies[0]).code, rc::ACK);
+    }
+
+    #[test]
+    fn crc_command_behind_a_false_som_is_answered_at_once() {
+        let mut bus = Bus::new(vec![PdConfig::new(1)]).unwrap();
+        let bytes = [vec![0x53, 0x01, 200, 0x00, 0x04], poll(1, 0)].concat();
+        let replies = bus.receive(&bytes, Instant::now());
+        assert_eq!(replies.len(), 1);
+        assert_eq!(reply_of(&replies[0]).code, rc::ACK);
+        assert_eq!(bus.decoder_stats().false_som, 1);
     }
 
     #[test]
@@ -272,6 +326,46 @@ mod tests {
             bus.queue_card(9, card, Instant::now()),
             Err(PdError::UnknownAddress(9))
         );
+    }
+
+    #[test]
+    fn comset_on_a_shared_bus_keeps_addresses_unique() {
+        let mut bus = Bus::new(vec![PdConfig::new(1), PdConfig::new(2)]).unwrap();
+        let now = Instant::now();
+        let comset = |addr: u8, sqn: u8, new: u8| {
+            Frame {
+                mark: false,
+                addr_byte: addr,
+                sqn,
+                check: Check::Crc16,
+                scb: None,
+                code: 0x6E,
+                // Same speed: a speed change is refused on a shared line anyway.
+                data: vec![new, 0x00, 0xC2, 0x01, 0x00],
+            }
+            .encode()
+            .unwrap()
+        };
+        // PD 1 cannot take PD 2's address.
+        let r = bus.receive(&comset(1, 0, 2), now);
+        assert_eq!(reply_of(&r[0]).data[0], 1);
+        // It can move to 3; then 3 reaches it, 1 reaches nobody, and PD 2 cannot take 3.
+        let r = bus.receive(&comset(1, 1, 3), now);
+        assert_eq!(reply_of(&r[0]).data[0], 3);
+        assert_eq!(bus.pd(1).map(Pd::bus_address), Some(3));
+        assert!(bus.receive(&poll(1, 2), now).is_empty());
+        assert_eq!(reply_of(&bus.receive(&poll(3, 2), now)[0]).addr_byte, 0x83);
+        let r = bus.receive(&comset(2, 0, 3), now);
+        assert_eq!(reply_of(&r[0]).data[0], 2);
+        // Cards still go to the door by its configured address.
+        let card = RawCard {
+            reader: 0,
+            format: RawFormat::Wiegand,
+            bit_count: 8,
+            data: vec![0x5A],
+        };
+        bus.queue_card(1, card, now).unwrap();
+        assert_eq!(reply_of(&bus.receive(&poll(3, 3), now)[0]).code, rc::RAW);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 use self::code as c;
 use super::reply::NakCode;
+use super::sc::Scbk;
 
 /// Command codes (OSDP 2.2 Table 5; verified against libosdp's `osdp_common.h`).
 pub mod code {
@@ -140,9 +141,14 @@ pub enum Command {
         vendor: [u8; 3],
         data: Vec<u8>,
     },
-    /// Secure-channel commands (KEYSET, CHLNG, SCRYPT): recognised, handled by the SC layer.
-    SecureChannel {
-        code: u8,
+    /// osdp_CHLNG: the CP's random number, starting a secure-channel handshake.
+    Challenge([u8; 8]),
+    /// osdp_SCRYPT: the CP's ("server") cryptogram.
+    ServerCryptogram([u8; 16]),
+    /// osdp_KEYSET: a new key (type 1 = SCBK). The key is redacted in `Debug`.
+    KeySet {
+        key_type: u8,
+        key: Scbk,
     },
     /// A defined command this PD does not implement (RMODE, TDSET, BIO*, FILETRANSFER, ...).
     Unsupported {
@@ -314,7 +320,36 @@ pub fn parse(code: u8, data: &[u8]) -> Result<Command, CommandError> {
                 })
             }
         },
-        c::KEYSET | c::CHLNG | c::SCRYPT => Command::SecureChannel { code },
+        c::CHLNG => {
+            let r: [u8; 8] = data.try_into().map_err(|_| CommandError::Length {
+                code,
+                len: data.len(),
+            })?;
+            Command::Challenge(r)
+        }
+        c::SCRYPT => {
+            let r: [u8; 16] = data.try_into().map_err(|_| CommandError::Length {
+                code,
+                len: data.len(),
+            })?;
+            Command::ServerCryptogram(r)
+        }
+        // Key type, key length (16 for AES-128), key.
+        c::KEYSET => match data {
+            [key_type, 16, key @ ..] if key.len() == 16 => Command::KeySet {
+                key_type: *key_type,
+                key: Scbk::from_slice(key).map_err(|_| CommandError::Length {
+                    code,
+                    len: data.len(),
+                })?,
+            },
+            _ => {
+                return Err(CommandError::Length {
+                    code,
+                    len: data.len(),
+                })
+            }
+        },
         c::RMODE
         | c::TDSET
         | c::BIOREAD
@@ -416,10 +451,26 @@ mod tests {
             })
         );
         assert_eq!(parse(0x42, &[]).unwrap_err().nak(), NakCode::UnknownCommand);
+        assert_eq!(parse(0x76, &[7; 8]), Ok(Command::Challenge([7; 8])));
+        assert!(parse(0x76, &[7; 9]).is_err());
         assert_eq!(
-            parse(0x76, &[0; 8]),
-            Ok(Command::SecureChannel { code: 0x76 })
+            parse(0x77, &[9; 16]),
+            Ok(Command::ServerCryptogram([9; 16]))
         );
+        assert!(parse(0x77, &[9; 15]).is_err());
+        let mut ks = vec![1, 16];
+        ks.extend_from_slice(&[0x42; 16]);
+        assert_eq!(
+            parse(0x75, &ks),
+            Ok(Command::KeySet {
+                key_type: 1,
+                key: Scbk::new([0x42; 16])
+            })
+        );
+        // Key length byte must say 16 and match the data.
+        ks[1] = 15;
+        assert!(parse(0x75, &ks).is_err());
+        assert!(parse(0x75, &ks[..17]).is_err());
         assert_eq!(parse(0x7C, &[]), Ok(Command::Unsupported { code: 0x7C }));
     }
 }

@@ -6,6 +6,8 @@
 //! - [`reply`]: reply encoders, capability and NAK codes.
 //! - [`pd`]: the state machine of one PD (sequence numbers, retries, card queue, LED/buzzer/
 //!   output state, online/offline from the clock passed in).
+//! - [`sc`]: secure channel cryptography (session keys, cryptograms, MAC chain, data blocks).
+//! - [`verdict`]: the panel's grant/deny read from its LED commands after a card read.
 //! - [`bus`]: several PDs on one line, routed by address.
 //!
 //! Nothing here touches a port or reads the clock: callers pass bytes and `Instant`s in and
@@ -18,9 +20,16 @@ pub mod phy;
 pub mod reply;
 #[cfg(test)]
 mod robustness;
+pub mod sc;
+pub mod verdict;
 
 pub use bus::Bus;
 pub use command::{BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
-pub use pd::{DropReason, LedState, OutputState, Pd, PdConfig, PdError, PdEvent};
+pub use pd::{
+    DropReason, KeyStore, LedState, OutputState, Pd, PdConfig, PdDeps, PdError, PdEvent,
+    ScEndReason, SecureConfig,
+};
 pub use phy::{Check, DecoderStats, Frame, FrameDecoder, PhyError};
 pub use reply::{NakCode, PdIdentity, RawCard, RawFormat, Reply};
+pub use sc::Scbk;
+pub use verdict::Verdict;

@@ -13,15 +13,111 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use rand_core::RngCore;
+use zeroize::Zeroize;
+
 use super::command::{self, BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
 use super::phy::{Frame, BROADCAST_ADDR, MAX_PACKET_LEN, REPLY_BIT};
 use super::reply::{cap, Capability, NakCode, PdIdentity, RawCard, Reply};
+use super::sc::{self, scs, Direction, Scbk, Session, SessionKeys, MAC_LEN};
+use super::verdict::{Verdict, VerdictWindow, DEFAULT_VERDICT_WINDOW};
+
+/// Baud rates a PD accepts in osdp_COMSET (the usual OSDP speeds).
+pub const COMSET_BAUDS: [u32; 6] = [9600, 19_200, 38_400, 57_600, 115_200, 230_400];
 
 /// Events queued per PD before the oldest are dropped (the adapter drains them after every
 /// chunk, so this only fills when the daemon stalls).
 const EVENT_QUEUE_CAP: usize = 64;
 /// Largest card (bytes of data) accepted for osdp_RAW.
 pub const MAX_CARD_BYTES: usize = 64;
+/// A secure session with no valid secure command for this long is dropped (libosdp's PD and
+/// the spec's secure-channel session timeout use the same 8 s).
+pub const SC_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Secure-channel settings of one PD (OSDP 2.2 secure channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecureConfig {
+    /// The installed Secure Channel Base Key, if any.
+    pub scbk: Option<Scbk>,
+    /// Accept handshakes with SCBK-D (the published default key) until an osdp_KEYSET
+    /// installs a key; afterwards SCBK-D is refused.
+    pub install_mode: bool,
+    /// Outside a secure session, answer only ID, CAP, COMSET and the handshake; every other
+    /// command gets NAK 0x06.
+    pub enforce_secure: bool,
+}
+
+/// Durable storage for a key installed by osdp_KEYSET. Called before the PD acknowledges
+/// the key, so an ACKed key survives a restart. Implemented by the adapter (file I/O stays
+/// out of the core).
+pub trait KeyStore: Send {
+    fn store(&mut self, address: u8, key: &Scbk) -> Result<(), String>;
+}
+
+/// What a PD needs from outside for the secure channel: randomness (the PD's challenge
+/// random) and key storage. Both injected so the core stays deterministic under test.
+#[derive(Default)]
+pub struct PdDeps {
+    pub rng: Option<Box<dyn RngCore + Send>>,
+    pub key_store: Option<Box<dyn KeyStore>>,
+}
+
+impl std::fmt::Debug for PdDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PdDeps")
+            .field("rng", &self.rng.is_some())
+            .field("key_store", &self.key_store.is_some())
+            .finish()
+    }
+}
+
+/// Why a secure session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScEndReason {
+    /// The CP restarted the link (sequence 0) or started a new handshake.
+    Restart,
+    /// No valid secure command for [`SC_TIMEOUT`].
+    Timeout,
+    /// A secure command failed MAC verification or decryption.
+    BadMac,
+    /// osdp_KEYSET installed a new key; the CP must handshake again with it.
+    KeyChanged,
+}
+
+/// Secure-channel state of one PD.
+enum ScState {
+    Idle,
+    /// CCRYPT sent; waiting for SCRYPT.
+    Challenged {
+        keys: SessionKeys,
+        cp_random: [u8; 8],
+        pd_random: [u8; 8],
+        default_key: bool,
+    },
+    Active {
+        session: Session,
+        last: Instant,
+    },
+}
+
+impl std::fmt::Debug for ScState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ScState::Idle => "Idle",
+            ScState::Challenged { .. } => "Challenged",
+            ScState::Active { .. } => "Active",
+        })
+    }
+}
+
+/// How a reply is wrapped.
+enum Wrap {
+    Plain,
+    /// Handshake reply: plaintext with this security block.
+    Handshake([u8; 3]),
+    /// Inside the secure session: MAC, and encrypted data when there is data.
+    Secure,
+}
 
 /// Errors of the PD core (configuration and the card API; bus bytes never produce these).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +161,11 @@ pub struct PdConfig {
     pub card_ttl: Duration,
     /// No valid command for this long → offline.
     pub offline_after: Duration,
+    /// Secure channel; `None` = plaintext only (not advertised, SC commands NAK 0x05).
+    pub secure: Option<SecureConfig>,
+    /// After a card goes out, LED commands within this window are read as the panel's
+    /// verdict ([`PdEvent::PanelVerdict`]).
+    pub verdict_window: Duration,
 }
 
 impl PdConfig {
@@ -87,6 +188,8 @@ impl PdConfig {
             card_queue_len: 8,
             card_ttl: Duration::from_secs(5),
             offline_after: Duration::from_secs(3),
+            secure: None,
+            verdict_window: DEFAULT_VERDICT_WINDOW,
         }
     }
 
@@ -102,6 +205,13 @@ impl PdConfig {
         }
         if self.card_queue_len == 0 {
             return Err(PdError::Config("card_queue_len must be at least 1"));
+        }
+        if let Some(sec) = &self.secure {
+            if sec.scbk.is_none() && !sec.install_mode {
+                return Err(PdError::Config(
+                    "secure channel needs an SCBK or install mode",
+                ));
+            }
         }
         Ok(())
     }
@@ -162,8 +272,15 @@ pub enum PdEvent {
         output: u8,
         state: OutputState,
     },
-    /// The CP asked for a new address/baud; keyway keeps its settings and says so in osdp_COM.
-    ComSetRequested {
+    /// osdp_COMSET accepted: after its osdp_COM reply went out the PD answers on `address`
+    /// at `baud` (the adapter switches the port's speed and persists both).
+    ComSetApplied {
+        address: u8,
+        baud: u32,
+    },
+    /// osdp_COMSET refused (address taken or out of range, baud not supported or, on a bus
+    /// with several PDs, a speed change): osdp_COM reported the unchanged settings.
+    ComSetRefused {
         address: u8,
         baud: u32,
     },
@@ -171,6 +288,23 @@ pub enum PdEvent {
     NakSent {
         command: u8,
         code: NakCode,
+    },
+    /// A secure session is up (`install_key`: with SCBK-D, in install mode).
+    SecureChannelUp {
+        install_key: bool,
+    },
+    SecureChannelDown {
+        reason: ScEndReason,
+    },
+    /// osdp_KEYSET installed a new SCBK (stored before the ACK; the key is not in the event).
+    KeyInstalled,
+    /// osdp_KEYSET could not be stored; it was NAKed.
+    KeyStoreFailed(String),
+    /// The panel's decision on a card, read from its LED commands after the osdp_RAW
+    /// (green = granted, red = denied; unknown when the window closed without either).
+    PanelVerdict {
+        card: RawCard,
+        verdict: Verdict,
     },
 }
 
@@ -211,11 +345,43 @@ pub struct Pd {
     leds: Vec<LedState>,
     buzzers: Vec<Option<BuzzerRecord>>,
     outputs: Vec<OutputState>,
+    deps: PdDeps,
+    sc: ScState,
+    /// Current SCBK (from config, then from osdp_KEYSET).
+    scbk: Option<Scbk>,
+    install_mode: bool,
+    /// A key ACKed in the reply being built; becomes current once the reply is out.
+    pending_key: Option<Scbk>,
+    verdict: VerdictWindow<RawCard>,
+    /// Address the PD answers on (starts as `cfg.address`, changed by osdp_COMSET).
+    /// `cfg.address` stays the PD's identity for the card API and events.
+    bus_address: u8,
+    /// Bus addresses of the other PDs on this line (kept by the `Bus`).
+    taken: Vec<u8>,
+    /// A speed change would move every PD on the line: only allowed when alone.
+    baud_change_allowed: bool,
+    /// osdp_COMSET accepted in the reply being built; applied once the reply is out.
+    pending_com: Option<(u8, u32)>,
 }
 
 impl Pd {
+    /// A PD without injected dependencies: fine for plaintext; a secure configuration needs
+    /// [`Pd::with_deps`] (an RNG at least).
     pub fn new(cfg: PdConfig) -> Result<Self, PdError> {
+        Self::with_deps(cfg, PdDeps::default())
+    }
+
+    pub fn with_deps(cfg: PdConfig, deps: PdDeps) -> Result<Self, PdError> {
         cfg.validate()?;
+        if cfg.secure.is_some() && deps.rng.is_none() {
+            return Err(PdError::Config(
+                "secure channel needs a random number source",
+            ));
+        }
+        let scbk = cfg.secure.as_ref().and_then(|s| s.scbk.clone());
+        let install_mode = cfg.secure.as_ref().is_some_and(|s| s.install_mode);
+        let cfg_verdict_window = cfg.verdict_window;
+        let cfg_address = cfg.address;
         let mut leds = Vec::new();
         for reader in 0..cfg.readers {
             for led in 0..cfg.leds_per_reader {
@@ -244,11 +410,73 @@ impl Pd {
             events_dropped: 0,
             online: false,
             last_rx: None,
+            deps,
+            sc: ScState::Idle,
+            scbk,
+            install_mode,
+            pending_key: None,
+            verdict: VerdictWindow::new(cfg_verdict_window),
+            bus_address: cfg_address,
+            taken: Vec::new(),
+            baud_change_allowed: true,
+            pending_com: None,
         })
     }
 
+    /// True while a secure session is established.
+    pub fn secure_session(&self) -> bool {
+        matches!(self.sc, ScState::Active { .. })
+    }
+
+    /// True while SCBK-D is still accepted (install mode, no key installed by KEYSET yet).
+    pub fn in_install_mode(&self) -> bool {
+        self.install_mode
+    }
+
+    fn end_session(&mut self, reason: ScEndReason) {
+        let was_active = self.secure_session();
+        self.sc = ScState::Idle;
+        if was_active {
+            self.emit(PdEvent::SecureChannelDown { reason });
+        }
+    }
+
+    /// cUID sent in osdp_CCRYPT: vendor code (3, LE), model, serial number (4, LE).
+    fn client_uid(&self) -> [u8; 8] {
+        let id = &self.cfg.identity;
+        let v = id.vendor_code.to_le_bytes();
+        let s = id.serial.to_le_bytes();
+        [v[0], v[1], v[2], id.model, s[0], s[1], s[2], s[3]]
+    }
+
+    /// The PD's identity: its configured address (stable across osdp_COMSET).
     pub fn address(&self) -> u8 {
         self.cfg.address
+    }
+
+    /// The address the PD currently answers on.
+    pub fn bus_address(&self) -> u8 {
+        self.bus_address
+    }
+
+    /// Answer on `addr` from now on (e.g. a persisted osdp_COMSET applied at start-up).
+    pub fn set_bus_address(&mut self, addr: u8) -> Result<(), PdError> {
+        if addr >= BROADCAST_ADDR {
+            return Err(PdError::BadAddress(addr));
+        }
+        self.bus_address = addr;
+        Ok(())
+    }
+
+    /// The speed reported in osdp_COM (set after a persisted osdp_COMSET at start-up).
+    pub fn set_baud(&mut self, baud: u32) {
+        self.cfg.baud = baud;
+    }
+
+    /// Called by the `Bus`: other PDs' addresses, and whether this PD is alone on the line.
+    pub fn set_neighbours(&mut self, taken: Vec<u8>, alone: bool) {
+        self.taken = taken;
+        self.baud_change_allowed = alone;
     }
 
     pub fn config(&self) -> &PdConfig {
@@ -305,8 +533,17 @@ impl Pd {
             caps.push(c(cap::AUDIBLE_OUTPUT, 2, 1));
         }
         caps.push(c(cap::CHECK_CHARACTER, 1, 0));
-        // No secure channel yet.
-        caps.push(c(cap::COMMUNICATION_SECURITY, 0, 0));
+        // Compliance bit 0: AES-128 secure channel; count bit 0: SCBK-D accepted (install
+        // mode). Not claimed without configuration, so a CP never starts a handshake we NAK.
+        if self.cfg.secure.is_some() {
+            caps.push(c(
+                cap::COMMUNICATION_SECURITY,
+                1,
+                u8::from(self.install_mode),
+            ));
+        } else {
+            caps.push(c(cap::COMMUNICATION_SECURITY, 0, 0));
+        }
         caps.push(c(cap::RECEIVE_BUFFER, rx_lo, rx_hi));
         caps.push(c(cap::LARGEST_COMBINED_MESSAGE, rx_lo, rx_hi));
         caps.push(c(cap::READERS, 0, self.cfg.readers));
@@ -359,11 +596,29 @@ impl Pd {
         };
         let leds = self.leds.iter().filter_map(|l| l.temporary.map(|(_, t)| t));
         let outs = self.outputs.iter().filter_map(|o| o.until.map(|(t, _)| t));
-        offline.into_iter().chain(leds).chain(outs).min()
+        let sc = match &self.sc {
+            ScState::Active { last, .. } => last.checked_add(SC_TIMEOUT),
+            _ => None,
+        };
+        offline
+            .into_iter()
+            .chain(leds)
+            .chain(outs)
+            .chain(sc)
+            .chain(self.verdict.deadline())
+            .min()
     }
 
     /// Advance timers: offline detection, end of temporary LED and output settings.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some((card, verdict)) = self.verdict.expire(now) {
+            self.emit(PdEvent::PanelVerdict { card, verdict });
+        }
+        if let ScState::Active { last, .. } = &self.sc {
+            if now.saturating_duration_since(*last) >= SC_TIMEOUT {
+                self.end_session(ScEndReason::Timeout);
+            }
+        }
         if self.online {
             if let Some(last) = self.last_rx {
                 if now.saturating_duration_since(last) > self.cfg.offline_after {
@@ -406,12 +661,17 @@ impl Pd {
             return None;
         }
         let broadcast = frame.address() == BROADCAST_ADDR;
-        if frame.address() != self.cfg.address && !broadcast {
+        if frame.address() != self.bus_address && !broadcast {
             return None;
         }
         // Only configuration commands make sense on the broadcast address; answering
         // others could collide with a real PD's reply.
-        if broadcast && !matches!(frame.code, command::code::ID | command::code::CAP) {
+        if broadcast
+            && !matches!(
+                frame.code,
+                command::code::ID | command::code::CAP | command::code::COMSET
+            )
+        {
             return None;
         }
         self.last_rx = Some(now);
@@ -422,15 +682,19 @@ impl Pd {
 
         let s = frame.sqn;
         if s == 0 {
-            // New session: a card sent in the old one may never have arrived.
+            // New session: a card sent in the old one may never have arrived, and the CP
+            // has dropped any secure session (it restarts the link before a handshake).
             if let Some(q) = self.in_flight.take() {
                 self.cards.push_front(q);
             }
             self.last_reply = None;
+            self.end_session(ScEndReason::Restart);
         } else if let Seq::Last(last) = self.seq {
             if s == last {
                 if let Some((code, bytes)) = &self.last_reply {
                     if *code == frame.code {
+                        // Byte for byte: under secure channel the MAC chain has moved on,
+                        // so the reply must not be rebuilt.
                         return Some(bytes.clone());
                     }
                 }
@@ -441,35 +705,229 @@ impl Pd {
                     command: frame.code,
                     code: NakCode::SequenceNumber,
                 });
-                return self.encode(frame, &reply);
+                return self.encode(frame, &reply, Wrap::Plain);
             } else if let Some(q) = self.in_flight.take() {
                 // The CP advanced: it got the osdp_RAW.
                 self.emit(PdEvent::CardDelivered(q.card));
             }
         }
 
-        let reply = if frame.scb.is_some() {
-            Reply::Nak(NakCode::ScUnsupported)
-        } else {
-            match command::parse(frame.code, &frame.data) {
-                Ok(cmd) => self.execute(cmd, now),
-                Err(e) => Reply::Nak(e.nak()),
-            }
-        };
+        let (reply, wrap) = self.process(frame, now);
         if let Reply::Nak(code) = reply {
             self.emit(PdEvent::NakSent {
                 command: frame.code,
                 code,
             });
         }
-        let bytes = self.encode(frame, &reply)?;
+        let bytes = self.encode(frame, &reply, wrap);
+        if let Some((address, baud)) = self.pending_com.take() {
+            // The osdp_COM went out from the old address; the CP follows to the new one.
+            if bytes.is_some() {
+                self.bus_address = address;
+                self.cfg.baud = baud;
+                self.emit(PdEvent::ComSetApplied { address, baud });
+            }
+        }
+        if let Some(key) = self.pending_key.take() {
+            // The ACK went out under the old session; from now on only the new key.
+            if bytes.is_some() {
+                self.scbk = Some(key);
+                self.install_mode = false;
+                self.end_session(ScEndReason::KeyChanged);
+                self.emit(PdEvent::KeyInstalled);
+            }
+        }
+        let bytes = bytes?;
         self.seq = Seq::Last(s);
         self.last_reply = Some((frame.code, bytes.clone()));
         Some(bytes)
     }
 
-    fn encode(&self, cmd: &Frame, reply: &Reply) -> Option<Vec<u8>> {
-        let frame = Frame {
+    /// Security checks, then the command itself.
+    fn process(&mut self, frame: &Frame, now: Instant) -> (Reply, Wrap) {
+        let nak = |c| (Reply::Nak(c), Wrap::Plain);
+        let Some(enforce) = self.cfg.secure.as_ref().map(|s| s.enforce_secure) else {
+            // Plaintext-only PD.
+            if frame.scb.is_some() {
+                return nak(NakCode::ScUnsupported);
+            }
+            return match command::parse(frame.code, &frame.data) {
+                Ok(Command::Challenge(_) | Command::ServerCryptogram(_))
+                | Ok(Command::KeySet { .. }) => nak(NakCode::ScUnsupported),
+                Ok(cmd) => (self.execute(cmd, now), Wrap::Plain),
+                Err(e) => nak(e.nak()),
+            };
+        };
+        match frame.scb.as_deref() {
+            None => {
+                let clear_ok = matches!(
+                    frame.code,
+                    command::code::ID | command::code::CAP | command::code::COMSET
+                );
+                if !clear_ok && (enforce || self.secure_session()) {
+                    return nak(NakCode::ScConditions);
+                }
+                match command::parse(frame.code, &frame.data) {
+                    // The handshake and KEYSET need their security blocks / a session.
+                    Ok(Command::Challenge(_) | Command::ServerCryptogram(_))
+                    | Ok(Command::KeySet { .. }) => nak(NakCode::ScConditions),
+                    Ok(cmd) => (self.execute(cmd, now), Wrap::Plain),
+                    Err(e) => nak(e.nak()),
+                }
+            }
+            Some(&[3, scs::SCS_11, key]) if frame.code == command::code::CHLNG => {
+                self.challenge(&frame.data, key == 0)
+            }
+            Some(&[3, scs::SCS_13, _]) if frame.code == command::code::SCRYPT => {
+                self.server_cryptogram(&frame.data, now)
+            }
+            Some(&[2, t @ (scs::SCS_15 | scs::SCS_17)]) => self.secure_command(frame, t, now),
+            Some(_) => nak(NakCode::ScConditions),
+        }
+    }
+
+    /// osdp_CHLNG → osdp_CCRYPT.
+    fn challenge(&mut self, data: &[u8], default_key: bool) -> (Reply, Wrap) {
+        let nak = |c| (Reply::Nak(c), Wrap::Plain);
+        let cp_random = match command::parse(command::code::CHLNG, data) {
+            Ok(Command::Challenge(r)) => r,
+            Ok(_) => return nak(NakCode::UnknownCommand),
+            Err(e) => return nak(e.nak()),
+        };
+        self.end_session(ScEndReason::Restart);
+        let key = if default_key {
+            // SCBK-D only in install mode: once a key is installed it is refused.
+            if !self.install_mode {
+                return nak(NakCode::ScConditions);
+            }
+            Scbk::default_key()
+        } else {
+            // No key yet: NAK makes libosdp's CP retry with SCBK-D (install mode).
+            match &self.scbk {
+                Some(k) => k.clone(),
+                None => return nak(NakCode::ScConditions),
+            }
+        };
+        let mut pd_random = [0u8; 8];
+        let Some(rng) = self.deps.rng.as_mut() else {
+            return nak(NakCode::ScConditions);
+        };
+        if rng.try_fill_bytes(&mut pd_random).is_err() {
+            return nak(NakCode::ScConditions);
+        }
+        let keys = SessionKeys::derive(&key, &cp_random);
+        let cryptogram = keys.client_cryptogram(&cp_random, &pd_random);
+        self.sc = ScState::Challenged {
+            keys,
+            cp_random,
+            pd_random,
+            default_key,
+        };
+        let reply = Reply::Ccrypt {
+            uid: self.client_uid(),
+            pd_random,
+            cryptogram,
+        };
+        (
+            reply,
+            Wrap::Handshake([3, scs::SCS_12, u8::from(!default_key)]),
+        )
+    }
+
+    /// osdp_SCRYPT → osdp_RMAC_I; the session starts.
+    fn server_cryptogram(&mut self, data: &[u8], now: Instant) -> (Reply, Wrap) {
+        let nak = |c| (Reply::Nak(c), Wrap::Plain);
+        let theirs = match command::parse(command::code::SCRYPT, data) {
+            Ok(Command::ServerCryptogram(c)) => c,
+            Ok(_) => return nak(NakCode::UnknownCommand),
+            Err(e) => return nak(e.nak()),
+        };
+        let ScState::Challenged {
+            keys,
+            cp_random,
+            pd_random,
+            default_key,
+        } = std::mem::replace(&mut self.sc, ScState::Idle)
+        else {
+            return nak(NakCode::ScConditions);
+        };
+        let ours = keys.server_cryptogram(&cp_random, &pd_random);
+        if !sc::ct_eq(&ours, &theirs) {
+            // Wrong key on the CP side (or an attacker): no session.
+            return nak(NakCode::ScConditions);
+        }
+        let rmac = keys.initial_rmac(&theirs);
+        self.sc = ScState::Active {
+            session: Session::new(keys, rmac),
+            last: now,
+        };
+        self.emit(PdEvent::SecureChannelUp {
+            install_key: default_key,
+        });
+        (Reply::RmacI(rmac), Wrap::Handshake([3, scs::SCS_14, 1]))
+    }
+
+    /// A command inside the secure session: MAC check, decryption, then the command.
+    fn secure_command(&mut self, frame: &Frame, scs_type: u8, now: Instant) -> (Reply, Wrap) {
+        let nak = |c| (Reply::Nak(c), Wrap::Plain);
+        let ScState::Active { session, last, .. } = &mut self.sc else {
+            return nak(NakCode::ScConditions);
+        };
+        let Ok(input) = frame.mac_input() else {
+            return nak(NakCode::ScConditions);
+        };
+        let split = frame.data.len().saturating_sub(MAC_LEN);
+        let (body, mac) = frame.data.split_at(split);
+        if session.verify(Direction::Command, &input, mac).is_err() {
+            self.end_session(ScEndReason::BadMac);
+            return nak(NakCode::ScConditions);
+        }
+        let mut data = if scs_type == scs::SCS_17 && !body.is_empty() {
+            match session.decrypt(Direction::Command, body) {
+                Ok(d) => d,
+                Err(_) => {
+                    self.end_session(ScEndReason::BadMac);
+                    return nak(NakCode::ScConditions);
+                }
+            }
+        } else {
+            body.to_vec()
+        };
+        *last = now;
+        let parsed = command::parse(frame.code, &data);
+        // KEYSET data is key material.
+        data.zeroize();
+        let reply = match parsed {
+            Ok(Command::KeySet { key_type, key }) => self.key_set(key_type, key),
+            Ok(Command::Challenge(_) | Command::ServerCryptogram(_)) => {
+                Reply::Nak(NakCode::ScConditions)
+            }
+            Ok(cmd) => self.execute(cmd, now),
+            Err(e) => Reply::Nak(e.nak()),
+        };
+        (reply, Wrap::Secure)
+    }
+
+    /// osdp_KEYSET inside a session: store durably first, then ACK; the key takes effect
+    /// once the ACK is out (see `handle_frame`).
+    fn key_set(&mut self, key_type: u8, key: Scbk) -> Reply {
+        // Type 1 = SCBK; nothing else is defined for a PD.
+        if key_type != 1 {
+            return Reply::Nak(NakCode::Record);
+        }
+        let Some(store) = self.deps.key_store.as_mut() else {
+            return Reply::Nak(NakCode::ScConditions);
+        };
+        if let Err(e) = store.store(self.cfg.address, &key) {
+            self.emit(PdEvent::KeyStoreFailed(e));
+            return Reply::Nak(NakCode::ScConditions);
+        }
+        self.pending_key = Some(key);
+        Reply::Ack
+    }
+
+    fn encode(&mut self, cmd: &Frame, reply: &Reply, wrap: Wrap) -> Option<Vec<u8>> {
+        let mut frame = Frame {
             mark: cmd.mark,
             addr_byte: cmd.address() | REPLY_BIT,
             sqn: cmd.sqn,
@@ -479,6 +937,26 @@ impl Pd {
             code: reply.code(),
             data: reply.data(),
         };
+        match wrap {
+            Wrap::Plain => {}
+            Wrap::Handshake(scb) => frame.scb = Some(scb.to_vec()),
+            Wrap::Secure => {
+                if let ScState::Active { session, .. } = &mut self.sc {
+                    let ty = if frame.data.is_empty() {
+                        scs::SCS_16
+                    } else {
+                        frame.data = session.encrypt(Direction::Reply, &frame.data);
+                        scs::SCS_18
+                    };
+                    frame.scb = Some(vec![2, ty]);
+                    frame.data.extend_from_slice(&[0; MAC_LEN]);
+                    let input = frame.mac_input().ok()?;
+                    let mac = session.sign(Direction::Reply, &input);
+                    let n = frame.data.len().saturating_sub(MAC_LEN);
+                    frame.data.get_mut(n..)?.copy_from_slice(&mac);
+                }
+            }
+        }
         // Only fails for oversized data, which no reply of ours can reach.
         frame.encode().ok()
     }
@@ -499,14 +977,26 @@ impl Pd {
             Command::Buzzer(recs) => self.apply_buzzer(&recs),
             Command::Output(recs) => self.apply_output(&recs, now),
             Command::ComSet { address, baud } => {
-                self.emit(PdEvent::ComSetRequested { address, baud });
-                Reply::Com {
-                    address: self.cfg.address,
-                    baud: self.cfg.baud,
+                let address_ok = address < BROADCAST_ADDR
+                    && (address == self.bus_address || !self.taken.contains(&address));
+                let baud_ok = COMSET_BAUDS.contains(&baud)
+                    && (baud == self.cfg.baud || self.baud_change_allowed);
+                if address_ok && baud_ok {
+                    self.pending_com = Some((address, baud));
+                    Reply::Com { address, baud }
+                } else {
+                    self.emit(PdEvent::ComSetRefused { address, baud });
+                    Reply::Com {
+                        address: self.bus_address,
+                        baud: self.cfg.baud,
+                    }
                 }
             }
             Command::AcuRxSize(_) | Command::KeepActive(_) | Command::Abort => Reply::Ack,
-            Command::SecureChannel { .. } => Reply::Nak(NakCode::ScUnsupported),
+            // Reached only through the secure-channel paths in `process`.
+            Command::Challenge(_) | Command::ServerCryptogram(_) | Command::KeySet { .. } => {
+                Reply::Nak(NakCode::ScConditions)
+            }
             Command::OutputStatus
             | Command::InputStatus
             | Command::ReaderStatus
@@ -527,6 +1017,9 @@ impl Pd {
             }
             let reply = Reply::Raw(q.card.clone());
             self.emit(PdEvent::CardSent(q.card.clone()));
+            if let Some((card, verdict)) = self.verdict.card_sent(q.card.clone(), now) {
+                self.emit(PdEvent::PanelVerdict { card, verdict });
+            }
             self.in_flight = Some(q);
             return reply;
         }
@@ -563,6 +1056,9 @@ impl Pd {
             }
             let state = *led;
             self.emit(PdEvent::Led(state));
+        }
+        if let Some((card, verdict)) = self.verdict.led(recs, now) {
+            self.emit(PdEvent::PanelVerdict { card, verdict });
         }
         Reply::Ack
     }
@@ -1039,19 +1535,459 @@ mod tests {
     }
 
     #[test]
-    fn comset_reports_request_and_keeps_settings() {
+    fn comset_applies_after_the_reply_and_refuses_bad_settings() {
         let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
-        let r = run(
-            &mut pd,
-            cmd(0, 0x6E, &[7, 0x80, 0x25, 0, 0]),
-            Instant::now(),
-        );
-        assert_eq!(r.code, 0x54);
+        pd.set_neighbours(vec![9], true);
+        let now = Instant::now();
+        // Taken address: refused, current settings reported.
+        let r = run(&mut pd, cmd(0, 0x6E, &[9, 0x80, 0x25, 0, 0]), now);
+        assert_eq!((r.code, r.data), (0x54, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]));
+        // Unsupported baud: refused.
+        let r = run(&mut pd, cmd(1, 0x6E, &[7, 0x10, 0x27, 0, 0]), now);
         assert_eq!(r.data, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]);
-        assert!(events(&mut pd).contains(&PdEvent::ComSetRequested {
+        assert!(events(&mut pd)
+            .iter()
+            .any(|e| matches!(e, PdEvent::ComSetRefused { address: 7, .. })));
+        // Valid: the reply (from the old address) carries the new settings...
+        let r = run(&mut pd, cmd(2, 0x6E, &[7, 0x80, 0x25, 0, 0]), now);
+        assert_eq!(r.addr_byte, ADDR | 0x80);
+        assert_eq!(r.data, vec![7, 0x80, 0x25, 0x00, 0x00]);
+        assert!(events(&mut pd).contains(&PdEvent::ComSetApplied {
             address: 7,
             baud: 9600
         }));
+        // ...then the PD answers on the new address only; its identity is unchanged.
+        assert_eq!((pd.bus_address(), pd.address()), (7, ADDR));
+        assert!(pd.handle_frame(&cmd(3, 0x60, &[]), now).is_none());
+        let mut f = cmd(3, 0x60, &[]);
+        f.addr_byte = 7;
+        assert_eq!(run(&mut pd, f, now).addr_byte, 0x87);
+        // With other PDs on the line a speed change is refused (it would move them all).
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        pd.set_neighbours(vec![9], false);
+        let r = run(&mut pd, cmd(0, 0x6E, &[ADDR, 0x80, 0x25, 0, 0]), now);
+        assert_eq!(r.data, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]);
+        assert_eq!(pd.set_bus_address(0x7F), Err(PdError::BadAddress(0x7F)));
+    }
+
+    #[test]
+    fn panel_verdict_from_led_after_raw() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        pd.queue_card(card26(), now).unwrap();
+        assert_eq!(run(&mut pd, cmd(1, 0x60, &[]), now).code, rc::RAW);
+        // Temporary green flash 300 ms later → granted.
+        let green = [0, 0, 2, 5, 5, 2, 0, 30, 0, 0, 0, 0, 0, 0];
+        let t = now + Duration::from_millis(300);
+        assert_eq!(run(&mut pd, cmd(2, 0x69, &green), t).code, rc::ACK);
+        let evs = events(&mut pd);
+        assert!(evs.contains(&PdEvent::PanelVerdict {
+            card: card26(),
+            verdict: Verdict::Granted
+        }));
+        // Next card: nothing conclusive → unknown when the window closes.
+        pd.queue_card(card26(), t).unwrap();
+        assert_eq!(run(&mut pd, cmd(3, 0x60, &[]), t).code, rc::RAW);
+        events(&mut pd);
+        pd.handle_timeout(t + Duration::from_millis(1999));
+        assert!(events(&mut pd).is_empty());
+        pd.handle_timeout(t + DEFAULT_VERDICT_WINDOW);
+        assert_eq!(
+            events(&mut pd),
+            vec![PdEvent::PanelVerdict {
+                card: card26(),
+                verdict: Verdict::Unknown
+            }]
+        );
+        // Red permanent after a third card → denied.
+        pd.queue_card(card26(), t).unwrap();
+        assert_eq!(run(&mut pd, cmd(1, 0x60, &[]), t).code, rc::RAW);
+        assert_eq!(
+            run(&mut pd, cmd(2, 0x69, &led_data(0, 0, 1, 1)), t).code,
+            rc::ACK
+        );
+        assert!(events(&mut pd).contains(&PdEvent::PanelVerdict {
+            card: card26(),
+            verdict: Verdict::Denied
+        }));
+    }
+
+    // ---- secure channel ----
+
+    /// Deterministic "random" source for tests.
+    struct CountingRng(u8);
+
+    impl RngCore for CountingRng {
+        fn next_u32(&mut self) -> u32 {
+            rand_core::impls::next_u32_via_fill(self)
+        }
+        fn next_u64(&mut self) -> u64 {
+            rand_core::impls::next_u64_via_fill(self)
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            for b in dest {
+                self.0 = self.0.wrapping_add(1);
+                *b = self.0;
+            }
+        }
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+            self.fill_bytes(dest);
+            Ok(())
+        }
+    }
+
+    type Stored = std::sync::Arc<std::sync::Mutex<Vec<(u8, Scbk)>>>;
+
+    struct MemStore(Stored, bool);
+
+    impl KeyStore for MemStore {
+        fn store(&mut self, address: u8, key: &Scbk) -> Result<(), String> {
+            if self.1 {
+                return Err("disk full".into());
+            }
+            self.0.lock().unwrap().push((address, key.clone()));
+            Ok(())
+        }
+    }
+
+    const KEY: [u8; 16] = [0x11; 16];
+
+    fn secure_pd(scbk: Option<[u8; 16]>, install: bool, enforce: bool) -> (Pd, Stored) {
+        secure_pd_store(scbk, install, enforce, false)
+    }
+
+    fn secure_pd_store(
+        scbk: Option<[u8; 16]>,
+        install: bool,
+        enforce: bool,
+        failing_store: bool,
+    ) -> (Pd, Stored) {
+        let mut cfg = PdConfig::new(ADDR);
+        cfg.secure = Some(SecureConfig {
+            scbk: scbk.map(Scbk::new),
+            install_mode: install,
+            enforce_secure: enforce,
+        });
+        let stored = Stored::default();
+        let deps = PdDeps {
+            rng: Some(Box::new(CountingRng(0))),
+            key_store: Some(Box::new(MemStore(stored.clone(), failing_store))),
+        };
+        (Pd::with_deps(cfg, deps).unwrap(), stored)
+    }
+
+    /// The CP side of a handshake, driven by the test through `sc` directly.
+    fn handshake(pd: &mut Pd, key: &Scbk, use_default: bool, now: Instant) -> Session {
+        let cp_random = [0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6, 0xC7];
+        let mut c = cmd(0, 0x76, &cp_random);
+        c.scb = Some(vec![3, 0x11, u8::from(!use_default)]);
+        let r = run(pd, c, now);
+        assert_eq!(r.code, 0x76, "CCRYPT expected, got {r:?}");
+        assert_eq!(r.scb, Some(vec![3, 0x12, u8::from(!use_default)]));
+        assert_eq!(r.data.len(), 32);
+        let pd_random: [u8; 8] = r.data[8..16].try_into().unwrap();
+        let keys = SessionKeys::derive(key, &cp_random);
+        assert_eq!(
+            r.data[16..],
+            keys.client_cryptogram(&cp_random, &pd_random)[..],
+            "PD cryptogram"
+        );
+        let server = keys.server_cryptogram(&cp_random, &pd_random);
+        let mut c = cmd(1, 0x77, &server);
+        c.scb = Some(vec![3, 0x13, u8::from(!use_default)]);
+        let r = run(pd, c, now);
+        assert_eq!(r.code, 0x78, "RMAC_I expected, got {r:?}");
+        assert_eq!(r.scb, Some(vec![3, 0x14, 1]));
+        let rmac: [u8; 16] = r.data.clone().try_into().unwrap();
+        assert_eq!(rmac, keys.initial_rmac(&server));
+        assert!(pd.secure_session());
+        Session::new(keys, rmac)
+    }
+
+    fn secure_cmd(cp: &mut Session, sqn: u8, code: u8, data: &[u8]) -> Frame {
+        let (ty, payload) = if data.is_empty() {
+            (0x15, vec![])
+        } else {
+            (0x17, cp.encrypt(Direction::Command, data))
+        };
+        let mut f = cmd(sqn, code, &payload);
+        f.scb = Some(vec![2, ty]);
+        f.data.extend_from_slice(&[0; 4]);
+        let mac = cp.sign(Direction::Command, &f.mac_input().unwrap());
+        let n = f.data.len() - 4;
+        f.data[n..].copy_from_slice(&mac);
+        f
+    }
+
+    /// Verify and decrypt a secure reply as the CP would; returns (code, data).
+    fn open_reply(cp: &mut Session, r: &Frame) -> (u8, Vec<u8>) {
+        let ty = match r.scb.as_deref() {
+            Some(&[2, t @ (0x16 | 0x18)]) => t,
+            other => panic!("not a secure reply: scb {other:?}, code {:#04x}", r.code),
+        };
+        let n = r.data.len() - 4;
+        cp.verify(Direction::Reply, &r.mac_input().unwrap(), &r.data[n..])
+            .expect("reply MAC");
+        let data = if ty == 0x18 {
+            cp.decrypt(Direction::Reply, &r.data[..n]).unwrap()
+        } else {
+            assert_eq!(n, 0, "SCS_16 carries no data");
+            vec![]
+        };
+        (r.code, data)
+    }
+
+    #[test]
+    fn secure_session_with_known_key() {
+        let (mut pd, _) = secure_pd(Some(KEY), false, true);
+        let now = Instant::now();
+        // CAP in clear advertises AES-128, no SCBK-D.
+        let r = run(&mut pd, cmd(0, 0x62, &[0]), now);
+        let caps: Vec<&[u8]> = r.data.chunks(3).collect();
+        assert!(caps.contains(&&[9u8, 1, 0][..]), "{caps:?}");
+        let mut cp = handshake(&mut pd, &Scbk::new(KEY), false, now);
+        assert!(events(&mut pd).contains(&PdEvent::SecureChannelUp { install_key: false }));
+
+        // POLL (MAC only) → ACK (MAC only), chain verified over several packets.
+        for sqn in [2u8, 3, 1] {
+            let r = run(&mut pd, secure_cmd(&mut cp, sqn, 0x60, &[]), now);
+            assert_eq!(open_reply(&mut cp, &r), (rc::ACK, vec![]));
+        }
+        // Encrypted LED command → ACK; the LED state changed.
+        let r = run(
+            &mut pd,
+            secure_cmd(&mut cp, 2, 0x69, &led_data(0, 0, 1, 2)),
+            now,
+        );
+        assert_eq!(open_reply(&mut cp, &r).0, rc::ACK);
+        assert_eq!(pd.leds()[0].permanent.on_color, 2);
+        // A card goes out as an encrypted RAW.
+        pd.queue_card(card26(), now).unwrap();
+        let r = run(&mut pd, secure_cmd(&mut cp, 3, 0x60, &[]), now);
+        assert_eq!(r.scb, Some(vec![2, 0x18]));
+        // The card bits are not visible on the wire.
+        assert!(!r.data.windows(4).any(|w| w == [0x12, 0x34, 0x56, 0x40]));
+        assert_eq!(
+            open_reply(&mut cp, &r),
+            (rc::RAW, vec![0, 1, 26, 0, 0x12, 0x34, 0x56, 0x40])
+        );
+        // Retry of the same SQN: the identical bytes (not a second MAC step).
+        let again = secure_cmd(&mut cp.clone(), 3, 0x60, &[]);
+        assert_eq!(pd.handle_frame(&again, now).map(|b| decode(&b)), Some(r));
+        // Next command still verifies: the chain did not move on the retry.
+        let r = run(&mut pd, secure_cmd(&mut cp, 1, 0x60, &[]), now);
+        assert_eq!(open_reply(&mut cp, &r), (rc::ACK, vec![]));
+        assert!(events(&mut pd).contains(&PdEvent::CardDelivered(card26())));
+    }
+
+    #[test]
+    fn enforce_secure_answers_only_id_cap_comset_and_handshake_in_clear() {
+        let (mut pd, _) = secure_pd(Some(KEY), false, true);
+        let now = Instant::now();
+        assert_eq!(run(&mut pd, cmd(0, 0x61, &[0]), now).code, rc::PDID);
+        assert_eq!(run(&mut pd, cmd(1, 0x62, &[0]), now).code, rc::PDCAP);
+        for (sqn, code, data) in [
+            (2u8, 0x60u8, vec![]),
+            (3, 0x64, vec![]),
+            (1, 0x69, led_data(0, 0, 1, 2)),
+        ] {
+            let r = run(&mut pd, cmd(sqn, code, &data), now);
+            assert_eq!((r.code, r.data), (rc::NAK, vec![0x06]), "code {code:#04x}");
+        }
+        // COMSET is allowed in clear.
+        let r = run(&mut pd, cmd(2, 0x6E, &[ADDR, 0x00, 0xC2, 0x01, 0x00]), now);
+        assert_eq!(r.code, 0x54);
+        // CHLNG without its security block is refused.
+        let r = run(&mut pd, cmd(3, 0x76, &[1; 8]), now);
+        assert_eq!(r.data, vec![0x06]);
+        // Without enforcement, plaintext POLL is fine while no session exists...
+        let (mut lax, _) = secure_pd(Some(KEY), false, false);
+        assert_eq!(run(&mut lax, cmd(0, 0x60, &[]), now).code, rc::ACK);
+        // ...but not once a session is up.
+        let _cp = handshake(&mut lax, &Scbk::new(KEY), false, now);
+        let r = run(&mut lax, cmd(2, 0x60, &[]), now);
+        assert_eq!((r.code, r.data), (rc::NAK, vec![0x06]));
+    }
+
+    #[test]
+    fn bad_mac_or_ciphertext_ends_the_session_with_nak_6() {
+        let (mut pd, _) = secure_pd(Some(KEY), false, true);
+        let now = Instant::now();
+        let mut cp = handshake(&mut pd, &Scbk::new(KEY), false, now);
+        let mut f = secure_cmd(&mut cp, 2, 0x60, &[]);
+        let n = f.data.len() - 1;
+        f.data[n] ^= 0x01;
+        let r = run(&mut pd, f, now);
+        assert_eq!((r.code, r.data, r.scb), (rc::NAK, vec![0x06], None));
+        assert!(!pd.secure_session());
+        assert!(events(&mut pd).contains(&PdEvent::SecureChannelDown {
+            reason: ScEndReason::BadMac
+        }));
+        // Ciphertext that is not whole blocks (valid MAC over it): also refused.
+        let mut cp = handshake(&mut pd, &Scbk::new(KEY), false, now);
+        let mut f = cmd(2, 0x69, &[0xAA; 15]);
+        f.scb = Some(vec![2, 0x17]);
+        f.data.extend_from_slice(&[0; 4]);
+        let mac = cp.sign(Direction::Command, &f.mac_input().unwrap());
+        let n = f.data.len() - 4;
+        f.data[n..].copy_from_slice(&mac);
+        assert_eq!(run(&mut pd, f, now).data, vec![0x06]);
+        assert!(!pd.secure_session());
+        // Secure packet without any session, and a too-short one.
+        let mut f = cmd(3, 0x60, &[1, 2]);
+        f.scb = Some(vec![2, 0x15]);
+        assert_eq!(run(&mut pd, f, now).data, vec![0x06]);
+        // Unknown security block type.
+        let mut f = cmd(1, 0x60, &[]);
+        f.scb = Some(vec![2, 0x19]);
+        assert_eq!(run(&mut pd, f, now).data, vec![0x06]);
+    }
+
+    #[test]
+    fn wrong_key_at_the_cp_gets_no_session() {
+        let (mut pd, _) = secure_pd(Some(KEY), false, true);
+        let now = Instant::now();
+        let cp_random = [9u8; 8];
+        let mut c = cmd(0, 0x76, &cp_random);
+        c.scb = Some(vec![3, 0x11, 1]);
+        let r = run(&mut pd, c, now);
+        let pd_random: [u8; 8] = r.data[8..16].try_into().unwrap();
+        // CP computes with another key.
+        let wrong = SessionKeys::derive(&Scbk::new([0x22; 16]), &cp_random);
+        let mut c = cmd(1, 0x77, &wrong.server_cryptogram(&cp_random, &pd_random));
+        c.scb = Some(vec![3, 0x13, 1]);
+        let r = run(&mut pd, c, now);
+        assert_eq!((r.code, r.data), (rc::NAK, vec![0x06]));
+        assert!(!pd.secure_session());
+        // SCRYPT without a preceding CHLNG.
+        let mut c = cmd(2, 0x77, &[0; 16]);
+        c.scb = Some(vec![3, 0x13, 1]);
+        assert_eq!(run(&mut pd, c, now).data, vec![0x06]);
+        // SCBK-D is refused outside install mode.
+        let mut c = cmd(0, 0x76, &cp_random);
+        c.scb = Some(vec![3, 0x11, 0]);
+        assert_eq!(run(&mut pd, c, now).data, vec![0x06]);
+    }
+
+    #[test]
+    fn install_mode_keyset_then_scbk_d_refused() {
+        let (mut pd, stored) = secure_pd(None, true, true);
+        let now = Instant::now();
+        // CAP: AES-128 and SCBK-D accepted.
+        let r = run(&mut pd, cmd(0, 0x62, &[0]), now);
+        assert!(r.data.chunks(3).any(|c| c == [9, 1, 1]));
+        // CP tries its key first: no key here → NAK 6 (libosdp's CP then retries SCBK-D).
+        let mut c = cmd(1, 0x76, &[5; 8]);
+        c.scb = Some(vec![3, 0x11, 1]);
+        assert_eq!(run(&mut pd, c, now).data, vec![0x06]);
+        let mut cp = handshake(&mut pd, &Scbk::default_key(), true, now);
+        assert!(events(&mut pd).contains(&PdEvent::SecureChannelUp { install_key: true }));
+        // KEYSET (encrypted) → ACK under the SCBK-D session, key stored first.
+        let new_key = [0x5C; 16];
+        let mut data = vec![1, 16];
+        data.extend_from_slice(&new_key);
+        let r = run(&mut pd, secure_cmd(&mut cp, 2, 0x75, &data), now);
+        assert_eq!(open_reply(&mut cp, &r), (rc::ACK, vec![]));
+        assert_eq!(
+            stored.lock().unwrap().as_slice(),
+            &[(ADDR, Scbk::new(new_key))]
+        );
+        assert!(!pd.secure_session() && !pd.in_install_mode());
+        let evs = events(&mut pd);
+        assert!(evs.contains(&PdEvent::KeyInstalled));
+        assert!(evs.contains(&PdEvent::SecureChannelDown {
+            reason: ScEndReason::KeyChanged
+        }));
+        // A retried KEYSET gets the same ACK bytes again.
+        let retry = secure_cmd(&mut cp.clone(), 2, 0x75, &data);
+        assert_eq!(pd.handle_frame(&retry, now).map(|b| decode(&b)), Some(r));
+        // SCBK-D no longer accepted; the new key works.
+        let mut c = cmd(0, 0x76, &[5; 8]);
+        c.scb = Some(vec![3, 0x11, 0]);
+        assert_eq!(run(&mut pd, c, now).data, vec![0x06]);
+        let mut cp = handshake(&mut pd, &Scbk::new(new_key), false, now);
+        let r = run(&mut pd, secure_cmd(&mut cp, 2, 0x60, &[]), now);
+        assert_eq!(open_reply(&mut cp, &r), (rc::ACK, vec![]));
+        // CAP no longer offers SCBK-D.
+        let r = run(&mut pd, secure_cmd(&mut cp, 3, 0x62, &[0]), now);
+        let (_, caps) = open_reply(&mut cp, &r);
+        assert!(caps.chunks(3).any(|c| c == [9, 1, 0]));
+    }
+
+    #[test]
+    fn keyset_refused_in_clear_or_when_it_cannot_be_stored() {
+        let (mut pd, stored) = secure_pd_store(Some(KEY), false, false, true);
+        let now = Instant::now();
+        let mut data = vec![1, 16];
+        data.extend_from_slice(&[0x77; 16]);
+        // In clear: NAK 6.
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        assert_eq!(run(&mut pd, cmd(1, 0x75, &data), now).data, vec![0x06]);
+        // In a session but the store fails: NAK 6, old key kept, event says why.
+        let mut cp = handshake(&mut pd, &Scbk::new(KEY), false, now);
+        let r = run(&mut pd, secure_cmd(&mut cp, 2, 0x75, &data), now);
+        assert_eq!(open_reply(&mut cp, &r), (rc::NAK, vec![0x06]));
+        assert!(stored.lock().unwrap().is_empty());
+        assert!(events(&mut pd)
+            .iter()
+            .any(|e| matches!(e, PdEvent::KeyStoreFailed(_))));
+        // Unknown key type: NAK 9 (record).
+        data[0] = 2;
+        let r = run(&mut pd, secure_cmd(&mut cp, 3, 0x75, &data), now);
+        assert_eq!(open_reply(&mut cp, &r), (rc::NAK, vec![0x09]));
+        // The old key still works after a restart of the session.
+        let _ = handshake(&mut pd, &Scbk::new(KEY), false, now);
+    }
+
+    #[test]
+    fn session_times_out_and_sqn_zero_ends_it() {
+        let (mut pd, _) = secure_pd(Some(KEY), false, true);
+        let now = Instant::now();
+        let mut cp = handshake(&mut pd, &Scbk::new(KEY), false, now);
+        let r = run(&mut pd, secure_cmd(&mut cp, 2, 0x60, &[]), now);
+        open_reply(&mut cp, &r);
+        let t = now + Duration::from_secs(7);
+        pd.handle_timeout(t);
+        assert!(pd.secure_session());
+        assert!(pd.next_timeout().is_some_and(|t| t <= now + SC_TIMEOUT));
+        pd.handle_timeout(now + SC_TIMEOUT);
+        assert!(!pd.secure_session());
+        assert!(events(&mut pd).contains(&PdEvent::SecureChannelDown {
+            reason: ScEndReason::Timeout
+        }));
+        // A new session, then the CP restarts the link with SQN 0.
+        let _cp = handshake(&mut pd, &Scbk::new(KEY), false, now);
+        assert_eq!(run(&mut pd, cmd(0, 0x61, &[0]), now).code, rc::PDID);
+        assert!(!pd.secure_session());
+    }
+
+    #[test]
+    fn debug_output_of_a_secure_pd_shows_no_key_material() {
+        let (mut pd, _) = secure_pd(Some([0xA7; 16]), false, true);
+        let now = Instant::now();
+        let _cp = handshake(&mut pd, &Scbk::new([0xA7; 16]), false, now);
+        let text = format!("{pd:?}");
+        assert!(text.contains("Active"), "{text}");
+        // 0xA7 = 167 (decimal Debug of an array) or a7 (hex).
+        assert!(!text.contains("167") && !text.to_lowercase().contains("a7, "));
+    }
+
+    #[test]
+    fn secure_config_needs_a_key_or_install_mode_and_an_rng() {
+        let mut cfg = PdConfig::new(ADDR);
+        cfg.secure = Some(SecureConfig {
+            scbk: None,
+            install_mode: false,
+            enforce_secure: false,
+        });
+        assert!(matches!(Pd::new(cfg.clone()), Err(PdError::Config(_))));
+        cfg.secure = Some(SecureConfig {
+            scbk: Some(Scbk::new(KEY)),
+            install_mode: false,
+            enforce_secure: false,
+        });
+        assert!(matches!(Pd::new(cfg), Err(PdError::Config(_))));
     }
 
     #[test]

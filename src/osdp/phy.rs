@@ -9,8 +9,8 @@
 //!
 //! CTRL bits 0-1 carry the sequence number, bit 2 selects CRC-16 (1) or the 8-bit checksum (0),
 //! bit 3 says a security block follows the header. A PD replies with bit 7 of ADDR set.
-//! The security block is kept as raw bytes here so the secure channel can later be added in this
-//! layer (MAC check and decryption between [`FrameDecoder::poll`] and command parsing).
+//! The security block is kept as raw bytes; the PD ([`super::pd`]) checks the MAC over
+//! [`Frame::mac_input`] and decrypts with [`super::sc`] before parsing the command.
 
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,32 @@ impl Frame {
 
     /// Serialise with the check character the frame asks for.
     pub fn encode(&self) -> Result<Vec<u8>, PhyError> {
+        let body = self.body()?;
+        let mut out = Vec::with_capacity(body.len() + 3);
+        if self.mark {
+            out.push(MARK);
+        }
+        out.extend_from_slice(&body);
+        match self.check {
+            Check::Crc16 => out.extend_from_slice(&crc16(&body).to_le_bytes()),
+            Check::Checksum => out.push(checksum(&body)),
+        }
+        Ok(out)
+    }
+
+    /// The bytes a secure-channel MAC covers: SOM through the end of the data, without the
+    /// trailing 4-byte MAC that `data` carries (the length field counts MAC and check).
+    pub fn mac_input(&self) -> Result<Vec<u8>, PhyError> {
+        if self.data.len() < crate::osdp::sc::MAC_LEN {
+            return Err(PhyError::BadSecurityBlock);
+        }
+        let mut body = self.body()?;
+        body.truncate(body.len().saturating_sub(crate::osdp::sc::MAC_LEN));
+        Ok(body)
+    }
+
+    /// SOM through the end of the data (no mark, no check character), length field final.
+    fn body(&self) -> Result<Vec<u8>, PhyError> {
         if self.sqn > CTRL_SQN {
             return Err(PhyError::BadSequence(self.sqn));
         }
@@ -115,10 +141,6 @@ impl Frame {
         }
         let len16 = u16::try_from(len).map_err(|_| PhyError::TooLong)?;
         let mut out = Vec::with_capacity(len + 1);
-        if self.mark {
-            out.push(MARK);
-        }
-        let start = out.len();
         let mut ctrl = self.sqn;
         if self.check == Check::Crc16 {
             ctrl |= CTRL_CRC;
@@ -135,17 +157,6 @@ impl Frame {
         }
         out.push(self.code);
         out.extend_from_slice(&self.data);
-        let body = out.get(start..).unwrap_or_default();
-        match self.check {
-            Check::Crc16 => {
-                let crc = crc16(body);
-                out.extend_from_slice(&crc.to_le_bytes());
-            }
-            Check::Checksum => {
-                let sum = checksum(body);
-                out.push(sum);
-            }
-        }
         Ok(out)
     }
 }
@@ -182,6 +193,8 @@ pub struct DecoderStats {
     pub bad_check: u64,
     pub bad_scb: u64,
     pub stale_drops: u64,
+    /// Incomplete head candidates abandoned because a complete packet followed them.
+    pub false_som: u64,
 }
 
 /// Turns a byte stream into frames. Accepts any chunking (one byte at a time or many packets
@@ -338,34 +351,74 @@ impl FrameDecoder {
 
     /// The next complete packet or error, or `None` when more bytes are needed.
     pub fn poll(&mut self) -> Option<Result<Frame, PhyError>> {
-        self.skip_to_som();
-        let len = match self.candidate_len()? {
-            Ok(len) => len,
-            Err(e) => {
-                self.stats.bad_length += 1;
-                self.drop_som();
-                return Some(Err(e));
-            }
-        };
-        let s = self.som_pos();
-        let end = s.checked_add(len)?;
-        let pkt = self.buf.get(s..end)?;
-        match parse_packet(pkt, s == 1) {
-            Ok(frame) => {
-                self.buf.drain(..end);
-                self.stats.frames += 1;
-                Some(Ok(frame))
-            }
-            Err(e) => {
-                match e {
-                    PhyError::BadCheck { .. } => self.stats.bad_check += 1,
-                    PhyError::BadSecurityBlock => self.stats.bad_scb += 1,
-                    _ => self.stats.bad_length += 1,
+        loop {
+            self.skip_to_som();
+            let len = match self.candidate_len()? {
+                Ok(len) => len,
+                Err(e) => {
+                    self.stats.bad_length += 1;
+                    self.drop_som();
+                    return Some(Err(e));
                 }
-                self.drop_som();
-                Some(Err(e))
-            }
+            };
+            let s = self.som_pos();
+            let end = s.checked_add(len)?;
+            let Some(pkt) = self.buf.get(s..end) else {
+                // Incomplete. A CP writes a packet in one go, so a complete, CRC-valid packet
+                // further on means the head was a false SOM: skip to it now rather than wait
+                // for the head to fill up or go stale (noise can keep it alive).
+                let i = self.complete_packet_later()?;
+                let cut = if self.buf.get(i.wrapping_sub(1)) == Some(&MARK) {
+                    i.saturating_sub(1)
+                } else {
+                    i
+                };
+                self.stats.false_som += 1;
+                self.buf.drain(..cut);
+                continue;
+            };
+            return match parse_packet(pkt, s == 1) {
+                Ok(frame) => {
+                    self.buf.drain(..end);
+                    self.stats.frames += 1;
+                    Some(Ok(frame))
+                }
+                Err(e) => {
+                    match e {
+                        PhyError::BadCheck { .. } => self.stats.bad_check += 1,
+                        PhyError::BadSecurityBlock => self.stats.bad_scb += 1,
+                        _ => self.stats.bad_length += 1,
+                    }
+                    self.drop_som();
+                    Some(Err(e))
+                }
+            };
         }
+    }
+
+    /// Start of a complete CRC-16 packet that passes all checks and begins after the head
+    /// candidate's SOM. Only CRC packets: an 8-bit checksum matches random bytes too often.
+    fn complete_packet_later(&self) -> Option<usize> {
+        let first = self.som_pos().checked_add(1)?;
+        (first..self.buf.len()).find(|&i| {
+            if self.buf.get(i) != Some(&SOM) {
+                return false;
+            }
+            let (Some(&lo), Some(&hi), Some(&ctrl)) = (
+                self.buf.get(i + 2),
+                self.buf.get(i + 3),
+                self.buf.get(i + 4),
+            ) else {
+                return false;
+            };
+            let len = usize::from(u16::from_le_bytes([lo, hi]));
+            ctrl & CTRL_CRC != 0
+                && (MIN_PACKET_LEN + 1..=MAX_PACKET_LEN).contains(&len)
+                && self
+                    .buf
+                    .get(i..i + len)
+                    .is_some_and(|pkt| parse_packet(pkt, false).is_ok())
+        })
     }
 }
 
@@ -477,6 +530,45 @@ mod tests {
     }
 
     #[test]
+    fn annex_e_crc_and_checksum_examples() {
+        // SIA OSDP 2.2 Annex E, CRC examples 1-2 and checksum examples 1-2 (as reproduced in
+        // libosdp's tests/unit-tests/test-sc-sia-vectors.c); re-typed as test data.
+        let crc1 = [
+            0x53, 0x7F, 0x0D, 0x00, 0x04, 0x6E, 0x00, 0x80, 0x25, 0x00, 0x00,
+        ];
+        assert_eq!(crc16(&crc1).to_le_bytes(), [0x6E, 0x38]);
+        let crc2 = [0x53, 0x00, 0x09, 0x00, 0x04, 0x61, 0x00];
+        assert_eq!(crc16(&crc2).to_le_bytes(), [0xC0, 0x66]);
+        let sum1 = [
+            0x53, 0x7F, 0x0C, 0x00, 0x00, 0x6E, 0x00, 0x80, 0x25, 0x00, 0x00,
+        ];
+        assert_eq!(checksum(&sum1), 0x0F);
+        let sum2 = [0x53, 0x00, 0x08, 0x00, 0x00, 0x61, 0x00];
+        assert_eq!(checksum(&sum2), 0x44);
+    }
+
+    #[test]
+    fn mac_input_is_packet_without_mac_and_check() {
+        let f = Frame {
+            mark: true,
+            addr_byte: 0x01,
+            sqn: 2,
+            check: Check::Crc16,
+            scb: Some(vec![0x02, 0x15]),
+            code: 0x60,
+            data: vec![0xA1, 0xA2, 0xA3, 0xA4],
+        };
+        let wire = f.encode().unwrap();
+        // Without the mark, without the MAC (4) and CRC (2).
+        assert_eq!(f.mac_input().unwrap(), wire[1..wire.len() - 6].to_vec());
+        let short = Frame {
+            data: vec![1, 2, 3],
+            ..f
+        };
+        assert_eq!(short.mac_input(), Err(PhyError::BadSecurityBlock));
+    }
+
+    #[test]
     fn checksum_matches_libosdp_ack() {
         assert_eq!(checksum(&LIBOSDP_ACK[..6]), 0x80);
         // Sum of all bytes including the checksum is zero mod 256.
@@ -575,16 +667,41 @@ mod tests {
     #[test]
     fn false_som_with_huge_length_does_not_hide_real_packet() {
         // 0x53 followed by a length of 0x0300 (valid range): the decoder waits for it, the
-        // real POLL is swallowed, silence follows, and the stale candidate is dropped.
+        // real (checksum) packet is swallowed, silence follows, and the stale candidate is
+        // dropped. (A CRC packet is found at once: see the test below.)
         let mut d = FrameDecoder::new(Duration::from_millis(50));
         let now = t0();
-        let bytes: Vec<u8> = [&[SOM, 0x01, 0x00, 0x03, 0x04][..], &LIBOSDP_POLL].concat();
+        let bytes: Vec<u8> = [&[SOM, 0x01, 0x00, 0x03, 0x04][..], &LIBOSDP_ACK].concat();
         assert!(decode_all(&mut d, &bytes, now).is_empty());
         d.handle_timeout(now + Duration::from_millis(60));
         let got: Vec<_> = std::iter::from_fn(|| d.poll()).collect();
         assert_eq!(got.len(), 1);
-        assert_eq!(got[0].as_ref().unwrap().code, 0x60);
+        assert_eq!(got[0].as_ref().unwrap().code, 0x40);
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn false_som_kept_alive_by_noise_does_not_hide_a_complete_packet() {
+        // A false SOM claims 0x300 bytes; a real POLL follows at once, then noise keeps
+        // arriving faster than the stale timeout. The POLL is decoded without waiting.
+        let mut d = FrameDecoder::new(Duration::from_millis(50));
+        let now = t0();
+        let bytes: Vec<u8> = [&[SOM, 0x01, 0x00, 0x03, 0x04][..], &[MARK], &LIBOSDP_POLL].concat();
+        let got = decode_all(&mut d, &bytes, now);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let poll = got[0].as_ref().unwrap();
+        assert_eq!(poll.code, 0x60);
+        assert!(poll.mark);
+        assert_eq!(d.stats().false_som, 1);
+        assert_eq!(d.buffered(), 0);
+        // A checksum packet is not taken this way (8 bits match noise too often).
+        let mut d = FrameDecoder::new(Duration::from_millis(50));
+        let bytes: Vec<u8> = [&[SOM, 0x01, 0x00, 0x03, 0x04][..], &LIBOSDP_ACK].concat();
+        assert!(decode_all(&mut d, &bytes, now).is_empty());
+        // Partial packets are still waited for: no complete packet follows the head.
+        let mut d = FrameDecoder::new(Duration::from_millis(50));
+        assert!(decode_all(&mut d, &LIBOSDP_ID[..5], now).is_empty());
+        assert_eq!(decode_all(&mut d, &LIBOSDP_ID[5..], now).len(), 1);
     }
 
     #[test]

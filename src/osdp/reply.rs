@@ -13,6 +13,8 @@ pub mod code {
     pub const RSTATR: u8 = 0x4B;
     pub const RAW: u8 = 0x50;
     pub const COM: u8 = 0x54;
+    pub const CCRYPT: u8 = 0x76;
+    pub const RMAC_I: u8 = 0x78;
     pub const BUSY: u8 = 0x79;
 }
 
@@ -108,11 +110,25 @@ pub enum Reply {
     Nak(NakCode),
     PdId(PdIdentity),
     PdCap(Vec<Capability>),
-    LocalStatus { tamper: bool, power_fail: bool },
+    LocalStatus {
+        tamper: bool,
+        power_fail: bool,
+    },
     OutputStatus(Vec<bool>),
     Raw(RawCard),
-    Com { address: u8, baud: u32 },
+    Com {
+        address: u8,
+        baud: u32,
+    },
     Busy,
+    /// osdp_CCRYPT: client UID, PD random, client cryptogram.
+    Ccrypt {
+        uid: [u8; 8],
+        pd_random: [u8; 8],
+        cryptogram: [u8; 16],
+    },
+    /// osdp_RMAC_I: the initial R-MAC.
+    RmacI([u8; 16]),
 }
 
 impl Reply {
@@ -127,6 +143,8 @@ impl Reply {
             Reply::Raw(_) => code::RAW,
             Reply::Com { .. } => code::COM,
             Reply::Busy => code::BUSY,
+            Reply::Ccrypt { .. } => code::CCRYPT,
+            Reply::RmacI(_) => code::RMAC_I,
         }
     }
 
@@ -171,6 +189,16 @@ impl Reply {
                 out.push(*address);
                 out.extend_from_slice(&baud.to_le_bytes());
             }
+            Reply::Ccrypt {
+                uid,
+                pd_random,
+                cryptogram,
+            } => {
+                out.extend_from_slice(uid);
+                out.extend_from_slice(pd_random);
+                out.extend_from_slice(cryptogram);
+            }
+            Reply::RmacI(mac) => out.extend_from_slice(mac),
         }
         out
     }

@@ -10,16 +10,23 @@
 //! [`BusEvent`]s on a broadcast channel (a slow subscriber loses old events; it never stalls
 //! the bus).
 
+mod comfile;
+mod keyfile;
+
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_serial::{SerialPortBuilderExt, SerialStream};
+use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
 
-use crate::osdp::phy::DecoderStats;
-use crate::osdp::{Bus, PdConfig, PdError, PdEvent, RawCard};
+use crate::osdp::phy::{DecoderStats, FrameDecoder};
+use crate::osdp::{Bus, KeyStore, Pd, PdConfig, PdDeps, PdError, PdEvent, RawCard};
+
+pub use comfile::{load_com_settings, store_com_settings, ComFileError, ComSetting, ComSettings};
+pub use keyfile::{load_scbk, store_scbk, FileKeyStore, KeyFileError};
 
 /// Events buffered per subscriber before the oldest are lost.
 const EVENT_CHANNEL_CAP: usize = 256;
@@ -52,6 +59,8 @@ pub enum SerialError {
     Io(#[from] std::io::Error),
     #[error("serial port closed")]
     Eof,
+    #[error("stored COMSET settings: {0}")]
+    ComFile(#[from] ComFileError),
 }
 
 /// One serial line and the PDs (doors) keyway serves on it.
@@ -60,6 +69,12 @@ pub struct BusConfig {
     pub path: PathBuf,
     pub baud: u32,
     pub pds: Vec<PdConfig>,
+    /// Where osdp_KEYSET stores each secure PD's new SCBK (by address). A secure PD without
+    /// an entry NAKs KEYSET (it could not keep the key).
+    pub key_files: BTreeMap<u8, PathBuf>,
+    /// Where accepted osdp_COMSET changes are kept (JSON, by configured address) and read
+    /// back at start. `None`: changes apply until restart only.
+    pub com_file: Option<PathBuf>,
 }
 
 /// What the bus task reports.
@@ -150,12 +165,48 @@ pub fn spawn_bus(
     if cfg.path.as_os_str().is_empty() {
         return Err(SerialError::Settings("empty serial port path"));
     }
-    let bus = Bus::new(cfg.pds.clone())?;
+    let pds = cfg
+        .pds
+        .iter()
+        .map(|p| {
+            let deps = if p.secure.is_some() {
+                PdDeps {
+                    // The OS RNG lives here, in the adapter; the core only sees the trait.
+                    rng: Some(Box::new(rand_core::OsRng)),
+                    key_store: cfg.key_files.get(&p.address).map(|path| {
+                        Box::new(FileKeyStore { path: path.clone() }) as Box<dyn KeyStore>
+                    }),
+                }
+            } else {
+                PdDeps::default()
+            };
+            Pd::with_deps(p.clone(), deps)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut pds = pds;
+    let mut baud = cfg.baud;
+    let com = match &cfg.com_file {
+        Some(path) => load_com_settings(path)?,
+        None => ComSettings::new(),
+    };
+    for pd in &mut pds {
+        if let Some(c) = com.get(&pd.address()) {
+            pd.set_bus_address(c.address)?;
+            pd.set_baud(c.baud);
+            log::info!(addr = pd.address(), bus_address = c.address, baud = c.baud;
+                "OSDP PD uses its stored COMSET settings");
+            // One speed per line; a stored speed exists only for a PD alone on its line.
+            baud = c.baud;
+        }
+    }
+    let bus = Bus::with_pds(pds, FrameDecoder::default())?;
     let (req_tx, req_rx) = mpsc::channel(REQUEST_CHANNEL_CAP);
     let (ev_tx, ev_rx) = broadcast::channel(EVENT_CHANNEL_CAP);
     let task = BusTask {
         path: cfg.path,
-        baud: cfg.baud,
+        baud,
+        com_file: cfg.com_file,
+        com,
         bus,
         requests: Some(req_rx),
         events: ev_tx.clone(),
@@ -175,6 +226,8 @@ pub fn spawn_bus(
 struct BusTask {
     path: PathBuf,
     baud: u32,
+    com_file: Option<PathBuf>,
+    com: ComSettings,
     bus: Bus,
     /// `None` once every handle is dropped: the bus keeps answering polls.
     requests: Option<mpsc::Receiver<Request>>,
@@ -250,8 +303,28 @@ impl BusTask {
         let _ = self.events.send(ev);
     }
 
-    fn drain_events(&mut self) {
+    /// Log and publish PD events. Returns a new line speed if an osdp_COMSET changed it.
+    fn drain_events(&mut self) -> Option<u32> {
+        let mut new_baud = None;
         while let Some((addr, event)) = self.bus.poll_event() {
+            if let PdEvent::ComSetApplied { address, baud } = &event {
+                log::info!(addr, bus_address = *address, baud = *baud; "OSDP COMSET applied");
+                self.com.insert(
+                    addr,
+                    ComSetting {
+                        address: *address,
+                        baud: *baud,
+                    },
+                );
+                if let Some(path) = &self.com_file {
+                    if let Err(e) = store_com_settings(path, &self.com) {
+                        log::error!(addr, error:% = e; "OSDP COMSET not persisted");
+                    }
+                }
+                if *baud != self.baud {
+                    new_baud = Some(*baud);
+                }
+            }
             match &event {
                 PdEvent::Online => log::info!(addr; "OSDP PD online"),
                 PdEvent::Offline => log::warn!(addr; "OSDP PD offline"),
@@ -264,10 +337,41 @@ impl BusTask {
                 PdEvent::CardDropped { reason, .. } => {
                     log::warn!(addr, reason:? = reason; "OSDP card dropped")
                 }
+                PdEvent::SecureChannelUp { install_key } => {
+                    if *install_key {
+                        log::warn!(addr; "OSDP secure channel up with SCBK-D (install mode)")
+                    } else {
+                        log::info!(addr; "OSDP secure channel up")
+                    }
+                }
+                PdEvent::SecureChannelDown { reason } => {
+                    log::info!(addr, reason:? = reason; "OSDP secure channel down")
+                }
+                PdEvent::KeyInstalled => log::info!(addr; "OSDP new SCBK installed"),
+                PdEvent::PanelVerdict { verdict, .. } => {
+                    log::info!(addr, verdict = verdict.as_str(); "OSDP panel verdict")
+                }
+                PdEvent::KeyStoreFailed(e) => {
+                    log::error!(addr, error = e.as_str(); "OSDP KEYSET refused: key not stored")
+                }
                 other => log::debug!(addr, event:? = other; "OSDP PD event"),
             }
             self.emit(BusEvent::Pd { addr, event });
         }
+        new_baud
+    }
+
+    /// Switch the line speed after the osdp_COM reply (written at the old speed) has left.
+    async fn switch_baud(&mut self, port: &mut SerialStream, baud: u32) -> Result<(), SerialError> {
+        // No portable tcdrain here: wait for the reply's bytes to leave at the old speed
+        // (10 bits per byte, a max-size reply) plus a margin.
+        let drain_us = 1_000_000u64 * 10 * 64 / u64::from(self.baud.max(1)) + 2_000;
+        tokio::time::sleep(Duration::from_micros(drain_us)).await;
+        port.set_baud_rate(baud)
+            .map_err(|e| SerialError::Io(std::io::Error::other(e)))?;
+        log::info!(baud, old = self.baud; "OSDP line speed changed by COMSET");
+        self.baud = baud;
+        Ok(())
     }
 
     fn handle_request(&mut self, req: Request) {
@@ -311,7 +415,10 @@ impl BusTask {
                 _ = tokio::time::sleep_until(deadline) => {
                     // No port: nothing to write; replies to bytes from a dead port are moot.
                     let _ = self.bus.handle_timeout(Instant::now());
-                    self.drain_events();
+                    // No port: a speed change applies at the next open (`self.baud`).
+                    if let Some(baud) = self.drain_events() {
+                        self.baud = baud;
+                    }
                     if tokio::time::Instant::now() >= until {
                         return false;
                     }
@@ -346,7 +453,11 @@ impl BusTask {
                     if let Some(e) = self.bus.take_phy_error() {
                         log::debug!(error:% = e; "OSDP framing error (resynchronised)");
                     }
-                    self.drain_events();
+                    if let Some(baud) = self.drain_events() {
+                        if let Err(e) = self.switch_baud(&mut port, baud).await {
+                            return Stop::Failed(e);
+                        }
+                    }
                 }
                 req = recv_request(&mut self.requests) => match req {
                     Some(req) => self.handle_request(req),
@@ -359,7 +470,11 @@ impl BusTask {
                             return Stop::Failed(SerialError::Io(e));
                         }
                     }
-                    self.drain_events();
+                    if let Some(baud) = self.drain_events() {
+                        if let Err(e) = self.switch_baud(&mut port, baud).await {
+                            return Stop::Failed(e);
+                        }
+                    }
                 }
             }
         }
@@ -377,6 +492,8 @@ mod tests {
             path: "/dev/null".into(),
             baud: 0,
             pds: vec![PdConfig::new(1)],
+            key_files: BTreeMap::new(),
+            com_file: None,
         };
         assert!(matches!(
             spawn_bus(cfg, rx.clone()),
@@ -386,6 +503,8 @@ mod tests {
             path: "/dev/null".into(),
             baud: 9600,
             pds: vec![],
+            key_files: BTreeMap::new(),
+            com_file: None,
         };
         assert!(matches!(
             spawn_bus(cfg, rx),
@@ -400,6 +519,8 @@ mod tests {
             path: "/nonexistent/keyway-test-tty".into(),
             baud: 9600,
             pds: vec![PdConfig::new(1)],
+            key_files: BTreeMap::new(),
+            com_file: None,
         };
         let (handle, mut events, join) = spawn_bus(cfg, rx).unwrap();
         // Two failures in a row: the task keeps trying, with a growing delay.

@@ -5,7 +5,8 @@ Runs a libosdp ControlPanel on a serial device or pty and reports what it sees a
 on stdout (one object per line, flushed), so a test can assert on them:
 
   {"event": "ready", "pds": [1, 2]}
-  {"event": "online", "pd": 1, "id": {...}, "caps": {"LEDControl": [4, 1], ...}}
+  {"event": "online", "pd": 1, "sc": true, "id": {...}, "caps": {"LEDControl": [4, 1], ...}}
+  {"event": "sc", "pd": 1, "active": true}
   {"event": "offline", "pd": 1}
   {"event": "card", "pd": 1, "reader": 0, "format": 1, "bits": 26, "data": "12345640"}
   {"event": "status", "pd": 1, "type": 0, "report": "0000"}
@@ -19,12 +20,18 @@ Commands are read from stdin as JSON lines, for example:
   {"cmd": "buzzer", "pd": 1, "control_code": 2, "on_count": 1, "off_count": 1, "rep_count": 1}
   {"cmd": "output", "pd": 1, "output_no": 0, "control_code": 2, "timer_count": 0}
   {"cmd": "lstat", "pd": 1}
+  {"cmd": "comset", "pd": 1, "address": 5, "baud_rate": 115200}
   {"cmd": "enable", "pd": 1} / {"cmd": "disable", "pd": 1}
 
 Missing fields default to harmless values. Exits on stdin EOF, on {"cmd": "quit"}, or after
 --duration seconds.
 
 Usage: osdp_cp.py --port PATH --pd ADDR [--pd ADDR ...] [--baud 115200] [--duration S]
+                  [--scbk HEX] [--enforce-secure]
+
+--scbk gives every PD the same 16-byte SCBK (32 hex digits): the CP then starts a secure
+channel with any PD that advertises it, falling back to SCBK-D + KEYSET of this key for a PD
+in install mode (libosdp's own behaviour). --enforce-secure sets libosdp's EnforceSecure flag.
 """
 
 import argparse
@@ -45,6 +52,7 @@ try:
         Command,
         ControlPanel,
         Event,
+        LibFlag,
         LogLevel,
         PDInfo,
         StatusReportType,
@@ -155,6 +163,12 @@ def build_command(req):
         }
     if kind == "lstat":
         return {"command": Command.Status, "type": StatusReportType.Local}
+    if kind == "comset":
+        return {
+            "command": Command.Comset,
+            "address": int(req.get("address", 0)),
+            "baud_rate": int(req.get("baud_rate", 115200)),
+        }
     return None
 
 
@@ -187,6 +201,8 @@ def main():
     ap.add_argument("--baud", type=int, default=115200)
     ap.add_argument("--duration", type=float, default=0.0)
     ap.add_argument("--log-level", default="Warning")
+    ap.add_argument("--scbk", default=None)
+    ap.add_argument("--enforce-secure", action="store_true")
     args = ap.parse_args()
 
     channel = PtyChannel(args.port, args.baud)
@@ -200,7 +216,9 @@ def main():
     def on_completion(addr, command, status):
         emit({"event": "completed", "pd": addr, "command": command.get("command"), "status": status})
 
-    infos = [PDInfo(a, channel, scbk=None, flags=[]) for a in addrs]
+    scbk = bytes.fromhex(args.scbk) if args.scbk else None
+    flags = [LibFlag.EnforceSecure] if args.enforce_secure else []
+    infos = [PDInfo(a, channel, scbk=scbk, flags=list(flags)) for a in addrs]
     level = getattr(LogLevel, args.log_level, LogLevel.Warning)
     cp = ControlPanel(infos, log_level=level, event_handler=on_event,
                       command_completion_handler=on_completion)
@@ -219,13 +237,18 @@ def main():
     threading.Thread(target=stdin_reader, daemon=True).start()
 
     online = {a: False for a in addrs}
+    sc_active = {a: False for a in addrs}
     deadline = time.monotonic() + args.duration if args.duration > 0 else None
     try:
         while deadline is None or time.monotonic() < deadline:
             for a in addrs:
                 now_online = cp.is_online(a)
+                now_sc = cp.is_sc_active(a)
+                if now_sc != sc_active[a]:
+                    emit({"event": "sc", "pd": a, "active": now_sc})
+                    sc_active[a] = now_sc
                 if now_online and not online[a]:
-                    info = {"event": "online", "pd": a}
+                    info = {"event": "online", "pd": a, "sc": now_sc}
                     try:
                         pid = cp.get_pd_id(a)
                         info["id"] = {
@@ -259,8 +282,19 @@ def main():
                 break
             addr = int(req.get("pd", addrs[0]))
             if req.get("cmd") in ("enable", "disable"):
-                fn = cp.enable_pd if req["cmd"] == "enable" else cp.disable_pd
-                emit({"event": "submitted", "pd": addr, "cmd": req["cmd"], "ok": bool(fn(addr))})
+                # libosdp applies these asynchronously, and enable is refused until the PD
+                # is really disabled: retry briefly until the state is what was asked.
+                want = req["cmd"] == "enable"
+                fn = cp.enable_pd if want else cp.disable_pd
+                ok = False
+                give_up = time.monotonic() + 3.0
+                while time.monotonic() < give_up:
+                    if cp.is_pd_enabled(addr) == want:
+                        ok = True
+                        break
+                    fn(addr)
+                    time.sleep(0.05)
+                emit({"event": "submitted", "pd": addr, "cmd": req["cmd"], "ok": ok})
                 continue
             cmd = build_command(req)
             if cmd is None:
