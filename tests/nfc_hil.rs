@@ -21,13 +21,15 @@ use keyway::card::{self, CardFormat, WiegandBits};
 use keyway::config::{AuthPolicy, Door, NfcConfig};
 use keyway::daemon::{run_door, DoorRuntime, PanelSink, StoreHandle};
 use keyway::events::{AccessEvent, EventDecision as Decision};
+use keyway::nfc::ratelimit::RateLimitConfig;
 use keyway::sim::vpcd::{self, TapOptions};
 use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
 use p256::SecretKey;
 use tokio::sync::watch;
 
-const READER: &str = "Virtual PCD 00 00";
-const VPCD: &str = "127.0.0.1:35963";
+/// The two slots of Debian's `/etc/reader.conf.d/vpcd`, and their vpcd ports.
+const READERS: [&str; 2] = ["Virtual PCD 00 00", "Virtual PCD 00 01"];
+const VPCD_PORTS: [u16; 2] = [35963, 35964];
 
 static PCSCD_LOCK: Mutex<()> = Mutex::new(());
 
@@ -39,13 +41,21 @@ struct Pcscd {
 
 impl Pcscd {
     fn start(dir: &Path) -> Pcscd {
-        let running = Command::new("pgrep").args(["-x", "pcscd"]).output();
-        if let Ok(out) = running {
+        // Another test binary (or another checkout's tests) may be using the one pcscd a
+        // machine can have: wait for it to go away, bounded.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let out = Command::new("pgrep").args(["-x", "pcscd"]).output();
+            let Ok(out) = out else { break };
+            if !out.status.success() {
+                break;
+            }
             assert!(
-                !out.status.success(),
-                "another pcscd is running (pid {}); stop it: these tests start their own",
+                Instant::now() < deadline,
+                "another pcscd is still running after 5 min (pid {}); stop it: these tests start their own",
                 String::from_utf8_lossy(&out.stdout).trim()
             );
+            std::thread::sleep(Duration::from_millis(250));
         }
         let log = dir.join(format!("pcscd-{}.log", Instant::now().elapsed().as_nanos()));
         let file = std::fs::File::create(&log).unwrap();
@@ -70,14 +80,18 @@ impl Pcscd {
         loop {
             if let Ok(ctx) = pcsc::Context::establish(pcsc::Scope::User) {
                 if let Ok(names) = ctx.list_readers_owned() {
-                    if names.iter().any(|n| n.to_string_lossy() == READER) {
+                    let names: Vec<String> = names
+                        .iter()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .collect();
+                    if READERS.iter().all(|r| names.iter().any(|n| n == r)) {
                         return;
                     }
                 }
             }
             assert!(
                 Instant::now() < deadline,
-                "pcscd did not show the reader {READER:?} (is vsmartcard-vpcd installed?); log:\n{}",
+                "pcscd did not show the readers {READERS:?} (is vsmartcard-vpcd installed?); log:\n{}",
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -124,7 +138,45 @@ impl RecordingPanel {
     }
 }
 
-/// One door on the virtual reader, its ACL, and the keys of the phones used against it.
+/// A door of the bench: its id, which vpcd slot its reader is, and its policy.
+#[derive(Clone)]
+struct DoorSpec {
+    id: &'static str,
+    slot: usize,
+    sensitive: bool,
+    accept_cards: bool,
+}
+
+impl DoorSpec {
+    fn new(id: &'static str, slot: usize) -> Self {
+        Self {
+            id,
+            slot,
+            sensitive: false,
+            accept_cards: false,
+        }
+    }
+}
+
+/// How a bench is set up.
+struct BenchOpts {
+    doors: Vec<DoorSpec>,
+    rate_limit: RateLimitConfig,
+    /// Extra ACL entries (JSON objects, already formatted).
+    extra_acl: Vec<String>,
+}
+
+impl Default for BenchOpts {
+    fn default() -> Self {
+        Self {
+            doors: vec![DoorSpec::new("hil", 0)],
+            rate_limit: RateLimitConfig::default(),
+            extra_acl: Vec::new(),
+        }
+    }
+}
+
+/// Doors on the virtual readers, their ACL, and the keys of the phones used against them.
 struct Bench {
     dir: tempfile::TempDir,
     db: PathBuf,
@@ -132,8 +184,9 @@ struct Bench {
     group_id: [u8; 16],
     enrolled: SecretKey,
     panel: RecordingPanel,
+    opts: BenchOpts,
     shutdown: Option<watch::Sender<bool>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     pcscd: Option<Pcscd>,
     // Last: fields drop in order, so the next test waits until this one's pcscd is gone.
     _lock: MutexGuard<'static, ()>,
@@ -149,6 +202,10 @@ fn hex(b: &[u8]) -> String {
 
 impl Bench {
     async fn start() -> Bench {
+        Self::start_with(BenchOpts::default()).await
+    }
+
+    async fn start_with(opts: BenchOpts) -> Bench {
         let guard = lock();
         keyway::logging::init(keyway::logging::Target::Stderr, log::LevelFilter::Trace);
         let dir = tempfile::tempdir().unwrap();
@@ -156,14 +213,19 @@ impl Bench {
         let db = dir.path().join("keyway.db");
         let enrolled = SecretKey::random(&mut rand_core::OsRng);
         let acl = dir.path().join("acl.json");
+        let doors: Vec<String> = opts.doors.iter().map(|d| format!("\"{}\"", d.id)).collect();
+        let mut entries = vec![format!(
+            r#"{{"endpoint_key": "{}", "person_id": "p-1", "card_format": "h10301",
+    "facility_code": 42, "card_number": 1234, "doors": [{}]}}"#,
+            hex(&enrolled.public_key().to_sec1_bytes()),
+            doors.join(", ")
+        )];
+        entries.extend(opts.extra_acl.iter().cloned());
         let mut f = std::fs::File::create(&acl).unwrap();
         write!(
             f,
-            r#"{{"version": 1, "credentials": [
-  {{"endpoint_key": "{}", "person_id": "p-1", "card_format": "h10301",
-    "facility_code": 42, "card_number": 1234, "doors": ["hil"]}}
-]}}"#,
-            hex(&enrolled.public_key().to_sec1_bytes())
+            r#"{{"version": 1, "credentials": [{}]}}"#,
+            entries.join(",\n")
         )
         .unwrap();
         drop(f);
@@ -179,47 +241,56 @@ impl Bench {
             group_id: rand_bytes(),
             enrolled,
             panel: RecordingPanel::default(),
+            opts,
             shutdown: None,
-            task: None,
+            tasks: Vec::new(),
             pcscd: Some(pcscd),
             dir,
         };
-        b.spawn_door();
+        b.spawn_doors();
         b
     }
 
-    fn spawn_door(&mut self) {
-        let door = Door {
-            id: "hil".into(),
-            port: PathBuf::from("/dev/null"),
-            baud: 9600,
-            address: 0,
-            outputs: 0,
-            reader_pattern: "Virtual PCD*00".into(),
-            group_id: self.group_id,
-            sub_id: rand_bytes(),
-            private_key_file: PathBuf::new(),
-            auth_policy: AuthPolicy::UserDeviceSetting,
-        };
+    fn spawn_doors(&mut self) {
         let (store, _thread) = StoreHandle::open(&self.db).unwrap();
         let nfc = NfcConfig {
             apdu_timeout_ms: 1500,
             transaction_timeout_ms: 8000,
             reader_retry_ms: 200,
         };
-        let rt = DoorRuntime {
-            door: Arc::new(door),
-            identity: Arc::new(ReaderIdentity::new(
-                self.group_id,
-                rand_bytes(),
-                self.reader_key.clone(),
-            )),
-            store,
-            nfc,
-        };
         let (tx, rx) = watch::channel(false);
         self.shutdown = Some(tx);
-        self.task = Some(tokio::spawn(run_door(rt, self.panel.clone(), rx)));
+        for spec in &self.opts.doors {
+            let sub_id = rand_bytes();
+            let door = Door {
+                id: spec.id.into(),
+                port: PathBuf::from("/dev/null"),
+                baud: 9600,
+                address: 0,
+                outputs: 0,
+                reader_pattern: READERS[spec.slot].into(),
+                group_id: self.group_id,
+                sub_id,
+                private_key_file: PathBuf::new(),
+                auth_policy: AuthPolicy::UserDeviceSetting,
+                sensitive: spec.sensitive,
+                accept_cards: spec.accept_cards,
+                fast: true,
+            };
+            let rt = DoorRuntime {
+                door: Arc::new(door),
+                identity: Arc::new(ReaderIdentity::new(
+                    self.group_id,
+                    sub_id,
+                    self.reader_key.clone(),
+                )),
+                store: store.clone(),
+                nfc: nfc.clone(),
+                rate_limit: self.opts.rate_limit,
+            };
+            self.tasks
+                .push(tokio::spawn(run_door(rt, self.panel.clone(), rx.clone())));
+        }
     }
 
     fn pcscd_log(&self) -> String {
@@ -246,14 +317,24 @@ impl Bench {
         )
     }
 
-    /// A whole tap by the emulator; returns the reader status the phone was sent.
+    /// A whole tap by the emulator on slot 0.
     async fn tap(&self, phone: &mut Endpoint, hold: Duration) -> vpcd::ServeSummary {
+        self.tap_on(0, phone, hold).await
+    }
+
+    /// A whole tap by the emulator on the reader of `slot`.
+    async fn tap_on(
+        &self,
+        slot: usize,
+        phone: &mut Endpoint,
+        hold: Duration,
+    ) -> vpcd::ServeSummary {
         let opts = TapOptions {
             timeout: Duration::from_secs(10),
             hold,
             ..TapOptions::default()
         };
-        vpcd::tap(addr(), phone, &opts).await.expect("tap")
+        vpcd::tap(addr(slot), phone, &opts).await.expect("tap")
     }
 
     fn events(&self) -> Vec<AccessEvent> {
@@ -284,7 +365,7 @@ impl Bench {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(true);
         }
-        if let Some(t) = self.task.take() {
+        for t in self.tasks.drain(..) {
             tokio::time::timeout(Duration::from_secs(10), t)
                 .await
                 .expect("door loop stops on shutdown")
@@ -294,6 +375,31 @@ impl Bench {
     }
 }
 
+/// Waits (bounded) until pcscd reports the reader of `slot` empty: the earliest moment a new
+/// presentation is seen as one (pcscd polls vpcd, removal shows 0.35-0.5 s after the close).
+async fn wait_reader_empty(slot: usize) {
+    let name = std::ffi::CString::new(READERS[slot]).unwrap();
+    let r = tokio::task::spawn_blocking(move || {
+        let ctx = pcsc::Context::establish(pcsc::Scope::User).map_err(|e| e.to_string())?;
+        let mut rs = [pcsc::ReaderState::new(name, pcsc::State::UNAWARE)];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match ctx.get_status_change(Duration::from_millis(500), &mut rs) {
+                Ok(()) | Err(pcsc::Error::Timeout) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if rs[0].event_state().contains(pcsc::State::EMPTY) {
+                return Ok(());
+            }
+            rs[0].sync_current_state();
+        }
+        Err("reader still shows a card after 5 s".to_string())
+    })
+    .await
+    .unwrap();
+    r.expect("reader empty");
+}
+
 fn rand_bytes<const N: usize>() -> [u8; N] {
     use rand_core::RngCore;
     let mut b = [0u8; N];
@@ -301,8 +407,8 @@ fn rand_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
-fn addr() -> SocketAddr {
-    VPCD.parse().unwrap()
+fn addr(slot: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], VPCD_PORTS[slot]))
 }
 
 fn decisions(ev: &[AccessEvent]) -> Vec<(Decision, String)> {
@@ -362,7 +468,7 @@ async fn enrolled_phone_granted_unknown_denied_held_phone_one_event() {
 /// `n`-th C-APDU (0-based), then either closes the socket (card pulled) or goes silent for
 /// `silence` before closing.
 async fn partial_tap(phone: &mut Endpoint, n: usize, silence: Option<Duration>) {
-    let mut stream = vpcd::connect(addr(), Duration::from_secs(10))
+    let mut stream = vpcd::connect(addr(0), Duration::from_secs(10))
         .await
         .unwrap();
     let mut apdus = 0usize;

@@ -54,6 +54,12 @@ pub enum DenyReason {
     NotYetValid,
     /// The credential does not list this door (nor `*`).
     WrongDoor,
+    /// The door is sensitive and the phone did not report user verification (biometric/PIN).
+    /// Decided by the tap, after the ACL would have granted.
+    UserVerificationRequired,
+    /// This phone or card failed too often on this reader recently; it is slowed down and
+    /// refused until its penalty has passed. Decided by the tap before the ACL is asked.
+    RateLimited,
 }
 
 impl DenyReason {
@@ -64,6 +70,8 @@ impl DenyReason {
             DenyReason::Expired => "expired",
             DenyReason::NotYetValid => "not_yet_valid",
             DenyReason::WrongDoor => "wrong_door",
+            DenyReason::UserVerificationRequired => "user_verification_required",
+            DenyReason::RateLimited => "rate_limited",
         }
     }
 }

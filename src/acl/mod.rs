@@ -8,6 +8,7 @@
 //! door list; the rules themselves live in [`decision`] as a pure function.
 
 pub mod decision;
+pub mod fast;
 pub mod import;
 
 pub use decision::{evaluate, CredentialRecord, Decision, DenyReason, Grant, ALL_DOORS};
@@ -72,6 +73,26 @@ const MIGRATIONS: &[&str] = &[
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) STRICT, WITHOUT ROWID;",
+    // v2: Kpersistent per (reader identifier, endpoint key) for Aliro FAST (see `fast`).
+    // Rows hang off a credential: removing it (an import without it) wipes its keys by
+    // cascade; changing its validity (a revocation by end date) wipes them by trigger.
+    "CREATE TABLE fast_keys (
+        id            INTEGER PRIMARY KEY,
+        reader_id     BLOB    NOT NULL CHECK (length(reader_id) = 32),
+        credential_id INTEGER NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+        endpoint_key  BLOB    NOT NULL CHECK (length(endpoint_key) = 65),
+        k_persistent  BLOB    NOT NULL CHECK (length(k_persistent) = 32),
+        used_at       INTEGER NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX fast_keys_reader_endpoint ON fast_keys (reader_id, endpoint_key);
+    CREATE INDEX fast_keys_reader_used ON fast_keys (reader_id, used_at);
+    CREATE INDEX fast_keys_credential ON fast_keys (credential_id);
+    CREATE TRIGGER fast_keys_wipe_on_validity_change
+    AFTER UPDATE OF valid_from, valid_until ON credentials
+    WHEN OLD.valid_from IS NOT NEW.valid_from OR OLD.valid_until IS NOT NEW.valid_until
+    BEGIN
+        DELETE FROM fast_keys WHERE credential_id = NEW.id;
+    END;",
 ];
 
 /// The schema version this build writes.

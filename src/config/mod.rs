@@ -169,6 +169,15 @@ pub struct DoorConfig {
     /// Relay outputs this reader drives (advertised to the panel in osdp_PDCAP).
     #[serde(default)]
     pub outputs: u8,
+    /// A sensitive door requires user verification (biometric/PIN) on the phone: AUTH0 asks
+    /// for it (policy 03) and a phone that does not report it is denied with
+    /// `user_verification_required`. Default false.
+    #[serde(default)]
+    pub sensitive: bool,
+    /// Accept physical cards (identified by UID) at this door during a cutover. UID-only cards
+    /// are clonable: keyway warns at start-up for every door that accepts them. Default false.
+    #[serde(default)]
+    pub accept_cards: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -205,6 +214,13 @@ pub struct DoorAliro {
     /// Aliro authentication policy sent in AUTH0 (tag 42).
     #[serde(default)]
     pub auth_policy: AuthPolicy,
+    /// Offer Aliro FAST (stored Kpersistent) to phones seen before. Default true.
+    #[serde(default = "default_true")]
+    pub fast: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// AUTH0 tag 42: what the reader asks of the phone's user verification.
@@ -243,6 +259,12 @@ pub struct Door {
     pub sub_id: [u8; 16],
     pub private_key_file: PathBuf,
     pub auth_policy: AuthPolicy,
+    /// See [`DoorConfig::sensitive`].
+    pub sensitive: bool,
+    /// See [`DoorConfig::accept_cards`].
+    pub accept_cards: bool,
+    /// See [`DoorAliro::fast`].
+    pub fast: bool,
 }
 
 /// Everything the daemon needs, validated.
@@ -438,6 +460,9 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             sub_id,
             private_key_file: key_path,
             auth_policy: d.aliro.auth_policy,
+            sensitive: d.sensitive,
+            accept_cards: d.accept_cards,
+            fast: d.aliro.fast,
         });
     }
     Ok(Validated {

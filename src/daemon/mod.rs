@@ -120,6 +120,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             identity,
             store: store.clone(),
             nfc: cfg.nfc.clone(),
+            rate_limit: crate::nfc::ratelimit::RateLimitConfig::default(),
         };
         let panel = BusPanel {
             bus,

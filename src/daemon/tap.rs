@@ -5,14 +5,19 @@
 //! emulator in memory; the daemon uses the PC/SC [`CardLink`](crate::nfc::CardLink).
 
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::acl::{Decision, DenyReason};
+use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
+use crate::aliro::crypto::SymmetricKey;
 use crate::aliro::reader::{
-    Action, Randomness, ReaderIdentity, ReaderTransaction, TransactionParams,
+    Action, FastConfig, FastFallback, Outcome, Randomness, ReaderIdentity, ReaderTransaction,
+    TransactionParams,
 };
 use crate::aliro::{AliroError, ReaderStatus};
 use crate::card::{self, WiegandBits};
+use crate::nfc::ratelimit::{self, RateLimiter};
 use crate::nfc::{CardLink, NfcError};
 
 use super::store::{StoreError, StoreHandle};
@@ -70,6 +75,26 @@ pub struct TapReport {
     /// From card presence to the access decision.
     pub to_decision: Option<Duration>,
     pub total: Duration,
+    /// The endpoint was identified by its FAST cryptogram (no AUTH1 in this tap).
+    pub fast: bool,
+    /// FAST keys offered to the reader core in this tap.
+    pub fast_candidates: usize,
+}
+
+impl TapReport {
+    /// The identity a rate limit counts this tap against: the authenticated endpoint key's
+    /// fingerprint, or [`ratelimit::UNIDENTIFIED`].
+    pub fn limiter_identity(&self) -> String {
+        match &self.endpoint_key {
+            Some(k) => crate::acl::fingerprint(k),
+            None => ratelimit::UNIDENTIFIED.to_owned(),
+        }
+    }
+
+    /// True when the tap ended in a grant.
+    pub fn granted(&self) -> bool {
+        matches!(self.decision, Some(Decision::Grant(_)))
+    }
 }
 
 /// Per-door constants a tap needs.
@@ -79,6 +104,14 @@ pub struct TapContext<'a> {
     pub params: TransactionParams,
     pub store: &'a StoreHandle,
     pub transaction_timeout: Duration,
+    /// Offer FAST with the Kpersistent values stored for this reader; store new ones.
+    pub fast: bool,
+    /// Sensitive door: a grant also needs the phone to report user verification
+    /// ([`SIGNALING_USER_VERIFIED_BIT`]); otherwise the tap is denied
+    /// `user_verification_required`.
+    pub require_user_verification: bool,
+    /// Endpoints serving a failure penalty are denied `rate_limited` without an ACL lookup.
+    pub limiter: Option<&'a Mutex<RateLimiter>>,
 }
 
 /// Runs one transaction. `on_grant` receives the card number for the panel the moment the
@@ -96,8 +129,19 @@ pub async fn run_tap<C: CardChannel>(
         error: None,
         to_decision: None,
         total: Duration::ZERO,
+        fast: false,
+        fast_candidates: 0,
     };
-    let flow = transaction(ctx, channel, randomness, started, &mut report, on_grant);
+    let mut learned: Option<SymmetricKey> = None;
+    let flow = transaction(
+        ctx,
+        channel,
+        randomness,
+        started,
+        &mut report,
+        &mut learned,
+        on_grant,
+    );
     if let Err(e) = match tokio::time::timeout(ctx.transaction_timeout, flow).await {
         Ok(r) => r,
         Err(_) => Err(TapError::Timeout(ctx.transaction_timeout)),
@@ -105,7 +149,39 @@ pub async fn run_tap<C: CardChannel>(
         report.error = Some(e);
     }
     report.total = started.elapsed();
+    // After the phone was answered, so it never waits for this write. Even if the final
+    // EXCHANGE was lost the phone has derived the same Kpersistent (it does so at AUTH1).
+    if ctx.fast {
+        remember_fast_key(ctx, &report, learned).await;
+    }
     report
+}
+
+async fn remember_fast_key(
+    ctx: &TapContext<'_>,
+    report: &TapReport,
+    learned: Option<SymmetricKey>,
+) {
+    let Some(key) = report.endpoint_key else {
+        return;
+    };
+    // Rate-limited taps never reached the ACL: do not refresh anything for them.
+    if matches!(
+        report.decision,
+        None | Some(Decision::Deny(DenyReason::RateLimited))
+    ) {
+        return;
+    }
+    let reader_id = ctx.identity.reader_identifier();
+    let r = match (report.fast, learned) {
+        (true, _) => ctx.store.save_fast_key(reader_id, key, None).await,
+        (false, Some(k)) => ctx.store.save_fast_key(reader_id, key, Some(k)).await,
+        (false, None) => return,
+    };
+    if let Err(e) = r {
+        log::warn!(target: "keyway::nfc", door = ctx.door;
+            "door {}: FAST key not stored: {e}", ctx.door);
+    }
 }
 
 async fn transaction<C: CardChannel>(
@@ -114,9 +190,25 @@ async fn transaction<C: CardChannel>(
     randomness: Randomness,
     started: Instant,
     report: &mut TapReport,
+    learned: &mut Option<SymmetricKey>,
     on_grant: impl FnOnce(WiegandBits),
 ) -> Result<(), TapError> {
     let mut tx = ReaderTransaction::new(ctx.identity, ctx.params, randomness);
+    if ctx.fast {
+        // A store hiccup must not cost the tap: fall back to STANDARD.
+        match ctx.store.fast_keys(ctx.identity.reader_identifier()).await {
+            Ok(credentials) if !credentials.is_empty() => {
+                report.fast_candidates = credentials.len();
+                tx = tx.with_fast(FastConfig {
+                    credentials,
+                    on_no_match: FastFallback::Standard,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => log::warn!(target: "keyway::nfc", door = ctx.door;
+                "door {}: stored FAST keys unavailable, using STANDARD: {e}", ctx.door),
+        }
+    }
     let mut on_grant = Some(on_grant);
     let mut capdu = tx.start();
     loop {
@@ -126,10 +218,24 @@ async fn transaction<C: CardChannel>(
             Action::Authenticated(endpoint) => {
                 let key = endpoint.public_key_sec1();
                 report.endpoint_key = Some(key);
-                let decision = ctx
-                    .store
-                    .decide(&key, ctx.door, time::OffsetDateTime::now_utc())
-                    .await?;
+                report.fast = endpoint.fast;
+                if !endpoint.fast {
+                    *learned = Some(endpoint.k_persistent.clone());
+                }
+                let limited = ctx.limiter.is_some_and(|l| {
+                    l.lock()
+                        .map(|l| l.is_limited(&crate::acl::fingerprint(&key), Instant::now()))
+                        .unwrap_or(false)
+                });
+                let decision = if limited {
+                    Decision::Deny(DenyReason::RateLimited)
+                } else {
+                    let d = ctx
+                        .store
+                        .decide(&key, ctx.door, time::OffsetDateTime::now_utc())
+                        .await?;
+                    apply_door_policy(ctx, d, endpoint.signaling_bitmap)
+                };
                 report.to_decision = Some(started.elapsed());
                 let status = match &decision {
                     Decision::Grant(g) => {
@@ -145,10 +251,29 @@ async fn transaction<C: CardChannel>(
                 report.decision = Some(decision);
                 capdu = tx.complete(status)?;
             }
-            Action::Done(_) => return Ok(()),
+            Action::Done(Outcome::Completed { .. }) => return Ok(()),
+            // The core reported a failure to the phone (bad signature, undecryptable answer,
+            // ...): the tap ends with that error, not a silent "no decision".
+            Action::Done(Outcome::Failed { error, .. }) => return Err(TapError::Aliro(error)),
             // Only answers `ReaderTransaction::exchange`, which a plain tap never calls.
             Action::Exchanged(_) => return Err(TapError::Unexpected("EXCHANGE response")),
         }
+    }
+}
+
+/// The door's own rules on top of the ACL: a sensitive door grants only to a phone that
+/// reports user verification.
+pub fn apply_door_policy(
+    ctx: &TapContext<'_>,
+    d: Decision,
+    signaling_bitmap: Option<u16>,
+) -> Decision {
+    let verified = signaling_bitmap.is_some_and(|b| b & SIGNALING_USER_VERIFIED_BIT != 0);
+    match d {
+        Decision::Grant(_) if ctx.require_user_verification && !verified => {
+            Decision::Deny(DenyReason::UserVerificationRequired)
+        }
+        other => other,
     }
 }
 
@@ -223,20 +348,33 @@ mod tests {
         }
     }
 
-    async fn tap(
-        s: &Setup,
-        phone_key: &SecretKey,
-        fail_at: Option<usize>,
-    ) -> (TapReport, Vec<WiegandBits>, Endpoint) {
+    fn phone(s: &Setup, phone_key: &SecretKey) -> Endpoint {
         let cred = ReaderGroupCredential {
             group_id: s.identity.group_id,
             reader_group_key: s.identity.private_key.public_key(),
         };
+        Endpoint::new(
+            EndpointConfig::new(phone_key.clone(), vec![cred]),
+            Box::new(OsRandom),
+        )
+    }
+
+    /// Door settings of a test tap.
+    #[derive(Default)]
+    struct Opts<'a> {
+        fast: bool,
+        sensitive: bool,
+        limiter: Option<&'a Mutex<RateLimiter>>,
+    }
+
+    async fn tap_with(
+        s: &Setup,
+        phone: Endpoint,
+        fail_at: Option<usize>,
+        o: Opts<'_>,
+    ) -> (TapReport, Vec<WiegandBits>, Endpoint) {
         let chan = InMemory {
-            phone: Mutex::new(Endpoint::new(
-                EndpointConfig::new(phone_key.clone(), vec![cred]),
-                Box::new(OsRandom),
-            )),
+            phone: Mutex::new(phone),
             fail_at,
             sent: Mutex::new(0),
         };
@@ -246,6 +384,9 @@ mod tests {
             params: TransactionParams::nfc(1),
             store: &s.store,
             transaction_timeout: Duration::from_secs(5),
+            fast: o.fast,
+            require_user_verification: o.sensitive,
+            limiter: o.limiter,
         };
         let mut cards = Vec::new();
         let report = run_tap(
@@ -257,6 +398,156 @@ mod tests {
         )
         .await;
         (report, cards, chan.phone.into_inner().unwrap())
+    }
+
+    async fn tap(
+        s: &Setup,
+        phone_key: &SecretKey,
+        fail_at: Option<usize>,
+    ) -> (TapReport, Vec<WiegandBits>, Endpoint) {
+        tap_with(s, phone(s, phone_key), fail_at, Opts::default()).await
+    }
+
+    fn phone_fast(phone: &Endpoint) -> Option<bool> {
+        phone.outcomes().find_map(|o| match o {
+            crate::sim::Outcome::Completed { fast, .. } => Some(*fast),
+            _ => None,
+        })
+    }
+
+    #[tokio::test]
+    async fn second_tap_of_a_known_phone_uses_fast_and_a_stranger_falls_back() {
+        let s = setup(None, None, "front");
+        let fast = || Opts {
+            fast: true,
+            ..Opts::default()
+        };
+        let (r, cards, mut p) = tap_with(&s, phone(&s, &s.enrolled), None, fast()).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert!(!r.fast && r.granted() && cards.len() == 1);
+        assert_eq!(r.fast_candidates, 0, "nothing stored before the first tap");
+        assert_eq!(phone_fast(&p), Some(false));
+        p.take_outcomes();
+        // Same phone again: FAST, granted, the card still goes to the panel.
+        let (r, cards, p) = tap_with(&s, p, None, fast()).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert!(r.fast, "second tap identified by the cryptogram");
+        assert!(r.granted() && cards.len() == 1);
+        assert_eq!(r.fast_candidates, 1);
+        assert_eq!(phone_fast(&p), Some(true));
+        assert_eq!(status(&p), Some(ReaderStatus::AccessGranted.code()));
+        // A phone that lost its key (fresh emulator, same long-term key): FAST does not
+        // match, the same session continues with AUTH1 and it is still granted.
+        let (r, _, p) = tap_with(&s, phone(&s, &s.enrolled), None, fast()).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert!(!r.fast && r.granted());
+        assert_eq!(phone_fast(&p), Some(false));
+        // A stranger: no key stored for it (not in the ACL), STANDARD after the FAST attempt.
+        let stranger = SecretKey::random(&mut OsRng);
+        let (r, cards, _) = tap_with(&s, phone(&s, &stranger), None, fast()).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.decision, Some(Decision::Deny(DenyReason::UnknownKey)));
+        assert!(cards.is_empty());
+        let (r, _, _) = tap_with(&s, phone(&s, &stranger), None, fast()).await;
+        assert_eq!(r.fast_candidates, 1, "the stranger's key was not stored");
+    }
+
+    #[tokio::test]
+    async fn sensitive_door_needs_user_verification() {
+        let s = setup(None, None, "front");
+        let sensitive = || Opts {
+            sensitive: true,
+            ..Opts::default()
+        };
+        let (r, cards, p) = tap_with(&s, phone(&s, &s.enrolled), None, sensitive()).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(
+            r.decision,
+            Some(Decision::Deny(DenyReason::UserVerificationRequired))
+        );
+        assert!(cards.is_empty());
+        assert_eq!(status(&p), Some(ReaderStatus::AccessDenied.code()));
+        // Other bits set but not the user-verification one: still denied.
+        let mut cfg = phone(&s, &s.enrolled).config().clone();
+        cfg.signaling_bitmap = !SIGNALING_USER_VERIFIED_BIT;
+        let (r, _, _) = tap_with(
+            &s,
+            Endpoint::new(cfg.clone(), Box::new(OsRandom)),
+            None,
+            sensitive(),
+        )
+        .await;
+        assert_eq!(
+            r.decision,
+            Some(Decision::Deny(DenyReason::UserVerificationRequired))
+        );
+        cfg.signaling_bitmap = SIGNALING_USER_VERIFIED_BIT;
+        let (r, cards, p) = tap_with(
+            &s,
+            Endpoint::new(cfg, Box::new(OsRandom)),
+            None,
+            sensitive(),
+        )
+        .await;
+        assert!(r.granted(), "{:?}", r.decision);
+        assert_eq!(cards.len(), 1);
+        assert_eq!(status(&p), Some(ReaderStatus::AccessGranted.code()));
+        // An ACL deny stays the ACL's reason, verified or not.
+        let stranger = SecretKey::random(&mut OsRng);
+        let (r, _, _) = tap_with(&s, phone(&s, &stranger), None, sensitive()).await;
+        assert_eq!(r.decision, Some(Decision::Deny(DenyReason::UnknownKey)));
+        // A normal door ignores the bit.
+        let (r, _, _) = tap_with(&s, phone(&s, &s.enrolled), None, Opts::default()).await;
+        assert!(r.granted());
+    }
+
+    #[tokio::test]
+    async fn rate_limited_phone_is_refused_without_acl_lookup() {
+        let s = setup(None, None, "front");
+        let limiter = Mutex::new(RateLimiter::new(crate::nfc::ratelimit::RateLimitConfig {
+            free_failures: 0,
+            base_penalty: Duration::from_secs(600),
+            ..Default::default()
+        }));
+        let fp = crate::acl::fingerprint(&s.enrolled.public_key().to_sec1_bytes());
+        limiter.lock().unwrap().failure(&fp, Instant::now());
+        let o = || Opts {
+            limiter: Some(&limiter),
+            fast: true,
+            ..Opts::default()
+        };
+        let (r, cards, p) = tap_with(&s, phone(&s, &s.enrolled), None, o()).await;
+        assert_eq!(r.decision, Some(Decision::Deny(DenyReason::RateLimited)));
+        assert!(cards.is_empty());
+        assert_eq!(status(&p), Some(ReaderStatus::AccessDenied.code()));
+        assert_eq!(r.limiter_identity(), fp);
+        // Nothing learned from a refused tap.
+        let (r, _, _) = tap_with(&s, phone(&s, &s.enrolled), None, o()).await;
+        assert_eq!(r.fast_candidates, 0);
+        // Once its record is cleared (a success elsewhere), it is served again.
+        limiter.lock().unwrap().success(&fp);
+        let (r, _, _) = tap_with(&s, phone(&s, &s.enrolled), None, o()).await;
+        assert!(r.granted());
+    }
+
+    #[tokio::test]
+    async fn failed_authentication_is_an_error_not_a_silent_end() {
+        let s = setup(None, None, "front");
+        let mut cfg = phone(&s, &s.enrolled).config().clone();
+        cfg.faults.device_signature_transaction_id = Some([0; 16]);
+        let (r, cards, _) = tap_with(
+            &s,
+            Endpoint::new(cfg, Box::new(OsRandom)),
+            None,
+            Opts::default(),
+        )
+        .await;
+        assert!(r.decision.is_none() && cards.is_empty());
+        assert_eq!(
+            r.error.as_ref().map(TapError::code),
+            Some("signature_invalid")
+        );
+        assert_eq!(r.limiter_identity(), ratelimit::UNIDENTIFIED);
     }
 
     fn status(phone: &Endpoint) -> Option<u16> {
