@@ -127,6 +127,7 @@ fn store_with(n: usize, phone: &[u8; 65], dir: &std::path::Path) -> Store {
             valid_from: None,
             valid_until: None,
             doors: vec!["front".into()],
+            card_uids: Vec::new(),
         });
     }
     store

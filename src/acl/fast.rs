@@ -160,6 +160,7 @@ mod tests {
             valid_from: None,
             valid_until: until,
             doors: vec!["*".into()],
+            card_uids: Vec::new(),
         }
     }
 

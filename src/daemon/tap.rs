@@ -333,6 +333,7 @@ mod tests {
             valid_from,
             valid_until,
             doors: vec![door.into()],
+            card_uids: Vec::new(),
         };
         Store::open(&db)
             .unwrap()
