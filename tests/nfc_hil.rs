@@ -805,3 +805,79 @@ async fn repeatedly_failing_phone_is_rate_limited_others_are_not() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn physical_card_by_uid_at_a_door_that_accepts_cards() {
+    let uid = [0x04u8, 0x52, 0x19, 0x7A, 0x33, 0x61, 0x80];
+    let b = Bench::start_with(BenchOpts {
+        doors: vec![
+            DoorSpec {
+                accept_cards: true,
+                ..DoorSpec::new("lobby", 0)
+            },
+            DoorSpec::new("lab", 1),
+        ],
+        extra_acl: vec![format!(
+            r#"{{"endpoint_key": "{}", "person_id": "p-card", "card_format": "h10301",
+    "facility_code": 7, "card_number": 777, "doors": ["*"], "card_uids": ["{}"]}}"#,
+            hex(&SecretKey::random(&mut rand_core::OsRng)
+                .public_key()
+                .to_sec1_bytes()),
+            hex(&uid)
+        )],
+        ..BenchOpts::default()
+    })
+    .await;
+    let opts = TapOptions {
+        atr: keyway::sim::card::MIFARE_1K_ATR.to_vec(),
+        hold: Duration::ZERO,
+        ..TapOptions::default()
+    };
+    // Known card at the door that accepts cards: granted, its card number to the panel.
+    let mut card = keyway::sim::UidCard::new(&uid);
+    let s = vpcd::tap(addr(0), &mut card, &opts).await.unwrap();
+    assert!(s.finished, "UID read: {s:?}\n{}", b.pcscd_log());
+    // Unknown card there: denied.
+    wait_reader_empty(0).await;
+    let mut unknown = keyway::sim::UidCard::new(&[1, 2, 3, 4]);
+    assert!(
+        vpcd::tap(addr(0), &mut unknown, &opts)
+            .await
+            .unwrap()
+            .finished
+    );
+    // The same known card at a door that does not accept cards: its UID is never read.
+    let mut card2 = keyway::sim::UidCard::new(&uid);
+    let opts_short = TapOptions {
+        timeout: Duration::from_secs(4),
+        ..opts.clone()
+    };
+    let s = vpcd::tap(addr(1), &mut card2, &opts_short).await.unwrap();
+    assert!(!s.finished && !card2.uid_read(), "{s:?}");
+
+    let ev = b.wait_events(3).await;
+    let got: Vec<(String, Decision, String)> = ev
+        .iter()
+        .map(|e| (e.door.clone(), e.decision, e.reason.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("lobby".into(), Decision::Granted, "granted".into()),
+            ("lobby".into(), Decision::Denied, "unknown_key".into()),
+            ("lab".into(), Decision::Error, "not_aliro".into()),
+        ],
+        "{ev:?}"
+    );
+    assert_eq!(ev[0].person_id.as_deref(), Some("p-card"));
+    // Events carry a fingerprint of the UID, never the UID.
+    let fp = ev[0].endpoint_fingerprint.clone().unwrap();
+    assert!(!fp.contains(&hex(&uid)[..8]));
+    let cards = b.panel.cards();
+    assert_eq!(cards.len(), 1);
+    assert_eq!(
+        card::decode(&cards[0].1).unwrap(),
+        (CardFormat::H10301, 7, 777)
+    );
+    b.stop().await;
+}

@@ -78,6 +78,7 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
                         fast: rt.door.fast,
                         require_user_verification: rt.door.sensitive,
                         limiter: Some(limiter),
+                        accept_cards: rt.door.accept_cards,
                     };
                     let randomness = Randomness::generate(&mut rand_core::OsRng);
                     let report = run_tap(&ctx, &link, randomness, started, |bits| {
@@ -124,7 +125,11 @@ async fn record(store: &StoreHandle, door: &Door, report: TapReport) {
     let latency = report.to_decision.unwrap_or(report.total);
     let latency_ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
     let now = events::unix_ms(time::OffsetDateTime::now_utc());
-    let key = report.endpoint_key.as_ref().map(|k| k.as_slice());
+    let key = report.subject();
+    if report.card_uid.is_some() {
+        log::info!(target: "keyway::nfc", door = door.id.as_str();
+            "door {}: physical card (UID-only, clonable)", door.id);
+    }
     let event = match (&report.decision, key, &report.error) {
         (Some(d), Some(k), _) => {
             AccessEvent::from_decision(now, &door.id, Transport::Nfc, k, d, latency_ms)

@@ -32,6 +32,12 @@ enum Request {
         now: time::OffsetDateTime,
         reply: oneshot::Sender<Result<Decision, AclError>>,
     },
+    DecideCard {
+        uid: Vec<u8>,
+        door: String,
+        now: time::OffsetDateTime,
+        reply: oneshot::Sender<Result<Decision, AclError>>,
+    },
     Record {
         event: Box<AccessEvent>,
         reply: oneshot::Sender<Result<i64, AclError>>,
@@ -74,6 +80,14 @@ impl StoreHandle {
                         } => {
                             let _ = reply.send(store.decide(&endpoint_key, &door, now));
                         }
+                        Request::DecideCard {
+                            uid,
+                            door,
+                            now,
+                            reply,
+                        } => {
+                            let _ = reply.send(store.decide_card(&uid, &door, now));
+                        }
                         Request::Record { event, reply } => {
                             let _ = reply.send(store.record_event(&event));
                         }
@@ -112,6 +126,26 @@ impl StoreHandle {
         self.tx
             .send(Request::Decide {
                 endpoint_key: endpoint_key.to_vec(),
+                door: door.to_owned(),
+                now,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Gone)?;
+        Ok(rx.await.map_err(|_| StoreError::Gone)??)
+    }
+
+    /// Decides for a physical card by its UID.
+    pub async fn decide_card(
+        &self,
+        uid: &[u8],
+        door: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<Decision, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::DecideCard {
+                uid: uid.to_vec(),
                 door: door.to_owned(),
                 now,
                 reply,

@@ -12,7 +12,7 @@ use crate::acl::{Decision, DenyReason};
 use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
 use crate::aliro::crypto::SymmetricKey;
 use crate::aliro::reader::{
-    Action, FastConfig, FastFallback, Outcome, Randomness, ReaderIdentity, ReaderTransaction,
+    Action, FastConfig, FastFallback, Outcome, Randomness, ReaderIdentity, ReaderTransaction, Step,
     TransactionParams,
 };
 use crate::aliro::{AliroError, ReaderStatus};
@@ -48,6 +48,8 @@ pub enum TapError {
     Unexpected(&'static str),
     #[error("ACL entry cannot be encoded for the panel: {0}")]
     Card(#[from] card::CardError),
+    #[error("the card has no Aliro application (and no usable UID where cards are accepted)")]
+    NotAliro,
 }
 
 impl TapError {
@@ -61,6 +63,7 @@ impl TapError {
             TapError::Store(_) => "store_error",
             TapError::Card(_) => "bad_card_data",
             TapError::Unexpected(_) => "internal_error",
+            TapError::NotAliro => "not_aliro",
         }
     }
 }
@@ -79,16 +82,28 @@ pub struct TapReport {
     pub fast: bool,
     /// FAST keys offered to the reader core in this tap.
     pub fast_candidates: usize,
+    /// UID of a physical card (it did not answer the Aliro application; door accepts cards).
+    pub card_uid: Option<Vec<u8>>,
 }
 
 impl TapReport {
     /// The identity a rate limit counts this tap against: the authenticated endpoint key's
     /// fingerprint, or [`ratelimit::UNIDENTIFIED`].
     pub fn limiter_identity(&self) -> String {
-        match &self.endpoint_key {
-            Some(k) => crate::acl::fingerprint(k),
-            None => ratelimit::UNIDENTIFIED.to_owned(),
+        match (&self.endpoint_key, &self.card_uid) {
+            (Some(k), _) => crate::acl::fingerprint(k),
+            (None, Some(uid)) => card_identity(uid),
+            (None, None) => ratelimit::UNIDENTIFIED.to_owned(),
         }
+    }
+
+    /// What identifies the tapped thing in events: the endpoint key, else the card UID (the
+    /// event then carries a fingerprint of the UID, never the UID itself).
+    pub fn subject(&self) -> Option<&[u8]> {
+        self.endpoint_key
+            .as_ref()
+            .map(|k| k.as_slice())
+            .or(self.card_uid.as_deref())
     }
 
     /// True when the tap ended in a grant.
@@ -112,6 +127,27 @@ pub struct TapContext<'a> {
     pub require_user_verification: bool,
     /// Endpoints serving a failure penalty are denied `rate_limited` without an ACL lookup.
     pub limiter: Option<&'a Mutex<RateLimiter>>,
+    /// A card that refuses the Aliro application is identified by UID and looked up.
+    pub accept_cards: bool,
+}
+
+/// ISO 7816 status "application not found", the answer of a card without Aliro to SELECT.
+const APP_NOT_FOUND: u16 = 0x6A82;
+
+/// GET DATA (PC/SC part 3): the UID of the card in the field.
+pub const GET_UID_APDU: [u8; 5] = [0xFF, 0xCA, 0x00, 0x00, 0x00];
+
+/// Rate-limit identity of a card (never the raw UID in logs).
+fn card_identity(uid: &[u8]) -> String {
+    format!("card:{}", crate::acl::fingerprint(uid))
+}
+
+fn is_limited(ctx: &TapContext<'_>, id: &str) -> bool {
+    ctx.limiter.is_some_and(|l| {
+        l.lock()
+            .map(|l| l.is_limited(id, Instant::now()))
+            .unwrap_or(false)
+    })
 }
 
 /// Runs one transaction. `on_grant` receives the card number for the panel the moment the
@@ -131,6 +167,7 @@ pub async fn run_tap<C: CardChannel>(
         total: Duration::ZERO,
         fast: false,
         fast_candidates: 0,
+        card_uid: None,
     };
     let mut learned: Option<SymmetricKey> = None;
     let flow = transaction(
@@ -213,7 +250,20 @@ async fn transaction<C: CardChannel>(
     let mut capdu = tx.start();
     loop {
         let rapdu = channel.transmit(&capdu).await?;
-        match tx.on_response(&rapdu)? {
+        let action = match tx.on_response(&rapdu) {
+            Err(AliroError::BadStatus {
+                step: Step::Select, ..
+            }) if ctx.accept_cards => {
+                return physical_card(ctx, channel, started, report, on_grant.take()).await;
+            }
+            // No Aliro application on this card/phone: say so rather than "endpoint status".
+            Err(AliroError::BadStatus {
+                step: Step::Select,
+                sw: APP_NOT_FOUND,
+            }) => return Err(TapError::NotAliro),
+            other => other?,
+        };
+        match action {
             Action::Transmit(next) => capdu = next,
             Action::Authenticated(endpoint) => {
                 let key = endpoint.public_key_sec1();
@@ -222,12 +272,7 @@ async fn transaction<C: CardChannel>(
                 if !endpoint.fast {
                     *learned = Some(endpoint.k_persistent.clone());
                 }
-                let limited = ctx.limiter.is_some_and(|l| {
-                    l.lock()
-                        .map(|l| l.is_limited(&crate::acl::fingerprint(&key), Instant::now()))
-                        .unwrap_or(false)
-                });
-                let decision = if limited {
+                let decision = if is_limited(ctx, &crate::acl::fingerprint(&key)) {
                     Decision::Deny(DenyReason::RateLimited)
                 } else {
                     let d = ctx
@@ -259,6 +304,37 @@ async fn transaction<C: CardChannel>(
             Action::Exchanged(_) => return Err(TapError::Unexpected("EXCHANGE response")),
         }
     }
+}
+
+/// A card without the Aliro application: read its UID and decide by the ACL's card UIDs.
+async fn physical_card<C: CardChannel>(
+    ctx: &TapContext<'_>,
+    channel: &C,
+    started: Instant,
+    report: &mut TapReport,
+    on_grant: Option<impl FnOnce(WiegandBits)>,
+) -> Result<(), TapError> {
+    let r = channel.transmit(&GET_UID_APDU).await?;
+    let uid = match r.split_last_chunk::<2>() {
+        Some((uid, [0x90, 0x00])) if crate::acl::cards::is_valid_uid(uid) => uid.to_vec(),
+        _ => return Err(TapError::NotAliro),
+    };
+    let id = card_identity(&uid);
+    report.card_uid = Some(uid);
+    let uid = report.card_uid.as_deref().unwrap_or_default();
+    let decision = if is_limited(ctx, &id) {
+        Decision::Deny(DenyReason::RateLimited)
+    } else {
+        ctx.store
+            .decide_card(uid, ctx.door, time::OffsetDateTime::now_utc())
+            .await?
+    };
+    report.to_decision = Some(started.elapsed());
+    if let (Decision::Grant(g), Some(f)) = (&decision, on_grant) {
+        f(card::encode(g.card_format, g.facility_code, g.card_number)?);
+    }
+    report.decision = Some(decision);
+    Ok(())
 }
 
 /// The door's own rules on top of the ACL: a sensitive door grants only to a phone that
@@ -366,6 +442,7 @@ mod tests {
         fast: bool,
         sensitive: bool,
         limiter: Option<&'a Mutex<RateLimiter>>,
+        accept_cards: bool,
     }
 
     async fn tap_with(
@@ -388,6 +465,7 @@ mod tests {
             fast: o.fast,
             require_user_verification: o.sensitive,
             limiter: o.limiter,
+            accept_cards: o.accept_cards,
         };
         let mut cards = Vec::new();
         let report = run_tap(
@@ -529,6 +607,94 @@ mod tests {
         limiter.lock().unwrap().success(&fp);
         let (r, _, _) = tap_with(&s, phone(&s, &s.enrolled), None, o()).await;
         assert!(r.granted());
+    }
+
+    /// A card channel over the UID-only card emulator.
+    struct CardChan(Mutex<crate::sim::UidCard>);
+
+    impl CardChannel for CardChan {
+        fn transmit(&self, capdu: &[u8]) -> impl Future<Output = Result<Vec<u8>, NfcError>> + Send {
+            use crate::sim::vpcd::VirtualCard;
+            let r = Ok(self.0.lock().unwrap().transmit(capdu));
+            async move { r }
+        }
+    }
+
+    async fn card_tap(s: &Setup, uid: &[u8], accept_cards: bool) -> (TapReport, Vec<WiegandBits>) {
+        let chan = CardChan(Mutex::new(crate::sim::UidCard::new(uid)));
+        let ctx = TapContext {
+            door: "front",
+            identity: &s.identity,
+            params: TransactionParams::nfc(1),
+            store: &s.store,
+            transaction_timeout: Duration::from_secs(5),
+            fast: true,
+            require_user_verification: false,
+            limiter: None,
+            accept_cards,
+        };
+        let mut cards = Vec::new();
+        let r = run_tap(
+            &ctx,
+            &chan,
+            Randomness::generate(&mut OsRng),
+            Instant::now(),
+            |b| cards.push(b),
+        )
+        .await;
+        (r, cards)
+    }
+
+    #[tokio::test]
+    async fn physical_card_by_uid_only_where_the_door_accepts_cards() {
+        let s = setup(None, None, "front");
+        let uid = [0x04, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
+        // Give the enrolled credential a card (merge keeps the phone key).
+        let mut store = Store::open(&s._dir.path().join("k.db")).unwrap();
+        let spec = CredentialSpec {
+            line: 1,
+            endpoint_key: s
+                .enrolled
+                .public_key()
+                .to_sec1_bytes()
+                .as_ref()
+                .try_into()
+                .unwrap(),
+            person_id: "p-7".into(),
+            card_format: CardFormat::H10304,
+            facility_code: 300,
+            card_number: 70_000,
+            valid_from: None,
+            valid_until: None,
+            doors: vec!["front".into()],
+            card_uids: vec![uid.to_vec()],
+        };
+        store.import_specs(&[spec], ImportMode::Merge, "t").unwrap();
+
+        let (r, cards) = card_tap(&s, &uid, true).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert!(r.granted(), "{:?}", r.decision);
+        assert_eq!(r.card_uid.as_deref(), Some(uid.as_slice()));
+        assert!(r.endpoint_key.is_none());
+        assert_eq!(
+            crate::card::decode(&cards[0]).unwrap(),
+            (CardFormat::H10304, 300, 70_000)
+        );
+        assert_eq!(r.subject(), Some(uid.as_slice()));
+        assert!(r.limiter_identity().starts_with("card:"));
+        assert!(
+            !r.limiter_identity().contains("0411"),
+            "no raw UID in identities"
+        );
+
+        let (r, cards) = card_tap(&s, &[9, 9, 9, 9], true).await;
+        assert_eq!(r.decision, Some(Decision::Deny(DenyReason::UnknownKey)));
+        assert!(cards.is_empty());
+
+        // A door that does not accept cards: the card is simply not Aliro.
+        let (r, cards) = card_tap(&s, &uid, false).await;
+        assert!(r.decision.is_none() && cards.is_empty());
+        assert_eq!(r.error.as_ref().map(TapError::code), Some("not_aliro"));
     }
 
     #[tokio::test]
