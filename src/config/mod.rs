@@ -588,6 +588,23 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
             PathBuf::from("/etc/keyway/state/keyway.db")
         );
         assert_eq!(v.nfc.apdu_timeout(), Duration::from_millis(1000));
+        // Door policy fields added later are optional, with safe defaults.
+        assert!(!d.sensitive && !d.accept_cards && d.fast);
+    }
+
+    #[test]
+    fn door_policy_fields() {
+        let text = GOOD
+            .replace(
+                "id = \"front\"",
+                "id = \"front\"\nsensitive = true\naccept_cards = true",
+            )
+            .replace("keys/front.pem\"", "keys/front.pem\", fast = false");
+        let v = parse(&text, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        let d = &v.doors[0];
+        assert!(d.sensitive && d.accept_cards && !d.fast);
+        let e = err(&GOOD.replace("id = \"front\"", "id = \"front\"\nsensitive = \"yes\""));
+        assert!(e.contains("sensitive"), "{e}");
     }
 
     #[test]
