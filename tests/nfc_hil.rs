@@ -640,6 +640,11 @@ async fn fast_on_the_second_tap_then_revoked_by_import() {
     );
     assert_eq!(ev[0].endpoint_fingerprint, ev[1].endpoint_fingerprint);
     assert_eq!(b.panel.cards().len(), 2);
+    // Measured, never asserted (docs/benchmarks.md): card connected -> decision.
+    eprintln!(
+        "tap latency through pcscd: standard {} ms, FAST {} ms",
+        ev[0].latency_ms, ev[1].latency_ms
+    );
 
     // The credential is revoked (an import without it): its FAST key goes with it, and the
     // phone's next tap (FAST attempt, no match, AUTH1 fallback) is denied as unknown.
