@@ -44,7 +44,7 @@ fn record(mut tx: ReaderTransaction, phone: &mut Endpoint) -> (Vec<Vec<u8>>, Sym
                 c = tx.complete(ReaderStatus::AccessGranted).expect("complete");
             }
             Action::Done(_) => break,
-            Action::Exchanged(_) => unreachable!("no exchange() here"),
+            Action::Exchanged(_) | Action::StepUpResponse(_) => unreachable!("no exchange() here"),
         }
     }
     let (k, fast) = learned.expect("authenticated");
@@ -63,7 +63,7 @@ fn replay(tx: &mut ReaderTransaction, responses: &[Vec<u8>]) -> bool {
                 let _exchange = tx.complete(ReaderStatus::AccessGranted).expect("complete");
             }
             Action::Done(_) => break,
-            Action::Exchanged(_) => unreachable!(),
+            Action::Exchanged(_) | Action::StepUpResponse(_) => unreachable!(),
         }
     }
     fast

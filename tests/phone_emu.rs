@@ -879,7 +879,9 @@ mod reader_core {
                     }
                     authenticated = Some(ep);
                 }
-                Ok(Action::Exchanged(_)) => panic!("no intermediate EXCHANGE requested"),
+                Ok(Action::Exchanged(_) | Action::StepUpResponse(_)) => {
+                    panic!("no intermediate EXCHANGE or step-up requested")
+                }
                 Ok(Action::Done(o)) => return (Ok(o), authenticated),
                 Err(e) => return (Err(e), authenticated),
             }

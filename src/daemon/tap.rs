@@ -302,6 +302,8 @@ async fn transaction<C: CardChannel>(
             Action::Done(Outcome::Failed { error, .. }) => return Err(TapError::Aliro(error)),
             // Only answers `ReaderTransaction::exchange`, which a plain tap never calls.
             Action::Exchanged(_) => return Err(TapError::Unexpected("EXCHANGE response")),
+            // Only answers `ReaderTransaction::step_up`, which a plain tap never calls.
+            Action::StepUpResponse(_) => return Err(TapError::Unexpected("step-up response")),
         }
     }
 }
