@@ -145,6 +145,7 @@ struct DoorSpec {
     slot: usize,
     sensitive: bool,
     accept_cards: bool,
+    step_up: Option<keyway::config::StepUp>,
 }
 
 impl DoorSpec {
@@ -154,6 +155,7 @@ impl DoorSpec {
             slot,
             sensitive: false,
             accept_cards: false,
+            step_up: None,
         }
     }
 }
@@ -276,6 +278,7 @@ impl Bench {
                 sensitive: spec.sensitive,
                 accept_cards: spec.accept_cards,
                 fast: true,
+                step_up: spec.step_up.clone(),
             };
             let rt = DoorRuntime {
                 door: Arc::new(door),

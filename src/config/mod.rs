@@ -217,10 +217,59 @@ pub struct DoorAliro {
     /// Offer Aliro FAST (stored Kpersistent) to phones seen before. Default true.
     #[serde(default = "default_true")]
     pub fast: bool,
+    /// Require a step-up Access Document from these issuers. Absent (default): no step-up.
+    #[serde(default)]
+    pub step_up: Option<StepUpConfig>,
+}
+
+/// `aliro.step_up`: the Access Document a door requires.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepUpConfig {
+    /// Trusted issuer public keys, hex of the uncompressed P-256 point (`04||X||Y`).
+    pub issuers: Vec<String>,
+    /// Element identifiers (namespace `aliro-a`) requested; a grant needs every one of them.
+    pub elements: Vec<String>,
+}
+
+/// A validated [`StepUpConfig`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepUp {
+    pub issuers: Vec<p256::PublicKey>,
+    pub elements: Vec<String>,
 }
 
 fn default_true() -> bool {
     true
+}
+
+fn validate_step_up(su: &StepUpConfig) -> Result<StepUp, String> {
+    if su.issuers.is_empty() || su.issuers.len() > 16 {
+        return Err("issuers: list 1 to 16 trusted issuer keys".into());
+    }
+    let mut issuers = Vec::with_capacity(su.issuers.len());
+    for h in &su.issuers {
+        let bytes = hex::decode(h.trim()).map_err(|e| format!("issuer key not hex: {e}"))?;
+        let key = p256::PublicKey::from_sec1_bytes(&bytes)
+            .map_err(|_| "issuer key is not a P-256 point".to_string())?;
+        issuers.push(key);
+    }
+    if su.elements.is_empty() || su.elements.len() > 16 {
+        return Err("elements: list 1 to 16 element identifiers".into());
+    }
+    if let Some(bad) = su
+        .elements
+        .iter()
+        .find(|e| e.is_empty() || e.len() > 64 || e.chars().any(char::is_control))
+    {
+        return Err(format!(
+            "element identifier {bad:?} must be 1-64 printable characters"
+        ));
+    }
+    Ok(StepUp {
+        issuers,
+        elements: su.elements.clone(),
+    })
 }
 
 /// AUTH0 tag 42: what the reader asks of the phone's user verification.
@@ -265,6 +314,8 @@ pub struct Door {
     pub accept_cards: bool,
     /// See [`DoorAliro::fast`].
     pub fast: bool,
+    /// See [`DoorAliro::step_up`].
+    pub step_up: Option<StepUp>,
 }
 
 /// Everything the daemon needs, validated.
@@ -449,6 +500,10 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         let sub_id =
             decode_hex_array(&d.aliro.sub_id).map_err(|m| invalid(field("aliro.sub_id"), m))?;
         let key_path = resolve(path, &d.aliro.private_key_file);
+        let step_up = match &d.aliro.step_up {
+            None => None,
+            Some(su) => Some(validate_step_up(su).map_err(|m| invalid(field("aliro.step_up"), m))?),
+        };
         doors.push(Door {
             id: d.id,
             port: d.osdp.port,
@@ -463,6 +518,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             sensitive: d.sensitive,
             accept_cards: d.accept_cards,
             fast: d.aliro.fast,
+            step_up,
         });
     }
     Ok(Validated {

@@ -75,10 +75,12 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
                         params: TransactionParams::nfc(auth_policy),
                         store: &rt.store,
                         transaction_timeout: rt.nfc.transaction_timeout(),
-                        fast: rt.door.fast,
+                        // FAST derives no step-up keys: a door requiring a document uses STANDARD.
+                        fast: rt.door.fast && rt.door.step_up.is_none(),
                         require_user_verification: rt.door.sensitive,
                         limiter: Some(limiter),
                         accept_cards: rt.door.accept_cards,
+                        step_up: rt.door.step_up.as_ref(),
                     };
                     let randomness = Randomness::generate(&mut rand_core::OsRng);
                     let report = run_tap(&ctx, &link, randomness, started, |bits| {

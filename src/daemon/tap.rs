@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use crate::acl::{Decision, DenyReason};
 use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
 use crate::aliro::crypto::SymmetricKey;
+use crate::aliro::document;
 use crate::aliro::reader::{
-    Action, FastConfig, FastFallback, Outcome, Randomness, ReaderIdentity, ReaderTransaction, Step,
-    TransactionParams,
+    Action, AuthenticatedEndpoint, FastConfig, FastFallback, Outcome, Randomness, ReaderIdentity,
+    ReaderTransaction, Step, TransactionParams,
 };
 use crate::aliro::{AliroError, ReaderStatus};
 use crate::card::{self, WiegandBits};
+use crate::config::StepUp;
 use crate::nfc::ratelimit::{self, RateLimiter};
 use crate::nfc::{CardLink, NfcError};
 
@@ -129,7 +131,13 @@ pub struct TapContext<'a> {
     pub limiter: Option<&'a Mutex<RateLimiter>>,
     /// A card that refuses the Aliro application is identified by UID and looked up.
     pub accept_cards: bool,
+    /// The door requires a step-up Access Document (STANDARD only: FAST derives no step-up
+    /// keys, so a door with step-up should not offer FAST).
+    pub step_up: Option<&'a StepUp>,
 }
+
+/// Signaling bitmap bit 0: an Access Document can be retrieved (reference constants).
+const SIGNALING_ACCESS_DOCUMENT: u16 = 1 << 0;
 
 /// ISO 7816 status "application not found", the answer of a card without Aliro to SELECT.
 const APP_NOT_FOUND: u16 = 0x6A82;
@@ -247,6 +255,8 @@ async fn transaction<C: CardChannel>(
         }
     }
     let mut on_grant = Some(on_grant);
+    // The endpoint whose Access Document is being fetched (door with step-up).
+    let mut stepping_up: Option<AuthenticatedEndpoint> = None;
     let mut capdu = tx.start();
     loop {
         let rapdu = channel.transmit(&capdu).await?;
@@ -274,6 +284,21 @@ async fn transaction<C: CardChannel>(
                 }
                 let decision = if is_limited(ctx, &crate::acl::fingerprint(&key)) {
                     Decision::Deny(DenyReason::RateLimited)
+                } else if let Some(su) = ctx.step_up {
+                    let offered = endpoint
+                        .signaling_bitmap
+                        .is_some_and(|b| b & SIGNALING_ACCESS_DOCUMENT != 0);
+                    if offered && !endpoint.fast {
+                        let elements: Vec<(&str, bool)> =
+                            su.elements.iter().map(|e| (e.as_str(), false)).collect();
+                        let ns = document::ACCESS_DOC_TYPE;
+                        let request = document::device_request(ns, ns, &elements)
+                            .map_err(|_| TapError::Unexpected("DeviceRequest encoding"))?;
+                        capdu = tx.step_up(&request)?;
+                        stepping_up = Some(endpoint);
+                        continue;
+                    }
+                    Decision::Deny(DenyReason::AccessDocumentRequired)
                 } else {
                     let d = ctx
                         .store
@@ -281,20 +306,25 @@ async fn transaction<C: CardChannel>(
                         .await?;
                     apply_door_policy(ctx, d, endpoint.signaling_bitmap)
                 };
-                report.to_decision = Some(started.elapsed());
-                let status = match &decision {
-                    Decision::Grant(g) => {
-                        let bits = card::encode(g.card_format, g.facility_code, g.card_number)?;
-                        if let Some(f) = on_grant.take() {
-                            f(bits);
-                        }
-                        ReaderStatus::AccessGranted
-                    }
-                    Decision::Deny(DenyReason::UnknownKey) => ReaderStatus::PublicKeyNotFound,
-                    Decision::Deny(_) => ReaderStatus::AccessDenied,
+                capdu = conclude(&mut tx, decision, report, started, &mut on_grant)?;
+            }
+            Action::StepUpResponse(doc) => {
+                let endpoint = stepping_up
+                    .take()
+                    .ok_or(TapError::Unexpected("step-up response"))?;
+                let key = endpoint.public_key_sec1();
+                let now = time::OffsetDateTime::now_utc();
+                let verified = match ctx.step_up {
+                    Some(su) => check_document(ctx.door, su, &doc, &key, now.unix_timestamp()),
+                    None => false,
                 };
-                report.decision = Some(decision);
-                capdu = tx.complete(status)?;
+                let decision = if verified {
+                    let d = ctx.store.decide(&key, ctx.door, now).await?;
+                    apply_door_policy(ctx, d, endpoint.signaling_bitmap)
+                } else {
+                    Decision::Deny(DenyReason::AccessDocumentInvalid)
+                };
+                capdu = conclude(&mut tx, decision, report, started, &mut on_grant)?;
             }
             Action::Done(Outcome::Completed { .. }) => return Ok(()),
             // The core reported a failure to the phone (bad signature, undecryptable answer,
@@ -302,8 +332,53 @@ async fn transaction<C: CardChannel>(
             Action::Done(Outcome::Failed { error, .. }) => return Err(TapError::Aliro(error)),
             // Only answers `ReaderTransaction::exchange`, which a plain tap never calls.
             Action::Exchanged(_) => return Err(TapError::Unexpected("EXCHANGE response")),
-            // Only answers `ReaderTransaction::step_up`, which a plain tap never calls.
-            Action::StepUpResponse(_) => return Err(TapError::Unexpected("step-up response")),
+        }
+    }
+}
+
+/// Records the decision, hands a grant to the panel, and returns the final EXCHANGE.
+fn conclude(
+    tx: &mut ReaderTransaction,
+    decision: Decision,
+    report: &mut TapReport,
+    started: Instant,
+    on_grant: &mut Option<impl FnOnce(WiegandBits)>,
+) -> Result<Vec<u8>, TapError> {
+    report.to_decision = Some(started.elapsed());
+    let status = match &decision {
+        Decision::Grant(g) => {
+            let bits = card::encode(g.card_format, g.facility_code, g.card_number)?;
+            if let Some(f) = on_grant.take() {
+                f(bits);
+            }
+            ReaderStatus::AccessGranted
+        }
+        Decision::Deny(DenyReason::UnknownKey) => ReaderStatus::PublicKeyNotFound,
+        Decision::Deny(_) => ReaderStatus::AccessDenied,
+    };
+    report.decision = Some(decision);
+    Ok(tx.complete(status)?)
+}
+
+/// Verifies the Access Document and that it carries every element the door asks for.
+fn check_document(door: &str, su: &StepUp, doc: &[u8], key: &[u8; 65], now: i64) -> bool {
+    match document::verify_access_document(doc, &su.issuers, key, now) {
+        Ok(d) => {
+            let missing = su
+                .elements
+                .iter()
+                .find(|want| !d.elements.iter().any(|e| &e.identifier == *want));
+            if let Some(m) = missing {
+                log::warn!(target: "keyway::nfc", door = door;
+                    "door {door}: Access Document lacks element {m:?}");
+                return false;
+            }
+            true
+        }
+        Err(e) => {
+            log::warn!(target: "keyway::nfc", door = door;
+                "door {door}: Access Document refused: {e}");
+            false
         }
     }
 }
@@ -445,6 +520,7 @@ mod tests {
         sensitive: bool,
         limiter: Option<&'a Mutex<RateLimiter>>,
         accept_cards: bool,
+        step_up: Option<&'a StepUp>,
     }
 
     async fn tap_with(
@@ -468,6 +544,7 @@ mod tests {
             require_user_verification: o.sensitive,
             limiter: o.limiter,
             accept_cards: o.accept_cards,
+            step_up: o.step_up,
         };
         let mut cards = Vec::new();
         let report = run_tap(
@@ -634,6 +711,7 @@ mod tests {
             require_user_verification: false,
             limiter: None,
             accept_cards,
+            step_up: None,
         };
         let mut cards = Vec::new();
         let r = run_tap(
@@ -697,6 +775,89 @@ mod tests {
         let (r, cards) = card_tap(&s, &uid, false).await;
         assert!(r.decision.is_none() && cards.is_empty());
         assert_eq!(r.error.as_ref().map(TapError::code), Some("not_aliro"));
+    }
+
+    fn phone_with_document(s: &Setup, issuer: &SecretKey, element: &str, bitmap: u16) -> Endpoint {
+        let mut cfg = phone(s, &s.enrolled).config().clone();
+        let spec = crate::sim::issuer::AccessDocumentSpec {
+            element: element.into(),
+            access_id: vec![0xAB; 8],
+            signed: "2026-01-01T00:00:00Z".into(),
+            valid_from: "2026-01-01T00:00:00Z".into(),
+            valid_until: "2099-01-01T00:00:00Z".into(),
+            random: [3; 16],
+        };
+        cfg.access_document = Some(
+            crate::sim::issuer::issue_access_document(issuer, &s.enrolled.public_key(), &spec)
+                .unwrap(),
+        );
+        cfg.signaling_bitmap = bitmap;
+        Endpoint::new(cfg, Box::new(OsRandom))
+    }
+
+    #[tokio::test]
+    async fn step_up_door_needs_a_valid_access_document() {
+        let s = setup(None, None, "front");
+        let issuer = SecretKey::random(&mut OsRng);
+        let su = StepUp {
+            issuers: vec![issuer.public_key()],
+            elements: vec!["floor1".into()],
+        };
+        let o = || Opts {
+            step_up: Some(&su),
+            ..Opts::default()
+        };
+        // Valid document, offered (bitmap bit 0): granted after ENVELOPE, told on the
+        // step-up channel.
+        let (r, cards, p) =
+            tap_with(&s, phone_with_document(&s, &issuer, "floor1", 1), None, o()).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert!(r.granted(), "{:?}", r.decision);
+        assert_eq!(cards.len(), 1);
+        assert_eq!(status(&p), Some(ReaderStatus::AccessGranted.code()));
+        // Not offered: denied without step-up.
+        let (r, cards, p) =
+            tap_with(&s, phone_with_document(&s, &issuer, "floor1", 0), None, o()).await;
+        assert_eq!(
+            r.decision,
+            Some(Decision::Deny(DenyReason::AccessDocumentRequired))
+        );
+        assert!(cards.is_empty());
+        assert_eq!(status(&p), Some(ReaderStatus::AccessDenied.code()));
+        // Signed by someone else, or without the element the door wants: invalid.
+        let rogue = SecretKey::random(&mut OsRng);
+        for ph in [
+            phone_with_document(&s, &rogue, "floor1", 1),
+            phone_with_document(&s, &issuer, "floor2", 1),
+        ] {
+            let (r, cards, p) = tap_with(&s, ph, None, o()).await;
+            assert!(r.error.is_none(), "{:?}", r.error);
+            assert_eq!(
+                r.decision,
+                Some(Decision::Deny(DenyReason::AccessDocumentInvalid))
+            );
+            assert!(cards.is_empty());
+            assert_eq!(status(&p), Some(ReaderStatus::AccessDenied.code()));
+        }
+        // A valid document does not override the ACL: a stranger's own valid document is
+        // still an unknown key.
+        let stranger = SecretKey::random(&mut OsRng);
+        let mut cfg = phone(&s, &stranger).config().clone();
+        let spec = crate::sim::issuer::AccessDocumentSpec {
+            element: "floor1".into(),
+            access_id: vec![1],
+            signed: "2026-01-01T00:00:00Z".into(),
+            valid_from: "2026-01-01T00:00:00Z".into(),
+            valid_until: "2099-01-01T00:00:00Z".into(),
+            random: [4; 16],
+        };
+        cfg.access_document = Some(
+            crate::sim::issuer::issue_access_document(&issuer, &stranger.public_key(), &spec)
+                .unwrap(),
+        );
+        cfg.signaling_bitmap = 1;
+        let (r, _, _) = tap_with(&s, Endpoint::new(cfg, Box::new(OsRandom)), None, o()).await;
+        assert_eq!(r.decision, Some(Decision::Deny(DenyReason::UnknownKey)));
     }
 
     #[tokio::test]
