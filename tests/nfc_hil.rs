@@ -889,3 +889,72 @@ async fn physical_card_by_uid_at_a_door_that_accepts_cards() {
     );
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_up_access_document_through_pcscd() {
+    let issuer = SecretKey::random(&mut rand_core::OsRng);
+    let b = Bench::start_with(BenchOpts {
+        doors: vec![DoorSpec {
+            step_up: Some(keyway::config::StepUp {
+                issuers: vec![issuer.public_key()],
+                elements: vec!["floor1".into()],
+            }),
+            ..DoorSpec::new("archive", 0)
+        }],
+        ..BenchOpts::default()
+    })
+    .await;
+    let spec = |random| keyway::sim::issuer::AccessDocumentSpec {
+        element: "floor1".into(),
+        access_id: vec![0x28, 0x90, 0x82, 0xCC],
+        signed: "2026-01-01T00:00:00Z".into(),
+        valid_from: "2026-01-01T00:00:00Z".into(),
+        valid_until: "2099-01-01T00:00:00Z".into(),
+        random,
+    };
+    let with_doc = |signer: &SecretKey, random| {
+        let mut cfg = b.phone(&b.enrolled.clone()).config().clone();
+        cfg.signaling_bitmap = 0x0005; // document retrievable, step-up SELECT required
+        cfg.access_document = Some(
+            keyway::sim::issuer::issue_access_document(
+                signer,
+                &b.enrolled.public_key(),
+                &spec(random),
+            )
+            .unwrap(),
+        );
+        Endpoint::new(cfg, Box::new(OsRandom))
+    };
+    // A document from the trusted issuer (longer than one short APDU: GET RESPONSE chaining).
+    let mut phone = with_doc(&issuer, [1; 16]);
+    let s = b.tap(&mut phone, Duration::ZERO).await;
+    assert!(s.finished, "{s:?}\n{}", b.pcscd_log());
+    assert!(
+        s.apdus >= 6,
+        "SELECT, AUTH0, AUTH1, SELECT 5502, ENVELOPE, GET RESPONSE, EXCHANGE: {s:?}"
+    );
+    assert_eq!(
+        reader_status(&phone),
+        Some(keyway::aliro::ReaderStatus::AccessGranted.code())
+    );
+    // The same phone with a document from an untrusted issuer.
+    wait_reader_empty(0).await;
+    let rogue = SecretKey::random(&mut rand_core::OsRng);
+    let mut phone = with_doc(&rogue, [2; 16]);
+    assert!(b.tap(&mut phone, Duration::ZERO).await.finished);
+    assert_eq!(
+        reader_status(&phone),
+        Some(keyway::aliro::ReaderStatus::AccessDenied.code())
+    );
+    let ev = b.wait_events(2).await;
+    assert_eq!(
+        decisions(&ev),
+        vec![
+            (Decision::Granted, "granted".to_string()),
+            (Decision::Denied, "access_document_invalid".to_string())
+        ],
+        "{ev:?}"
+    );
+    assert_eq!(b.panel.cards().len(), 1);
+    b.stop().await;
+}

@@ -664,6 +664,41 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
     }
 
     #[test]
+    fn step_up_issuers_and_elements() {
+        // The P-256 generator G is a valid issuer key for parsing purposes.
+        let g = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c2964fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+        let with = |issuers: &str, elements: &str| {
+            GOOD.replace(
+                "keys/front.pem\"",
+                &format!(
+                    "keys/front.pem\", step_up = {{ issuers = {issuers}, elements = {elements} }}"
+                ),
+            )
+        };
+        let v = parse(
+            &with(&format!("[\"{g}\"]"), "[\"floor1\"]"),
+            Path::new("/etc/keyway/keyway.toml"),
+        )
+        .unwrap();
+        let su = v.doors[0].step_up.as_ref().unwrap();
+        assert_eq!(su.elements, vec!["floor1".to_string()]);
+        assert_eq!(su.issuers.len(), 1);
+        assert!(parse(GOOD, Path::new("/k.toml")).unwrap().doors[0]
+            .step_up
+            .is_none());
+        for (issuers, elements, why) in [
+            ("[]".to_string(), "[\"a\"]", "issuers"),
+            ("[\"04zz\"]".to_string(), "[\"a\"]", "not hex"),
+            (format!("[\"{}\"]", &g[..g.len() - 2]), "[\"a\"]", "P-256"),
+            (format!("[\"{g}\"]"), "[]", "elements"),
+            (format!("[\"{g}\"]"), "[\"\"]", "1-64"),
+        ] {
+            let e = err(&with(&issuers, elements));
+            assert!(e.contains("aliro.step_up") && e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let e = err(&GOOD.replace("address = 1", "address = 127"));
         assert!(
