@@ -100,7 +100,8 @@ impl TapReport {
     }
 
     /// What identifies the tapped thing in events: the endpoint key, else the card UID (the
-    /// event then carries a fingerprint of the UID, never the UID itself).
+    /// event then carries a fingerprint of the UID rather than the UID; a UID is no secret,
+    /// and a short one can be recovered from its fingerprint by trying them all).
     pub fn subject(&self) -> Option<&[u8]> {
         self.endpoint_key
             .as_ref()
@@ -145,7 +146,7 @@ const APP_NOT_FOUND: u16 = 0x6A82;
 /// GET DATA (PC/SC part 3): the UID of the card in the field.
 pub const GET_UID_APDU: [u8; 5] = [0xFF, 0xCA, 0x00, 0x00, 0x00];
 
-/// Rate-limit identity of a card (never the raw UID in logs).
+/// Rate-limit identity of a card (a fingerprint, like phones; the raw UID stays out of logs).
 fn card_identity(uid: &[u8]) -> String {
     format!("card:{}", crate::acl::fingerprint(uid))
 }
