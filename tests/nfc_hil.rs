@@ -279,6 +279,7 @@ impl Bench {
                 accept_cards: spec.accept_cards,
                 fast: true,
                 step_up: spec.step_up.clone(),
+                certificate: None,
             };
             let rt = DoorRuntime {
                 door: Arc::new(door),

@@ -220,7 +220,33 @@ pub struct DoorAliro {
     /// Require a step-up Access Document from these issuers. Absent (default): no step-up.
     #[serde(default)]
     pub step_up: Option<StepUpConfig>,
+    /// LOAD CERT: a reader certificate issued by the reader group key. Then
+    /// `private_key_file` is the certificate's subject key (the group private key stays off
+    /// the box) and `group_public_key` enters the key schedule. Absent (default): the reader
+    /// signs with the group key itself.
+    #[serde(default)]
+    pub certificate: Option<CertificateConfig>,
 }
+
+/// `aliro.certificate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// File holding the compressed reader certificate (profile 0000) as hex.
+    pub file: PathBuf,
+    /// The reader group public key that issued it, hex of the uncompressed point.
+    pub group_public_key: String,
+}
+
+/// A loaded reader certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderCert {
+    pub certificate: Vec<u8>,
+    pub group_public_key: p256::PublicKey,
+}
+
+/// Largest accepted reader certificate (a compressed profile-0000 one is ~100 bytes).
+pub const MAX_CERTIFICATE_BYTES: usize = 1024;
 
 /// `aliro.step_up`: the Access Document a door requires.
 #[derive(Debug, Clone, Deserialize)]
@@ -241,6 +267,35 @@ pub struct StepUp {
 
 fn default_true() -> bool {
     true
+}
+
+fn load_certificate(file: &Path, group_public_key: &str) -> Result<ReaderCert, String> {
+    let meta = std::fs::metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    // Hex text: twice the bytes, plus whitespace.
+    if meta.len() > (MAX_CERTIFICATE_BYTES as u64) * 2 + 64 {
+        return Err(format!(
+            "{}: larger than a reader certificate",
+            file.display()
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let hex_digits: String = text.split_whitespace().collect();
+    let certificate =
+        hex::decode(&hex_digits).map_err(|e| format!("{}: not hex: {e}", file.display()))?;
+    if certificate.is_empty() || certificate.len() > MAX_CERTIFICATE_BYTES {
+        return Err(format!(
+            "{}: certificate must be 1-{MAX_CERTIFICATE_BYTES} bytes",
+            file.display()
+        ));
+    }
+    let key = hex::decode(group_public_key.trim())
+        .map_err(|e| format!("group_public_key not hex: {e}"))?;
+    let group_public_key = p256::PublicKey::from_sec1_bytes(&key)
+        .map_err(|_| "group_public_key is not a P-256 point".to_string())?;
+    Ok(ReaderCert {
+        certificate,
+        group_public_key,
+    })
 }
 
 fn validate_step_up(su: &StepUpConfig) -> Result<StepUp, String> {
@@ -316,6 +371,8 @@ pub struct Door {
     pub fast: bool,
     /// See [`DoorAliro::step_up`].
     pub step_up: Option<StepUp>,
+    /// See [`DoorAliro::certificate`].
+    pub certificate: Option<ReaderCert>,
 }
 
 /// Everything the daemon needs, validated.
@@ -500,6 +557,13 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         let sub_id =
             decode_hex_array(&d.aliro.sub_id).map_err(|m| invalid(field("aliro.sub_id"), m))?;
         let key_path = resolve(path, &d.aliro.private_key_file);
+        let certificate = match &d.aliro.certificate {
+            None => None,
+            Some(c) => Some(
+                load_certificate(&resolve(path, &c.file), &c.group_public_key)
+                    .map_err(|m| invalid(field("aliro.certificate"), m))?,
+            ),
+        };
         let step_up = match &d.aliro.step_up {
             None => None,
             Some(su) => Some(validate_step_up(su).map_err(|m| invalid(field("aliro.step_up"), m))?),
@@ -519,6 +583,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             accept_cards: d.accept_cards,
             fast: d.aliro.fast,
             step_up,
+            certificate,
         });
     }
     Ok(Validated {
@@ -661,6 +726,42 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
         assert!(d.sensitive && d.accept_cards && !d.fast);
         let e = err(&GOOD.replace("id = \"front\"", "id = \"front\"\nsensitive = \"yes\""));
         assert!(e.contains("sensitive"), "{e}");
+    }
+
+    #[test]
+    fn reader_certificate_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c2964fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        std::fs::write(dir.path().join("keys/front.cert"), "3081 0102\n03\n").unwrap();
+        let with = |file: &str, key: &str| {
+            GOOD.replace(
+                "keys/front.pem\"",
+                &format!("keys/front.pem\", certificate = {{ file = \"{file}\", group_public_key = \"{key}\" }}"),
+            )
+        };
+        let cfg = dir.path().join("keyway.toml");
+        let v = parse(&with("keys/front.cert", g), &cfg).unwrap();
+        let c = v.doors[0].certificate.as_ref().unwrap();
+        assert_eq!(c.certificate, vec![0x30, 0x81, 0x01, 0x02, 0x03]);
+        assert!(v.doors[0].certificate.is_some());
+        for (file, key, why) in [
+            ("keys/missing.cert", g, "missing.cert"),
+            ("keys/front.cert", "04zz", "not hex"),
+            ("keys/front.cert", &g[..g.len() - 2], "P-256"),
+        ] {
+            let e = match parse(&with(file, key), &cfg) {
+                Ok(_) => panic!("{file} {key}: accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains("aliro.certificate") && e.contains(why), "{e}");
+        }
+        std::fs::write(dir.path().join("keys/front.cert"), "zz").unwrap();
+        let e = parse(&with("keys/front.cert", g), &cfg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not hex"), "{e}");
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
                         limiter: Some(limiter),
                         accept_cards: rt.door.accept_cards,
                         step_up: rt.door.step_up.as_ref(),
+                        certificate: rt.door.certificate.as_ref(),
                     };
                     let randomness = Randomness::generate(&mut rand_core::OsRng);
                     let report = run_tap(&ctx, &link, randomness, started, |bits| {

@@ -13,12 +13,12 @@ use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
 use crate::aliro::crypto::SymmetricKey;
 use crate::aliro::document;
 use crate::aliro::reader::{
-    Action, AuthenticatedEndpoint, FastConfig, FastFallback, Outcome, Randomness, ReaderIdentity,
-    ReaderTransaction, Step, TransactionParams,
+    Action, AuthenticatedEndpoint, FastConfig, FastFallback, Outcome, Randomness,
+    ReaderCertificate, ReaderIdentity, ReaderTransaction, Step, TransactionParams,
 };
 use crate::aliro::{AliroError, ReaderStatus};
 use crate::card::{self, WiegandBits};
-use crate::config::StepUp;
+use crate::config::{ReaderCert, StepUp};
 use crate::nfc::ratelimit::{self, RateLimiter};
 use crate::nfc::{CardLink, NfcError};
 
@@ -135,6 +135,8 @@ pub struct TapContext<'a> {
     /// The door requires a step-up Access Document (STANDARD only: FAST derives no step-up
     /// keys, so a door with step-up should not offer FAST).
     pub step_up: Option<&'a StepUp>,
+    /// LOAD CERT: the reader's certificate; `identity.private_key` is then its subject key.
+    pub certificate: Option<&'a ReaderCert>,
 }
 
 /// Signaling bitmap bit 0: an Access Document can be retrieved (reference constants).
@@ -254,6 +256,13 @@ async fn transaction<C: CardChannel>(
             Err(e) => log::warn!(target: "keyway::nfc", door = ctx.door;
                 "door {}: stored FAST keys unavailable, using STANDARD: {e}", ctx.door),
         }
+    }
+    if let Some(c) = ctx.certificate {
+        tx = tx.with_certificate(ReaderCertificate {
+            certificate: c.certificate.clone(),
+            subject_key: ctx.identity.private_key.clone(),
+            group_public_key: c.group_public_key,
+        });
     }
     let mut on_grant = Some(on_grant);
     // The endpoint whose Access Document is being fetched (door with step-up).
@@ -446,10 +455,12 @@ mod tests {
         phone: Mutex<Endpoint>,
         fail_at: Option<usize>,
         sent: Mutex<usize>,
+        log: Mutex<Vec<Vec<u8>>>,
     }
 
     impl CardChannel for InMemory {
         fn transmit(&self, capdu: &[u8]) -> impl Future<Output = Result<Vec<u8>, NfcError>> + Send {
+            self.log.lock().unwrap().push(capdu.to_vec());
             let mut n = self.sent.lock().unwrap();
             let r = if Some(*n) == self.fail_at {
                 Err(NfcError::CardGone)
@@ -522,6 +533,7 @@ mod tests {
         limiter: Option<&'a Mutex<RateLimiter>>,
         accept_cards: bool,
         step_up: Option<&'a StepUp>,
+        certificate: Option<&'a ReaderCert>,
     }
 
     async fn tap_with(
@@ -534,6 +546,7 @@ mod tests {
             phone: Mutex::new(phone),
             fail_at,
             sent: Mutex::new(0),
+            log: Mutex::new(Vec::new()),
         };
         let ctx = TapContext {
             door: "front",
@@ -546,6 +559,7 @@ mod tests {
             limiter: o.limiter,
             accept_cards: o.accept_cards,
             step_up: o.step_up,
+            certificate: o.certificate,
         };
         let mut cards = Vec::new();
         let report = run_tap(
@@ -713,6 +727,7 @@ mod tests {
             limiter: None,
             accept_cards,
             step_up: None,
+            certificate: None,
         };
         let mut cards = Vec::new();
         let r = run_tap(
@@ -859,6 +874,57 @@ mod tests {
         cfg.signaling_bitmap = 1;
         let (r, _, _) = tap_with(&s, Endpoint::new(cfg, Box::new(OsRandom)), None, o()).await;
         assert_eq!(r.decision, Some(Decision::Deny(DenyReason::UnknownKey)));
+    }
+
+    #[tokio::test]
+    async fn configured_certificate_is_loaded_before_auth1() {
+        let s = setup(None, None, "front");
+        let cert = ReaderCert {
+            certificate: vec![0x30, 0x81, 0x01, 0x02, 0x03],
+            group_public_key: SecretKey::random(&mut OsRng).public_key(),
+        };
+        let chan = InMemory {
+            phone: Mutex::new(phone(&s, &s.enrolled)),
+            fail_at: None,
+            sent: Mutex::new(0),
+            log: Mutex::new(Vec::new()),
+        };
+        let ctx = TapContext {
+            door: "front",
+            identity: &s.identity,
+            params: TransactionParams::nfc(1),
+            store: &s.store,
+            transaction_timeout: Duration::from_secs(5),
+            fast: false,
+            require_user_verification: false,
+            limiter: None,
+            accept_cards: false,
+            step_up: None,
+            certificate: Some(&cert),
+        };
+        let r = run_tap(
+            &ctx,
+            &chan,
+            Randomness::generate(&mut OsRng),
+            Instant::now(),
+            |_| {},
+        )
+        .await;
+        let log = chan.log.into_inner().unwrap();
+        let ins: Vec<u8> = log.iter().map(|c| c[1]).collect();
+        // SELECT, AUTH0, then LOAD CERT carrying exactly the configured certificate; the
+        // emulated phone does not implement LOAD CERT, so the tap stops there.
+        assert_eq!(ins, vec![0xA4, 0x80, 0xD1]);
+        let load = crate::aliro::apdu::CommandApdu::parse(&log[2]).unwrap();
+        assert_eq!(
+            (load.cla, load.data.as_slice()),
+            (0x80, cert.certificate.as_slice())
+        );
+        assert!(r.decision.is_none());
+        assert_eq!(
+            r.error.as_ref().map(TapError::code),
+            Some("endpoint_status")
+        );
     }
 
     #[tokio::test]
