@@ -77,7 +77,9 @@ fn record() -> Recorded {
                 c = tx.complete(ReaderStatus::AccessGranted).expect("complete")
             }
             Action::Done(_) => break,
-            Action::Exchanged(_) => unreachable!("no exchange() in a plain tap"),
+            Action::Exchanged(_) | Action::StepUpResponse(_) => {
+                unreachable!("no exchange() or step_up() in a plain tap")
+            }
         }
     }
     Recorded { responses, ..rec }
@@ -96,7 +98,7 @@ fn reader_transaction(rec: &Recorded, rnd: Randomness) -> [u8; 65] {
                 let _exchange = tx.complete(ReaderStatus::AccessGranted).expect("complete");
             }
             Action::Done(_) => break,
-            Action::Exchanged(_) => unreachable!(),
+            Action::Exchanged(_) | Action::StepUpResponse(_) => unreachable!(),
         }
     }
     key
@@ -127,6 +129,7 @@ fn store_with(n: usize, phone: &[u8; 65], dir: &std::path::Path) -> Store {
             valid_from: None,
             valid_until: None,
             doors: vec!["front".into()],
+            card_uids: Vec::new(),
         });
     }
     store

@@ -11,9 +11,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use keyway::aliro::consts::{
-    tag, ReaderStatus, AID_EXPEDITED, CLA_PROPRIETARY, CONTROL_FLOW_S1_FAILURE,
+    tag, ReaderStatus, AID_EXPEDITED, AID_STEP_UP, CLA_PROPRIETARY, CONTROL_FLOW_S1_FAILURE,
     CONTROL_FLOW_S2_VERSION_NOT_SUPPORTED, INS_CONTROL_FLOW,
 };
+use keyway::aliro::document;
 use keyway::aliro::{
     apdu::CommandApdu, crypto, tlv, Action, AliroError, AuthenticatedEndpoint, FastConfig,
     FastCredential, FastFallback, Outcome, Randomness, ReaderCertificate, ReaderIdentity,
@@ -57,7 +58,7 @@ fn skip_reason(name: &str, doc: &Value) -> Option<String> {
                 .into(),
         );
     }
-    let later = [("ble_", "BLE transport"), ("nfc_step_up", "step-up phase")];
+    let later = [("ble_", "BLE transport")];
     for (prefix, feature) in later {
         if name.starts_with(prefix) {
             return Some(format!("{feature} is a later feature of the reader core"));
@@ -77,6 +78,8 @@ fn skip_reason(name: &str, doc: &Value) -> Option<String> {
         "AUTH1",
         "EXCHANGE",
         "CONTROL FLOW",
+        "ENVELOPE",
+        "GET RESPONSE",
     ];
     if let Some(steps) = doc["steps"].as_array() {
         if let Some(cmd) = steps
@@ -321,6 +324,10 @@ fn run_scenario(name: &str, doc: &Value) -> Vec<String> {
     let mut final_status: Option<ReaderStatus> = None;
     let mut seen_c_apdus: Vec<Vec<u8>> = Vec::new();
     let mut terminal: Option<Result<Action, AliroError>> = None;
+    let wants_step_up = steps
+        .iter()
+        .any(|s| str_field(s, "command") == Some("ENVELOPE"));
+    let mut endpoint: Option<AuthenticatedEndpoint> = None;
 
     for (idx, step) in steps.iter().enumerate() {
         let command = str_field(step, "command").expect("command");
@@ -337,7 +344,7 @@ fn run_scenario(name: &str, doc: &Value) -> Vec<String> {
         } else if command == "SELECT"
             && !file_c
                 .windows(AID_EXPEDITED.len())
-                .any(|w| w == AID_EXPEDITED)
+                .any(|w| w == AID_EXPEDITED || w == AID_STEP_UP)
         {
             // The vector's reader deliberately selected an unknown AID; ours selects the
             // expedited AID. Only the reaction to the status word is compared.
@@ -421,6 +428,12 @@ fn run_scenario(name: &str, doc: &Value) -> Vec<String> {
                     log.push("endpoint identified by the FAST cryptogram".into());
                 }
                 authenticated = true;
+                endpoint = Some(ep.clone());
+                if wants_step_up {
+                    pending = Some(reader.step_up(&device_request(doc)).expect("step-up"));
+                    log.push("step-up requested".into());
+                    continue;
+                }
                 let payload = payload
                     .clone()
                     .unwrap_or_else(|| panic!("{name}: authenticated but no EXCHANGE in the file"));
@@ -447,6 +460,17 @@ fn run_scenario(name: &str, doc: &Value) -> Vec<String> {
                             .expect("exchange"),
                     );
                 }
+            }
+            Ok(Action::StepUpResponse(device_response)) => {
+                let ep = endpoint.clone().expect("authenticated before step-up");
+                check_access_document(name, doc, &device_response, &ep, &mut log);
+                let status = decide(doc, &ep, file_status.expect("final reader status"));
+                final_status = Some(status);
+                pending = Some(
+                    reader
+                        .complete(status)
+                        .expect("complete on step-up channel"),
+                );
             }
             done @ (Ok(Action::Done(_)) | Err(_)) => {
                 assert!(
@@ -518,6 +542,133 @@ fn run_scenario(name: &str, doc: &Value) -> Vec<String> {
         }
     }
     log
+}
+
+/// The DeviceRequest for the file's requested scopes (element id -> intent to retain).
+fn device_request(doc: &Value) -> Vec<u8> {
+    let scopes = doc["parameters"]["step_up_request_scopes"]
+        .as_object()
+        .expect("step_up_request_scopes");
+    let elements: Vec<(&str, bool)> = scopes
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_bool().expect("bool scope")))
+        .collect();
+    let ns = document::ACCESS_DOC_TYPE;
+    document::device_request(ns, ns, &elements).expect("DeviceRequest")
+}
+
+/// Verifies the decrypted DeviceResponse as the file's verification section says, then checks
+/// that each way of breaking it is refused.
+fn check_access_document(
+    name: &str,
+    doc: &Value,
+    device_response: &[u8],
+    ep: &AuthenticatedEndpoint,
+    log: &mut Vec<String>,
+) {
+    let p = &doc["parameters"];
+    let issuer = crypto::public_key_from_sec1(&hx(&p["access_document_issuer_public_key"]))
+        .expect("issuer key");
+    let checks = doc["access_document_verification"]
+        .as_array()
+        .expect("verification steps");
+    let now = checks
+        .iter()
+        .find_map(|c| c.get("now").and_then(Value::as_str))
+        .expect("verification time");
+    let now = time::OffsetDateTime::parse(now, &time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .unix_timestamp();
+    let expect_ok = doc["expected"]["access_document_verification_result"] == Value::Bool(true);
+    if let Some(kid) = checks
+        .iter()
+        .find(|c| str_field(c, "check").is_some_and(|c| c.contains("kid")))
+    {
+        assert_eq!(
+            hex::encode(document::issuer_key_id(&issuer)),
+            str_field(kid, "expected").unwrap(),
+            "{name}: issuer key id"
+        );
+    }
+    let verified =
+        document::verify_access_document(device_response, &[issuer], &ep.public_key, now);
+    assert_eq!(verified.is_ok(), expect_ok, "{name}: {verified:?}");
+    let d = verified.unwrap();
+    assert_eq!(d.doc_type, document::ACCESS_DOC_TYPE);
+    // The elements returned are those the file's document carries (by identifier).
+    let requested: Vec<String> = doc["parameters"]["step_up_request_scopes"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let got: Vec<String> = d.elements.iter().map(|e| e.identifier.clone()).collect();
+    assert_eq!(got, requested, "{name}: returned elements");
+    log.push(format!(
+        "Access Document verified: issuer ES256, digests, device key, validity ({} element(s))",
+        d.elements.len()
+    ));
+
+    // Negative checks derived from the same document.
+    let other = p256::SecretKey::from_slice(&[0x11; 32])
+        .unwrap()
+        .public_key();
+    assert_eq!(
+        document::verify_access_document(device_response, &[other], &ep.public_key, now),
+        Err(document::DocumentError::UnknownIssuer),
+        "{name}: untrusted issuer"
+    );
+    let mut stranger = ep.public_key;
+    stranger[1..].copy_from_slice(&crypto::public_key_sec1(&other)[1..]);
+    assert_eq!(
+        document::verify_access_document(device_response, &[issuer], &stranger, now),
+        Err(document::DocumentError::WrongDeviceKey),
+        "{name}: bound to another endpoint"
+    );
+    assert_eq!(
+        document::verify_access_document(device_response, &[issuer], &ep.public_key, 0),
+        Err(document::DocumentError::NotValidNow),
+        "{name}: not yet valid"
+    );
+    // Flip the last byte (inside the issuer signature or after it): never accepted.
+    let mut tampered = device_response.to_vec();
+    let sig = hx(&doc["access_document"]["issuer_auth_signature_raw_rs"]);
+    let at = tampered
+        .windows(sig.len())
+        .position(|w| w == sig.as_slice())
+        .expect("signature in the response");
+    tampered[at + 10] ^= 1;
+    assert_eq!(
+        document::verify_access_document(&tampered, &[issuer], &ep.public_key, now),
+        Err(document::DocumentError::BadSignature),
+        "{name}: tampered issuer signature"
+    );
+    // Change the element's value bytes: its digest no longer matches.
+    let item = hx(&doc["access_document"]["issuer_signed_item_cbor"]);
+    let at = device_response
+        .windows(item.len())
+        .position(|w| w == item.as_slice())
+        .expect("item in the response");
+    let mut tampered = device_response.to_vec();
+    let last = at + item.len() - 1;
+    tampered[last] ^= 1;
+    assert!(
+        matches!(
+            document::verify_access_document(&tampered, &[issuer], &ep.public_key, now),
+            Err(document::DocumentError::DigestMismatch(_))
+        ),
+        "{name}: tampered element"
+    );
+    for cut in [0, 1, device_response.len() / 2, device_response.len() - 1] {
+        assert!(document::verify_access_document(
+            &device_response[..cut],
+            &[issuer],
+            &ep.public_key,
+            now
+        )
+        .is_err());
+    }
+    log.push("tampered / untrusted / unbound / expired documents refused".into());
 }
 
 #[test]

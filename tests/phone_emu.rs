@@ -707,6 +707,45 @@ mod binary {
     }
 
     #[test]
+    fn card_subcommand_presents_a_uid_only_card() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let select = CommandApdu::new(0x00, 0xA4, 0x04, 0x00)
+                .with_data(keyway::aliro::consts::AID_EXPEDITED.to_vec())
+                .with_le(256)
+                .encode()
+                .unwrap();
+            let no_aliro = transmit(&mut s, &select).1;
+            let (uid, sw) = transmit(&mut s, &[0xFF, 0xCA, 0x00, 0x00, 0x00]);
+            (no_aliro, uid, sw)
+        });
+        let out = Command::new(EMU)
+            .args([
+                "card",
+                "--vpcd",
+                &format!("127.0.0.1:{port}"),
+                "--uid",
+                "04A1B2C3D4E5F6",
+            ])
+            .output()
+            .unwrap();
+        let (no_aliro, uid, sw) = t.join().unwrap();
+        assert_eq!(no_aliro, 0x6A82);
+        assert_eq!(
+            (uid, sw),
+            (vec![0x04, 0xA1, 0xB2, 0xC3, 0xD4, 0xE5, 0xF6], 0x9000)
+        );
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let bad = Command::new(EMU)
+            .args(["card", "--uid", "0102"])
+            .output()
+            .unwrap();
+        assert_eq!(bad.status.code(), Some(1));
+    }
+
+    #[test]
     fn tap_exit_codes_for_abort_rejection_timeout_and_no_vpcd() {
         let dir = tempfile::tempdir().unwrap();
         let (key, _) = keygen(dir.path(), "phone.pem");
@@ -879,7 +918,9 @@ mod reader_core {
                     }
                     authenticated = Some(ep);
                 }
-                Ok(Action::Exchanged(_)) => panic!("no intermediate EXCHANGE requested"),
+                Ok(Action::Exchanged(_) | Action::StepUpResponse(_)) => {
+                    panic!("no intermediate EXCHANGE or step-up requested")
+                }
                 Ok(Action::Done(o)) => return (Ok(o), authenticated),
                 Err(e) => return (Err(e), authenticated),
             }

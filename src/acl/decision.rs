@@ -54,6 +54,17 @@ pub enum DenyReason {
     NotYetValid,
     /// The credential does not list this door (nor `*`).
     WrongDoor,
+    /// The door is sensitive and the phone did not report user verification (biometric/PIN).
+    /// Decided by the tap, after the ACL would have granted.
+    UserVerificationRequired,
+    /// This phone or card failed too often on this reader recently; it is slowed down and
+    /// refused until its penalty has passed. Decided by the tap before the ACL is asked.
+    RateLimited,
+    /// The door requires a step-up Access Document and the phone offers none.
+    AccessDocumentRequired,
+    /// The phone's Access Document failed verification (issuer, signature, digests, binding
+    /// to the authenticated key, validity) or lacks an element the door asks for.
+    AccessDocumentInvalid,
 }
 
 impl DenyReason {
@@ -64,6 +75,10 @@ impl DenyReason {
             DenyReason::Expired => "expired",
             DenyReason::NotYetValid => "not_yet_valid",
             DenyReason::WrongDoor => "wrong_door",
+            DenyReason::UserVerificationRequired => "user_verification_required",
+            DenyReason::RateLimited => "rate_limited",
+            DenyReason::AccessDocumentRequired => "access_document_required",
+            DenyReason::AccessDocumentInvalid => "access_document_invalid",
         }
     }
 }

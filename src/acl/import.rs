@@ -44,6 +44,8 @@ pub const CSV_COLUMNS: [&str; 8] = [
     "valid_until",
     "doors",
 ];
+/// Optional CSV columns: accepted when present, empty when absent.
+pub const CSV_OPTIONAL_COLUMNS: [&str; 1] = ["card_uids"];
 
 /// How an import combines with the credentials already stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -114,6 +116,9 @@ pub struct CredentialSpec {
     pub valid_until: Option<i64>,
     /// Door ids, or `["*"]`; non-empty, no duplicates.
     pub doors: Vec<String>,
+    /// UIDs of the person's physical cards (4, 7 or 10 bytes each; at most
+    /// [`super::cards::MAX_UIDS_PER_CREDENTIAL`]), used at doors that accept cards. Optional.
+    pub card_uids: Vec<Vec<u8>>,
 }
 
 /// Why an ACL file was rejected. Every message names the file and, where one applies, the line.
@@ -250,7 +255,21 @@ fn check_duplicates(specs: &[CredentialSpec], path: &Path) -> Result<(), ImportE
     }
     // Keys are normalised already, so a compressed and an uncompressed spelling collide.
     let mut seen: HashMap<&[u8; ENDPOINT_KEY_LEN], u64> = HashMap::with_capacity(specs.len());
+    let mut uids: HashMap<&[u8], u64> = HashMap::new();
     for s in specs {
+        for u in &s.card_uids {
+            if let Some(first) = uids.insert(u.as_slice(), s.line) {
+                return Err(ImportError::Field {
+                    path: path.to_path_buf(),
+                    line: s.line,
+                    field: "card_uids",
+                    message: format!(
+                        "card UID {} is already listed on line {first}",
+                        hex::encode_upper(u)
+                    ),
+                });
+            }
+        }
         if let Some(first) = seen.insert(&s.endpoint_key, s.line) {
             return Err(ImportError::Field {
                 path: path.to_path_buf(),
@@ -387,6 +406,7 @@ struct RawRow<'a> {
     valid_from: Option<&'a str>,
     valid_until: Option<&'a str>,
     doors: Vec<&'a str>,
+    card_uids: Vec<&'a str>,
 }
 
 fn required<T>(v: Option<T>, field: &'static str) -> Result<T, FieldError> {
@@ -452,6 +472,7 @@ fn validate_row(raw: RawRow<'_>, line: u64) -> Result<CredentialSpec, FieldError
         }
         doors.push(d);
     }
+    let card_uids = parse_card_uids(&raw.card_uids)?;
     Ok(CredentialSpec {
         line,
         endpoint_key,
@@ -462,7 +483,40 @@ fn validate_row(raw: RawRow<'_>, line: u64) -> Result<CredentialSpec, FieldError
         valid_from,
         valid_until,
         doors,
+        card_uids,
     })
+}
+
+fn parse_card_uids(raw: &[&str]) -> Result<Vec<Vec<u8>>, FieldError> {
+    const F: &str = "card_uids";
+    use super::cards::{is_valid_uid, MAX_UIDS_PER_CREDENTIAL};
+    if raw.len() > MAX_UIDS_PER_CREDENTIAL {
+        return Err(ferr(
+            F,
+            format!("more than {MAX_UIDS_PER_CREDENTIAL} card UIDs"),
+        ));
+    }
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(raw.len());
+    for s in raw {
+        let t = s.trim();
+        let uid = hex::decode(t)
+            .ok()
+            .filter(|u| is_valid_uid(u))
+            .ok_or_else(|| {
+                ferr(
+                    F,
+                    format!(
+                        "'{}' is not a card UID (8, 14 or 20 hex digits)",
+                        truncate(t)
+                    ),
+                )
+            })?;
+        if out.contains(&uid) {
+            return Err(ferr(F, format!("card UID {} is listed twice", t)));
+        }
+        out.push(uid);
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -482,6 +536,7 @@ struct JsonCredential {
     valid_from: Option<serde_json::Value>,
     valid_until: Option<serde_json::Value>,
     doors: Option<serde_json::Value>,
+    card_uids: Option<serde_json::Value>,
 }
 
 fn json_str<'a>(
@@ -526,6 +581,28 @@ fn json_row(c: &JsonCredential) -> Result<RawRow<'_>, FieldError> {
         }
         Some(_) => return Err(ferr("doors", "expected an array of door ids")),
     };
+    let card_uids = match &c.card_uids {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(items)) => {
+            if items.len() > super::cards::MAX_UIDS_PER_CREDENTIAL {
+                return Err(ferr(
+                    "card_uids",
+                    format!(
+                        "more than {} card UIDs",
+                        super::cards::MAX_UIDS_PER_CREDENTIAL
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .map(|d| {
+                    d.as_str()
+                        .ok_or_else(|| ferr("card_uids", "expected strings"))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        Some(_) => return Err(ferr("card_uids", "expected an array of hex UIDs")),
+    };
     Ok(RawRow {
         endpoint_key: json_str(&c.endpoint_key, "endpoint_key")?,
         person_id: json_str(&c.person_id, "person_id")?,
@@ -535,6 +612,7 @@ fn json_row(c: &JsonCredential) -> Result<RawRow<'_>, FieldError> {
         valid_from: json_str(&c.valid_from, "valid_from")?,
         valid_until: json_str(&c.valid_until, "valid_until")?,
         doors,
+        card_uids,
     })
 }
 
@@ -1011,7 +1089,11 @@ struct CsvColumns {
 fn csv_header(header: &CsvRecord, path: &Path) -> Result<CsvColumns, ImportError> {
     let mut index: HashMap<&'static str, usize> = HashMap::new();
     for (i, name) in header.fields.iter().enumerate() {
-        let Some(&known) = CSV_COLUMNS.iter().find(|&&c| c == name.trim()) else {
+        let Some(&known) = CSV_COLUMNS
+            .iter()
+            .chain(CSV_OPTIONAL_COLUMNS.iter())
+            .find(|&&c| c == name.trim())
+        else {
             return Err(csv_syntax(
                 path,
                 header.line,
@@ -1080,6 +1162,12 @@ fn csv_row(cols: &CsvColumns, rec: &CsvRecord, path: &Path) -> Result<Credential
     } else {
         doors_field.split(';').map(str::trim).collect()
     };
+    let uids_field = get("card_uids");
+    let card_uids = if uids_field.trim().is_empty() {
+        Vec::new()
+    } else {
+        uids_field.split(';').map(str::trim).collect()
+    };
     let raw = RawRow {
         endpoint_key: non_empty("endpoint_key"),
         person_id: non_empty("person_id"),
@@ -1089,6 +1177,7 @@ fn csv_row(cols: &CsvColumns, rec: &CsvRecord, path: &Path) -> Result<Credential
         valid_from: non_empty("valid_from"),
         valid_until: non_empty("valid_until"),
         doors,
+        card_uids,
     };
     validate_row(raw, line).map_err(to_import)
 }
@@ -1158,6 +1247,12 @@ impl Store {
                 tx.prepare("DELETE FROM credential_doors WHERE credential_id = ?1")?;
             let mut add_door =
                 tx.prepare("INSERT INTO credential_doors (credential_id, door) VALUES (?1, ?2)")?;
+            let mut clear_uids = tx.prepare("DELETE FROM card_uids WHERE credential_id = ?1")?;
+            // A UID listed for another credential moves to this one (a re-issued badge).
+            let mut add_uid = tx.prepare(
+                "INSERT INTO card_uids (uid, credential_id) VALUES (?1, ?2) \
+                 ON CONFLICT (uid) DO UPDATE SET credential_id = excluded.credential_id",
+            )?;
             for s in specs {
                 // Ids of existing keys are kept, so events keep pointing at the same row.
                 let id = match existing.remove(s.endpoint_key.as_slice()) {
@@ -1173,6 +1268,7 @@ impl Store {
                             now
                         ])?;
                         clear_doors.execute([id])?;
+                        clear_uids.execute([id])?;
                         summary.updated += 1;
                         id
                     }
@@ -1193,6 +1289,9 @@ impl Store {
                 };
                 for d in &s.doors {
                     add_door.execute(rusqlite::params![id, d])?;
+                }
+                for u in &s.card_uids {
+                    add_uid.execute(rusqlite::params![u.as_slice(), id])?;
                 }
             }
             if mode == ImportMode::Replace {
@@ -1279,6 +1378,83 @@ mod tests {
         format!(
             r#"{{"endpoint_key":"{key}","person_id":"p","card_format":"h10301","facility_code":1,"card_number":2,"doors":["*"]}}"#
         )
+    }
+
+    /// A second valid key: 2G (SEC 2 test point), so two rows never collide.
+    const G2_HEX: &str = "047cf27b188d034f7e8a52380304b51ac3c08969e277f21b35a60b48fc47669978\
+                          07775510db8ed040293d9ac69f7430dbba7dade63ce982299e04b79d227873d1";
+
+    #[test]
+    fn card_uids_in_json_and_csv() {
+        let with = |uids: &str| {
+            format!(
+                r#"{{"version":1,"credentials":[{{"endpoint_key":"{G_HEX}","person_id":"p","card_format":"h10301","facility_code":1,"card_number":2,"doors":["*"],"card_uids":{uids}}}]}}"#
+            )
+        };
+        let specs = json(&with(r#"["04a1b2c3d4e5f6", "DEADBEEF"]"#)).unwrap();
+        assert_eq!(
+            specs[0].card_uids,
+            vec![
+                vec![0x04, 0xA1, 0xB2, 0xC3, 0xD4, 0xE5, 0xF6],
+                vec![0xDE, 0xAD, 0xBE, 0xEF]
+            ]
+        );
+        // Absent: no cards (files written before card_uids existed still import).
+        assert!(json(&format!(
+            r#"{{"version":1,"credentials":[{}]}}"#,
+            row(G_HEX)
+        ))
+        .unwrap()[0]
+            .card_uids
+            .is_empty());
+        for (bad, why) in [
+            (r#"["0102"]"#, "not a card UID"),
+            (r#"["0102030405"]"#, "not a card UID"),
+            (r#"["zz010203"]"#, "not a card UID"),
+            (r#"["01020304","01020304"]"#, "listed twice"),
+            (r#""01020304""#, "array"),
+            (r#"[1]"#, "strings"),
+            (
+                r#"["01020301","01020302","01020303","01020304","01020305","01020306","01020307","01020308","01020309"]"#,
+                "more than 8",
+            ),
+        ] {
+            let e = json(&with(bad)).unwrap_err();
+            assert_eq!(e.field(), Some("card_uids"), "{bad}: {e}");
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
+        // One UID on two credentials of the same file.
+        let two = format!(
+            r#"{{"version":1,"credentials":[
+{{"endpoint_key":"{G_HEX}","person_id":"a","card_format":"h10301","facility_code":1,"card_number":2,"doors":["*"],"card_uids":["01020304"]}},
+{{"endpoint_key":"{G2_HEX}","person_id":"b","card_format":"h10301","facility_code":1,"card_number":3,"doors":["*"],"card_uids":["01020304"]}}]}}"#
+        );
+        let e = json(&two).unwrap_err();
+        assert_eq!((e.field(), e.line()), (Some("card_uids"), Some(3)), "{e}");
+
+        let csv = |header: &str, row: &str| {
+            parse_bytes(
+                format!("{header}\n{row}\n").as_bytes(),
+                FileKind::Csv,
+                Path::new("t.csv"),
+            )
+        };
+        let h = "endpoint_key,person_id,card_format,facility_code,card_number,valid_from,valid_until,doors";
+        let specs = csv(
+            &format!("{h},card_uids"),
+            &format!("{G_HEX},p,h10301,1,2,,,*,01020304; 0a0b0c0d0e0f10"),
+        )
+        .unwrap();
+        assert_eq!(specs[0].card_uids.len(), 2);
+        assert_eq!(specs[0].card_uids[1], vec![10, 11, 12, 13, 14, 15, 16]);
+        let specs = csv(h, &format!("{G_HEX},p,h10301,1,2,,,*")).unwrap();
+        assert!(specs[0].card_uids.is_empty(), "the column is optional");
+        let e = csv(
+            &format!("{h},card_uids"),
+            &format!("{G_HEX},p,h10301,1,2,,,*,0102"),
+        )
+        .unwrap_err();
+        assert_eq!(e.field(), Some("card_uids"), "{e}");
     }
 
     #[test]

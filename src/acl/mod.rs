@@ -7,7 +7,9 @@
 //! A decision is one unique-index lookup on the endpoint key plus a primary-key probe of the
 //! door list; the rules themselves live in [`decision`] as a pure function.
 
+pub mod cards;
 pub mod decision;
+pub mod fast;
 pub mod import;
 
 pub use decision::{evaluate, CredentialRecord, Decision, DenyReason, Grant, ALL_DOORS};
@@ -72,6 +74,33 @@ const MIGRATIONS: &[&str] = &[
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
     ) STRICT, WITHOUT ROWID;",
+    // v2: Kpersistent per (reader identifier, endpoint key) for Aliro FAST (see `fast`).
+    // Rows hang off a credential: removing it (an import without it) wipes its keys by
+    // cascade; changing its validity (a revocation by end date) wipes them by trigger.
+    "CREATE TABLE fast_keys (
+        id            INTEGER PRIMARY KEY,
+        reader_id     BLOB    NOT NULL CHECK (length(reader_id) = 32),
+        credential_id INTEGER NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+        endpoint_key  BLOB    NOT NULL CHECK (length(endpoint_key) = 65),
+        k_persistent  BLOB    NOT NULL CHECK (length(k_persistent) = 32),
+        used_at       INTEGER NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX fast_keys_reader_endpoint ON fast_keys (reader_id, endpoint_key);
+    CREATE INDEX fast_keys_reader_used ON fast_keys (reader_id, used_at);
+    CREATE INDEX fast_keys_credential ON fast_keys (credential_id);
+    CREATE TRIGGER fast_keys_wipe_on_validity_change
+    AFTER UPDATE OF valid_from, valid_until ON credentials
+    WHEN OLD.valid_from IS NOT NEW.valid_from OR OLD.valid_until IS NOT NEW.valid_until
+    BEGIN
+        DELETE FROM fast_keys WHERE credential_id = NEW.id;
+    END;",
+    // v3: physical card UIDs of a credential (cutover: old cards keep working at doors that
+    // accept them, see `cards`). A UID belongs to at most one credential.
+    "CREATE TABLE card_uids (
+        uid           BLOB    PRIMARY KEY CHECK (length(uid) IN (4, 7, 10)),
+        credential_id INTEGER NOT NULL REFERENCES credentials (id) ON DELETE CASCADE
+    ) STRICT;
+    CREATE INDEX card_uids_credential ON card_uids (credential_id);",
 ];
 
 /// The schema version this build writes.
@@ -343,33 +372,10 @@ impl Store {
                 ))
             })
             .optional()?;
-        let Some((id, person_id, format, fc, cn, valid_from, valid_until, door_allowed)) = row
-        else {
+        let Some(row) = row else {
             return Ok(None);
         };
-        // The importer validated these; re-check so a hand-edited database cannot make us
-        // send a truncated card number to the panel.
-        let corrupt = |what: String| AclError::Corrupt { id, what };
-        let card_format: CardFormat = format
-            .parse()
-            .map_err(|e: crate::card::CardError| corrupt(e.to_string()))?;
-        let facility_code =
-            u32::try_from(fc).map_err(|_| corrupt(format!("facility_code {fc} out of range")))?;
-        let card_number =
-            u32::try_from(cn).map_err(|_| corrupt(format!("card_number {cn} out of range")))?;
-        card_format
-            .check_range(facility_code, card_number)
-            .map_err(|e| corrupt(e.to_string()))?;
-        Ok(Some(CredentialRecord {
-            credential_id: id,
-            person_id,
-            card_format,
-            facility_code,
-            card_number,
-            valid_from,
-            valid_until,
-            door_allowed,
-        }))
+        credential_record(row).map(Some)
     }
 
     /// Counts for status output.
@@ -406,6 +412,47 @@ impl Store {
             last_import,
         })
     }
+}
+
+/// One `credentials` row as selected by [`Store::lookup`] (id, person, format, facility code,
+/// card number, valid from, valid until, door allowed).
+pub(crate) type CredentialRow = (
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    bool,
+);
+
+/// Checks a stored row and turns it into a [`CredentialRecord`].
+pub(crate) fn credential_record(row: CredentialRow) -> Result<CredentialRecord, AclError> {
+    let (id, person_id, format, fc, cn, valid_from, valid_until, door_allowed) = row;
+    // The importer validated these; re-check so a hand-edited database cannot make us
+    // send a truncated card number to the panel.
+    let corrupt = |what: String| AclError::Corrupt { id, what };
+    let card_format: CardFormat = format
+        .parse()
+        .map_err(|e: crate::card::CardError| corrupt(e.to_string()))?;
+    let facility_code =
+        u32::try_from(fc).map_err(|_| corrupt(format!("facility_code {fc} out of range")))?;
+    let card_number =
+        u32::try_from(cn).map_err(|_| corrupt(format!("card_number {cn} out of range")))?;
+    card_format
+        .check_range(facility_code, card_number)
+        .map_err(|e| corrupt(e.to_string()))?;
+    Ok(CredentialRecord {
+        credential_id: id,
+        person_id,
+        card_format,
+        facility_code,
+        card_number,
+        valid_from,
+        valid_until,
+        door_allowed,
+    })
 }
 
 /// Validates a SEC1-encoded P-256 public key (compressed or uncompressed) and returns it
@@ -472,6 +519,7 @@ mod tests {
             valid_from: from,
             valid_until: until,
             doors: doors.iter().map(|d| d.to_string()).collect(),
+            card_uids: Vec::new(),
         }
     }
 

@@ -126,6 +126,16 @@ pub const AUTH_POLICY_USER_DEVICE_SETTING: u8 = 0x01;
 pub const AUTH_POLICY_SECURE_ACTION: u8 = 0x02;
 pub const AUTH_POLICY_FORCE_USER_AUTH: u8 = 0x03;
 
+/// Signaling bitmap (tag 5E) bit keyway reads as "the user was verified on the device
+/// (biometric/PIN) for this transaction".
+///
+/// Assumption: the public reference (vectors' `reference_constants.json`) names bits 0-7 and
+/// 9-12 (documents, mailbox, notify, update) and none for user verification; bit 8 is the one
+/// it leaves unassigned between them. A sensitive door also sends AUTH0 policy 03 (force user
+/// authentication), which enters the session keys, so a phone cannot claim to have seen a
+/// weaker policy. Change this constant if the specification assigns another bit.
+pub const SIGNALING_USER_VERIFIED_BIT: u16 = 1 << 8;
+
 /// CONTROL FLOW S1: transaction finished with failure.
 pub const CONTROL_FLOW_S1_FAILURE: u8 = 0x00;
 /// CONTROL FLOW S2: no further information.

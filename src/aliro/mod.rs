@@ -9,13 +9,16 @@
 //!
 //! Reader side:
 //! - [`reader`]: the transaction state machine (NFC expedited phase: STANDARD, FAST with
-//!   fallback, LOAD CERT); it takes R-APDU bytes and returns C-APDU bytes and actions; it owns
-//!   no I/O, clock or RNG (randomness is injected). Step-up and BLE are not implemented yet;
-//!   their key schedule is already in [`keys`].
+//!   fallback, LOAD CERT, step-up ENVELOPE); it takes R-APDU bytes and returns C-APDU bytes
+//!   and actions; it owns no I/O, clock or RNG (randomness is injected). BLE is not
+//!   implemented yet; its key schedule is already in [`keys`].
+//! - [`document`]: the step-up Access Document (mdoc DeviceRequest / DeviceResponse,
+//!   COSE_Sign1 issuer signature, digests, device-key binding, validity).
 
 pub mod apdu;
 pub mod consts;
 pub mod crypto;
+pub mod document;
 pub mod keys;
 pub mod reader;
 pub mod tlv;

@@ -65,6 +65,9 @@ pub enum Step {
     Auth1,
     Exchange,
     ControlFlow,
+    /// SELECT of the step-up application.
+    SelectStepUp,
+    Envelope,
 }
 
 impl std::fmt::Display for Step {
@@ -76,6 +79,8 @@ impl std::fmt::Display for Step {
             Step::Auth1 => "AUTH1",
             Step::Exchange => "EXCHANGE",
             Step::ControlFlow => "CONTROL FLOW",
+            Step::SelectStepUp => "SELECT (step-up)",
+            Step::Envelope => "ENVELOPE",
         })
     }
 }
@@ -363,6 +368,10 @@ pub enum Action {
     Authenticated(AuthenticatedEndpoint),
     /// A non-final EXCHANGE was answered; the transaction is back in the authenticated state.
     Exchanged(ExchangeResponse),
+    /// The step-up ENVELOPE was answered: the decrypted DeviceResponse (CBOR), to verify with
+    /// [`crate::aliro::document::verify_access_document`]. The transaction is authenticated
+    /// again; [`ReaderTransaction::complete`] now runs on the step-up channel.
+    StepUpResponse(Vec<u8>),
     /// The transaction is over.
     Done(Outcome),
 }
@@ -378,14 +387,25 @@ enum State {
         ikm: SymmetricKey,
         channel: SecureChannel,
         auth1: Vec<u8>,
+        step_up_ikm: SymmetricKey,
     },
     AwaitAuth1 {
         ctx: Box<TranscriptContext>,
         ikm: SymmetricKey,
         channel: SecureChannel,
+        step_up_ikm: SymmetricKey,
     },
     Authenticated {
         channel: SecureChannel,
+        /// Step-up input key material (STANDARD only; FAST derives none).
+        step_up_ikm: Option<SymmetricKey>,
+    },
+    AwaitStepUpSelect {
+        step_up: SecureChannel,
+        device_request: Vec<u8>,
+    },
+    AwaitEnvelope {
+        step_up: SecureChannel,
     },
     AwaitExchange {
         channel: SecureChannel,
@@ -408,6 +428,8 @@ impl State {
             State::AwaitLoadCert { .. } => "awaiting LOAD CERT response",
             State::AwaitAuth1 { .. } => "awaiting AUTH1 response",
             State::Authenticated { .. } => "authenticated",
+            State::AwaitStepUpSelect { .. } => "awaiting step-up SELECT response",
+            State::AwaitEnvelope { .. } => "awaiting ENVELOPE response",
             State::AwaitExchange { .. } => "awaiting EXCHANGE response",
             State::AwaitReport { .. } => "awaiting failure-report response",
             State::Done => "done",
@@ -605,15 +627,29 @@ impl ReaderTransaction {
                 ikm,
                 channel,
                 auth1,
+                step_up_ikm,
             } => {
                 // An error SW: the endpoint refused the certificate and ended its session.
                 ok_or_status(Step::LoadCert, resp.sw)?;
-                self.state = State::AwaitAuth1 { ctx, ikm, channel };
+                self.state = State::AwaitAuth1 {
+                    ctx,
+                    ikm,
+                    channel,
+                    step_up_ikm,
+                };
                 Ok(Action::Transmit(auth1))
             }
-            State::AwaitAuth1 { ctx, ikm, channel } => {
-                self.on_auth1(&data, resp.sw, &ctx, &ikm, channel)
-            }
+            State::AwaitAuth1 {
+                ctx,
+                ikm,
+                channel,
+                step_up_ikm,
+            } => self.on_auth1(&data, resp.sw, &ctx, &ikm, channel, step_up_ikm),
+            State::AwaitStepUpSelect {
+                step_up,
+                device_request,
+            } => self.on_step_up_select(&data, resp.sw, step_up, &device_request),
+            State::AwaitEnvelope { step_up } => self.on_envelope(&data, resp.sw, step_up),
             State::AwaitExchange {
                 channel,
                 final_status,
@@ -657,6 +693,8 @@ impl ReaderTransaction {
             State::AwaitLoadCert { .. } => Step::LoadCert,
             State::AwaitAuth1 { .. } => Step::Auth1,
             State::AwaitExchange { .. } => Step::Exchange,
+            State::AwaitStepUpSelect { .. } => Step::SelectStepUp,
+            State::AwaitEnvelope { .. } => Step::Envelope,
             State::AwaitReport { channel, .. } => {
                 if channel.is_some() {
                     Step::Exchange
@@ -749,7 +787,10 @@ impl ReaderTransaction {
         if let Some(fast) = &self.fast {
             match try_fast(fast, &ctx, cryptogram.as_deref()) {
                 Ok(Some((channel, endpoint))) => {
-                    self.state = State::Authenticated { channel };
+                    self.state = State::Authenticated {
+                        channel,
+                        step_up_ikm: None,
+                    };
                     return Ok(Action::Authenticated(endpoint));
                 }
                 Ok(None) if fast.on_no_match == FastFallback::Abort => {
@@ -804,6 +845,7 @@ impl ReaderTransaction {
                 ikm,
                 channel,
                 auth1: cmd,
+                step_up_ikm: session.step_up_ikm.clone(),
             };
             return Ok(Action::Transmit(load_cert));
         }
@@ -811,6 +853,7 @@ impl ReaderTransaction {
             ctx: Box::new(ctx),
             ikm,
             channel,
+            step_up_ikm: session.step_up_ikm.clone(),
         };
         Ok(Action::Transmit(cmd))
     }
@@ -822,6 +865,7 @@ impl ReaderTransaction {
         ctx: &TranscriptContext,
         ikm: &SymmetricKey,
         mut channel: SecureChannel,
+        step_up_ikm: SymmetricKey,
     ) -> Result<Action, AliroError> {
         // An error SW means the endpoint rejected us and dropped its keys: nothing to report to.
         ok_or_status(Step::Auth1, sw_value)?;
@@ -855,7 +899,10 @@ impl ReaderTransaction {
                 source,
             }
         })?;
-        self.state = State::Authenticated { channel };
+        self.state = State::Authenticated {
+            channel,
+            step_up_ikm: Some(step_up_ikm),
+        };
         Ok(Action::Authenticated(AuthenticatedEndpoint {
             public_key: crypto::public_key_sec1(&parsed.public_key),
             signaling_bitmap: parsed.signaling_bitmap,
@@ -891,7 +938,12 @@ impl ReaderTransaction {
                 Ok(Action::Done(Outcome::Completed { status }))
             }
             None => {
-                self.state = State::Authenticated { channel };
+                // The step-up material is consumed by a step-up before any EXCHANGE on it;
+                // after a plain EXCHANGE no step-up follows.
+                self.state = State::Authenticated {
+                    channel,
+                    step_up_ikm: None,
+                };
                 Ok(Action::Exchanged(response))
             }
         }
@@ -946,6 +998,108 @@ impl ReaderTransaction {
         self.send_exchange("exchange", payload, None)
     }
 
+    /// Starts the step-up phase after a STANDARD authentication: SELECT the step-up
+    /// application, then ENVELOPE `device_request` (an mdoc DeviceRequest, e.g. from
+    /// [`crate::aliro::document::device_request`]) under the step-up keys. The answer comes
+    /// back as [`Action::StepUpResponse`]. Not available after FAST (it derives no step-up
+    /// keys) or after an EXCHANGE.
+    pub fn step_up(&mut self, device_request: &[u8]) -> Result<Vec<u8>, AliroError> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Authenticated {
+                step_up_ikm: Some(ikm),
+                ..
+            } => {
+                let (sk_reader, sk_device) =
+                    keys::derive_step_up(&ikm).map_err(|source| AliroError::Crypto {
+                        step: Step::SelectStepUp,
+                        source,
+                    })?;
+                let cmd = CommandApdu::new(CLA_ISO, INS_SELECT, SELECT_P1_BY_NAME, SELECT_P2_FIRST)
+                    .with_data(consts::AID_STEP_UP.to_vec())
+                    .with_le(NE_SHORT_MAX)
+                    .encode()?;
+                self.state = State::AwaitStepUpSelect {
+                    step_up: SecureChannel::new(Role::Reader, sk_reader, sk_device),
+                    device_request: device_request.to_vec(),
+                };
+                Ok(cmd)
+            }
+            other => {
+                let state = other.name();
+                self.state = other;
+                Err(AliroError::UnexpectedState {
+                    call: "step_up",
+                    state,
+                })
+            }
+        }
+    }
+
+    fn on_step_up_select(
+        &mut self,
+        data: &[u8],
+        sw_value: u16,
+        mut step_up: SecureChannel,
+        device_request: &[u8],
+    ) -> Result<Action, AliroError> {
+        ok_or_status(Step::SelectStepUp, sw_value)?;
+        check_step_up_fci(data)?;
+        let ct = step_up
+            .seal(device_request)
+            .map_err(|source| AliroError::Crypto {
+                step: Step::Envelope,
+                source,
+            })?;
+        let body = crate::aliro::document::session_data(&ct).map_err(|_| {
+            AliroError::MalformedResponse {
+                step: Step::Envelope,
+                detail: "DeviceRequest too large for one ENVELOPE",
+            }
+        })?;
+        let mut data = Vec::with_capacity(body.len() + 4);
+        tlv::push_tlv(&mut data, tag::SESSION_DATA, &body).map_err(|source| {
+            AliroError::MalformedTlv {
+                step: Step::Envelope,
+                source,
+            }
+        })?;
+        let cmd = CommandApdu::new(CLA_ISO, consts::INS_ENVELOPE, 0, 0)
+            .with_data(data)
+            .with_le(NE_SHORT_MAX)
+            .encode()?;
+        self.state = State::AwaitEnvelope { step_up };
+        Ok(Action::Transmit(cmd))
+    }
+
+    fn on_envelope(
+        &mut self,
+        data: &[u8],
+        sw_value: u16,
+        mut step_up: SecureChannel,
+    ) -> Result<Action, AliroError> {
+        let step = Step::Envelope;
+        ok_or_status(step, sw_value)?;
+        let items = tlvs_of(step, data)?;
+        let body = tlv::find(&items, tag::SESSION_DATA).ok_or(AliroError::MalformedResponse {
+            step,
+            detail: "no session data (53)",
+        })?;
+        let ct = crate::aliro::document::session_data_payload(body.value).map_err(|_| {
+            AliroError::MalformedResponse {
+                step,
+                detail: "session data is not CBOR {\"data\": bstr}",
+            }
+        })?;
+        let device_response = step_up
+            .open(&ct)
+            .map_err(|source| AliroError::Crypto { step, source })?;
+        self.state = State::Authenticated {
+            channel: step_up,
+            step_up_ikm: None,
+        };
+        Ok(Action::StepUpResponse(device_response))
+    }
+
     fn send_exchange(
         &mut self,
         call: &'static str,
@@ -953,7 +1107,7 @@ impl ReaderTransaction {
         final_status: Option<ReaderStatus>,
     ) -> Result<Vec<u8>, AliroError> {
         match std::mem::replace(&mut self.state, State::Done) {
-            State::Authenticated { mut channel } => {
+            State::Authenticated { mut channel, .. } => {
                 let cmd = exchange_apdu(&mut channel, payload)?;
                 self.state = State::AwaitExchange {
                     channel,
@@ -1026,6 +1180,26 @@ fn parse_fci(data: &[u8]) -> Result<Fci, AliroError> {
         raw: a5.raw.to_vec(),
         versions: versions.chunks_exact(2).map(|c| [c[0], c[1]]).collect(),
     })
+}
+
+/// The step-up SELECT answer must be an FCI naming the step-up application (if it names one).
+fn check_step_up_fci(data: &[u8]) -> Result<(), AliroError> {
+    let step = Step::SelectStepUp;
+    let top = tlvs_of(step, data)?;
+    let fci = tlv::find(&top, tag::FCI).ok_or(AliroError::MalformedResponse {
+        step,
+        detail: "no FCI template (6F)",
+    })?;
+    let inner = fci
+        .children()
+        .map_err(|source| AliroError::MalformedTlv { step, source })?;
+    match tlv::find(&inner, tag::DF_NAME) {
+        Some(aid) if aid.value != consts::AID_STEP_UP => Err(AliroError::MalformedResponse {
+            step,
+            detail: "FCI names another application",
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Endpoint ephemeral key (86) and, if present, the FAST cryptogram (9D).
@@ -1595,5 +1769,32 @@ mod tests {
         assert!(s.contains("redacted"));
         assert!(!s.contains("3333333333"));
         assert!(!s.contains("4444444444"));
+    }
+    #[test]
+    fn step_up_only_after_standard_authentication() {
+        let identity =
+            ReaderIdentity::new([1; 16], [2; 16], SecretKey::from_slice(&[3; 32]).unwrap());
+        let rnd = Randomness {
+            ephemeral: SecretKey::from_slice(&[4; 32]).unwrap(),
+            transaction_id: [5; 16],
+        };
+        let mut tx = ReaderTransaction::new(&identity, TransactionParams::default(), rnd);
+        assert!(matches!(
+            tx.step_up(&[0xa0]),
+            Err(AliroError::UnexpectedState {
+                call: "step_up",
+                ..
+            })
+        ));
+        let _ = tx.start();
+        assert!(matches!(
+            tx.step_up(&[0xa0]),
+            Err(AliroError::UnexpectedState {
+                call: "step_up",
+                ..
+            })
+        ));
+        // Still waiting for SELECT: the refused call did not disturb the transaction.
+        assert_eq!(tx.current_step().unwrap(), Step::Select);
     }
 }

@@ -8,7 +8,10 @@
 //! keyway-phone-emu pubkey --key phone.pem
 //! keyway-phone-emu tap --vpcd 127.0.0.1:35963 --endpoint-key phone.pem \
 //!     --reader-group-id 00112233445566778899aabbccddeeff --reader-group-key 04ab... --json
+//! keyway-phone-emu card --vpcd 127.0.0.1:35963 --uid 04A1B2C3D4E5F6   # UID-only card
 //! ```
+//!
+//! `tap --user-verified` reports biometric/PIN verification (sensitive doors).
 //!
 //! Key files: the endpoint private key is PEM PKCS#8 (`-----BEGIN PRIVATE KEY-----`), written
 //! with mode 0600 by `keygen`; SEC1 PEM (`BEGIN EC PRIVATE KEY`) and a bare 32-byte hex scalar
@@ -67,6 +70,19 @@ enum Command {
     },
     /// Put the phone on the reader once and report how the reader's transaction ended.
     Tap(Box<TapArgs>),
+    /// Present a physical card without Aliro (UID only, for cutover doors): it refuses the
+    /// Aliro SELECT and answers GET DATA with its UID. Exit 0 when the reader read the UID.
+    Card {
+        /// vpcd address (host:port) of the virtual reader slot.
+        #[arg(long, default_value = "127.0.0.1:35963")]
+        vpcd: String,
+        /// Card UID, hex (4, 7 or 10 bytes).
+        #[arg(long)]
+        uid: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout_s: u64,
+    },
 }
 
 #[derive(Args)]
@@ -108,6 +124,10 @@ struct TapArgs {
     /// Signaling bitmap (2 bytes hex) sent in the AUTH1 response.
     #[arg(long, default_value = "0000")]
     signaling_bitmap: String,
+    /// Report user verification (biometric/PIN) in the signaling bitmap, as sensitive doors
+    /// require (sets keyway::aliro::consts::SIGNALING_USER_VERIFIED_BIT).
+    #[arg(long)]
+    user_verified: bool,
     /// Credential signed timestamp (tag 91): exactly 20 ASCII characters, e.g.
     /// 2026-03-01T00:00:00Z.
     #[arg(long)]
@@ -147,6 +167,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let key = load_secret_key(&key)?;
             println!("{}", hex::encode(sec1(&key.public_key())));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Card {
+            vpcd,
+            uid,
+            timeout_s,
+        } => {
+            let uid = hex::decode(uid.trim()).map_err(|_| anyhow!("--uid: not hex"))?;
+            if !keyway::acl::cards::is_valid_uid(&uid) {
+                bail!("--uid: a card UID is 4, 7 or 10 bytes");
+            }
+            let addr = resolve(&vpcd)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let mut card = keyway::sim::UidCard::new(&uid);
+            let opts = TapOptions {
+                timeout: Duration::from_secs(timeout_s),
+                hold: Duration::from_millis(200),
+                atr: keyway::sim::card::MIFARE_1K_ATR.to_vec(),
+                ..TapOptions::default()
+            };
+            let summary = runtime
+                .block_on(vpcd::tap(addr, &mut card, &opts))
+                .context("presenting the card")?;
+            println!(
+                "card {}: uid {}",
+                hex::encode(&uid),
+                if card.uid_read() { "read" } else { "not read" }
+            );
+            Ok(if summary.finished {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(4)
+            })
         }
         Command::Tap(args) => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -283,6 +338,9 @@ fn build_config(args: &TapArgs) -> Result<EndpointConfig> {
         "signaling bitmap",
         &args.signaling_bitmap,
     )?);
+    if args.user_verified {
+        config.signaling_bitmap |= keyway::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
+    }
     if let Some(ts) = &args.credential_timestamp {
         config.credential_timestamp = Some(
             <[u8; 20]>::try_from(ts.as_bytes())

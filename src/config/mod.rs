@@ -169,6 +169,15 @@ pub struct DoorConfig {
     /// Relay outputs this reader drives (advertised to the panel in osdp_PDCAP).
     #[serde(default)]
     pub outputs: u8,
+    /// A sensitive door requires user verification (biometric/PIN) on the phone: AUTH0 asks
+    /// for it (policy 03) and a phone that does not report it is denied with
+    /// `user_verification_required`. Default false.
+    #[serde(default)]
+    pub sensitive: bool,
+    /// Accept physical cards (identified by UID) at this door during a cutover. UID-only cards
+    /// are clonable: keyway warns at start-up for every door that accepts them. Default false.
+    #[serde(default)]
+    pub accept_cards: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +229,117 @@ pub struct DoorAliro {
     /// Aliro authentication policy sent in AUTH0 (tag 42).
     #[serde(default)]
     pub auth_policy: AuthPolicy,
+    /// Offer Aliro FAST (stored Kpersistent) to phones seen before. Default true.
+    #[serde(default = "default_true")]
+    pub fast: bool,
+    /// Require a step-up Access Document from these issuers. Absent (default): no step-up.
+    #[serde(default)]
+    pub step_up: Option<StepUpConfig>,
+    /// LOAD CERT: a reader certificate issued by the reader group key. Then
+    /// `private_key_file` is the certificate's subject key (the group private key stays off
+    /// the box) and `group_public_key` enters the key schedule. Absent (default): the reader
+    /// signs with the group key itself.
+    #[serde(default)]
+    pub certificate: Option<CertificateConfig>,
+}
+
+/// `aliro.certificate`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// File holding the compressed reader certificate (profile 0000) as hex.
+    pub file: PathBuf,
+    /// The reader group public key that issued it, hex of the uncompressed point.
+    pub group_public_key: String,
+}
+
+/// A loaded reader certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderCert {
+    pub certificate: Vec<u8>,
+    pub group_public_key: p256::PublicKey,
+}
+
+/// Largest accepted reader certificate (a compressed profile-0000 one is ~100 bytes).
+pub const MAX_CERTIFICATE_BYTES: usize = 1024;
+
+/// `aliro.step_up`: the Access Document a door requires.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepUpConfig {
+    /// Trusted issuer public keys, hex of the uncompressed P-256 point (`04||X||Y`).
+    pub issuers: Vec<String>,
+    /// Element identifiers (namespace `aliro-a`) requested; a grant needs every one of them.
+    pub elements: Vec<String>,
+}
+
+/// A validated [`StepUpConfig`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepUp {
+    pub issuers: Vec<p256::PublicKey>,
+    pub elements: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn load_certificate(file: &Path, group_public_key: &str) -> Result<ReaderCert, String> {
+    let meta = std::fs::metadata(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    // Hex text: twice the bytes, plus whitespace.
+    if meta.len() > (MAX_CERTIFICATE_BYTES as u64) * 2 + 64 {
+        return Err(format!(
+            "{}: larger than a reader certificate",
+            file.display()
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let hex_digits: String = text.split_whitespace().collect();
+    let certificate =
+        hex::decode(&hex_digits).map_err(|e| format!("{}: not hex: {e}", file.display()))?;
+    if certificate.is_empty() || certificate.len() > MAX_CERTIFICATE_BYTES {
+        return Err(format!(
+            "{}: certificate must be 1-{MAX_CERTIFICATE_BYTES} bytes",
+            file.display()
+        ));
+    }
+    let key = hex::decode(group_public_key.trim())
+        .map_err(|e| format!("group_public_key not hex: {e}"))?;
+    let group_public_key = p256::PublicKey::from_sec1_bytes(&key)
+        .map_err(|_| "group_public_key is not a P-256 point".to_string())?;
+    Ok(ReaderCert {
+        certificate,
+        group_public_key,
+    })
+}
+
+fn validate_step_up(su: &StepUpConfig) -> Result<StepUp, String> {
+    if su.issuers.is_empty() || su.issuers.len() > 16 {
+        return Err("issuers: list 1 to 16 trusted issuer keys".into());
+    }
+    let mut issuers = Vec::with_capacity(su.issuers.len());
+    for h in &su.issuers {
+        let bytes = hex::decode(h.trim()).map_err(|e| format!("issuer key not hex: {e}"))?;
+        let key = p256::PublicKey::from_sec1_bytes(&bytes)
+            .map_err(|_| "issuer key is not a P-256 point".to_string())?;
+        issuers.push(key);
+    }
+    if su.elements.is_empty() || su.elements.len() > 16 {
+        return Err("elements: list 1 to 16 element identifiers".into());
+    }
+    if let Some(bad) = su
+        .elements
+        .iter()
+        .find(|e| e.is_empty() || e.len() > 64 || e.chars().any(char::is_control))
+    {
+        return Err(format!(
+            "element identifier {bad:?} must be 1-64 printable characters"
+        ));
+    }
+    Ok(StepUp {
+        issuers,
+        elements: su.elements.clone(),
+    })
 }
 
 /// AUTH0 tag 42: what the reader asks of the phone's user verification.
@@ -258,6 +378,16 @@ pub struct Door {
     pub sub_id: [u8; 16],
     pub private_key_file: PathBuf,
     pub auth_policy: AuthPolicy,
+    /// See [`DoorConfig::sensitive`].
+    pub sensitive: bool,
+    /// See [`DoorConfig::accept_cards`].
+    pub accept_cards: bool,
+    /// See [`DoorAliro::fast`].
+    pub fast: bool,
+    /// See [`DoorAliro::step_up`].
+    pub step_up: Option<StepUp>,
+    /// See [`DoorAliro::certificate`].
+    pub certificate: Option<ReaderCert>,
 }
 
 /// Everything the daemon needs, validated.
@@ -483,6 +613,17 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
                 verdict_window,
             },
         );
+        let certificate = match &d.aliro.certificate {
+            None => None,
+            Some(c) => Some(
+                load_certificate(&resolve(path, &c.file), &c.group_public_key)
+                    .map_err(|m| invalid(field("aliro.certificate"), m))?,
+            ),
+        };
+        let step_up = match &d.aliro.step_up {
+            None => None,
+            Some(su) => Some(validate_step_up(su).map_err(|m| invalid(field("aliro.step_up"), m))?),
+        };
         doors.push(Door {
             id: d.id,
             port: d.osdp.port,
@@ -494,6 +635,11 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             sub_id,
             private_key_file: key_path,
             auth_policy: d.aliro.auth_policy,
+            sensitive: d.sensitive,
+            accept_cards: d.accept_cards,
+            fast: d.aliro.fast,
+            step_up,
+            certificate,
         });
     }
     Ok(Validated {
@@ -620,6 +766,94 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
             PathBuf::from("/etc/keyway/state/keyway.db")
         );
         assert_eq!(v.nfc.apdu_timeout(), Duration::from_millis(1000));
+        // Door policy fields added later are optional, with safe defaults.
+        assert!(!d.sensitive && !d.accept_cards && d.fast);
+    }
+
+    #[test]
+    fn door_policy_fields() {
+        let text = GOOD
+            .replace(
+                "id = \"front\"",
+                "id = \"front\"\nsensitive = true\naccept_cards = true",
+            )
+            .replace("keys/front.pem\"", "keys/front.pem\", fast = false");
+        let v = parse(&text, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        let d = &v.doors[0];
+        assert!(d.sensitive && d.accept_cards && !d.fast);
+        let e = err(&GOOD.replace("id = \"front\"", "id = \"front\"\nsensitive = \"yes\""));
+        assert!(e.contains("sensitive"), "{e}");
+    }
+
+    #[test]
+    fn reader_certificate_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c2964fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+        std::fs::create_dir_all(dir.path().join("keys")).unwrap();
+        std::fs::write(dir.path().join("keys/front.cert"), "3081 0102\n03\n").unwrap();
+        let with = |file: &str, key: &str| {
+            GOOD.replace(
+                "keys/front.pem\"",
+                &format!("keys/front.pem\", certificate = {{ file = \"{file}\", group_public_key = \"{key}\" }}"),
+            )
+        };
+        let cfg = dir.path().join("keyway.toml");
+        let v = parse(&with("keys/front.cert", g), &cfg).unwrap();
+        let c = v.doors[0].certificate.as_ref().unwrap();
+        assert_eq!(c.certificate, vec![0x30, 0x81, 0x01, 0x02, 0x03]);
+        assert!(v.doors[0].certificate.is_some());
+        for (file, key, why) in [
+            ("keys/missing.cert", g, "missing.cert"),
+            ("keys/front.cert", "04zz", "not hex"),
+            ("keys/front.cert", &g[..g.len() - 2], "P-256"),
+        ] {
+            let e = match parse(&with(file, key), &cfg) {
+                Ok(_) => panic!("{file} {key}: accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains("aliro.certificate") && e.contains(why), "{e}");
+        }
+        std::fs::write(dir.path().join("keys/front.cert"), "zz").unwrap();
+        let e = parse(&with("keys/front.cert", g), &cfg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not hex"), "{e}");
+    }
+
+    #[test]
+    fn step_up_issuers_and_elements() {
+        // The P-256 generator G is a valid issuer key for parsing purposes.
+        let g = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c2964fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+        let with = |issuers: &str, elements: &str| {
+            GOOD.replace(
+                "keys/front.pem\"",
+                &format!(
+                    "keys/front.pem\", step_up = {{ issuers = {issuers}, elements = {elements} }}"
+                ),
+            )
+        };
+        let v = parse(
+            &with(&format!("[\"{g}\"]"), "[\"floor1\"]"),
+            Path::new("/etc/keyway/keyway.toml"),
+        )
+        .unwrap();
+        let su = v.doors[0].step_up.as_ref().unwrap();
+        assert_eq!(su.elements, vec!["floor1".to_string()]);
+        assert_eq!(su.issuers.len(), 1);
+        assert!(parse(GOOD, Path::new("/k.toml")).unwrap().doors[0]
+            .step_up
+            .is_none());
+        for (issuers, elements, why) in [
+            ("[]".to_string(), "[\"a\"]", "issuers"),
+            ("[\"04zz\"]".to_string(), "[\"a\"]", "not hex"),
+            (format!("[\"{}\"]", &g[..g.len() - 2]), "[\"a\"]", "P-256"),
+            (format!("[\"{g}\"]"), "[]", "elements"),
+            (format!("[\"{g}\"]"), "[\"\"]", "1-64"),
+        ] {
+            let e = err(&with(&issuers, elements));
+            assert!(e.contains("aliro.step_up") && e.contains(why), "{e}");
+        }
     }
 
     #[test]

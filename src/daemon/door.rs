@@ -2,7 +2,7 @@
 //! panel, and the event. The same code runs in the daemon and in the hardware-in-the-loop
 //! tests, which swap the OSDP bus for a [`PanelSink`] that records what it was given.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::watch;
@@ -11,6 +11,7 @@ use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
 use crate::card::WiegandBits;
 use crate::config::{Door, NfcConfig};
 use crate::events::{self, AccessEvent, Transport};
+use crate::nfc::ratelimit::{RateLimitConfig, RateLimiter, UNIDENTIFIED};
 use crate::nfc::{ReaderEvent, ReaderLoop, ReaderLoopConfig};
 
 use super::store::StoreHandle;
@@ -28,6 +29,8 @@ pub struct DoorRuntime {
     pub identity: Arc<ReaderIdentity>,
     pub store: StoreHandle,
     pub nfc: NfcConfig,
+    /// Failure rate limit of this door's reader ([`RateLimitConfig::default`] in the daemon).
+    pub rate_limit: RateLimitConfig,
 }
 
 /// Serves the door until `shutdown` turns true.
@@ -40,6 +43,14 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
     };
     let door_id = rt.door.id.clone();
     let rt = &rt;
+    let limiter = Mutex::new(RateLimiter::new(rt.rate_limit));
+    let limiter = &limiter;
+    // A sensitive door asks the phone to verify its user (policy 03) and checks it did.
+    let auth_policy = if rt.door.sensitive {
+        crate::aliro::consts::AUTH_POLICY_FORCE_USER_AUTH
+    } else {
+        rt.door.auth_policy.code()
+    };
     ReaderLoop::new(loop_cfg)
         .run(
             shutdown,
@@ -47,18 +58,37 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
                 let panel = panel.clone();
                 async move {
                     let started = Instant::now();
+                    // Failures nobody could be blamed for make the reader pause before the
+                    // next card, so a broken or hostile card cannot busy-loop it.
+                    let pause = limiter
+                        .lock()
+                        .map(|l| l.remaining(UNIDENTIFIED, started))
+                        .unwrap_or_default();
+                    if !pause.is_zero() {
+                        log::info!(target: "keyway::nfc", door = rt.door.id.as_str();
+                            "door {}: pausing {} ms after repeated failures", rt.door.id, pause.as_millis());
+                        tokio::time::sleep(pause).await;
+                    }
                     let ctx = TapContext {
                         door: &rt.door.id,
                         identity: &rt.identity,
-                        params: TransactionParams::nfc(rt.door.auth_policy.code()),
+                        params: TransactionParams::nfc(auth_policy),
                         store: &rt.store,
                         transaction_timeout: rt.nfc.transaction_timeout(),
+                        // FAST derives no step-up keys: a door requiring a document uses STANDARD.
+                        fast: rt.door.fast && rt.door.step_up.is_none(),
+                        require_user_verification: rt.door.sensitive,
+                        limiter: Some(limiter),
+                        accept_cards: rt.door.accept_cards,
+                        step_up: rt.door.step_up.as_ref(),
+                        certificate: rt.door.certificate.as_ref(),
                     };
                     let randomness = Randomness::generate(&mut rand_core::OsRng);
                     let report = run_tap(&ctx, &link, randomness, started, |bits| {
                         panel.send_card(&rt.door, bits, started)
                     })
                     .await;
+                    count_for_rate_limit(limiter, &rt.door.id, &report);
                     record(&rt.store, &rt.door, report).await;
                 }
             },
@@ -67,16 +97,42 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
         .await;
 }
 
+/// A grant clears the identity; anything else counts as one failure against it.
+fn count_for_rate_limit(limiter: &Mutex<RateLimiter>, door: &str, report: &TapReport) {
+    let Ok(mut l) = limiter.lock() else {
+        return;
+    };
+    let id = report.limiter_identity();
+    if report.granted() {
+        l.success(&id);
+        return;
+    }
+    let penalty = l.failure(&id, Instant::now());
+    if !penalty.is_zero() {
+        log::warn!(target: "keyway::nfc", door = door, identity = id.as_str();
+            "door {door}: {id} failed repeatedly; refused for {} ms", penalty.as_millis());
+    }
+}
+
 /// Turns a tap report into an event row (durable first) and a journald entry.
 async fn record(store: &StoreHandle, door: &Door, report: TapReport) {
     if let Some(e) = &report.error {
         log::warn!(target: "keyway::nfc", door = door.id.as_str(), error = e.code();
             "door {}: tap ended: {e}", door.id);
     }
+    if report.fast_candidates > 0 || report.fast {
+        log::debug!(target: "keyway::nfc", door = door.id.as_str(), fast = report.fast;
+            "door {}: FAST {} ({} stored keys tried)", door.id,
+            if report.fast { "used" } else { "not matched" }, report.fast_candidates);
+    }
     let latency = report.to_decision.unwrap_or(report.total);
     let latency_ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
     let now = events::unix_ms(time::OffsetDateTime::now_utc());
-    let key = report.endpoint_key.as_ref().map(|k| k.as_slice());
+    let key = report.subject();
+    if report.card_uid.is_some() {
+        log::info!(target: "keyway::nfc", door = door.id.as_str();
+            "door {}: physical card (UID-only, clonable)", door.id);
+    }
     let event = match (&report.decision, key, &report.error) {
         (Some(d), Some(k), _) => {
             AccessEvent::from_decision(now, &door.id, Transport::Nfc, k, d, latency_ms)

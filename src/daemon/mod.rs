@@ -105,6 +105,11 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
         buses.push((port, handle, pending));
     }
 
+    for door in cfg.doors.iter().filter(|d| d.accept_cards) {
+        log::warn!(target: "keyway::daemon", door = door.id.as_str();
+            "door {}: accepts physical cards identified by UID only; a UID is readable and \
+             clonable by anyone with a reader, so keep this to the cutover", door.id);
+    }
     for door in &cfg.doors {
         let key = config::load_private_key(&door.private_key_file).map_err(|source| {
             DaemonError::Key {
@@ -126,6 +131,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             identity,
             store: store.clone(),
             nfc: cfg.nfc.clone(),
+            rate_limit: crate::nfc::ratelimit::RateLimitConfig::default(),
         };
         let panel = BusPanel {
             bus,

@@ -1,13 +1,18 @@
 //! Test peer: the phone side of Aliro 1.0 (an endpoint / User Device emulator).
 //!
+//! - [`issuer`]: builds step-up Access Documents (mdoc DeviceResponse) for the phone.
+//! - [`card`]: a physical card without Aliro (UID only), for cutover tests.
 //! - [`phone`]: the sans-IO endpoint state machine (C-APDU in, R-APDU out).
 //! - [`random`]: injected randomness (OS RNG for the binary, scripted for vector replay).
 //! - [`vpcd`]: the async adapter that puts a [`vpcd::VirtualCard`] behind vsmartcard's virtual
 //!   reader, so the real pcscd (and keyway's PC/SC code) talks to it.
 
+pub mod card;
+pub mod issuer;
 pub mod phone;
 pub mod random;
 pub mod vpcd;
 
+pub use card::UidCard;
 pub use phone::{Endpoint, EndpointConfig, Faults, Outcome, ReaderGroupCredential};
 pub use random::{EndpointRandom, OsRandom, ScriptedRandom};

@@ -103,6 +103,9 @@ pub struct EndpointConfig {
     pub fast_enabled: bool,
     /// Deliberate faults.
     pub faults: Faults,
+    /// The DeviceResponse (an Access Document, see [`crate::sim::issuer`]) returned in
+    /// step-up. `None`: step-up (SELECT 5502) is refused with 6A82.
+    pub access_document: Option<Vec<u8>>,
 }
 
 impl EndpointConfig {
@@ -126,6 +129,7 @@ impl EndpointConfig {
             strict_le: true,
             fast_enabled: true,
             faults: Faults::default(),
+            access_document: None,
         }
     }
 
@@ -205,8 +209,20 @@ enum State {
     Selected,
     /// AUTH0 answered.
     Auth0(Box<Auth0Context>),
-    /// Secure channel established (AUTH1, or FAST + first EXCHANGE).
-    Secure { channel: SecureChannel, fast: bool },
+    /// Secure channel established (AUTH1, or FAST + first EXCHANGE). `step_up_ikm` is
+    /// present after AUTH1 until a step-up or an EXCHANGE.
+    Secure {
+        channel: SecureChannel,
+        fast: bool,
+        step_up_ikm: Option<SymmetricKey>,
+    },
+    /// Step-up AID selected after AUTH1: ENVELOPE expected.
+    StepUp { channel: SecureChannel },
+    /// ENVELOPE answered in part: the rest goes out with GET RESPONSE.
+    StepUpSending {
+        channel: SecureChannel,
+        rest: Vec<u8>,
+    },
 }
 
 impl State {
@@ -216,6 +232,8 @@ impl State {
             State::Selected => "selected",
             State::Auth0(_) => "auth0",
             State::Secure { .. } => "secure",
+            State::StepUp { .. } => "step-up",
+            State::StepUpSending { .. } => "step-up (chaining)",
         }
     }
 }
@@ -255,6 +273,8 @@ pub struct Endpoint {
     /// Kpersistent per reader identifier; survives power cycles like a phone's keychain.
     persistent: VecDeque<([u8; 32], SymmetricKey)>,
     outcomes: VecDeque<Outcome>,
+    /// Status word of the next successful answer when not 9000 (61xx while chaining).
+    next_sw: Option<u16>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -277,6 +297,7 @@ impl Endpoint {
             state: State::Idle,
             persistent: VecDeque::new(),
             outcomes: VecDeque::new(),
+            next_sw: None,
         }
     }
 
@@ -330,7 +351,7 @@ impl Endpoint {
             Err(_) => Err(Reject::fatal(sw::WRONG_LENGTH, "malformed APDU")),
         };
         match result {
-            Ok(data) => encode_response(&data, sw::OK),
+            Ok(data) => encode_response(&data, self.next_sw.take().unwrap_or(sw::OK)),
             Err(rej) => {
                 log::debug!(sw = rej.sw, state = self.state.name(); "endpoint refused: {}", rej.reason);
                 // A refusal before any session exists (wrong AID, stray command) is no
@@ -370,7 +391,9 @@ impl Endpoint {
             (CLA_PROPRIETARY, INS_AUTH1) => self.auth1(cmd),
             (CLA_PROPRIETARY, INS_EXCHANGE) => self.exchange(cmd),
             (CLA_PROPRIETARY, INS_CONTROL_FLOW) => self.control_flow(cmd),
-            (CLA_PROPRIETARY, INS_LOAD_CERT) | (CLA_ISO, INS_ENVELOPE | INS_GET_RESPONSE) => {
+            (CLA_ISO, INS_ENVELOPE) => self.envelope(cmd),
+            (CLA_ISO, INS_GET_RESPONSE) => self.get_response(cmd),
+            (CLA_PROPRIETARY, INS_LOAD_CERT) => {
                 Err(Reject::soft(sw::INS_INVALID, "command not emulated"))
             }
             (
@@ -413,8 +436,10 @@ impl Endpoint {
                 "SELECT must be by name, first",
             ));
         }
+        if cmd.data.as_slice() == crate::aliro::consts::AID_STEP_UP {
+            return self.select_step_up();
+        }
         if cmd.data.as_slice() != AID_EXPEDITED {
-            // Step-up (5502) included: not emulated, and never valid before AUTH1 anyway.
             return Err(Reject::soft(sw::NOT_FOUND, "application not found"));
         }
         // A new SELECT starts a new session whatever came before.
@@ -630,8 +655,96 @@ impl Endpoint {
         self.state = State::Secure {
             channel,
             fast: false,
+            step_up_ikm: Some(session.step_up_ikm),
         };
         Ok(encrypted)
+    }
+
+    /// SELECT 5502: only inside a session authenticated by AUTH1, and only with a document.
+    fn select_step_up(&mut self) -> Handled {
+        let ikm = match &mut self.state {
+            State::Secure { step_up_ikm, .. } if self.config.access_document.is_some() => {
+                step_up_ikm.take()
+            }
+            _ => None,
+        };
+        let Some(ikm) = ikm else {
+            return Err(Reject::soft(sw::NOT_FOUND, "step-up not available"));
+        };
+        let (sk_reader, sk_device) = keys::derive_step_up(&ikm).map_err(internal)?;
+        let mut fci_inner = Vec::new();
+        tlv::push_tlv(
+            &mut fci_inner,
+            tag::DF_NAME,
+            &crate::aliro::consts::AID_STEP_UP,
+        )
+        .map_err(internal)?;
+        fci_inner.extend_from_slice(&self.proprietary_template()?);
+        let fci = tlv::encode(tag::FCI, &fci_inner).map_err(internal)?;
+        self.state = State::StepUp {
+            channel: SecureChannel::new(Role::Endpoint, sk_reader, sk_device),
+        };
+        Ok(fci)
+    }
+
+    /// ENVELOPE: 53 { {"data": DeviceRequest sealed} } in, the Access Document out (chained).
+    fn envelope(&mut self, cmd: &CommandApdu) -> Handled {
+        let State::StepUp { channel } = &mut self.state else {
+            return Err(Reject::fatal(sw::INS_INVALID, "ENVELOPE out of sequence"));
+        };
+        let tlvs = tlv::parse_all(&cmd.data)
+            .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "ENVELOPE data is not TLV"))?;
+        let body = tlv::find(&tlvs, tag::SESSION_DATA)
+            .ok_or(Reject::fatal(sw::NOT_COMPLIANT, "ENVELOPE without tag 53"))?;
+        let ct = crate::aliro::document::session_data_payload(body.value)
+            .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "session data is not CBOR"))?;
+        let request = channel
+            .open(&ct)
+            .map_err(|_| Reject::fatal(sw::SECURITY, "ENVELOPE decryption failed"))?;
+        // Any well-formed DeviceRequest gets the one document this phone holds.
+        ciborium::de::from_reader::<ciborium::value::Value, _>(request.as_slice())
+            .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "DeviceRequest is not CBOR"))?;
+        let doc = self.config.access_document.clone().unwrap_or_default();
+        let sealed = channel.seal(&doc).map_err(internal)?;
+        let wrapped = crate::aliro::document::session_data(&sealed).map_err(internal)?;
+        let mut out = Vec::new();
+        tlv::push_tlv(&mut out, tag::SESSION_DATA, &wrapped).map_err(internal)?;
+        let State::StepUp { channel } = std::mem::replace(&mut self.state, State::Idle) else {
+            return Err(Reject::fatal(sw::INS_INVALID, "ENVELOPE out of sequence"));
+        };
+        Ok(self.send_chunk(channel, out))
+    }
+
+    fn get_response(&mut self, _cmd: &CommandApdu) -> Handled {
+        match std::mem::replace(&mut self.state, State::Idle) {
+            State::StepUpSending { channel, rest } => Ok(self.send_chunk(channel, rest)),
+            other => {
+                self.state = other;
+                Err(Reject::soft(sw::INS_INVALID, "no response data pending"))
+            }
+        }
+    }
+
+    /// Short APDUs carry at most 256 bytes: send that much, announce the rest with 61xx.
+    fn send_chunk(&mut self, channel: SecureChannel, mut data: Vec<u8>) -> Vec<u8> {
+        const CHUNK: usize = 254;
+        if data.len() <= CHUNK {
+            // Done: the final EXCHANGE runs on the step-up channel.
+            self.state = State::Secure {
+                channel,
+                fast: false,
+                step_up_ikm: None,
+            };
+            return data;
+        }
+        let rest = data.split_off(CHUNK);
+        let announce = u8::try_from(rest.len()).unwrap_or(0);
+        self.next_sw = Some(u16::from_be_bytes([
+            crate::aliro::consts::sw::MORE_DATA_SW1,
+            announce,
+        ]));
+        self.state = State::StepUpSending { channel, rest };
+        data
     }
 
     fn exchange(&mut self, cmd: &CommandApdu) -> Handled {
@@ -641,11 +754,12 @@ impl Endpoint {
                 self.state = State::Secure {
                     channel,
                     fast: true,
+                    step_up_ikm: None,
                 };
             }
         }
         let strict_le = self.config.strict_le;
-        let State::Secure { channel, fast } = &mut self.state else {
+        let State::Secure { channel, fast, .. } = &mut self.state else {
             return Err(Reject::fatal(
                 sw::INS_INVALID,
                 "EXCHANGE before authentication",

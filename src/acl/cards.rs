@@ -1,0 +1,180 @@
+//! Physical cards during a cutover: a credential may list the UIDs of the person's old cards
+//! (`card_uids` in the ACL file), and a door that accepts cards looks a card up by its UID.
+//!
+//! A UID is not a secret and most cards let anyone read it, so a UID-only card is clonable:
+//! the daemon warns at start-up for every door that accepts cards. The decision rules are the
+//! same as for a phone ([`evaluate`]): validity window, then door list.
+
+use rusqlite::OptionalExtension;
+
+use super::{credential_record, evaluate, AclError, CredentialRecord, Decision, Store};
+
+/// UID lengths of ISO/IEC 14443 Type A cards: single, double and triple size.
+pub const UID_LENGTHS: [usize; 3] = [4, 7, 10];
+/// Most card UIDs one credential may list.
+pub const MAX_UIDS_PER_CREDENTIAL: usize = 8;
+
+/// True when `uid` has a length a card UID can have.
+pub fn is_valid_uid(uid: &[u8]) -> bool {
+    UID_LENGTHS.contains(&uid.len())
+}
+
+impl Store {
+    /// Fetches the credential holding card `uid`, with `door_allowed` computed for `door`.
+    pub fn lookup_card(
+        &self,
+        uid: &[u8],
+        door: &str,
+    ) -> Result<Option<CredentialRecord>, AclError> {
+        if !is_valid_uid(uid) {
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT c.id, c.person_id, c.card_format, c.facility_code, c.card_number,
+                    c.valid_from, c.valid_until,
+                    EXISTS (SELECT 1 FROM credential_doors d
+                            WHERE d.credential_id = c.id AND d.door IN (?2, '*'))
+             FROM card_uids u JOIN credentials c ON c.id = u.credential_id WHERE u.uid = ?1",
+        )?;
+        let row = stmt
+            .query_row(rusqlite::params![uid, door], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<i64>>(6)?,
+                    r.get::<_, bool>(7)?,
+                ))
+            })
+            .optional()?;
+        row.map(credential_record).transpose()
+    }
+
+    /// Decides whether card `uid` may open `door` at `now` (unknown UID: `unknown_key`).
+    pub fn decide_card(
+        &self,
+        uid: &[u8],
+        door: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<Decision, AclError> {
+        let record = self.lookup_card(uid, door)?;
+        Ok(evaluate(record.as_ref(), now.unix_timestamp()))
+    }
+
+    /// Number of stored card UIDs.
+    pub fn card_uid_count(&self) -> Result<u64, AclError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM card_uids", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{CredentialSpec, DenyReason, ImportMode, ENDPOINT_KEY_LEN};
+    use crate::card::CardFormat;
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+
+    fn key(seed: u8) -> [u8; ENDPOINT_KEY_LEN] {
+        let mut scalar = [0u8; 32];
+        scalar[0] = 1;
+        scalar[31] = seed;
+        let sk = p256::SecretKey::from_slice(&scalar).unwrap();
+        sk.public_key()
+            .to_encoded_point(false)
+            .as_bytes()
+            .try_into()
+            .unwrap()
+    }
+
+    fn spec(seed: u8, uids: Vec<Vec<u8>>, doors: &[&str]) -> CredentialSpec {
+        CredentialSpec {
+            line: 1,
+            endpoint_key: key(seed),
+            person_id: format!("p{seed}"),
+            card_format: CardFormat::H10301,
+            facility_code: 7,
+            card_number: u32::from(seed),
+            valid_from: None,
+            valid_until: None,
+            doors: doors.iter().map(|d| d.to_string()).collect(),
+            card_uids: uids,
+        }
+    }
+
+    const NOW: time::OffsetDateTime = time::macros::datetime!(2026-01-01 00:00 UTC);
+
+    #[test]
+    fn card_uid_decides_like_the_credential() {
+        let mut s = Store::open_in_memory().unwrap();
+        let a = vec![0x04, 0xA1, 0xB2, 0xC3, 0xD4, 0xE5, 0xF6];
+        let b = vec![0xDE, 0xAD, 0xBE, 0xEF];
+        s.import_specs(
+            &[spec(1, vec![a.clone(), b.clone()], &["front"])],
+            ImportMode::Replace,
+            "t",
+        )
+        .unwrap();
+        match s.decide_card(&a, "front", NOW).unwrap() {
+            Decision::Grant(g) => assert_eq!((g.person_id.as_str(), g.card_number), ("p1", 1)),
+            other => panic!("{other:?}"),
+        }
+        assert!(s.decide_card(&b, "front", NOW).unwrap().is_grant());
+        assert_eq!(
+            s.decide_card(&a, "back", NOW).unwrap(),
+            Decision::Deny(DenyReason::WrongDoor)
+        );
+        assert_eq!(
+            s.decide_card(&[1, 2, 3, 4], "front", NOW).unwrap(),
+            Decision::Deny(DenyReason::UnknownKey)
+        );
+        assert_eq!(
+            s.decide_card(&[1, 2, 3], "front", NOW).unwrap(),
+            Decision::Deny(DenyReason::UnknownKey)
+        );
+        // A phone key is not a card UID and the other way round.
+        assert_eq!(
+            s.decide_card(&key(1)[..10], "front", NOW).unwrap(),
+            Decision::Deny(DenyReason::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn import_moves_replaces_and_removes_uids() {
+        let mut s = Store::open_in_memory().unwrap();
+        let u = vec![9, 9, 9, 9];
+        s.import_specs(
+            &[spec(1, vec![u.clone()], &["*"])],
+            ImportMode::Replace,
+            "t",
+        )
+        .unwrap();
+        // Merge: the card now belongs to credential 2 (a re-issued badge).
+        s.import_specs(&[spec(2, vec![u.clone()], &["*"])], ImportMode::Merge, "t")
+            .unwrap();
+        match s.decide_card(&u, "x", NOW).unwrap() {
+            Decision::Grant(g) => assert_eq!(g.person_id, "p2"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.card_uid_count().unwrap(), 1);
+        // Updating credential 2 without cards removes its card.
+        s.import_specs(&[spec(2, vec![], &["*"])], ImportMode::Merge, "t")
+            .unwrap();
+        assert_eq!(s.card_uid_count().unwrap(), 0);
+        // Removing the credential removes its cards (cascade).
+        s.import_specs(&[spec(3, vec![u.clone()], &["*"])], ImportMode::Merge, "t")
+            .unwrap();
+        s.import_specs(&[spec(1, vec![], &["*"])], ImportMode::Replace, "t")
+            .unwrap();
+        assert_eq!(s.card_uid_count().unwrap(), 0);
+        assert_eq!(
+            s.decide_card(&u, "x", NOW).unwrap(),
+            Decision::Deny(DenyReason::UnknownKey)
+        );
+    }
+}
