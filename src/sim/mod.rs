@@ -1,10 +1,12 @@
 //! Test peer: the phone side of Aliro 1.0 (an endpoint / User Device emulator).
 //!
 //! - [`phone`]: the sans-IO endpoint state machine (C-APDU in, R-APDU out).
+//! - [`ble_phone`]: the same endpoint over Aliro BLE messages (sans-IO), and a `bluer` central.
 //! - [`random`]: injected randomness (OS RNG for the binary, scripted for vector replay).
 //! - [`vpcd`]: the async adapter that puts a [`vpcd::VirtualCard`] behind vsmartcard's virtual
 //!   reader, so the real pcscd (and keyway's PC/SC code) talks to it.
 
+pub mod ble_phone;
 pub mod phone;
 pub mod random;
 pub mod vpcd;
