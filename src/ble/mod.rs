@@ -12,6 +12,7 @@
 //! The adapter, apart: [`adapter`] runs it on BlueZ with `bluer` (advertisement, GATT
 //! application, L2CAP LE credit-based channel listener, one task per connection).
 
+pub mod adapter;
 pub mod discovery;
 pub mod keys;
 pub mod message;

@@ -169,6 +169,69 @@ pub struct DoorConfig {
     /// Relay outputs this reader drives (advertised to the panel in osdp_PDCAP).
     #[serde(default)]
     pub outputs: u8,
+    /// Optional `[door.ble]`: Aliro over Bluetooth LE on this door (docs/ble.md).
+    #[serde(default)]
+    pub ble: Option<DoorBle>,
+}
+
+/// `[door.ble]`: the door's BLE side. Every field is optional; defaults in docs/ble.md.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorBle {
+    /// Serve this door over BLE (default true once the table is present).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// BlueZ adapter name (`hci0`); default: BlueZ's default adapter.
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// Weakest signal (dBm) at which a phone is served in walk-up mode (-100..=0).
+    #[serde(default = "default_rssi_threshold")]
+    pub rssi_threshold_dbm: i16,
+    /// `tap` (the user taps in the app; any range) or `walk_up` (automatic, needs the RSSI).
+    #[serde(default)]
+    pub mode: BleMode,
+    /// Phones served at once (1..=16); more are disconnected at once.
+    #[serde(default = "default_ble_max_connections")]
+    pub max_connections: usize,
+    /// L2CAP LE credit-based channel PSM (0x80..=0xFF).
+    #[serde(default = "default_ble_spsm")]
+    pub spsm: u16,
+    /// Whole-connection limit: a phone that has not finished by then is dropped (500..=60000).
+    #[serde(default = "default_ble_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// How a phone shows intent on BLE.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BleMode {
+    /// The user taps the door in the app: served at any signal strength.
+    #[default]
+    Tap,
+    /// The phone starts by itself when near: served only at or above the RSSI threshold.
+    WalkUp,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_rssi_threshold() -> i16 {
+    -70
+}
+fn default_ble_max_connections() -> usize {
+    4
+}
+fn default_ble_spsm() -> u16 {
+    0x0080
+}
+fn default_ble_timeout_ms() -> u64 {
+    5000
+}
+
+impl DoorBle {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -256,6 +319,8 @@ pub struct Validated {
     pub model: u8,
     pub serial_number: u32,
     pub doors: Vec<Door>,
+    /// `(door id, [door.ble])` for every door with BLE enabled.
+    pub ble: Vec<(String, DoorBle)>,
 }
 
 impl Validated {
@@ -355,6 +420,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
     let mut addresses = BTreeSet::new();
     let mut bauds: BTreeMap<PathBuf, u32> = BTreeMap::new();
     let mut doors = Vec::with_capacity(raw.doors.len());
+    let mut ble = Vec::new();
     for (i, d) in raw.doors.into_iter().enumerate() {
         let name = if d.id.is_empty() {
             format!("door[{i}]")
@@ -427,6 +493,10 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         let sub_id =
             decode_hex_array(&d.aliro.sub_id).map_err(|m| invalid(field("aliro.sub_id"), m))?;
         let key_path = resolve(path, &d.aliro.private_key_file);
+        if let Some(b) = d.ble.as_ref().filter(|b| b.enabled) {
+            validate_ble(b).map_err(|(f, m)| invalid(field(f), m))?;
+            ble.push((d.id.clone(), b.clone()));
+        }
         doors.push(Door {
             id: d.id,
             port: d.osdp.port,
@@ -452,7 +522,44 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         model: raw.osdp.model,
         serial_number: raw.osdp.serial_number,
         doors,
+        ble,
     })
+}
+
+fn validate_ble(b: &DoorBle) -> Result<(), (&'static str, String)> {
+    if !(-100..=0).contains(&b.rssi_threshold_dbm) {
+        return Err((
+            "ble.rssi_threshold_dbm",
+            format!("{} is out of range (-100..=0)", b.rssi_threshold_dbm),
+        ));
+    }
+    if !(1..=16).contains(&b.max_connections) {
+        return Err((
+            "ble.max_connections",
+            format!("{} is out of range (1..=16)", b.max_connections),
+        ));
+    }
+    if !(0x80..=0xFF).contains(&b.spsm) {
+        return Err((
+            "ble.spsm",
+            format!("0x{:X} is out of range (0x80..=0xFF)", b.spsm),
+        ));
+    }
+    if !(500..=60_000).contains(&b.timeout_ms) {
+        return Err((
+            "ble.timeout_ms",
+            format!("{} is out of range (500..=60000)", b.timeout_ms),
+        ));
+    }
+    if let Some(a) = &b.adapter {
+        if a.is_empty() || a.len() > 32 || !a.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err((
+                "ble.adapter",
+                format!("{a:?} is not an adapter name like hci0"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn invalid_empty(
