@@ -221,8 +221,9 @@ async fn serve_once<H: ConnectionHandler>(
 
 fn advertisement(cfg: &AdapterConfig) -> Advertisement {
     let data = discovery::Advertisement::new(&cfg.group_id, &cfg.sub_id, cfg.tx_power).encode();
+    // Flags (3 bytes) + service data FFF2 (28 bytes) fill the 31-byte legacy advertisement;
+    // a separate service UUID list does not fit (the service data names the UUID anyway).
     Advertisement {
-        service_uuids: [discovery::SERVICE_UUID].into_iter().collect(),
         service_data: BTreeMap::from([(discovery::SERVICE_UUID, data)]),
         discoverable: Some(true),
         ..Default::default()

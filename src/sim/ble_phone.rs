@@ -231,6 +231,247 @@ impl BlePhone {
     }
 }
 
+/// The phone as a `bluer` central on a BlueZ adapter.
+pub mod central {
+    use std::time::{Duration, Instant};
+
+    use bluer::l2cap::{SocketAddr, Stream};
+    use bluer::{Adapter, AdapterEvent, Address, DiscoveryFilter, DiscoveryTransport};
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{BlePhone, PhoneBleError, PhoneEvent};
+    use crate::ble::discovery::{
+        Advertisement, ReaderInfo, DEVICE_CHARACTERISTIC_UUID, READER_CHARACTERISTIC_UUID,
+        SERVICE_UUID,
+    };
+
+    /// Why the phone could not complete.
+    #[derive(Debug, thiserror::Error)]
+    pub enum CentralError {
+        #[error("bluez: {0}")]
+        Bluez(#[from] bluer::Error),
+        #[error("l2cap: {0}")]
+        Io(#[from] std::io::Error),
+        #[error("no reader of the group advertised within {0:?}")]
+        NotFound(Duration),
+        #[error("GATT: {0}")]
+        Gatt(&'static str),
+        #[error("phone: {0}")]
+        Phone(#[from] PhoneBleError),
+        #[error("timed out: {0}")]
+        Timeout(&'static str),
+    }
+
+    /// How the phone behaves.
+    #[derive(Debug, Clone)]
+    pub struct CentralOptions {
+        /// Open the channel and then say nothing (the reader must drop it).
+        pub silent: bool,
+        /// Bound on every step (connect, GATT, the exchange).
+        pub step_timeout: Duration,
+        /// Drop the LE link at the end (off: leave it to another transaction on it).
+        pub disconnect: bool,
+    }
+
+    impl Default for CentralOptions {
+        fn default() -> Self {
+            Self {
+                silent: false,
+                step_timeout: Duration::from_secs(20),
+                disconnect: true,
+            }
+        }
+    }
+
+    /// What happened on the phone's side.
+    #[derive(Debug, Clone)]
+    pub struct CentralReport {
+        /// The reader's verdict: 01 unsecured (open), 00 secured; `None` if none came.
+        pub reader_state: Option<u8>,
+        /// From the L2CAP channel being open to the verdict.
+        pub channel_to_verdict: Option<Duration>,
+        /// The reader closed the channel (silent phone).
+        pub closed_by_reader: bool,
+        /// From the channel open to the reader closing it.
+        pub channel_to_close: Option<Duration>,
+    }
+
+    /// Scans in short rounds (btvirt reports an advertiser once per scan start) until a reader
+    /// of `group_id` advertises; returns its address and the RSSI seen.
+    pub async fn find_reader(
+        adapter: &Adapter,
+        group_id: &[u8; 16],
+        within: Duration,
+    ) -> Result<(Address, Option<i16>), CentralError> {
+        let deadline = Instant::now() + within;
+        // No UUID filter: the reader's advertisement carries FFF2 as service data only.
+        let filter = DiscoveryFilter {
+            transport: DiscoveryTransport::Le,
+            duplicate_data: true,
+            ..Default::default()
+        };
+        let _ = adapter.set_discovery_filter(filter).await;
+        while Instant::now() < deadline {
+            // Boxed so that dropping it really ends the discovery session (a central still
+            // discovering connects up to 10 s late).
+            let mut events = Box::pin(adapter.discover_devices().await?);
+            let round_end = tokio::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                let ev = match tokio::time::timeout_at(round_end, events.next()).await {
+                    Ok(Some(ev)) => ev,
+                    Ok(None) | Err(_) => break,
+                };
+                if let AdapterEvent::DeviceAdded(addr) = ev {
+                    let dev = adapter.device(addr)?;
+                    let data = dev.service_data().await?.unwrap_or_default();
+                    let ours = data
+                        .get(&SERVICE_UUID)
+                        .and_then(|d| Advertisement::parse(d).ok())
+                        .is_some_and(|a| a.matches_group(group_id));
+                    if ours {
+                        let rssi = dev.rssi().await.ok().flatten();
+                        drop(events);
+                        return Ok((addr, rssi));
+                    }
+                }
+            }
+            drop(events);
+        }
+        Err(CentralError::NotFound(within))
+    }
+
+    async fn bounded<T, E>(
+        what: &'static str,
+        limit: Duration,
+        f: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, CentralError>
+    where
+        CentralError: From<E>,
+    {
+        match tokio::time::timeout(limit, f).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(CentralError::Timeout(what)),
+        }
+    }
+
+    /// Connects to the reader at `addr`, reads the SPSM, selects the version, opens the
+    /// channel and runs one transaction with `phone`.
+    pub async fn transact(
+        adapter: &Adapter,
+        addr: Address,
+        phone: &mut BlePhone,
+        opts: &CentralOptions,
+    ) -> Result<CentralReport, CentralError> {
+        let t = opts.step_timeout;
+        let dev = adapter.device(addr)?;
+        let mut tries = 0;
+        while !dev.is_connected().await? {
+            match bounded("LE connect", t, dev.connect()).await {
+                Ok(()) => {}
+                Err(e) if tries < 3 => {
+                    tries += 1;
+                    log::debug!("phone: connect attempt {tries} failed: {e}");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let resolved = async {
+            while !dev.is_services_resolved().await? {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok::<_, bluer::Error>(())
+        };
+        bounded("GATT discovery", t, resolved).await?;
+        let (mut reader_char, mut device_char) = (None, None);
+        for service in dev.services().await? {
+            if service.uuid().await? != SERVICE_UUID {
+                continue;
+            }
+            for c in service.characteristics().await? {
+                match c.uuid().await? {
+                    u if u == READER_CHARACTERISTIC_UUID => reader_char = Some(c),
+                    u if u == DEVICE_CHARACTERISTIC_UUID => device_char = Some(c),
+                    _ => {}
+                }
+            }
+        }
+        let reader_char = reader_char.ok_or(CentralError::Gatt("no reader characteristic"))?;
+        let device_char = device_char.ok_or(CentralError::Gatt("no device characteristic"))?;
+        let value = bounded("GATT read", t, reader_char.read()).await?;
+        let info = ReaderInfo::parse(&value).map_err(|_| CentralError::Gatt("bad reader value"))?;
+        let version = *info
+            .versions
+            .first()
+            .ok_or(CentralError::Gatt("no version offered"))?;
+        bounded("GATT write", t, device_char.write(&version)).await?;
+        let sa = SocketAddr::new(addr, dev.address_type().await?, info.spsm);
+        let mut stream = bounded("L2CAP connect", t, Stream::connect(sa)).await?;
+        let opened = Instant::now();
+        let mut report = CentralReport {
+            reader_state: None,
+            channel_to_verdict: None,
+            closed_by_reader: false,
+            channel_to_close: None,
+        };
+        let mut buf = vec![0u8; 1024];
+        if opts.silent {
+            let read = tokio::time::timeout(t, stream.read(&mut buf)).await;
+            if matches!(read, Ok(Ok(0)) | Ok(Err(_))) {
+                report.closed_by_reader = true;
+                report.channel_to_close = Some(opened.elapsed());
+            }
+        } else {
+            let first = phone.initiate()?;
+            // A reader over its connection limit accepts and closes at once.
+            if let Err(e) = bounded("L2CAP write", t, stream.write_all(&first)).await {
+                log::info!("phone: first write failed: {e}");
+                report.closed_by_reader = true;
+                report.channel_to_close = Some(opened.elapsed());
+            }
+            'exchange: while !report.closed_by_reader {
+                let n = match bounded("reader answer", t, stream.read(&mut buf)).await {
+                    Err(CentralError::Io(e)) => {
+                        log::info!("phone: read failed: {e}");
+                        0
+                    }
+                    other => other?,
+                };
+                if n == 0 {
+                    report.closed_by_reader = true;
+                    report.channel_to_close = Some(opened.elapsed());
+                    break;
+                }
+                for ev in phone.on_bytes(buf.get(..n).unwrap_or_default())? {
+                    match ev {
+                        PhoneEvent::Send(frame) => {
+                            bounded("L2CAP write", t, stream.write_all(&frame)).await?
+                        }
+                        PhoneEvent::Completed { reader_state } => {
+                            report.reader_state = Some(reader_state);
+                            report.channel_to_verdict = Some(opened.elapsed());
+                            break 'exchange;
+                        }
+                    }
+                }
+            }
+        }
+        drop(stream);
+        if opts.disconnect {
+            // Wait until the link is really down, so the next transaction does not start on a
+            // link that is about to go away.
+            let down = async {
+                let _ = dev.disconnect().await;
+                while dev.is_connected().await.unwrap_or(false) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            let _ = tokio::time::timeout(t, down).await;
+        }
+        Ok(report)
+    }
+}
+
 fn a5_of(r_apdu: &[u8]) -> Option<Vec<u8>> {
     let resp = ResponseApdu::parse(r_apdu).ok()?;
     if resp.sw != sw::OK {

@@ -1,0 +1,535 @@
+//! Hardware-in-the-loop: keyway's BLE door against a real BlueZ, inside the project's small VM.
+//!
+//! This machine's kernel has no Bluetooth, so the test boots a qemu VM (`scripts/ble-vm`:
+//! Debian's kernel, busybox initramfs, the host's root read-only over 9p) with dbus,
+//! `btvirt -L -l2` (two virtual LE controllers on one air) and bluetoothd, and runs *this
+//! test binary* again inside it (env `KEYWAY_BLE_VM_GUEST=1`). Inside, keyway's BLE door
+//! (`daemon::ble::run_ble_door`: advertisement, GATT, L2CAP listener → Aliro → ACL → panel →
+//! event) serves hci0 and the project's phone emulator is a `bluer` central on hci1:
+//! 1. both adapters are up and powered;
+//! 2. an enrolled phone is granted: the phone reads "unsecured", the panel got its card, the
+//!    event says granted over ble;
+//! 3. an unknown phone is denied (phone reads "secured", no card, event unknown_key);
+//! 4. a phone that opens the channel and stays silent is dropped after the Aliro timeout;
+//! 5. with the connection limit (1) reached, one more phone is refused at once;
+//! 6. bluetoothd is killed and restarted: keyway re-registers by itself and grants again.
+//!
+//! One VM boot per run; every scenario runs inside it. Fails (never skips) when qemu or bluez
+//! are missing. Waits are bounded; no timing is asserted (timings are printed).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const GUEST_ENV: &str = "KEYWAY_BLE_VM_GUEST";
+/// The writable 9p share inside the guest (scripts/ble-vm).
+const GUEST_SHARE: &str = "/run/keyway-vm";
+
+#[test]
+fn ble_hil() {
+    if std::env::var_os(GUEST_ENV).is_some() {
+        guest::run();
+    } else {
+        host();
+    }
+}
+
+fn host() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for tool in [
+        "qemu-system-x86_64",
+        "btvirt",
+        "bluetoothd",
+        "dbus-daemon",
+        "busybox",
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{tool} is missing: the BLE test needs qemu-system-x86, bluez, bluez-test-tools, dbus \
+             and busybox-static (run ./scripts/setup)"
+        );
+    }
+    let share = tempfile::tempdir().expect("share dir");
+    let exe = std::env::current_exe().expect("test binary path");
+    let t0 = Instant::now();
+    let status = Command::new(root.join("scripts/ble-vm"))
+        .arg("run")
+        .arg(share.path())
+        .arg(&exe)
+        .args(["ble_hil", "--exact", "--nocapture", "--test-threads=1"])
+        .env(GUEST_ENV, "1")
+        .env("RUST_BACKTRACE", "1")
+        .current_dir(root)
+        .status()
+        .expect("cannot run scripts/ble-vm");
+    let elapsed = t0.elapsed();
+    let read = |name: &str| std::fs::read_to_string(share.path().join(name)).unwrap_or_default();
+    let tail = |s: String, n: usize| {
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    let out = read("stdout.log");
+    println!("--- guest stdout ---\n{out}");
+    println!("--- results ---\n{}", read("results.txt"));
+    println!(
+        "ble_hil: VM boot + scenarios took {:.1} s",
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        status.success(),
+        "BLE scenarios in the VM failed ({status}).\n--- guest stderr (tail) ---\n{}\n--- console ---\n{}\n--- bluetoothd (tail) ---\n{}\n--- bluetoothd after the restart (tail) ---\n{}",
+        tail(read("stderr.log"), 80),
+        tail(read("console.log"), 30),
+        tail(read("bluetoothd.log"), 30),
+        tail(read("bluetoothd-2.log"), 60),
+    );
+    assert!(
+        out.contains("ble_hil: all scenarios passed"),
+        "the guest did not report its scenarios"
+    );
+}
+
+mod guest {
+    use super::*;
+
+    use keyway::acl::{CredentialSpec, ImportMode, Store};
+    use keyway::aliro::reader::ReaderIdentity;
+    use keyway::ble::adapter::AdapterStats;
+    use keyway::ble::BleVersions;
+    use keyway::card::{self, CardFormat, WiegandBits};
+    use keyway::config::{AuthPolicy, BleMode, Door, DoorBle};
+    use keyway::daemon::ble::{run_ble_door, BleDoorRuntime};
+    use keyway::daemon::{PanelSink, StoreHandle};
+    use keyway::events::{AccessEvent, EventDecision, Transport};
+    use keyway::sim::ble_phone::central::{self, CentralOptions, CentralReport};
+    use keyway::sim::ble_phone::BlePhone;
+    use keyway::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
+    use p256::SecretKey;
+    use rand_core::{OsRng, RngCore};
+    use tokio::sync::watch;
+
+    const DOOR: &str = "ble-hil";
+    /// Short enough that the silent-phone scenario stays quick, long enough for TCG.
+    const ALIRO_TIMEOUT_MS: u64 = 4000;
+
+    /// Records what would have gone to the panel, and when (from the connection's accept).
+    #[derive(Clone, Default)]
+    struct RecordingPanel(Arc<Mutex<Vec<(WiegandBits, Duration)>>>);
+
+    impl PanelSink for RecordingPanel {
+        fn send_card(&self, _door: &Door, bits: WiegandBits, started: Instant) {
+            self.0.lock().unwrap().push((bits, started.elapsed()));
+        }
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        db: PathBuf,
+        group_id: [u8; 16],
+        reader_key: SecretKey,
+        enrolled: SecretKey,
+        panel: RecordingPanel,
+        stats: Arc<AdapterStats>,
+        phone_adapter: bluer::Adapter,
+        results: Vec<String>,
+    }
+
+    fn rand16() -> [u8; 16] {
+        let mut b = [0u8; 16];
+        OsRng.fill_bytes(&mut b);
+        b
+    }
+
+    pub fn run() {
+        keyway::logging::init(keyway::logging::Target::Stderr, log::LevelFilter::Debug);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(scenarios());
+        println!("ble_hil: all scenarios passed");
+    }
+
+    /// Waits (bounded) until both virtual controllers are known to BlueZ and powered.
+    async fn adapters_up(session: &bluer::Session) -> Duration {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(60);
+        loop {
+            let names = session.adapter_names().await.unwrap_or_default();
+            let mut powered = 0;
+            for n in ["hci0", "hci1"] {
+                if names.iter().any(|x| x == n) {
+                    if let Ok(a) = session.adapter(n) {
+                        if a.is_powered().await.unwrap_or(false) {
+                            powered += 1;
+                        }
+                    }
+                }
+            }
+            if powered == 2 {
+                return t0.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "BlueZ did not show hci0 and hci1 powered within 60 s (adapters: {names:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn phone(rig: &Rig, key: &SecretKey) -> BlePhone {
+        let cred = ReaderGroupCredential {
+            group_id: rig.group_id,
+            reader_group_key: rig.reader_key.public_key(),
+        };
+        BlePhone::new(
+            EndpointConfig::new(key.clone(), vec![cred]),
+            Box::new(OsRandom),
+            BleVersions::default(),
+        )
+    }
+
+    async fn find(rig: &Rig) -> bluer::Address {
+        let (addr, rssi) =
+            central::find_reader(&rig.phone_adapter, &rig.group_id, Duration::from_secs(60))
+                .await
+                .expect("the phone finds the door's advertisement");
+        log::info!("phone: door found at {addr} (rssi {rssi:?})");
+        addr
+    }
+
+    async fn attempt(rig: &Rig, key: &SecretKey, opts: &CentralOptions) -> CentralReport {
+        let addr = find(rig).await;
+        attempt_at(rig, addr, key, opts).await
+    }
+
+    async fn attempt_at(
+        rig: &Rig,
+        addr: bluer::Address,
+        key: &SecretKey,
+        opts: &CentralOptions,
+    ) -> CentralReport {
+        let mut p = phone(rig, key);
+        match central::transact(&rig.phone_adapter, addr, &mut p, opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                // A phone whose GATT cache went stale (keyway's application was registered
+                // again) forgets the reader and starts over, as a real phone would.
+                log::info!("phone: {e}; forgetting {addr} and trying again");
+                let _ = rig.phone_adapter.remove_device(addr).await;
+                let addr = find(rig).await;
+                let mut p = phone(rig, key);
+                central::transact(&rig.phone_adapter, addr, &mut p, opts)
+                    .await
+                    .expect("phone transaction")
+            }
+        }
+    }
+
+    fn events(db: &Path) -> Vec<AccessEvent> {
+        let store = Store::open(db).unwrap();
+        let mut ev: Vec<_> = store
+            .recent_events(100)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.event)
+            .collect();
+        ev.reverse();
+        ev
+    }
+
+    async fn wait_events(db: &Path, n: usize) -> Vec<AccessEvent> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ev = events(db);
+            if ev.len() >= n || Instant::now() > deadline {
+                return ev;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn scenarios() {
+        let session = bluer::Session::new()
+            .await
+            .expect("D-Bus system bus and bluer");
+        let up = adapters_up(&session).await;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keyway.db");
+        let enrolled = SecretKey::random(&mut OsRng);
+        let spec = CredentialSpec {
+            line: 1,
+            endpoint_key: enrolled
+                .public_key()
+                .to_sec1_bytes()
+                .as_ref()
+                .try_into()
+                .unwrap(),
+            person_id: "p-ble".into(),
+            card_format: CardFormat::H10301,
+            facility_code: 42,
+            card_number: 4242,
+            valid_from: None,
+            valid_until: None,
+            doors: vec![DOOR.into()],
+        };
+        Store::open(&db)
+            .unwrap()
+            .import_specs(&[spec], ImportMode::Replace, "ble_hil")
+            .unwrap();
+        let mut rig = Rig {
+            _dir: dir,
+            db,
+            group_id: rand16(),
+            reader_key: SecretKey::random(&mut OsRng),
+            enrolled,
+            panel: RecordingPanel::default(),
+            stats: Arc::default(),
+            phone_adapter: session.adapter("hci1").unwrap(),
+            results: vec![format!(
+                "adapters up {:.1} s after the guest test started",
+                up.as_secs_f64()
+            )],
+        };
+        println!("ble_hil: hci0 and hci1 powered ({:.1} s)", up.as_secs_f64());
+
+        // keyway's BLE door on hci0.
+        let sub_id = rand16();
+        let door = Door {
+            id: DOOR.into(),
+            port: PathBuf::from("/dev/null"),
+            baud: 9600,
+            address: 0,
+            outputs: 0,
+            reader_pattern: "*".into(),
+            group_id: rig.group_id,
+            sub_id,
+            private_key_file: PathBuf::new(),
+            auth_policy: AuthPolicy::UserDeviceSetting,
+        };
+        let ble = DoorBle {
+            enabled: true,
+            adapter: Some("hci0".into()),
+            rssi_threshold_dbm: -70,
+            mode: BleMode::Tap,
+            max_connections: 1,
+            spsm: 0x0080,
+            timeout_ms: ALIRO_TIMEOUT_MS,
+        };
+        let (store, _thread) = StoreHandle::open(&rig.db).unwrap();
+        let rt = BleDoorRuntime {
+            door: Arc::new(door),
+            identity: Arc::new(ReaderIdentity::new(
+                rig.group_id,
+                sub_id,
+                rig.reader_key.clone(),
+            )),
+            store,
+            ble,
+            stats: rig.stats.clone(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_ble_door(rt, rig.panel.clone(), stop_rx));
+        let stats = rig.stats.clone();
+        wait_for(
+            "keyway's first BLE registration",
+            Duration::from_secs(30),
+            || stats.registrations.load(Ordering::SeqCst) >= 1,
+        )
+        .await;
+        let opts = CentralOptions::default();
+
+        // Enrolled phone: granted.
+        let enrolled = rig.enrolled.clone();
+        let r = attempt(&rig, &enrolled, &opts).await;
+        assert_eq!(
+            r.reader_state,
+            Some(0x01),
+            "enrolled phone told unsecured: {r:?}"
+        );
+        let ev = wait_events(&rig.db, 1).await;
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(
+            (ev[0].decision, ev[0].transport),
+            (EventDecision::Granted, Transport::Ble)
+        );
+        assert_eq!(ev[0].person_id.as_deref(), Some("p-ble"));
+        let cards = rig.panel.0.lock().unwrap().clone();
+        assert_eq!(cards.len(), 1);
+        assert_eq!(
+            card::decode(&cards[0].0).unwrap(),
+            (CardFormat::H10301, 42, 4242)
+        );
+        rig.results.push(format!(
+            "granted: connection->decision {} ms, connection->RAW handoff {} ms, phone channel->verdict {:?}",
+            ev[0].latency_ms,
+            cards[0].1.as_millis(),
+            r.channel_to_verdict
+        ));
+
+        // Unknown phone: denied, nothing to the panel.
+        let stranger = SecretKey::random(&mut OsRng);
+        let r = attempt(&rig, &stranger, &opts).await;
+        assert_eq!(
+            r.reader_state,
+            Some(0x00),
+            "unknown phone told secured: {r:?}"
+        );
+        let ev = wait_events(&rig.db, 2).await;
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        assert_eq!(
+            (ev[1].decision, ev[1].reason.as_str(), ev[1].transport),
+            (EventDecision::Denied, "unknown_key", Transport::Ble)
+        );
+        assert_eq!(rig.panel.0.lock().unwrap().len(), 1);
+        rig.results.push(format!(
+            "denied: connection->decision {} ms",
+            ev[1].latency_ms
+        ));
+
+        // Silent phone: dropped after the Aliro timeout, recorded as a timeout.
+        let silent = CentralOptions {
+            silent: true,
+            ..CentralOptions::default()
+        };
+        let r = attempt(&rig, &enrolled, &silent).await;
+        assert!(r.closed_by_reader, "keyway closes a silent channel: {r:?}");
+        let ev = wait_events(&rig.db, 3).await;
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        assert_eq!(
+            (ev[2].decision, ev[2].reason.as_str()),
+            (EventDecision::Error, "timeout")
+        );
+        rig.results.push(format!(
+            "silent phone dropped after {:?} (limit {ALIRO_TIMEOUT_MS} ms)",
+            r.channel_to_close
+        ));
+
+        // Connection limit (1 here): while a silent phone holds the only slot, another phone
+        // is accepted and closed at once, and no session starts for it.
+        let addr = find(&rig).await;
+        let holder = {
+            let (adapter, group_id, reader_key) = (
+                rig.phone_adapter.clone(),
+                rig.group_id,
+                rig.reader_key.clone(),
+            );
+            let key = enrolled.clone();
+            let silent = silent.clone();
+            tokio::spawn(async move {
+                let cred = ReaderGroupCredential {
+                    group_id,
+                    reader_group_key: reader_key.public_key(),
+                };
+                let mut p = BlePhone::new(
+                    EndpointConfig::new(key, vec![cred]),
+                    Box::new(OsRandom),
+                    BleVersions::default(),
+                );
+                central::transact(&adapter, addr, &mut p, &silent).await
+            })
+        };
+        wait_for(
+            "the silent phone to hold the slot",
+            Duration::from_secs(30),
+            || stats.active.load(Ordering::SeqCst) == 1,
+        )
+        .await;
+        let refused_before = stats.refused_over_limit.load(Ordering::SeqCst);
+        let quick = CentralOptions {
+            disconnect: false,
+            ..CentralOptions::default()
+        };
+        let r = attempt_at(&rig, addr, &stranger, &quick).await;
+        assert!(
+            r.closed_by_reader && r.reader_state.is_none(),
+            "over the limit: {r:?}"
+        );
+        assert_eq!(
+            stats.refused_over_limit.load(Ordering::SeqCst),
+            refused_before + 1
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(30), holder).await;
+        let ev = wait_events(&rig.db, 4).await;
+        assert_eq!(ev.len(), 4, "only the slot holder left an event: {ev:?}");
+        assert_eq!(ev[3].decision, EventDecision::Error);
+        rig.results.push(format!(
+            "over the limit: refused, channel closed after {:?}",
+            r.channel_to_close
+        ));
+
+        // bluetoothd restart: keyway notices and registers again by itself.
+        let before = rig.stats.registrations.load(Ordering::SeqCst);
+        restart_bluetoothd();
+        let t_restart = Instant::now();
+        let _ = adapters_up(&session).await;
+        wait_for(
+            "keyway's re-registration after the bluetoothd restart",
+            Duration::from_secs(60),
+            || stats.registrations.load(Ordering::SeqCst) > before,
+        )
+        .await;
+        rig.results.push(format!(
+            "re-registered {:.1} s after bluetoothd restart",
+            t_restart.elapsed().as_secs_f64()
+        ));
+        let session = bluer::Session::new().await.unwrap();
+        rig.phone_adapter = session.adapter("hci1").unwrap();
+        let r = attempt(&rig, &enrolled, &opts).await;
+        assert_eq!(
+            r.reader_state,
+            Some(0x01),
+            "granted again after the restart: {r:?}"
+        );
+        let ev = wait_events(&rig.db, 4).await;
+        assert_eq!(
+            ev.get(3).map(|e| e.decision),
+            Some(EventDecision::Granted),
+            "{ev:?}"
+        );
+
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        let text = rig.results.join("\n");
+        println!("{text}");
+        let _ = std::fs::write(Path::new(GUEST_SHARE).join("results.txt"), text);
+    }
+
+    /// Kills the VM's bluetoothd (its pid is in /run/bluetoothd.pid) and starts a new one.
+    fn restart_bluetoothd() {
+        let pid = std::fs::read_to_string("/run/bluetoothd.pid").expect("bluetoothd pid file");
+        let pid = pid.trim();
+        let st = Command::new("kill").args(["-TERM", pid]).status().unwrap();
+        assert!(st.success(), "kill bluetoothd {pid}");
+        let dead = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < dead, "bluetoothd {pid} did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::File::create(Path::new(GUEST_SHARE).join("bluetoothd-2.log")).unwrap();
+        let child = Command::new("bluetoothd")
+            .args(["-n", "-d"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start bluetoothd again");
+        std::fs::write("/run/bluetoothd.pid", child.id().to_string()).unwrap();
+        // The VM powers off when the test ends; the child needs no reaping.
+        std::mem::forget(child);
+    }
+}
