@@ -55,7 +55,12 @@ fn host() {
              and busybox-static (run ./scripts/setup)"
         );
     }
-    let share = tempfile::tempdir().expect("share dir");
+    let mut share = tempfile::tempdir().expect("share dir");
+    // KEYWAY_BLE_KEEP=1 keeps the guest's logs (bluetoothd with -d, console) for a post-mortem.
+    if std::env::var_os("KEYWAY_BLE_KEEP").is_some() {
+        share.disable_cleanup(true);
+        println!("ble_hil: guest logs kept in {}", share.path().display());
+    }
     let exe = std::env::current_exe().expect("test binary path");
     let t0 = Instant::now();
     let status = Command::new(root.join("scripts/ble-vm"))
@@ -496,9 +501,9 @@ mod guest {
             Some(0x01),
             "granted again after the restart: {r:?}"
         );
-        let ev = wait_events(&rig.db, 4).await;
+        let ev = wait_events(&rig.db, 5).await;
         assert_eq!(
-            ev.get(3).map(|e| e.decision),
+            ev.get(4).map(|e| e.decision),
             Some(EventDecision::Granted),
             "{ev:?}"
         );
