@@ -12,7 +12,8 @@
 //! 3. an unknown phone is denied (phone reads "secured", no card, event unknown_key);
 //! 4. a phone that opens the channel and stays silent is dropped after the Aliro timeout;
 //! 5. with the connection limit (1) reached, one more phone is refused at once;
-//! 6. bluetoothd is killed and restarted: keyway re-registers by itself and grants again.
+//! 6. bluetoothd is killed and restarted: keyway re-registers by itself and grants again;
+//! 7. a walk-up door does not serve a phone whose RSSI it cannot vouch for.
 //!
 //! One VM boot per run; every scenario runs inside it. Fails (never skips) when qemu or bluez
 //! are missing. Waits are bounded; no timing is asserted (timings are printed).
@@ -337,15 +338,16 @@ mod guest {
             timeout_ms: ALIRO_TIMEOUT_MS,
         };
         let (store, _thread) = StoreHandle::open(&rig.db).unwrap();
+        let door = Arc::new(door);
         let rt = BleDoorRuntime {
-            door: Arc::new(door),
+            door: door.clone(),
             identity: Arc::new(ReaderIdentity::new(
                 rig.group_id,
                 sub_id,
                 rig.reader_key.clone(),
             )),
-            store,
-            ble,
+            store: store.clone(),
+            ble: ble.clone(),
             stats: rig.stats.clone(),
         };
         let (stop, stop_rx) = watch::channel(false);
@@ -510,6 +512,45 @@ mod guest {
 
         let _ = stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+
+        // Walk-up mode: a phone whose range keyway cannot vouch for (btvirt reports no RSSI)
+        // is not served, and leaves no session and no event.
+        let walk_stats = Arc::new(AdapterStats::default());
+        let rt = BleDoorRuntime {
+            door,
+            identity: Arc::new(ReaderIdentity::new(
+                rig.group_id,
+                sub_id,
+                rig.reader_key.clone(),
+            )),
+            store,
+            ble: DoorBle {
+                mode: BleMode::WalkUp,
+                ..ble
+            },
+            stats: walk_stats.clone(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_ble_door(rt, rig.panel.clone(), stop_rx));
+        wait_for(
+            "the walk-up door's registration",
+            Duration::from_secs(30),
+            || walk_stats.registrations.load(Ordering::SeqCst) >= 1,
+        )
+        .await;
+        let r = attempt(&rig, &enrolled, &opts).await;
+        assert!(
+            r.closed_by_reader && r.reader_state.is_none(),
+            "walk-up, no RSSI: {r:?}"
+        );
+        assert_eq!(walk_stats.refused_by_policy.load(Ordering::SeqCst), 1);
+        assert_eq!(walk_stats.accepted.load(Ordering::SeqCst), 0);
+        assert_eq!(events(&rig.db).len(), 5);
+        rig.results
+            .push("walk-up without a known RSSI: not served".into());
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+
         let text = rig.results.join("\n");
         println!("{text}");
         let _ = std::fs::write(Path::new(GUEST_SHARE).join("results.txt"), text);

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::num::NonZeroU16;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,12 +32,18 @@ use tokio::sync::{watch, Semaphore};
 use crate::aliro::AuthenticatedEndpoint;
 
 use super::discovery::{self, ReaderInfo};
+use super::policy::Policy;
 use super::session::{BleError, Event, ReaderSession, SessionOutcome};
 
 /// How often the watchdog checks the adapter.
 pub const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 /// Wait before retrying a failed registration.
 const RETRY: Duration = Duration::from_secs(1);
+/// First handle of keyway's GATT service (service, 2 x declaration + value: 5 handles), above
+/// BlueZ's own GAP/GATT/DIS services.
+const GATT_SERVICE_HANDLE: u16 = 0x0030;
+/// Longest wait for BlueZ's RSSI of a new connection.
+const RSSI_WAIT: Duration = Duration::from_millis(300);
 /// Largest read from the channel at once.
 const READ_CHUNK: usize = 1024;
 /// After the completion notification: how long the phone gets to close the channel itself
@@ -57,6 +64,8 @@ pub struct AdapterConfig {
     pub max_connections: usize,
     /// Advertised TX power at 1 m (dBm).
     pub tx_power: i8,
+    /// Range and intent: which connected phones are served.
+    pub policy: Policy,
 }
 
 /// What the daemon plugs in: a fresh session per connection and the access decision.
@@ -98,6 +107,7 @@ pub struct AdapterStats {
     pub registrations: AtomicUsize,
     pub accepted: AtomicUsize,
     pub refused_over_limit: AtomicUsize,
+    pub refused_by_policy: AtomicUsize,
     pub active: AtomicUsize,
 }
 
@@ -205,6 +215,23 @@ async fn serve_once<H: ConnectionHandler>(
                     drop(stream);
                     continue;
                 };
+                // Range/intent: the RSSI BlueZ last measured for this phone (from its
+                // advertisements; None when it was never seen scanning).
+                let rssi = match adapter.device(peer.addr) {
+                    Ok(dev) => tokio::time::timeout(RSSI_WAIT, dev.rssi())
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .flatten(),
+                    Err(_) => None,
+                };
+                if let Err(refusal) = cfg.policy.admit(rssi) {
+                    stats.refused_by_policy.fetch_add(1, Ordering::SeqCst);
+                    log::info!(target: "keyway::ble", door = door, reason = refusal.code();
+                        "door {door}: connection from {} not served: {refusal:?}", peer.addr);
+                    drop(stream);
+                    continue;
+                }
                 stats.accepted.fetch_add(1, Ordering::SeqCst);
                 let (handler, stats, peer) = (handler.clone(), stats.clone(), peer.addr.to_string());
                 tokio::spawn(async move {
@@ -237,13 +264,19 @@ fn application(cfg: &AdapterConfig) -> Application {
     };
     // A handful of bytes that always encode; an empty value would make the phone give up.
     let value = info.encode().unwrap_or_default();
+    // Fixed handles: bluer exports the characteristics in no fixed order, so without them a
+    // re-registration (after a bluetoothd restart) could swap their handles under a phone's
+    // GATT cache, and the phone would read the write-only characteristic.
+    let h = |v: u16| NonZeroU16::new(v);
     Application {
         services: vec![Service {
             uuid: discovery::SERVICE_UUID,
+            handle: h(GATT_SERVICE_HANDLE),
             primary: true,
             characteristics: vec![
                 Characteristic {
                     uuid: discovery::READER_CHARACTERISTIC_UUID,
+                    handle: h(GATT_SERVICE_HANDLE + 2),
                     read: Some(CharacteristicRead {
                         read: true,
                         fun: Box::new(move |_req| {
@@ -256,6 +289,7 @@ fn application(cfg: &AdapterConfig) -> Application {
                 },
                 Characteristic {
                     uuid: discovery::DEVICE_CHARACTERISTIC_UUID,
+                    handle: h(GATT_SERVICE_HANDLE + 4),
                     write: Some(CharacteristicWrite {
                         write: true,
                         method: CharacteristicWriteMethod::Fun(Box::new(move |value, _req| {

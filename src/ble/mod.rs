@@ -16,6 +16,7 @@ pub mod adapter;
 pub mod discovery;
 pub mod keys;
 pub mod message;
+pub mod policy;
 pub mod session;
 
 /// The BLE transport protocol version keyway offers (and the only one it knows).

@@ -12,9 +12,10 @@ use crate::aliro::consts::INTERFACE_BLE;
 use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
 use crate::aliro::AuthenticatedEndpoint;
 use crate::ble::adapter::{self, AdapterConfig, AdapterStats, ConnectionHandler, ConnectionReport};
+use crate::ble::policy::{Mode, Policy};
 use crate::ble::{BleVersions, ReaderSession};
 use crate::card;
-use crate::config::{Door, DoorBle};
+use crate::config::{BleMode, Door, DoorBle};
 use crate::events::{self, AccessEvent, Transport};
 
 use super::door::PanelSink;
@@ -103,6 +104,13 @@ pub async fn run_ble_door<P: PanelSink>(
         spsm: rt.ble.spsm,
         max_connections: rt.ble.max_connections,
         tx_power: 0,
+        policy: Policy {
+            mode: match rt.ble.mode {
+                BleMode::Tap => Mode::Tap,
+                BleMode::WalkUp => Mode::WalkUp,
+            },
+            rssi_threshold_dbm: rt.ble.rssi_threshold_dbm,
+        },
     };
     let handler = Handler {
         door: rt.door,
