@@ -725,6 +725,51 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
     }
 
     #[test]
+    fn ble_table_is_optional_with_documented_defaults() {
+        let v = parse(GOOD, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        assert!(v.ble.is_empty());
+        let with = format!("{GOOD}ble = {{}}\n");
+        let v = parse(&with, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        let (door, b) = &v.ble[0];
+        assert_eq!(door, "front");
+        assert!(b.enabled && b.adapter.is_none());
+        assert_eq!(
+            (
+                b.rssi_threshold_dbm,
+                b.mode,
+                b.max_connections,
+                b.spsm,
+                b.timeout_ms
+            ),
+            (-70, BleMode::Tap, 4, 0x80, 5000)
+        );
+        let off = format!("{GOOD}ble = {{ enabled = false }}\n");
+        assert!(parse(&off, Path::new("/k.toml")).unwrap().ble.is_empty());
+        let walk = format!(
+            "{GOOD}ble = {{ mode = \"walk_up\", rssi_threshold_dbm = -60, adapter = \"hci1\" }}\n"
+        );
+        let v = parse(&walk, Path::new("/k.toml")).unwrap();
+        assert_eq!(v.ble[0].1.mode, BleMode::WalkUp);
+        assert_eq!(v.ble[0].1.adapter.as_deref(), Some("hci1"));
+        for (bad, field) in [
+            ("max_connections = 0", "ble.max_connections"),
+            ("max_connections = 17", "ble.max_connections"),
+            ("rssi_threshold_dbm = 5", "ble.rssi_threshold_dbm"),
+            ("spsm = 5", "ble.spsm"),
+            ("timeout_ms = 100", "ble.timeout_ms"),
+            ("adapter = \"../x\"", "ble.adapter"),
+        ] {
+            let e = err(&format!("{GOOD}ble = {{ {bad} }}\n"));
+            assert!(
+                e.contains(&format!("door \"front\": {field}")),
+                "{bad}: {e}"
+            );
+        }
+        let e = err(&format!("{GOOD}ble = {{ range = 3 }}\n"));
+        assert!(e.contains("unknown field `range`"), "{e}");
+    }
+
+    #[test]
     fn reader_patterns() {
         assert!(reader_matches("Virtual PCD 00 00", "Virtual PCD 00 00"));
         assert!(!reader_matches("Virtual PCD 00 00", "Virtual PCD 00 01"));
