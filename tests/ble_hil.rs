@@ -543,7 +543,8 @@ mod guest {
             r.closed_by_reader && r.reader_state.is_none(),
             "walk-up, no RSSI: {r:?}"
         );
-        assert_eq!(walk_stats.refused_by_policy.load(Ordering::SeqCst), 1);
+        // At least one refusal (a phone that retries is refused again), and no session.
+        assert!(walk_stats.refused_by_policy.load(Ordering::SeqCst) >= 1);
         assert_eq!(walk_stats.accepted.load(Ordering::SeqCst), 0);
         assert_eq!(events(&rig.db).len(), 5);
         rig.results

@@ -133,6 +133,7 @@ pub async fn serve<H: ConnectionHandler>(
     let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let door = cfg.door.as_str();
     let mut was_up = false;
+    let mut warned = false;
     loop {
         if *shutdown.borrow() {
             return;
@@ -144,6 +145,13 @@ pub async fn serve<H: ConnectionHandler>(
                 if was_up {
                     log::warn!(target: "keyway::ble", door = door;
                         "door {door}: BLE lost ({e}); re-registering when the adapter is back");
+                    warned = true;
+                } else if !warned {
+                    // Once, then quietly: a door configured for BLE on a box without bluetoothd
+                    // must not flood the journal.
+                    log::warn!(target: "keyway::ble", door = door;
+                        "door {door}: BLE not available yet ({e}); retrying every {RETRY:?}");
+                    warned = true;
                 } else {
                     log::debug!(target: "keyway::ble", door = door; "door {door}: BLE not ready: {e}");
                 }
