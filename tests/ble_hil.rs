@@ -12,7 +12,8 @@
 //! 3. an unknown phone is denied (phone reads "secured", no card, event unknown_key);
 //! 4. a phone that opens the channel and stays silent is dropped after the Aliro timeout;
 //! 5. with the connection limit (1) reached, one more phone is refused at once;
-//! 6. bluetoothd is killed and restarted: keyway re-registers by itself and grants again;
+//! 6. hci0 powered off and on, then bluetoothd killed and restarted: keyway re-registers by
+//!    itself each time and grants again;
 //! 7. a walk-up door does not serve a phone whose RSSI it cannot vouch for.
 //!
 //! One VM boot per run; every scenario runs inside it. Fails (never skips) when qemu or bluez
@@ -480,6 +481,33 @@ mod guest {
             r.channel_to_close
         ));
 
+        // Adapter powered off and on again: keyway notices, drops its registrations and makes
+        // them again once the adapter is back.
+        let hci0 = session.adapter("hci0").unwrap();
+        let (lost_before, reg_before) = (
+            stats.losses.load(Ordering::SeqCst),
+            stats.registrations.load(Ordering::SeqCst),
+        );
+        hci0.set_powered(false).await.expect("power hci0 off");
+        wait_for(
+            "keyway to notice hci0 powered off",
+            Duration::from_secs(20),
+            || stats.losses.load(Ordering::SeqCst) > lost_before,
+        )
+        .await;
+        let t_on = Instant::now();
+        hci0.set_powered(true).await.expect("power hci0 on");
+        wait_for(
+            "re-registration after power-on",
+            Duration::from_secs(30),
+            || stats.registrations.load(Ordering::SeqCst) > reg_before,
+        )
+        .await;
+        rig.results.push(format!(
+            "re-registered {:.1} s after hci0 was powered on again",
+            t_on.elapsed().as_secs_f64()
+        ));
+
         // bluetoothd restart: keyway notices and registers again by itself.
         let before = rig.stats.registrations.load(Ordering::SeqCst);
         restart_bluetoothd();
@@ -497,18 +525,30 @@ mod guest {
         ));
         let session = bluer::Session::new().await.unwrap();
         rig.phone_adapter = session.adapter("hci1").unwrap();
-        let r = attempt(&rig, &enrolled, &opts).await;
+        // The phone's own (restarted) stack sometimes drops its first new link at once; like an
+        // app, it tries again (bounded). keyway must serve it without any help.
+        let mut tries = 0;
+        let r = loop {
+            tries += 1;
+            let r = attempt(&rig, &enrolled, &opts).await;
+            if r.reader_state.is_some() || tries == 3 {
+                break r;
+            }
+            log::info!("phone: link lost before a verdict ({r:?}); trying again");
+        };
         assert_eq!(
             r.reader_state,
             Some(0x01),
             "granted again after the restart: {r:?}"
         );
+        let n_before = events(&rig.db).len();
         let ev = wait_events(&rig.db, 5).await;
         assert_eq!(
-            ev.get(4).map(|e| e.decision),
+            ev.last().map(|e| e.decision),
             Some(EventDecision::Granted),
             "{ev:?}"
         );
+        let n_events = ev.len().max(n_before);
 
         let _ = stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
@@ -546,7 +586,11 @@ mod guest {
         // At least one refusal (a phone that retries is refused again), and no session.
         assert!(walk_stats.refused_by_policy.load(Ordering::SeqCst) >= 1);
         assert_eq!(walk_stats.accepted.load(Ordering::SeqCst), 0);
-        assert_eq!(events(&rig.db).len(), 5);
+        assert_eq!(
+            events(&rig.db).len(),
+            n_events,
+            "a refused phone leaves no event"
+        );
         rig.results
             .push("walk-up without a known RSSI: not served".into());
         let _ = stop.send(true);

@@ -105,6 +105,8 @@ pub struct ConnectionReport<V> {
 #[derive(Debug, Default)]
 pub struct AdapterStats {
     pub registrations: AtomicUsize,
+    /// Times a working registration was lost (bluetoothd gone, adapter removed or off).
+    pub losses: AtomicUsize,
     pub accepted: AtomicUsize,
     pub refused_over_limit: AtomicUsize,
     pub refused_by_policy: AtomicUsize,
@@ -143,6 +145,7 @@ pub async fn serve<H: ConnectionHandler>(
             Ok(()) => return,
             Err(e) => {
                 if was_up {
+                    stats.losses.fetch_add(1, Ordering::SeqCst);
                     log::warn!(target: "keyway::ble", door = door;
                         "door {door}: BLE lost ({e}); re-registering when the adapter is back");
                     warned = true;
