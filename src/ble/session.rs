@@ -584,6 +584,31 @@ mod tests {
     }
 
     #[test]
+    fn arbitrary_bytes_never_panic_and_always_end_or_wait() {
+        let id = identity();
+        let now = Instant::now();
+        let mut seed = 0x9E37_79B9u32;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            seed
+        };
+        for _ in 0..300 {
+            let mut s = session(&id, now);
+            // A plausible header (type 0..=2, small length) followed by random bytes, so the
+            // input reaches the message handlers and not only the deframer.
+            let len = (next() % 40) as usize;
+            let mut bytes = vec![(next() % 3) as u8, (next() % 6) as u8, 0, len as u8];
+            bytes.extend((0..len).map(|_| next() as u8));
+            match s.on_bytes(&bytes, now) {
+                Ok(events) => assert!(events.iter().all(|e| matches!(e, Event::Send(_)))),
+                Err(_) => assert!(s.is_done()),
+            }
+        }
+    }
+
+    #[test]
     fn completion_payload_layout() {
         assert_eq!(
             completion_payload(READER_STATE_UNSECURED).unwrap(),
