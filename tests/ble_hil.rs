@@ -122,8 +122,10 @@ mod guest {
     use tokio::sync::watch;
 
     const DOOR: &str = "ble-hil";
-    /// Short enough that the silent-phone scenario stays quick, long enough for TCG.
-    const ALIRO_TIMEOUT_MS: u64 = 4000;
+    /// Short enough that the silent-phone scenarios stay quick; long enough that a second
+    /// phone can connect (GATT + L2CAP, slow under TCG on a loaded machine) while a silent one
+    /// holds the only slot.
+    const ALIRO_TIMEOUT_MS: u64 = 8000;
 
     /// Records what would have gone to the panel, and when (from the connection's accept).
     #[derive(Clone, Default)]
@@ -463,7 +465,11 @@ mod guest {
             disconnect: false,
             ..CentralOptions::default()
         };
-        let r = attempt_at(&rig, addr, &stranger, &quick).await;
+        // No retry here: a retrying phone would drop the slot holder's link.
+        let mut p = phone(&rig, &stranger);
+        let r = central::transact(&rig.phone_adapter, addr, &mut p, &quick)
+            .await
+            .expect("second phone reaches the L2CAP channel");
         assert!(
             r.closed_by_reader && r.reader_state.is_none(),
             "over the limit: {r:?}"
