@@ -6,6 +6,7 @@
 //!
 //! Thin async adapters that own the I/O:
 //! - [`nfc`]: PC/SC readers through pcscd.
+//! - [`ble`]: the Aliro BLE transport (sans-IO framing/session core + BlueZ adapter).
 //! - [`serial`]: the RS-485 OSDP bus over tokio-serial.
 //!
 //! State and policy:
@@ -21,6 +22,7 @@
 
 pub mod acl;
 pub mod aliro;
+pub mod ble;
 pub mod card;
 pub mod config;
 pub mod daemon;

@@ -178,6 +178,69 @@ pub struct DoorConfig {
     /// are clonable: keyway warns at start-up for every door that accepts them. Default false.
     #[serde(default)]
     pub accept_cards: bool,
+    /// Optional `[door.ble]`: Aliro over Bluetooth LE on this door (docs/ble.md).
+    #[serde(default)]
+    pub ble: Option<DoorBle>,
+}
+
+/// `[door.ble]`: the door's BLE side. Every field is optional; defaults in docs/ble.md.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoorBle {
+    /// Serve this door over BLE (default true once the table is present).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// BlueZ adapter name (`hci0`); default: BlueZ's default adapter.
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// Weakest signal (dBm) at which a phone is served in walk-up mode (-100..=0).
+    #[serde(default = "default_rssi_threshold")]
+    pub rssi_threshold_dbm: i16,
+    /// `tap` (the user taps in the app; any range) or `walk_up` (automatic, needs the RSSI).
+    #[serde(default)]
+    pub mode: BleMode,
+    /// Phones served at once (1..=16); more are disconnected at once.
+    #[serde(default = "default_ble_max_connections")]
+    pub max_connections: usize,
+    /// L2CAP LE credit-based channel PSM (0x80..=0xFF).
+    #[serde(default = "default_ble_spsm")]
+    pub spsm: u16,
+    /// Whole-connection limit: a phone that has not finished by then is dropped (500..=60000).
+    #[serde(default = "default_ble_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// How a phone shows intent on BLE.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BleMode {
+    /// The user taps the door in the app: served at any signal strength.
+    #[default]
+    Tap,
+    /// The phone starts by itself when near: served only at or above the RSSI threshold.
+    WalkUp,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_rssi_threshold() -> i16 {
+    -70
+}
+fn default_ble_max_connections() -> usize {
+    4
+}
+fn default_ble_spsm() -> u16 {
+    0x0080
+}
+fn default_ble_timeout_ms() -> u64 {
+    5000
+}
+
+impl DoorBle {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -278,10 +341,6 @@ pub struct StepUpConfig {
 pub struct StepUp {
     pub issuers: Vec<p256::PublicKey>,
     pub elements: Vec<String>,
-}
-
-fn default_true() -> bool {
-    true
 }
 
 fn load_certificate(file: &Path, group_public_key: &str) -> Result<ReaderCert, String> {
@@ -404,6 +463,8 @@ pub struct Validated {
     /// OSDP options per door id (secure channel, verdict window); kept beside `Door` so the
     /// door struct stays as it is.
     pub osdp_options: BTreeMap<String, OsdpDoorOptions>,
+    /// `(door id, [door.ble])` for every door with BLE enabled.
+    pub ble: Vec<(String, DoorBle)>,
 }
 
 /// A door's optional OSDP settings, validated.
@@ -516,6 +577,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
     let mut bauds: BTreeMap<PathBuf, u32> = BTreeMap::new();
     let mut doors = Vec::with_capacity(raw.doors.len());
     let mut osdp_options = BTreeMap::new();
+    let mut ble = Vec::new();
     for (i, d) in raw.doors.into_iter().enumerate() {
         let name = if d.id.is_empty() {
             format!("door[{i}]")
@@ -624,6 +686,10 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             None => None,
             Some(su) => Some(validate_step_up(su).map_err(|m| invalid(field("aliro.step_up"), m))?),
         };
+        if let Some(b) = d.ble.as_ref().filter(|b| b.enabled) {
+            validate_ble(b).map_err(|(f, m)| invalid(field(f), m))?;
+            ble.push((d.id.clone(), b.clone()));
+        }
         doors.push(Door {
             id: d.id,
             port: d.osdp.port,
@@ -655,7 +721,44 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         serial_number: raw.osdp.serial_number,
         doors,
         osdp_options,
+        ble,
     })
+}
+
+fn validate_ble(b: &DoorBle) -> Result<(), (&'static str, String)> {
+    if !(-100..=0).contains(&b.rssi_threshold_dbm) {
+        return Err((
+            "ble.rssi_threshold_dbm",
+            format!("{} is out of range (-100..=0)", b.rssi_threshold_dbm),
+        ));
+    }
+    if !(1..=16).contains(&b.max_connections) {
+        return Err((
+            "ble.max_connections",
+            format!("{} is out of range (1..=16)", b.max_connections),
+        ));
+    }
+    if !(0x80..=0xFF).contains(&b.spsm) {
+        return Err((
+            "ble.spsm",
+            format!("0x{:X} is out of range (0x80..=0xFF)", b.spsm),
+        ));
+    }
+    if !(500..=60_000).contains(&b.timeout_ms) {
+        return Err((
+            "ble.timeout_ms",
+            format!("{} is out of range (500..=60000)", b.timeout_ms),
+        ));
+    }
+    if let Some(a) = &b.adapter {
+        if a.is_empty() || a.len() > 32 || !a.chars().all(|c| c.is_ascii_alphanumeric()) {
+            return Err((
+                "ble.adapter",
+                format!("{a:?} is not an adapter name like hci0"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn invalid_empty(
@@ -931,6 +1034,51 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
         assert!(e.contains("osdp.scbk_file"), "{e}");
         let e = err(&GOOD.replace("address = 1 }", "address = 1, verdict_window_ms = 0 }"));
         assert!(e.contains("osdp.verdict_window_ms"), "{e}");
+    }
+
+    #[test]
+    fn ble_table_is_optional_with_documented_defaults() {
+        let v = parse(GOOD, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        assert!(v.ble.is_empty());
+        let with = format!("{GOOD}ble = {{}}\n");
+        let v = parse(&with, Path::new("/etc/keyway/keyway.toml")).unwrap();
+        let (door, b) = &v.ble[0];
+        assert_eq!(door, "front");
+        assert!(b.enabled && b.adapter.is_none());
+        assert_eq!(
+            (
+                b.rssi_threshold_dbm,
+                b.mode,
+                b.max_connections,
+                b.spsm,
+                b.timeout_ms
+            ),
+            (-70, BleMode::Tap, 4, 0x80, 5000)
+        );
+        let off = format!("{GOOD}ble = {{ enabled = false }}\n");
+        assert!(parse(&off, Path::new("/k.toml")).unwrap().ble.is_empty());
+        let walk = format!(
+            "{GOOD}ble = {{ mode = \"walk_up\", rssi_threshold_dbm = -60, adapter = \"hci1\" }}\n"
+        );
+        let v = parse(&walk, Path::new("/k.toml")).unwrap();
+        assert_eq!(v.ble[0].1.mode, BleMode::WalkUp);
+        assert_eq!(v.ble[0].1.adapter.as_deref(), Some("hci1"));
+        for (bad, field) in [
+            ("max_connections = 0", "ble.max_connections"),
+            ("max_connections = 17", "ble.max_connections"),
+            ("rssi_threshold_dbm = 5", "ble.rssi_threshold_dbm"),
+            ("spsm = 5", "ble.spsm"),
+            ("timeout_ms = 100", "ble.timeout_ms"),
+            ("adapter = \"../x\"", "ble.adapter"),
+        ] {
+            let e = err(&format!("{GOOD}ble = {{ {bad} }}\n"));
+            assert!(
+                e.contains(&format!("door \"front\": {field}")),
+                "{bad}: {e}"
+            );
+        }
+        let e = err(&format!("{GOOD}ble = {{ range = 3 }}\n"));
+        assert!(e.contains("unknown field `range`"), "{e}");
     }
 
     #[test]

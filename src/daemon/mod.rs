@@ -4,6 +4,7 @@
 //! serving the PD addresses of the doors on that bus), one NFC reader loop per door. A tap runs
 //! inside its door's reader loop, so one door never waits for another's phone.
 
+pub mod ble;
 pub mod door;
 mod store;
 pub mod tap;
@@ -137,6 +138,21 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             bus,
             pending: pending.clone(),
         };
+        // The same door over BLE, when configured: same identity, store and panel.
+        if let Some((_, b)) = cfg.ble.iter().find(|(id, _)| *id == door.id) {
+            let ble_rt = ble::BleDoorRuntime {
+                door: rt.door.clone(),
+                identity: rt.identity.clone(),
+                store: store.clone(),
+                ble: b.clone(),
+                stats: Arc::default(),
+            };
+            tasks.spawn(ble::run_ble_door(
+                ble_rt,
+                panel.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
         tasks.spawn(run_door(rt, panel, shutdown_rx.clone()));
     }
 

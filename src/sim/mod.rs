@@ -3,10 +3,12 @@
 //! - [`issuer`]: builds step-up Access Documents (mdoc DeviceResponse) for the phone.
 //! - [`card`]: a physical card without Aliro (UID only), for cutover tests.
 //! - [`phone`]: the sans-IO endpoint state machine (C-APDU in, R-APDU out).
+//! - [`ble_phone`]: the same endpoint over Aliro BLE messages (sans-IO), and a `bluer` central.
 //! - [`random`]: injected randomness (OS RNG for the binary, scripted for vector replay).
 //! - [`vpcd`]: the async adapter that puts a [`vpcd::VirtualCard`] behind vsmartcard's virtual
 //!   reader, so the real pcscd (and keyway's PC/SC code) talks to it.
 
+pub mod ble_phone;
 pub mod card;
 pub mod issuer;
 pub mod phone;

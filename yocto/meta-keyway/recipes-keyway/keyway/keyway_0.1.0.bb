@@ -15,8 +15,8 @@ inherit cargo cargo-update-recipe-crates systemd useradd
 
 require ${BPN}-crates.inc
 
-DEPENDS += "pcsc-lite"
-RDEPENDS:${PN} += "pcsc-lite"
+DEPENDS += "pcsc-lite dbus"
+RDEPENDS:${PN} += "pcsc-lite bluez5"
 
 # keyway's release profile does not strip; Yocto strips and splits debug info itself.
 CARGO_BUILD_FLAGS:append = " --bin keyway"

@@ -1,0 +1,407 @@
+//! The BlueZ adapter (the I/O side of the BLE transport), on `bluer`.
+//!
+//! One [`serve`] call per door: it powers nothing itself (bluetoothd does), waits for the
+//! adapter, then registers the advertisement (Aliro service FFF2 with the reader-group service
+//! data), the GATT application (reader characteristic = SPSM + versions; device characteristic
+//! = selected version) and the L2CAP LE credit-based channel listener, and accepts connections.
+//! Each connection runs in its own task around a sans-IO [`ReaderSession`], bounded by the
+//! Aliro timeout; at most `max_connections` run at once and extra ones are closed at once.
+//!
+//! Recovery: a watchdog asks BlueZ every [`HEALTH_INTERVAL`] whether the adapter is still
+//! there and powered. When bluetoothd restarts, the adapter is removed or powered off, the
+//! registrations are dropped and made again once the adapter is back, with a log line for
+//! each step.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::num::NonZeroU16;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bluer::adv::Advertisement;
+use bluer::gatt::local::{
+    Application, Characteristic, CharacteristicRead, CharacteristicWrite,
+    CharacteristicWriteMethod, ReqError, Service,
+};
+use bluer::l2cap::{SocketAddr, Stream, StreamListener};
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{watch, Semaphore};
+
+use crate::aliro::AuthenticatedEndpoint;
+
+use super::discovery::{self, ReaderInfo};
+use super::policy::Policy;
+use super::session::{BleError, Event, ReaderSession, SessionOutcome};
+
+/// How often the watchdog checks the adapter.
+pub const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
+/// Wait before retrying a failed registration.
+const RETRY: Duration = Duration::from_secs(1);
+/// First handle of keyway's GATT service (service, 2 x declaration + value: 5 handles), above
+/// BlueZ's own GAP/GATT/DIS services.
+const GATT_SERVICE_HANDLE: u16 = 0x0030;
+/// Longest wait for BlueZ's RSSI of a new connection.
+const RSSI_WAIT: Duration = Duration::from_millis(300);
+/// Largest read from the channel at once.
+const READ_CHUNK: usize = 1024;
+/// After the completion notification: how long the phone gets to close the channel itself
+/// (closing first could drop the notification still queued in the kernel).
+const LINGER: Duration = Duration::from_millis(1000);
+
+/// Static settings of one door's BLE side.
+#[derive(Debug, Clone)]
+pub struct AdapterConfig {
+    /// Door id (logs).
+    pub door: String,
+    /// `hci0`, ...; `None`: BlueZ's default adapter.
+    pub adapter: Option<String>,
+    pub group_id: [u8; 16],
+    pub sub_id: [u8; 16],
+    pub spsm: u16,
+    /// Concurrent connections served; more are closed on accept.
+    pub max_connections: usize,
+    /// Advertised TX power at 1 m (dBm).
+    pub tx_power: i8,
+    /// Range and intent: which connected phones are served.
+    pub policy: Policy,
+}
+
+/// What the daemon plugs in: a fresh session per connection and the access decision.
+pub trait ConnectionHandler: Clone + Send + Sync + 'static {
+    /// What the decision produced (the daemon's ACL decision, or an error).
+    type Verdict: Send + 'static;
+    /// A new session for a connection accepted at `now`.
+    fn session(&self, now: Instant) -> ReaderSession;
+    /// The decision for an authenticated phone (ACL, panel).
+    fn decide(
+        &self,
+        endpoint: &AuthenticatedEndpoint,
+        started: Instant,
+    ) -> impl Future<Output = Self::Verdict> + Send;
+    /// Whether `verdict` opens the door (what the phone is told).
+    fn granted(verdict: &Self::Verdict) -> bool;
+    /// Called once per connection with what happened.
+    fn finished(&self, report: ConnectionReport<Self::Verdict>) -> impl Future<Output = ()> + Send;
+}
+
+/// What one connection produced.
+#[derive(Debug)]
+pub struct ConnectionReport<V> {
+    pub peer: String,
+    pub endpoint_key: Option<[u8; 65]>,
+    pub verdict: Option<V>,
+    pub outcome: Option<SessionOutcome>,
+    pub error: Option<BleError>,
+    /// The channel closed before the session ended (phone walked away).
+    pub closed_early: bool,
+    /// From accept to the access decision.
+    pub to_decision: Option<Duration>,
+    pub total: Duration,
+}
+
+/// Live numbers (for tests and status).
+#[derive(Debug, Default)]
+pub struct AdapterStats {
+    pub registrations: AtomicUsize,
+    /// Times a working registration was lost (bluetoothd gone, adapter removed or off).
+    pub losses: AtomicUsize,
+    pub accepted: AtomicUsize,
+    pub refused_over_limit: AtomicUsize,
+    pub refused_by_policy: AtomicUsize,
+    pub active: AtomicUsize,
+}
+
+/// Why registering on the adapter failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("bluez: {0}")]
+    Bluez(#[from] bluer::Error),
+    #[error("l2cap listener: {0}")]
+    Listen(std::io::Error),
+    #[error("adapter not powered")]
+    NotPowered,
+}
+
+/// Serves the door on BlueZ until `shutdown` turns true, re-registering after every loss of
+/// bluetoothd or the adapter.
+pub async fn serve<H: ConnectionHandler>(
+    cfg: AdapterConfig,
+    handler: H,
+    stats: Arc<AdapterStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(cfg.max_connections));
+    let door = cfg.door.as_str();
+    let mut was_up = false;
+    let mut warned = false;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        // serve_once returns Ok only on shutdown.
+        match serve_once(&cfg, &handler, &stats, &limit, &mut shutdown, &mut was_up).await {
+            Ok(()) => return,
+            Err(e) => {
+                if was_up {
+                    stats.losses.fetch_add(1, Ordering::SeqCst);
+                    log::warn!(target: "keyway::ble", door = door;
+                        "door {door}: BLE lost ({e}); re-registering when the adapter is back");
+                    warned = true;
+                } else if !warned {
+                    // Once, then quietly: a door configured for BLE on a box without bluetoothd
+                    // must not flood the journal.
+                    log::warn!(target: "keyway::ble", door = door;
+                        "door {door}: BLE not available yet ({e}); retrying every {RETRY:?}");
+                    warned = true;
+                } else {
+                    log::debug!(target: "keyway::ble", door = door; "door {door}: BLE not ready: {e}");
+                }
+                was_up = false;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn serve_once<H: ConnectionHandler>(
+    cfg: &AdapterConfig,
+    handler: &H,
+    stats: &Arc<AdapterStats>,
+    limit: &Arc<Semaphore>,
+    shutdown: &mut watch::Receiver<bool>,
+    was_up: &mut bool,
+) -> Result<(), AdapterError> {
+    let door = cfg.door.as_str();
+    let session = bluer::Session::new().await?;
+    let adapter = match &cfg.adapter {
+        Some(name) => session.adapter(name)?,
+        None => session.default_adapter().await?,
+    };
+    // bluetoothd powers adapters itself; setting Powered meanwhile gives org.bluez.Error.Busy.
+    if !adapter.is_powered().await? {
+        return Err(AdapterError::NotPowered);
+    }
+    let addr = adapter.address().await?;
+    let addr_type = adapter.address_type().await?;
+
+    let listener = StreamListener::bind(SocketAddr::new(addr, addr_type, cfg.spsm))
+        .await
+        .map_err(AdapterError::Listen)?;
+    let app = adapter.serve_gatt_application(application(cfg)).await?;
+    let adv = adapter.advertise(advertisement(cfg)).await?;
+    stats.registrations.fetch_add(1, Ordering::SeqCst);
+    *was_up = true;
+    log::info!(target: "keyway::ble", door = door, adapter = adapter.name(), spsm = cfg.spsm;
+        "door {door}: BLE advertising on {} ({addr}), L2CAP SPSM 0x{:04X}", adapter.name(), cfg.spsm);
+
+    let mut health = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => {
+                drop(adv);
+                drop(app);
+                return Ok(());
+            }
+            _ = health.tick() => {
+                // Fails when bluetoothd is gone or the adapter was removed.
+                if !adapter.is_powered().await? {
+                    return Err(AdapterError::NotPowered);
+                }
+            }
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(v) => v,
+                    Err(e) => return Err(AdapterError::Listen(e)),
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    stats.refused_over_limit.fetch_add(1, Ordering::SeqCst);
+                    log::warn!(target: "keyway::ble", door = door;
+                        "door {door}: connection from {} refused: {} connections already served",
+                        peer.addr, cfg.max_connections);
+                    drop(stream);
+                    continue;
+                };
+                // Range/intent: the RSSI BlueZ last measured for this phone (from its
+                // advertisements; None when it was never seen scanning).
+                let rssi = match adapter.device(peer.addr) {
+                    Ok(dev) => tokio::time::timeout(RSSI_WAIT, dev.rssi())
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .flatten(),
+                    Err(_) => None,
+                };
+                if let Err(refusal) = cfg.policy.admit(rssi) {
+                    stats.refused_by_policy.fetch_add(1, Ordering::SeqCst);
+                    log::info!(target: "keyway::ble", door = door, reason = refusal.code();
+                        "door {door}: connection from {} not served: {refusal:?}", peer.addr);
+                    drop(stream);
+                    continue;
+                }
+                stats.accepted.fetch_add(1, Ordering::SeqCst);
+                let (handler, stats, peer) = (handler.clone(), stats.clone(), peer.addr.to_string());
+                tokio::spawn(async move {
+                    stats.active.fetch_add(1, Ordering::SeqCst);
+                    let report = connection(stream, peer, &handler).await;
+                    handler.finished(report).await;
+                    stats.active.fetch_sub(1, Ordering::SeqCst);
+                    drop(permit);
+                });
+            }
+        }
+    }
+}
+
+fn advertisement(cfg: &AdapterConfig) -> Advertisement {
+    let data = discovery::Advertisement::new(&cfg.group_id, &cfg.sub_id, cfg.tx_power).encode();
+    // Flags (3 bytes) + service data FFF2 (28 bytes) fill the 31-byte legacy advertisement;
+    // a separate service UUID list does not fit (the service data names the UUID anyway).
+    Advertisement {
+        service_data: BTreeMap::from([(discovery::SERVICE_UUID, data)]),
+        discoverable: Some(true),
+        ..Default::default()
+    }
+}
+
+fn application(cfg: &AdapterConfig) -> Application {
+    let info = ReaderInfo {
+        spsm: cfg.spsm,
+        versions: vec![super::BLE_PROTOCOL_VERSION],
+    };
+    // A handful of bytes that always encode; an empty value would make the phone give up.
+    let value = info.encode().unwrap_or_default();
+    // Fixed handles: bluer exports the characteristics in no fixed order, so without them a
+    // re-registration (after a bluetoothd restart) could swap their handles under a phone's
+    // GATT cache, and the phone would read the write-only characteristic.
+    let h = |v: u16| NonZeroU16::new(v);
+    Application {
+        services: vec![Service {
+            uuid: discovery::SERVICE_UUID,
+            handle: h(GATT_SERVICE_HANDLE),
+            primary: true,
+            characteristics: vec![
+                Characteristic {
+                    uuid: discovery::READER_CHARACTERISTIC_UUID,
+                    handle: h(GATT_SERVICE_HANDLE + 2),
+                    read: Some(CharacteristicRead {
+                        read: true,
+                        fun: Box::new(move |_req| {
+                            let value = value.clone();
+                            async move { Ok(value) }.boxed()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                Characteristic {
+                    uuid: discovery::DEVICE_CHARACTERISTIC_UUID,
+                    handle: h(GATT_SERVICE_HANDLE + 4),
+                    write: Some(CharacteristicWrite {
+                        write: true,
+                        method: CharacteristicWriteMethod::Fun(Box::new(move |value, _req| {
+                            // keyway speaks one BLE version; anything else is refused here so
+                            // the phone does not open a channel we would not understand.
+                            let ok = value.as_slice() == super::BLE_PROTOCOL_VERSION;
+                            async move {
+                                if ok {
+                                    Ok(())
+                                } else {
+                                    Err(ReqError::NotSupported)
+                                }
+                            }
+                            .boxed()
+                        })),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Runs one connection to its end.
+async fn connection<H: ConnectionHandler>(
+    mut stream: Stream,
+    peer: String,
+    handler: &H,
+) -> ConnectionReport<H::Verdict> {
+    let started = Instant::now();
+    let mut session = handler.session(started);
+    let mut report = ConnectionReport {
+        peer,
+        endpoint_key: None,
+        verdict: None,
+        outcome: None,
+        error: None,
+        closed_early: false,
+        to_decision: None,
+        total: Duration::ZERO,
+    };
+    let mut buf = vec![0u8; READ_CHUNK];
+    'conn: loop {
+        let deadline = tokio::time::Instant::from_std(session.deadline());
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut buf)).await;
+        let mut events = match read {
+            Err(_) => match session.poll(Instant::now()) {
+                Err(e) => {
+                    report.error = Some(e);
+                    break;
+                }
+                Ok(()) => continue,
+            },
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                report.closed_early = true;
+                break;
+            }
+            Ok(Ok(n)) => match session.on_bytes(buf.get(..n).unwrap_or_default(), Instant::now()) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    report.error = Some(e);
+                    break;
+                }
+            },
+        };
+        while !events.is_empty() {
+            let ev = events.remove(0);
+            match ev {
+                Event::Send(frame) => {
+                    let write = tokio::time::timeout_at(deadline, stream.write_all(&frame)).await;
+                    if !matches!(write, Ok(Ok(()))) {
+                        report.closed_early = true;
+                        break 'conn;
+                    }
+                }
+                Event::Authenticated(endpoint) => {
+                    report.endpoint_key = Some(endpoint.public_key);
+                    let verdict = handler.decide(&endpoint, started).await;
+                    let granted = H::granted(&verdict);
+                    report.verdict = Some(verdict);
+                    report.to_decision = Some(started.elapsed());
+                    match session.decide(granted, Instant::now()) {
+                        Ok(more) => events.extend(more),
+                        Err(e) => {
+                            report.error = Some(e);
+                            break 'conn;
+                        }
+                    }
+                }
+                Event::Done(outcome) => {
+                    report.outcome = Some(outcome);
+                    // Let the phone read the last frame and close first (bounded).
+                    let _ = tokio::time::timeout(LINGER, stream.read(&mut buf)).await;
+                    break 'conn;
+                }
+            }
+        }
+    }
+    report.total = started.elapsed();
+    report
+}

@@ -1,0 +1,682 @@
+//! Hardware-in-the-loop: keyway's BLE door against a real BlueZ, inside the project's small VM.
+//!
+//! This machine's kernel has no Bluetooth, so the test boots a qemu VM (`scripts/ble-vm`:
+//! Debian's kernel, busybox initramfs, the host's root read-only over 9p) with dbus,
+//! `btvirt -L -l2` (two virtual LE controllers on one air) and bluetoothd, and runs *this
+//! test binary* again inside it (env `KEYWAY_BLE_VM_GUEST=1`). Inside, keyway's BLE door
+//! (`daemon::ble::run_ble_door`: advertisement, GATT, L2CAP listener → Aliro → ACL → panel →
+//! event) serves hci0 and the project's phone emulator is a `bluer` central on hci1:
+//! 1. both adapters are up and powered;
+//! 2. an enrolled phone is granted: the phone reads "unsecured", the panel got its card, the
+//!    event says granted over ble;
+//! 3. an unknown phone is denied (phone reads "secured", no card, event unknown_key);
+//! 4. a phone that opens the channel and stays silent is dropped after the Aliro timeout;
+//! 5. with the connection limit (1) reached, one more phone is refused at once;
+//! 6. hci0 powered off and on, then bluetoothd killed and restarted: keyway re-registers by
+//!    itself each time and grants again;
+//! 7. a walk-up door does not serve a phone whose RSSI it cannot vouch for.
+//!
+//! One VM boot per run; every scenario runs inside it. Fails (never skips) when qemu or bluez
+//! are missing. Waits are bounded; no timing is asserted (timings are printed).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const GUEST_ENV: &str = "KEYWAY_BLE_VM_GUEST";
+/// The writable 9p share inside the guest (scripts/ble-vm).
+const GUEST_SHARE: &str = "/run/keyway-vm";
+
+#[test]
+fn ble_hil() {
+    if std::env::var_os(GUEST_ENV).is_some() {
+        guest::run();
+    } else {
+        host();
+    }
+}
+
+fn host() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for tool in [
+        "qemu-system-x86_64",
+        "btvirt",
+        "bluetoothd",
+        "dbus-daemon",
+        "busybox",
+    ] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{tool} is missing: the BLE test needs qemu-system-x86, bluez, bluez-test-tools, dbus \
+             and busybox-static (run ./scripts/setup)"
+        );
+    }
+    let mut share = tempfile::tempdir().expect("share dir");
+    // KEYWAY_BLE_KEEP=1 keeps the guest's logs (bluetoothd with -d, console) for a post-mortem.
+    if std::env::var_os("KEYWAY_BLE_KEEP").is_some() {
+        share.disable_cleanup(true);
+        println!("ble_hil: guest logs kept in {}", share.path().display());
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let t0 = Instant::now();
+    let status = Command::new(root.join("scripts/ble-vm"))
+        .arg("run")
+        .arg(share.path())
+        .arg(&exe)
+        .args(["ble_hil", "--exact", "--nocapture", "--test-threads=1"])
+        .env(GUEST_ENV, "1")
+        .env("RUST_BACKTRACE", "1")
+        .current_dir(root)
+        .status()
+        .expect("cannot run scripts/ble-vm");
+    let elapsed = t0.elapsed();
+    let read = |name: &str| std::fs::read_to_string(share.path().join(name)).unwrap_or_default();
+    let tail = |s: String, n: usize| {
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    let out = read("stdout.log");
+    println!("--- guest stdout ---\n{out}");
+    println!("--- results ---\n{}", read("results.txt"));
+    println!(
+        "ble_hil: VM boot + scenarios took {:.1} s",
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        status.success(),
+        "BLE scenarios in the VM failed ({status}).\n--- guest stderr (tail) ---\n{}\n--- console ---\n{}\n--- bluetoothd (tail) ---\n{}\n--- bluetoothd after the restart (tail) ---\n{}",
+        tail(read("stderr.log"), 80),
+        tail(read("console.log"), 30),
+        tail(read("bluetoothd.log"), 30),
+        tail(read("bluetoothd-2.log"), 60),
+    );
+    assert!(
+        out.contains("ble_hil: all scenarios passed"),
+        "the guest did not report its scenarios"
+    );
+}
+
+mod guest {
+    use super::*;
+
+    use keyway::acl::{CredentialSpec, ImportMode, Store};
+    use keyway::aliro::reader::ReaderIdentity;
+    use keyway::ble::adapter::AdapterStats;
+    use keyway::ble::BleVersions;
+    use keyway::card::{self, CardFormat, WiegandBits};
+    use keyway::config::{AuthPolicy, BleMode, Door, DoorBle};
+    use keyway::daemon::ble::{run_ble_door, BleDoorRuntime};
+    use keyway::daemon::{PanelSink, StoreHandle};
+    use keyway::events::{AccessEvent, EventDecision, Transport};
+    use keyway::sim::ble_phone::central::{self, CentralOptions, CentralReport};
+    use keyway::sim::ble_phone::BlePhone;
+    use keyway::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
+    use p256::SecretKey;
+    use rand_core::{OsRng, RngCore};
+    use tokio::sync::watch;
+
+    const DOOR: &str = "ble-hil";
+    /// Short enough that the silent-phone scenarios stay quick; long enough that a second
+    /// phone can connect (GATT + L2CAP, slow under TCG on a loaded machine) while a silent one
+    /// holds the only slot.
+    const ALIRO_TIMEOUT_MS: u64 = 8000;
+
+    /// Records what would have gone to the panel, and when (from the connection's accept).
+    #[derive(Clone, Default)]
+    struct RecordingPanel(Arc<Mutex<Vec<(WiegandBits, Duration)>>>);
+
+    impl PanelSink for RecordingPanel {
+        fn send_card(&self, _door: &Door, bits: WiegandBits, started: Instant) {
+            self.0.lock().unwrap().push((bits, started.elapsed()));
+        }
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        db: PathBuf,
+        group_id: [u8; 16],
+        reader_key: SecretKey,
+        enrolled: SecretKey,
+        panel: RecordingPanel,
+        stats: Arc<AdapterStats>,
+        phone_adapter: bluer::Adapter,
+        results: Vec<String>,
+    }
+
+    fn rand16() -> [u8; 16] {
+        let mut b = [0u8; 16];
+        OsRng.fill_bytes(&mut b);
+        b
+    }
+
+    pub fn run() {
+        keyway::logging::init(keyway::logging::Target::Stderr, log::LevelFilter::Debug);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(scenarios());
+        println!("ble_hil: all scenarios passed");
+    }
+
+    /// Waits (bounded) until both virtual controllers are known to BlueZ and powered.
+    async fn adapters_up(session: &bluer::Session) -> Duration {
+        let t0 = Instant::now();
+        let deadline = t0 + Duration::from_secs(60);
+        loop {
+            let names = session.adapter_names().await.unwrap_or_default();
+            let mut powered = 0;
+            for n in ["hci0", "hci1"] {
+                if names.iter().any(|x| x == n) {
+                    if let Ok(a) = session.adapter(n) {
+                        if a.is_powered().await.unwrap_or(false) {
+                            powered += 1;
+                        }
+                    }
+                }
+            }
+            if powered == 2 {
+                return t0.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "BlueZ did not show hci0 and hci1 powered within 60 s (adapters: {names:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn phone(rig: &Rig, key: &SecretKey) -> BlePhone {
+        let cred = ReaderGroupCredential {
+            group_id: rig.group_id,
+            reader_group_key: rig.reader_key.public_key(),
+        };
+        BlePhone::new(
+            EndpointConfig::new(key.clone(), vec![cred]),
+            Box::new(OsRandom),
+            BleVersions::default(),
+        )
+    }
+
+    async fn find(rig: &Rig) -> bluer::Address {
+        let (addr, rssi) =
+            central::find_reader(&rig.phone_adapter, &rig.group_id, Duration::from_secs(60))
+                .await
+                .expect("the phone finds the door's advertisement");
+        log::info!("phone: door found at {addr} (rssi {rssi:?})");
+        addr
+    }
+
+    /// One phone transaction. Like an app, the phone tries again (at most 3 times) when its
+    /// link drops before any verdict: btvirt/bluetoothd sometimes end a fresh LE link at once.
+    /// Every retry that reached keyway leaves a `ble_closed` event, which
+    /// [`decisive_event`] tolerates.
+    async fn attempt(rig: &Rig, key: &SecretKey, opts: &CentralOptions) -> CentralReport {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let addr = find(rig).await;
+            let r = attempt_at(rig, addr, key, opts).await;
+            if opts.silent || r.reader_state.is_some() || tries == 3 {
+                return r;
+            }
+            log::info!("phone: link lost before a verdict ({r:?}); trying again");
+        }
+    }
+
+    /// The decision event (granted or denied) among the events after the first `since`; any
+    /// other new event must be a link loss of a retrying phone.
+    async fn decisive_event(db: &Path, since: usize) -> AccessEvent {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ev = events(db);
+            let new = ev.get(since..).unwrap_or_default();
+            if let Some(d) = new.iter().find(|e| e.decision != EventDecision::Error) {
+                for e in new.iter().filter(|e| e.decision == EventDecision::Error) {
+                    assert_eq!(e.reason, "ble_closed", "unexpected error event: {new:?}");
+                }
+                assert_eq!(
+                    new.iter()
+                        .filter(|e| e.decision != EventDecision::Error)
+                        .count(),
+                    1,
+                    "one decision per phone: {new:?}"
+                );
+                return d.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no decision event after #{since}: {ev:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn attempt_at(
+        rig: &Rig,
+        addr: bluer::Address,
+        key: &SecretKey,
+        opts: &CentralOptions,
+    ) -> CentralReport {
+        let mut p = phone(rig, key);
+        match central::transact(&rig.phone_adapter, addr, &mut p, opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                // A phone whose GATT cache went stale (keyway's application was registered
+                // again) forgets the reader and starts over, as a real phone would.
+                log::info!("phone: {e}; forgetting {addr} and trying again");
+                let _ = rig.phone_adapter.remove_device(addr).await;
+                let addr = find(rig).await;
+                let mut p = phone(rig, key);
+                central::transact(&rig.phone_adapter, addr, &mut p, opts)
+                    .await
+                    .expect("phone transaction")
+            }
+        }
+    }
+
+    fn events(db: &Path) -> Vec<AccessEvent> {
+        let store = Store::open(db).unwrap();
+        let mut ev: Vec<_> = store
+            .recent_events(100)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.event)
+            .collect();
+        ev.reverse();
+        ev
+    }
+
+    async fn wait_events(db: &Path, n: usize) -> Vec<AccessEvent> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ev = events(db);
+            if ev.len() >= n || Instant::now() > deadline {
+                return ev;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn scenarios() {
+        let session = bluer::Session::new()
+            .await
+            .expect("D-Bus system bus and bluer");
+        let up = adapters_up(&session).await;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keyway.db");
+        let enrolled = SecretKey::random(&mut OsRng);
+        let spec = CredentialSpec {
+            line: 1,
+            endpoint_key: enrolled
+                .public_key()
+                .to_sec1_bytes()
+                .as_ref()
+                .try_into()
+                .unwrap(),
+            person_id: "p-ble".into(),
+            card_format: CardFormat::H10301,
+            facility_code: 42,
+            card_number: 4242,
+            valid_from: None,
+            valid_until: None,
+            doors: vec![DOOR.into()],
+            card_uids: Vec::new(),
+        };
+        Store::open(&db)
+            .unwrap()
+            .import_specs(&[spec], ImportMode::Replace, "ble_hil")
+            .unwrap();
+        let mut rig = Rig {
+            _dir: dir,
+            db,
+            group_id: rand16(),
+            reader_key: SecretKey::random(&mut OsRng),
+            enrolled,
+            panel: RecordingPanel::default(),
+            stats: Arc::default(),
+            phone_adapter: session.adapter("hci1").unwrap(),
+            results: vec![format!(
+                "adapters up {:.1} s after the guest test started",
+                up.as_secs_f64()
+            )],
+        };
+        println!("ble_hil: hci0 and hci1 powered ({:.1} s)", up.as_secs_f64());
+
+        // keyway's BLE door on hci0.
+        let sub_id = rand16();
+        let door = Door {
+            id: DOOR.into(),
+            port: PathBuf::from("/dev/null"),
+            baud: 9600,
+            address: 0,
+            outputs: 0,
+            reader_pattern: "*".into(),
+            group_id: rig.group_id,
+            sub_id,
+            private_key_file: PathBuf::new(),
+            auth_policy: AuthPolicy::UserDeviceSetting,
+            sensitive: false,
+            accept_cards: false,
+            fast: false,
+            step_up: None,
+            certificate: None,
+        };
+        let ble = DoorBle {
+            enabled: true,
+            adapter: Some("hci0".into()),
+            rssi_threshold_dbm: -70,
+            mode: BleMode::Tap,
+            max_connections: 1,
+            spsm: 0x0080,
+            timeout_ms: ALIRO_TIMEOUT_MS,
+        };
+        let (store, _thread) = StoreHandle::open(&rig.db).unwrap();
+        let door = Arc::new(door);
+        let rt = BleDoorRuntime {
+            door: door.clone(),
+            identity: Arc::new(ReaderIdentity::new(
+                rig.group_id,
+                sub_id,
+                rig.reader_key.clone(),
+            )),
+            store: store.clone(),
+            ble: ble.clone(),
+            stats: rig.stats.clone(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_ble_door(rt, rig.panel.clone(), stop_rx));
+        let stats = rig.stats.clone();
+        wait_for(
+            "keyway's first BLE registration",
+            Duration::from_secs(30),
+            || stats.registrations.load(Ordering::SeqCst) >= 1,
+        )
+        .await;
+        let opts = CentralOptions::default();
+
+        // Enrolled phone: granted.
+        let enrolled = rig.enrolled.clone();
+        let r = attempt(&rig, &enrolled, &opts).await;
+        assert_eq!(
+            r.reader_state,
+            Some(0x01),
+            "enrolled phone told unsecured: {r:?}"
+        );
+        let granted = decisive_event(&rig.db, 0).await;
+        assert_eq!(
+            (granted.decision, granted.transport),
+            (EventDecision::Granted, Transport::Ble)
+        );
+        assert_eq!(granted.person_id.as_deref(), Some("p-ble"));
+        let cards = rig.panel.0.lock().unwrap().clone();
+        assert_eq!(cards.len(), 1);
+        assert_eq!(
+            card::decode(&cards[0].0).unwrap(),
+            (CardFormat::H10301, 42, 4242)
+        );
+        rig.results.push(format!(
+            "granted: connection->decision {} ms, connection->RAW handoff {} ms, phone channel->verdict {:?}",
+            granted.latency_ms,
+            cards[0].1.as_millis(),
+            r.channel_to_verdict
+        ));
+
+        // Unknown phone: denied, nothing to the panel.
+        let stranger = SecretKey::random(&mut OsRng);
+        let n0 = events(&rig.db).len();
+        let r = attempt(&rig, &stranger, &opts).await;
+        assert_eq!(
+            r.reader_state,
+            Some(0x00),
+            "unknown phone told secured: {r:?}"
+        );
+        let denied = decisive_event(&rig.db, n0).await;
+        assert_eq!(
+            (denied.decision, denied.reason.as_str(), denied.transport),
+            (EventDecision::Denied, "unknown_key", Transport::Ble)
+        );
+        assert_eq!(rig.panel.0.lock().unwrap().len(), 1);
+        rig.results.push(format!(
+            "denied: connection->decision {} ms",
+            denied.latency_ms
+        ));
+
+        // Silent phone: dropped after the Aliro timeout, recorded as a timeout.
+        let silent = CentralOptions {
+            silent: true,
+            ..CentralOptions::default()
+        };
+        let n0 = events(&rig.db).len();
+        let r = attempt(&rig, &enrolled, &silent).await;
+        assert!(r.closed_by_reader, "keyway closes a silent channel: {r:?}");
+        let ev = wait_events(&rig.db, n0 + 1).await;
+        assert_eq!(ev.len(), n0 + 1, "{ev:?}");
+        assert_eq!(
+            (ev[n0].decision, ev[n0].reason.as_str()),
+            (EventDecision::Error, "timeout")
+        );
+        rig.results.push(format!(
+            "silent phone dropped after {:?} (limit {ALIRO_TIMEOUT_MS} ms)",
+            r.channel_to_close
+        ));
+
+        // Connection limit (1 here): while a silent phone holds the only slot, another phone
+        // is accepted and closed at once, and no session starts for it. When the test's own
+        // phone stack drops the holder's link early (see `attempt`), the round is repeated.
+        let mut refused = None;
+        for round in 1..=3 {
+            let n_limit = events(&rig.db).len();
+            let addr = find(&rig).await;
+            let holder = {
+                let (adapter, group_id, reader_key) = (
+                    rig.phone_adapter.clone(),
+                    rig.group_id,
+                    rig.reader_key.clone(),
+                );
+                let key = enrolled.clone();
+                let silent = silent.clone();
+                tokio::spawn(async move {
+                    let cred = ReaderGroupCredential {
+                        group_id,
+                        reader_group_key: reader_key.public_key(),
+                    };
+                    let mut p = BlePhone::new(
+                        EndpointConfig::new(key, vec![cred]),
+                        Box::new(OsRandom),
+                        BleVersions::default(),
+                    );
+                    central::transact(&adapter, addr, &mut p, &silent).await
+                })
+            };
+            wait_for(
+                "the silent phone to hold the slot",
+                Duration::from_secs(30),
+                || stats.active.load(Ordering::SeqCst) == 1,
+            )
+            .await;
+            let refused_before = stats.refused_over_limit.load(Ordering::SeqCst);
+            let quick = CentralOptions {
+                disconnect: false,
+                ..CentralOptions::default()
+            };
+            // No retry inside a round: a retrying phone would drop the slot holder's link.
+            let mut p = phone(&rig, &stranger);
+            let second = central::transact(&rig.phone_adapter, addr, &mut p, &quick).await;
+            let held = stats.active.load(Ordering::SeqCst) == 1;
+            let _ = tokio::time::timeout(Duration::from_secs(30), holder).await;
+            let ev = wait_events(&rig.db, n_limit + 1).await;
+            let new = ev.get(n_limit..).unwrap_or_default();
+            match second {
+                Ok(r) if held => {
+                    assert!(
+                        new.iter().all(|e| e.decision == EventDecision::Error),
+                        "nothing but the slot holder's end may be recorded: {new:?}"
+                    );
+                    assert!(
+                        r.closed_by_reader && r.reader_state.is_none(),
+                        "over the limit: {r:?}"
+                    );
+                    assert_eq!(
+                        stats.refused_over_limit.load(Ordering::SeqCst),
+                        refused_before + 1
+                    );
+                    assert_eq!(new.len(), 1, "only the slot holder left an event: {new:?}");
+                    refused = Some(r);
+                    break;
+                }
+                other => log::info!("limit round {round}: holder link lost ({other:?}); again"),
+            }
+        }
+        let r = refused.expect("a phone over the limit was refused in one of 3 rounds");
+        rig.results.push(format!(
+            "over the limit: refused, channel closed after {:?}",
+            r.channel_to_close
+        ));
+
+        // Adapter powered off and on again: keyway notices, drops its registrations and makes
+        // them again once the adapter is back.
+        let hci0 = session.adapter("hci0").unwrap();
+        let (lost_before, reg_before) = (
+            stats.losses.load(Ordering::SeqCst),
+            stats.registrations.load(Ordering::SeqCst),
+        );
+        hci0.set_powered(false).await.expect("power hci0 off");
+        wait_for(
+            "keyway to notice hci0 powered off",
+            Duration::from_secs(20),
+            || stats.losses.load(Ordering::SeqCst) > lost_before,
+        )
+        .await;
+        let t_on = Instant::now();
+        hci0.set_powered(true).await.expect("power hci0 on");
+        wait_for(
+            "re-registration after power-on",
+            Duration::from_secs(30),
+            || stats.registrations.load(Ordering::SeqCst) > reg_before,
+        )
+        .await;
+        rig.results.push(format!(
+            "re-registered {:.1} s after hci0 was powered on again",
+            t_on.elapsed().as_secs_f64()
+        ));
+
+        // bluetoothd restart: keyway notices and registers again by itself.
+        let before = rig.stats.registrations.load(Ordering::SeqCst);
+        restart_bluetoothd();
+        let t_restart = Instant::now();
+        let _ = adapters_up(&session).await;
+        wait_for(
+            "keyway's re-registration after the bluetoothd restart",
+            Duration::from_secs(60),
+            || stats.registrations.load(Ordering::SeqCst) > before,
+        )
+        .await;
+        rig.results.push(format!(
+            "re-registered {:.1} s after bluetoothd restart",
+            t_restart.elapsed().as_secs_f64()
+        ));
+        let session = bluer::Session::new().await.unwrap();
+        rig.phone_adapter = session.adapter("hci1").unwrap();
+        let n0 = events(&rig.db).len();
+        let r = attempt(&rig, &enrolled, &opts).await;
+        assert_eq!(
+            r.reader_state,
+            Some(0x01),
+            "granted again after the restart: {r:?}"
+        );
+        let again = decisive_event(&rig.db, n0).await;
+        assert_eq!(again.decision, EventDecision::Granted);
+        // Let a retrying phone's leftovers land before counting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let n_events = events(&rig.db).len();
+
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+
+        // Walk-up mode: a phone whose range keyway cannot vouch for (btvirt reports no RSSI)
+        // is not served, and leaves no session and no event.
+        let walk_stats = Arc::new(AdapterStats::default());
+        let rt = BleDoorRuntime {
+            door,
+            identity: Arc::new(ReaderIdentity::new(
+                rig.group_id,
+                sub_id,
+                rig.reader_key.clone(),
+            )),
+            store,
+            ble: DoorBle {
+                mode: BleMode::WalkUp,
+                ..ble
+            },
+            stats: walk_stats.clone(),
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_ble_door(rt, rig.panel.clone(), stop_rx));
+        wait_for(
+            "the walk-up door's registration",
+            Duration::from_secs(30),
+            || walk_stats.registrations.load(Ordering::SeqCst) >= 1,
+        )
+        .await;
+        let r = attempt(&rig, &enrolled, &opts).await;
+        assert!(
+            r.closed_by_reader && r.reader_state.is_none(),
+            "walk-up, no RSSI: {r:?}"
+        );
+        // At least one refusal (a phone that retries is refused again), and no session.
+        assert!(walk_stats.refused_by_policy.load(Ordering::SeqCst) >= 1);
+        assert_eq!(walk_stats.accepted.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            events(&rig.db).len(),
+            n_events,
+            "a refused phone leaves no event"
+        );
+        rig.results
+            .push("walk-up without a known RSSI: not served".into());
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+
+        let text = rig.results.join("\n");
+        println!("{text}");
+        let _ = std::fs::write(Path::new(GUEST_SHARE).join("results.txt"), text);
+    }
+
+    /// Kills the VM's bluetoothd (its pid is in /run/bluetoothd.pid) and starts a new one.
+    fn restart_bluetoothd() {
+        let pid = std::fs::read_to_string("/run/bluetoothd.pid").expect("bluetoothd pid file");
+        let pid = pid.trim();
+        let st = Command::new("kill").args(["-TERM", pid]).status().unwrap();
+        assert!(st.success(), "kill bluetoothd {pid}");
+        let dead = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < dead, "bluetoothd {pid} did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::File::create(Path::new(GUEST_SHARE).join("bluetoothd-2.log")).unwrap();
+        let child = Command::new("bluetoothd")
+            .args(["-n", "-d"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start bluetoothd again");
+        std::fs::write("/run/bluetoothd.pid", child.id().to_string()).unwrap();
+        // The VM powers off when the test ends; the child needs no reaping.
+        std::mem::forget(child);
+    }
+}
