@@ -131,7 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 } else {
                     let e = &stored.event;
                     println!(
-                        "{:>6}  {}  {:<12} {:<4} {:<8} {:<14} key {:<16} person {:<12} {:>5} ms",
+                        "{:>6}  {}  {:<12} {:<4} {:<8} {:<14} key {:<16} person {:<12} {:>5} ms  panel {}",
                         stored.id,
                         format_ms(e.time_ms),
                         e.door,
@@ -140,7 +140,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         e.reason,
                         e.endpoint_fingerprint.as_deref().unwrap_or("-"),
                         e.person_id.as_deref().unwrap_or("-"),
-                        e.latency_ms
+                        e.latency_ms,
+                        stored.panel_verdict.as_deref().unwrap_or("-")
                     );
                 }
             }

@@ -101,6 +101,10 @@ const MIGRATIONS: &[&str] = &[
         credential_id INTEGER NOT NULL REFERENCES credentials (id) ON DELETE CASCADE
     ) STRICT;
     CREATE INDEX card_uids_credential ON card_uids (credential_id);",
+    // v4: the access panel's own verdict on a granted card (read from its LED commands after
+    // the osdp_RAW): 'granted', 'denied' or 'unknown'; NULL until it is known.
+    "ALTER TABLE events ADD COLUMN panel_verdict TEXT
+        CHECK (panel_verdict IN ('granted', 'denied', 'unknown'));",
 ];
 
 /// The schema version this build writes.

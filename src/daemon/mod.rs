@@ -91,10 +91,29 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
         let port_name = port.display().to_string();
         let pending = Pending::default();
         let delivered = pending.clone();
+        let door_of: HashMap<u8, String> =
+            doors.iter().map(|d| (d.address, d.id.clone())).collect();
+        let verdicts = store.clone();
         tasks.spawn(async move {
             loop {
                 match events.recv().await {
-                    Ok(event) => log_bus_event(&port_name, &event, &delivered),
+                    Ok(event) => {
+                        log_bus_event(&port_name, &event, &delivered);
+                        if let BusEvent::Pd {
+                            addr,
+                            event: PdEvent::PanelVerdict { verdict, .. },
+                        } = &event
+                        {
+                            if let Some(door) = door_of.get(addr) {
+                                // Recorded with the door's latest granted event.
+                                if let Err(e) = verdicts.panel_verdict(door, verdict.as_str()).await
+                                {
+                                    log::warn!(target: "keyway::osdp", door = door.as_str();
+                                        "door {door}: panel verdict not stored: {e}");
+                                }
+                            }
+                        }
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         log::warn!(target: "keyway::osdp", port = port_name.as_str();
                             "osdp {port_name}: {n} bus events not logged (logger fell behind)")

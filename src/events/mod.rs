@@ -5,6 +5,7 @@
 //! itself or the card number (a card number is enough to clone a card).
 
 use crate::acl::{fingerprint, AclError, Decision, Store};
+use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -211,10 +212,18 @@ pub struct StoredEvent {
     pub event: AccessEvent,
     /// Unix milliseconds of delivery to the cloud; `None` = still to send.
     pub delivered_at_ms: Option<i64>,
+    /// The access panel's verdict on a granted card (`granted`, `denied`, `unknown`), once
+    /// known; `None` for denials and before the panel answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub panel_verdict: Option<String>,
 }
 
+/// Panel verdicts keyway stores (see [`Store::set_panel_verdict`]).
+pub const PANEL_VERDICTS: [&str; 3] = ["granted", "denied", "unknown"];
+
 const EVENT_COLUMNS: &str = "id, time_ms, door, transport, endpoint_fingerprint, person_id, \
-                             credential_id, decision, reason, latency_ms, delivered_at";
+                             credential_id, decision, reason, latency_ms, delivered_at, \
+                             panel_verdict";
 
 fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     let id: i64 = r.get(0)?;
@@ -241,6 +250,7 @@ fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
             latency_ms: r.get(9)?,
         },
         delivered_at_ms: r.get(10)?,
+        panel_verdict: r.get(11)?,
     })
 }
 
@@ -265,6 +275,38 @@ impl Store {
             event.latency_ms,
         ])?;
         Ok(self.conn.last_insert_rowid())
+    }
+
+    /// Records the panel's `verdict` on the newest granted event of `door` at or after
+    /// `since_ms` that has none yet; returns that event's id, or `None` when there is no such
+    /// event (yet).
+    pub fn set_panel_verdict(
+        &mut self,
+        door: &str,
+        verdict: &str,
+        since_ms: i64,
+    ) -> Result<Option<i64>, AclError> {
+        if !PANEL_VERDICTS.contains(&verdict) {
+            return Err(AclError::InvalidEvent(format!(
+                "panel verdict {verdict:?} is not one of {PANEL_VERDICTS:?}"
+            )));
+        }
+        let id: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT id FROM events WHERE door = ?1 AND decision = 'granted' \
+                 AND panel_verdict IS NULL AND time_ms >= ?2 ORDER BY id DESC LIMIT 1",
+                rusqlite::params![door, since_ms],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(id) = id {
+            self.conn.execute(
+                "UPDATE events SET panel_verdict = ?2 WHERE id = ?1",
+                rusqlite::params![id, verdict],
+            )?;
+        }
+        Ok(id)
     }
 
     /// The newest `limit` events, newest first.
@@ -438,6 +480,57 @@ mod tests {
             reason: reason.into(),
             latency_ms: 87,
         }
+    }
+
+    #[test]
+    fn panel_verdict_goes_to_the_newest_granted_event_of_the_door() {
+        let mut s = Store::open_in_memory().unwrap();
+        let old = s
+            .record_event(&ev(EventDecision::Granted, "granted"))
+            .unwrap();
+        let mut other_door = ev(EventDecision::Granted, "granted");
+        other_door.door = "back".into();
+        s.record_event(&other_door).unwrap();
+        let newest = s
+            .record_event(&ev(EventDecision::Granted, "granted"))
+            .unwrap();
+        let _denied = s
+            .record_event(&ev(EventDecision::Denied, "expired"))
+            .unwrap();
+        let since = ev(EventDecision::Granted, "").time_ms;
+
+        assert_eq!(
+            s.set_panel_verdict("front", "denied", since).unwrap(),
+            Some(newest)
+        );
+        // The next verdict goes to the newest one still without a verdict.
+        assert_eq!(
+            s.set_panel_verdict("front", "granted", since).unwrap(),
+            Some(old)
+        );
+        assert_eq!(
+            s.set_panel_verdict("front", "granted", since).unwrap(),
+            None
+        );
+        // Too old for the window: untouched.
+        assert_eq!(
+            s.set_panel_verdict("back", "granted", since + 1).unwrap(),
+            None
+        );
+        assert!(s.set_panel_verdict("back", "green", since).is_err());
+
+        let by_id: std::collections::HashMap<i64, Option<String>> = s
+            .recent_events(10)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.id, e.panel_verdict))
+            .collect();
+        assert_eq!(by_id[&newest].as_deref(), Some("denied"));
+        assert_eq!(by_id[&old].as_deref(), Some("granted"));
+        assert_eq!(by_id.values().filter(|v| v.is_none()).count(), 2);
+        // Serialized only when known.
+        let json = serde_json::to_string(&s.recent_events(1).unwrap()[0]).unwrap();
+        assert!(!json.contains("panel_verdict"), "{json}");
     }
 
     #[test]

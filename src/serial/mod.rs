@@ -348,9 +348,8 @@ impl BusTask {
                     log::info!(addr, reason:? = reason; "OSDP secure channel down")
                 }
                 PdEvent::KeyInstalled => log::info!(addr; "OSDP new SCBK installed"),
-                PdEvent::PanelVerdict { verdict, .. } => {
-                    log::info!(addr, verdict = verdict.as_str(); "OSDP panel verdict")
-                }
+                // The daemon logs the verdict with its door and stores it with the event.
+                PdEvent::PanelVerdict { .. } => {}
                 PdEvent::KeyStoreFailed(e) => {
                     log::error!(addr, error = e.as_str(); "OSDP KEYSET refused: key not stored")
                 }
