@@ -5,9 +5,7 @@
 //! the daemon warns at start-up for every door that accepts cards. The decision rules are the
 //! same as for a phone ([`evaluate`]): validity window, then door list.
 
-use rusqlite::OptionalExtension;
-
-use super::{credential_record, evaluate, AclError, CredentialRecord, Decision, Store};
+use super::{evaluate, AclError, CredentialRecord, Decision, Store};
 
 /// UID lengths of ISO/IEC 14443 Type A cards: single, double and triple size.
 pub const UID_LENGTHS: [usize; 3] = [4, 7, 10];
@@ -29,28 +27,11 @@ impl Store {
         if !is_valid_uid(uid) {
             return Ok(None);
         }
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT c.id, c.person_id, c.card_format, c.facility_code, c.card_number,
-                    c.valid_from, c.valid_until,
-                    EXISTS (SELECT 1 FROM credential_doors d
-                            WHERE d.credential_id = c.id AND d.door IN (?2, '*'))
-             FROM card_uids u JOIN credentials c ON c.id = u.credential_id WHERE u.uid = ?1",
-        )?;
-        let row = stmt
-            .query_row(rusqlite::params![uid, door], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, Option<i64>>(6)?,
-                    r.get::<_, bool>(7)?,
-                ))
-            })
-            .optional()?;
-        row.map(credential_record).transpose()
+        self.query_credential(
+            "FROM card_uids u JOIN credentials c ON c.id = u.credential_id WHERE u.uid = ?1",
+            uid,
+            door,
+        )
     }
 
     /// Decides whether card `uid` may open `door` at `now` (unknown UID: `unknown_key`).

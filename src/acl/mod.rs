@@ -355,15 +355,30 @@ impl Store {
             Ok(k) => k,
             Err(_) => return Ok(None),
         };
-        let mut stmt = self.conn.prepare_cached(
+        self.query_credential(
+            "FROM credentials c WHERE c.endpoint_key = ?1",
+            key.as_slice(),
+            door,
+        )
+    }
+
+    /// Runs `SELECT <credential columns> <from_where>` with `?1` = `value` and `?2` = `door`:
+    /// the one way a credential is read for a decision (by endpoint key or by card UID).
+    pub(crate) fn query_credential(
+        &self,
+        from_where: &str,
+        value: &[u8],
+        door: &str,
+    ) -> Result<Option<CredentialRecord>, AclError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT c.id, c.person_id, c.card_format, c.facility_code, c.card_number,
                     c.valid_from, c.valid_until,
                     EXISTS (SELECT 1 FROM credential_doors d
                             WHERE d.credential_id = c.id AND d.door IN (?2, '*'))
-             FROM credentials c WHERE c.endpoint_key = ?1",
-        )?;
+             {from_where}"
+        ))?;
         let row = stmt
-            .query_row(rusqlite::params![key.as_slice(), door], |r| {
+            .query_row(rusqlite::params![value, door], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, String>(1)?,
@@ -376,10 +391,7 @@ impl Store {
                 ))
             })
             .optional()?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        credential_record(row).map(Some)
+        row.map(credential_record).transpose()
     }
 
     /// Counts for status output.
