@@ -259,6 +259,8 @@ impl Bench {
             apdu_timeout_ms: 1500,
             transaction_timeout_ms: 8000,
             reader_retry_ms: 200,
+            // The recording panel reports no verdict, so nothing waits on it.
+            panel_verdict_wait_ms: 1000,
         };
         let (tx, rx) = watch::channel(false);
         self.shutdown = Some(tx);

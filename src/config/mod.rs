@@ -94,6 +94,10 @@ pub struct NfcConfig {
     /// How often a missing reader is looked for again.
     #[serde(default = "default_reader_retry_ms")]
     pub reader_retry_ms: u64,
+    /// After a grant, how long the phone's answer waits for the panel's verdict (its LED after
+    /// the card read), so the phone is told what the panel decided; 0 = do not wait.
+    #[serde(default = "default_panel_verdict_wait_ms")]
+    pub panel_verdict_wait_ms: u64,
 }
 
 impl Default for NfcConfig {
@@ -102,6 +106,7 @@ impl Default for NfcConfig {
             apdu_timeout_ms: default_apdu_timeout_ms(),
             transaction_timeout_ms: default_transaction_timeout_ms(),
             reader_retry_ms: default_reader_retry_ms(),
+            panel_verdict_wait_ms: default_panel_verdict_wait_ms(),
         }
     }
 }
@@ -115,6 +120,9 @@ fn default_transaction_timeout_ms() -> u64 {
 fn default_reader_retry_ms() -> u64 {
     1000
 }
+fn default_panel_verdict_wait_ms() -> u64 {
+    1000
+}
 
 impl NfcConfig {
     pub fn apdu_timeout(&self) -> Duration {
@@ -125,6 +133,9 @@ impl NfcConfig {
     }
     pub fn reader_retry(&self) -> Duration {
         Duration::from_millis(self.reader_retry_ms)
+    }
+    pub fn panel_verdict_wait(&self) -> Duration {
+        Duration::from_millis(self.panel_verdict_wait_ms)
     }
 }
 
@@ -555,6 +566,12 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             60_000,
         ),
         ("nfc.reader_retry_ms", raw.nfc.reader_retry_ms, 50, 60_000),
+        (
+            "nfc.panel_verdict_wait_ms",
+            raw.nfc.panel_verdict_wait_ms,
+            0,
+            5_000,
+        ),
     ] {
         if !(min..=max).contains(&value) {
             return Err(invalid(

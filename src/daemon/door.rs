@@ -15,12 +15,18 @@ use crate::nfc::ratelimit::{RateLimitConfig, RateLimiter, UNIDENTIFIED};
 use crate::nfc::{ReaderEvent, ReaderLoop, ReaderLoopConfig};
 
 use super::store::StoreHandle;
-use super::tap::{run_tap, TapContext, TapReport};
+use super::tap::{run_tap, TapContext, TapReport, VerdictWait};
 
 /// Where a granted card number goes: the door's OSDP PD in the daemon.
 pub trait PanelSink: Clone + Send + Sync + 'static {
     /// Queues the card for the panel. `started` is when the card was presented (for timing).
     fn send_card(&self, door: &Door, bits: WiegandBits, started: Instant);
+
+    /// Called just before [`send_card`](Self::send_card): a receiver for the panel's verdict
+    /// on that card, when this sink can learn it. The default learns nothing.
+    fn await_verdict(&self, _door: &Door) -> Option<VerdictWait> {
+        None
+    }
 }
 
 /// Everything a door's loop needs.
@@ -82,10 +88,13 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
                         accept_cards: rt.door.accept_cards,
                         step_up: rt.door.step_up.as_ref(),
                         certificate: rt.door.certificate.as_ref(),
+                        panel_verdict_wait: rt.nfc.panel_verdict_wait(),
                     };
                     let randomness = Randomness::generate(&mut rand_core::OsRng);
                     let report = run_tap(&ctx, &link, randomness, started, |bits| {
-                        panel.send_card(&rt.door, bits, started)
+                        let verdict = panel.await_verdict(&rt.door);
+                        panel.send_card(&rt.door, bits, started);
+                        verdict
                     })
                     .await;
                     count_for_rate_limit(limiter, &rt.door.id, &report);

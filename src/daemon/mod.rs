@@ -13,16 +13,17 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::aliro::reader::ReaderIdentity;
 use crate::card::WiegandBits;
 use crate::config::{self, Door, Validated};
-use crate::osdp::{PdConfig, PdEvent, PdIdentity, RawCard, RawFormat};
+use crate::osdp::{PdConfig, PdEvent, PdIdentity, RawCard, RawFormat, Verdict};
 use crate::serial::{self, BusConfig, BusEvent, BusHandle};
 
 pub use door::{run_door, DoorRuntime, PanelSink};
 pub use store::{StoreError, StoreHandle};
+pub use tap::VerdictWait;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -253,17 +254,24 @@ fn firmware_version() -> [u8; 3] {
     ]
 }
 
-/// When each queued card was presented, per PD address, so the bus can report tap-to-RAW.
+/// Per PD address: when each queued card was presented (so the bus can report tap-to-RAW),
+/// and the tap waiting for the panel's verdict on its card.
 #[derive(Clone, Default)]
-struct Pending(Arc<Mutex<HashMap<u8, VecDeque<Instant>>>>);
+struct Pending(Arc<Mutex<PendingState>>);
+
+#[derive(Default)]
+struct PendingState {
+    started: HashMap<u8, VecDeque<Instant>>,
+    verdicts: HashMap<u8, oneshot::Sender<Verdict>>,
+}
 
 /// How many undelivered cards one door may have queued; the PD's own queue is bounded too.
 const MAX_PENDING: usize = 16;
 
 impl Pending {
     fn push(&self, address: u8, started: Instant) {
-        if let Ok(mut map) = self.0.lock() {
-            let q = map.entry(address).or_default();
+        if let Ok(mut st) = self.0.lock() {
+            let q = st.started.entry(address).or_default();
             if q.len() >= MAX_PENDING {
                 q.pop_front();
             }
@@ -271,7 +279,25 @@ impl Pending {
         }
     }
     fn pop(&self, address: u8) -> Option<Instant> {
-        self.0.lock().ok()?.get_mut(&address)?.pop_front()
+        self.0.lock().ok()?.started.get_mut(&address)?.pop_front()
+    }
+    /// The next verdict of `address` goes to the returned receiver (replacing an older wait:
+    /// one tap at a time per door).
+    fn wait_verdict(&self, address: u8) -> Option<oneshot::Receiver<Verdict>> {
+        let (tx, rx) = oneshot::channel();
+        self.0.lock().ok()?.verdicts.insert(address, tx);
+        Some(rx)
+    }
+    fn verdict(&self, address: u8, verdict: Verdict) {
+        let waiter = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut st| st.verdicts.remove(&address));
+        if let Some(tx) = waiter {
+            // The tap may have stopped waiting; then only the event row gets the verdict.
+            let _ = tx.send(verdict);
+        }
     }
 }
 
@@ -283,6 +309,10 @@ struct BusPanel {
 }
 
 impl PanelSink for BusPanel {
+    fn await_verdict(&self, door: &Door) -> Option<VerdictWait> {
+        self.pending.wait_verdict(door.address)
+    }
+
     fn send_card(&self, door: &Door, bits: WiegandBits, started: Instant) {
         let raw = RawCard {
             reader: 0,
@@ -327,6 +357,7 @@ fn log_bus_event(port: &str, event: &BusEvent, pending: &Pending) {
         return;
     }
     if let PdEvent::PanelVerdict { verdict, .. } = event {
+        pending.verdict(address, *verdict);
         let verdict = verdict.as_str();
         log::info!(target: "keyway::osdp", port = port, address = address, verdict = verdict;
             "osdp {port} pd {address}: panel verdict {verdict}");

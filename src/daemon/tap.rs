@@ -21,6 +21,7 @@ use crate::card::{self, WiegandBits};
 use crate::config::{ReaderCert, StepUp};
 use crate::nfc::ratelimit::{self, RateLimiter};
 use crate::nfc::{CardLink, NfcError};
+use crate::osdp::Verdict;
 
 use super::store::{StoreError, StoreHandle};
 
@@ -86,6 +87,8 @@ pub struct TapReport {
     pub fast_candidates: usize,
     /// UID of a physical card (it did not answer the Aliro application; door accepts cards).
     pub card_uid: Option<Vec<u8>>,
+    /// The panel's verdict on a grant, when it came within `panel_verdict_wait`.
+    pub panel_verdict: Option<Verdict>,
 }
 
 impl TapReport {
@@ -137,7 +140,12 @@ pub struct TapContext<'a> {
     pub step_up: Option<&'a StepUp>,
     /// LOAD CERT: the reader's certificate; `identity.private_key` is then its subject key.
     pub certificate: Option<&'a ReaderCert>,
+    /// After a grant, how long the phone's EXCHANGE waits for the panel's verdict.
+    pub panel_verdict_wait: Duration,
 }
+
+/// The panel's verdict on the card a grant sent, when the panel sink can report it.
+pub type VerdictWait = tokio::sync::oneshot::Receiver<Verdict>;
 
 /// Signaling bitmap bit 0: an Access Document can be retrieved (reference constants).
 const SIGNALING_ACCESS_DOCUMENT: u16 = 1 << 0;
@@ -168,7 +176,7 @@ pub async fn run_tap<C: CardChannel>(
     channel: &C,
     randomness: Randomness,
     started: Instant,
-    on_grant: impl FnOnce(WiegandBits),
+    on_grant: impl FnOnce(WiegandBits) -> Option<VerdictWait>,
 ) -> TapReport {
     let mut report = TapReport {
         endpoint_key: None,
@@ -179,6 +187,7 @@ pub async fn run_tap<C: CardChannel>(
         fast: false,
         fast_candidates: 0,
         card_uid: None,
+        panel_verdict: None,
     };
     let mut learned: Option<SymmetricKey> = None;
     let flow = transaction(
@@ -239,7 +248,7 @@ async fn transaction<C: CardChannel>(
     started: Instant,
     report: &mut TapReport,
     learned: &mut Option<SymmetricKey>,
-    on_grant: impl FnOnce(WiegandBits),
+    on_grant: impl FnOnce(WiegandBits) -> Option<VerdictWait>,
 ) -> Result<(), TapError> {
     let mut tx = ReaderTransaction::new(ctx.identity, ctx.params, randomness);
     if ctx.fast {
@@ -316,7 +325,7 @@ async fn transaction<C: CardChannel>(
                         .await?;
                     apply_door_policy(ctx, d, endpoint.signaling_bitmap)
                 };
-                capdu = conclude(&mut tx, decision, report, started, &mut on_grant)?;
+                capdu = conclude(ctx, &mut tx, decision, report, started, &mut on_grant).await?;
             }
             Action::StepUpResponse(doc) => {
                 let endpoint = stepping_up
@@ -334,7 +343,7 @@ async fn transaction<C: CardChannel>(
                 } else {
                     Decision::Deny(DenyReason::AccessDocumentInvalid)
                 };
-                capdu = conclude(&mut tx, decision, report, started, &mut on_grant)?;
+                capdu = conclude(ctx, &mut tx, decision, report, started, &mut on_grant).await?;
             }
             Action::Done(Outcome::Completed { .. }) => return Ok(()),
             // The core reported a failure to the phone (bad signature, undecryptable answer,
@@ -346,22 +355,37 @@ async fn transaction<C: CardChannel>(
     }
 }
 
-/// Records the decision, hands a grant to the panel, and returns the final EXCHANGE.
-fn conclude(
+/// Records the decision, hands a grant to the panel, waits (bounded) for the panel's verdict
+/// so the phone is told what the panel decided, and returns the final EXCHANGE.
+async fn conclude(
+    ctx: &TapContext<'_>,
     tx: &mut ReaderTransaction,
     decision: Decision,
     report: &mut TapReport,
     started: Instant,
-    on_grant: &mut Option<impl FnOnce(WiegandBits)>,
+    on_grant: &mut Option<impl FnOnce(WiegandBits) -> Option<VerdictWait>>,
 ) -> Result<Vec<u8>, TapError> {
     report.to_decision = Some(started.elapsed());
     let status = match &decision {
         Decision::Grant(g) => {
             let bits = card::encode(g.card_format, g.facility_code, g.card_number)?;
-            if let Some(f) = on_grant.take() {
-                f(bits);
+            let wait = on_grant.take().and_then(|f| f(bits));
+            match wait {
+                Some(rx) if !ctx.panel_verdict_wait.is_zero() => {
+                    // No verdict in time (or none at all) leaves keyway's grant standing.
+                    let v = tokio::time::timeout(ctx.panel_verdict_wait, rx).await;
+                    report.panel_verdict = v.ok().and_then(Result::ok);
+                }
+                _ => {}
             }
-            ReaderStatus::AccessGranted
+            if report.panel_verdict == Some(Verdict::Denied) {
+                log::warn!(target: "keyway::nfc", door = ctx.door;
+                    "door {}: the panel refused a card keyway granted; the phone is told denied",
+                    ctx.door);
+                ReaderStatus::AccessDenied
+            } else {
+                ReaderStatus::AccessGranted
+            }
         }
         Decision::Deny(DenyReason::UnknownKey) => ReaderStatus::PublicKeyNotFound,
         Decision::Deny(_) => ReaderStatus::AccessDenied,
@@ -399,7 +423,7 @@ async fn physical_card<C: CardChannel>(
     channel: &C,
     started: Instant,
     report: &mut TapReport,
-    on_grant: Option<impl FnOnce(WiegandBits)>,
+    on_grant: Option<impl FnOnce(WiegandBits) -> Option<VerdictWait>>,
 ) -> Result<(), TapError> {
     let r = channel.transmit(&GET_UID_APDU).await?;
     let uid = match r.split_last_chunk::<2>() {
@@ -418,7 +442,8 @@ async fn physical_card<C: CardChannel>(
     };
     report.to_decision = Some(started.elapsed());
     if let (Decision::Grant(g), Some(f)) = (&decision, on_grant) {
-        f(card::encode(g.card_format, g.facility_code, g.card_number)?);
+        // A card is told nothing: the panel's verdict is only recorded with the event.
+        let _verdict = f(card::encode(g.card_format, g.facility_code, g.card_number)?);
     }
     report.decision = Some(decision);
     Ok(())
@@ -534,6 +559,10 @@ mod tests {
         accept_cards: bool,
         step_up: Option<&'a StepUp>,
         certificate: Option<&'a ReaderCert>,
+        /// What the panel says about a granted card (None: this sink learns nothing).
+        panel: Option<Verdict>,
+        /// The panel keeps the tap waiting and never answers.
+        panel_silent: bool,
     }
 
     async fn tap_with(
@@ -560,16 +589,32 @@ mod tests {
             accept_cards: o.accept_cards,
             step_up: o.step_up,
             certificate: o.certificate,
+            panel_verdict_wait: Duration::from_secs(2),
         };
         let mut cards = Vec::new();
+        // The "panel" answers at once with `o.panel`, says it cannot tell (drops its sender),
+        // or, `panel_silent`, keeps the tap waiting and never answers.
+        let mut silent_panel = None;
         let report = run_tap(
             &ctx,
             &chan,
             Randomness::generate(&mut OsRng),
             Instant::now(),
-            |b| cards.push(b),
+            |b| {
+                cards.push(b);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                match o.panel {
+                    Some(v) => {
+                        let _ = tx.send(v);
+                    }
+                    None if o.panel_silent => silent_panel = Some(tx),
+                    None => drop(tx),
+                }
+                Some(rx)
+            },
         )
         .await;
+        drop(silent_panel);
         (report, cards, chan.phone.into_inner().unwrap())
     }
 
@@ -728,6 +773,7 @@ mod tests {
             accept_cards,
             step_up: None,
             certificate: None,
+            panel_verdict_wait: Duration::from_secs(2),
         };
         let mut cards = Vec::new();
         let r = run_tap(
@@ -735,7 +781,10 @@ mod tests {
             &chan,
             Randomness::generate(&mut OsRng),
             Instant::now(),
-            |b| cards.push(b),
+            |b| {
+                cards.push(b);
+                None
+            },
         )
         .await;
         (r, cards)
@@ -901,13 +950,14 @@ mod tests {
             accept_cards: false,
             step_up: None,
             certificate: Some(&cert),
+            panel_verdict_wait: Duration::from_secs(2),
         };
         let r = run_tap(
             &ctx,
             &chan,
             Randomness::generate(&mut OsRng),
             Instant::now(),
-            |_| {},
+            |_| None,
         )
         .await;
         let log = chan.log.into_inner().unwrap();
@@ -952,6 +1002,44 @@ mod tests {
             crate::sim::Outcome::Completed { reader_status, .. } => Some(*reader_status),
             _ => None,
         })
+    }
+
+    #[tokio::test]
+    async fn the_phone_is_told_what_the_panel_decided() {
+        let s = setup(None, None, "front");
+        let with = |panel: Option<Verdict>, panel_silent: bool| Opts {
+            panel,
+            panel_silent,
+            ..Opts::default()
+        };
+        // The panel refuses a card keyway granted (red LED): the phone is told denied; the
+        // decision stays keyway's grant and the card did go to the panel.
+        let (r, cards, p) = tap_with(
+            &s,
+            phone(&s, &s.enrolled),
+            None,
+            with(Some(Verdict::Denied), false),
+        )
+        .await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert!(r.granted() && cards.len() == 1);
+        assert_eq!(r.panel_verdict, Some(Verdict::Denied));
+        assert_eq!(status(&p), Some(ReaderStatus::AccessDenied.code()));
+        // The panel agrees (green): granted.
+        let (r, _, p) = tap_with(
+            &s,
+            phone(&s, &s.enrolled),
+            None,
+            with(Some(Verdict::Granted), false),
+        )
+        .await;
+        assert_eq!(r.panel_verdict, Some(Verdict::Granted));
+        assert_eq!(status(&p), Some(ReaderStatus::AccessGranted.code()));
+        // The panel says nothing within the wait: keyway's grant stands.
+        let (r, _, p) = tap_with(&s, phone(&s, &s.enrolled), None, with(None, true)).await;
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!(r.panel_verdict, None);
+        assert_eq!(status(&p), Some(ReaderStatus::AccessGranted.code()));
     }
 
     #[tokio::test]

@@ -27,7 +27,10 @@ Missing fields default to harmless values. Exits on stdin EOF, on {"cmd": "quit"
 --duration seconds.
 
 Usage: osdp_cp.py --port PATH --pd ADDR [--pd ADDR ...] [--baud 115200] [--duration S]
-                  [--scbk HEX] [--enforce-secure]
+                  [--scbk HEX] [--enforce-secure] [--grant-led]
+
+--grant-led makes it behave like a panel that grants every card: it answers each card read
+with a green LED flash (which keyway reads as the panel's verdict).
 
 --scbk gives every PD the same 16-byte SCBK (32 hex digits): the CP then starts a secure
 channel with any PD that advertises it, falling back to SCBK-D + KEYSET of this key for a PD
@@ -203,14 +206,24 @@ def main():
     ap.add_argument("--log-level", default="Warning")
     ap.add_argument("--scbk", default=None)
     ap.add_argument("--enforce-secure", action="store_true")
+    ap.add_argument("--grant-led", action="store_true",
+                    help="answer every card read with a green LED flash, as a panel that grants")
     args = ap.parse_args()
 
     channel = PtyChannel(args.port, args.baud)
     addrs = list(args.pd)
 
+    requests = queue.Queue()
+
     def on_event(pd_index, event):
         addr = addrs[pd_index] if 0 <= pd_index < len(addrs) else pd_index
-        emit(event_to_json(addr, event))
+        ev = event_to_json(addr, event)
+        emit(ev)
+        if args.grant_led and ev.get("event") == "card":
+            # Submitted from the main loop, not from libosdp's callback thread.
+            requests.put(json.dumps({"cmd": "led", "pd": addr, "temporary": True,
+                                     "control_code": 2, "on_color": 2, "on_count": 5,
+                                     "off_count": 0, "timer_count": 10}))
         return 0
 
     def on_completion(addr, command, status):
@@ -224,8 +237,6 @@ def main():
                       command_completion_handler=on_completion)
     cp.start()
     emit({"event": "ready", "pds": addrs, "libosdp": getattr(osdp, "__version__", None)})
-
-    requests = queue.Queue()
 
     def stdin_reader():
         for line in sys.stdin:
