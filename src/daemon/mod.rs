@@ -262,7 +262,9 @@ struct Pending(Arc<Mutex<PendingState>>);
 #[derive(Default)]
 struct PendingState {
     started: HashMap<u8, VecDeque<Instant>>,
-    verdicts: HashMap<u8, oneshot::Sender<Verdict>>,
+    /// The waiting tap, and whether its card has left yet (`CardSent`): only verdicts after
+    /// that are about its card; earlier ones close the previous card.
+    verdicts: HashMap<u8, (oneshot::Sender<Verdict>, bool)>,
 }
 
 /// How many undelivered cards one door may have queued; the PD's own queue is bounded too.
@@ -285,16 +287,23 @@ impl Pending {
     /// one tap at a time per door).
     fn wait_verdict(&self, address: u8) -> Option<oneshot::Receiver<Verdict>> {
         let (tx, rx) = oneshot::channel();
-        self.0.lock().ok()?.verdicts.insert(address, tx);
+        self.0.lock().ok()?.verdicts.insert(address, (tx, false));
         Some(rx)
     }
+    /// The card of `address` went out: the waiting tap's verdict is the next one.
+    fn card_sent(&self, address: u8) {
+        if let Ok(mut st) = self.0.lock() {
+            if let Some((_, sent)) = st.verdicts.get_mut(&address) {
+                *sent = true;
+            }
+        }
+    }
     fn verdict(&self, address: u8, verdict: Verdict) {
-        let waiter = self
-            .0
-            .lock()
-            .ok()
-            .and_then(|mut st| st.verdicts.remove(&address));
-        if let Some(tx) = waiter {
+        let Ok(mut st) = self.0.lock() else { return };
+        if !matches!(st.verdicts.get(&address), Some((_, true))) {
+            return; // about an earlier card
+        }
+        if let Some((tx, _)) = st.verdicts.remove(&address) {
             // The tap may have stopped waiting; then only the event row gets the verdict.
             let _ = tx.send(verdict);
         }
@@ -348,6 +357,7 @@ fn log_bus_event(port: &str, event: &BusEvent, pending: &Pending) {
         }
     };
     if let PdEvent::CardSent(_) = event {
+        pending.card_sent(address);
         let ms = pending
             .pop(address)
             .map(|t| t.elapsed().as_secs_f64() * 1000.0)
@@ -380,4 +390,29 @@ async fn wait_for_signal() -> Result<(), DaemonError> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tap_hears_only_the_verdict_on_its_own_card() {
+        let p = Pending::default();
+        let mut rx = p.wait_verdict(1).unwrap();
+        // The previous card is closed as unknown before ours goes out: not ours.
+        p.verdict(1, Verdict::Unknown);
+        // Another door's card going out does not arm ours.
+        p.card_sent(2);
+        p.verdict(1, Verdict::Granted);
+        assert!(
+            rx.try_recv().is_err(),
+            "a verdict before our card left was taken"
+        );
+        p.card_sent(1);
+        p.verdict(1, Verdict::Denied);
+        assert_eq!(rx.try_recv().unwrap(), Verdict::Denied);
+        // Delivered once; later verdicts go nowhere.
+        p.verdict(1, Verdict::Granted);
+    }
 }

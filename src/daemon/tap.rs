@@ -626,11 +626,23 @@ mod tests {
         tap_with(s, phone(s, phone_key), fail_at, Opts::default()).await
     }
 
-    fn phone_fast(phone: &Endpoint) -> Option<bool> {
+    /// The phone's view of its completed transaction: (reader status, via FAST).
+    fn completed(phone: &Endpoint) -> Option<(u16, bool)> {
         phone.outcomes().find_map(|o| match o {
-            crate::sim::Outcome::Completed { fast, .. } => Some(*fast),
+            crate::sim::Outcome::Completed {
+                reader_status,
+                fast,
+            } => Some((*reader_status, *fast)),
             _ => None,
         })
+    }
+
+    fn phone_fast(phone: &Endpoint) -> Option<bool> {
+        completed(phone).map(|(_, fast)| fast)
+    }
+
+    fn status(phone: &Endpoint) -> Option<u16> {
+        completed(phone).map(|(status, _)| status)
     }
 
     #[tokio::test]
@@ -995,13 +1007,6 @@ mod tests {
             Some("signature_invalid")
         );
         assert_eq!(r.limiter_identity(), ratelimit::UNIDENTIFIED);
-    }
-
-    fn status(phone: &Endpoint) -> Option<u16> {
-        phone.outcomes().find_map(|o| match o {
-            crate::sim::Outcome::Completed { reader_status, .. } => Some(*reader_status),
-            _ => None,
-        })
     }
 
     #[tokio::test]

@@ -1016,10 +1016,12 @@ impl Pd {
                 continue;
             }
             let reply = Reply::Raw(q.card.clone());
-            self.emit(PdEvent::CardSent(q.card.clone()));
+            // The previous card's story ends (undecided) before this one's begins, so a
+            // listener can tell a verdict on this card from a late one on the last.
             if let Some((card, verdict)) = self.verdict.card_sent(q.card.clone(), now) {
                 self.emit(PdEvent::PanelVerdict { card, verdict });
             }
+            self.emit(PdEvent::CardSent(q.card.clone()));
             self.in_flight = Some(q);
             return reply;
         }
@@ -1568,6 +1570,35 @@ mod tests {
         let r = run(&mut pd, cmd(0, 0x6E, &[ADDR, 0x80, 0x25, 0, 0]), now);
         assert_eq!(r.data, vec![ADDR, 0x00, 0xC2, 0x01, 0x00]);
         assert_eq!(pd.set_bus_address(0x7F), Err(PdError::BadAddress(0x7F)));
+    }
+
+    #[test]
+    fn undecided_previous_card_is_closed_before_the_next_card_is_sent() {
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        let first = card26();
+        let mut second = card26();
+        second.data[3] ^= 0x40;
+        pd.queue_card(first.clone(), now).unwrap();
+        assert_eq!(run(&mut pd, cmd(1, 0x60, &[]), now).code, rc::RAW);
+        events(&mut pd);
+        pd.queue_card(second.clone(), now).unwrap();
+        assert_eq!(run(&mut pd, cmd(2, 0x60, &[]), now).code, rc::RAW);
+        let evs: Vec<_> = events(&mut pd)
+            .into_iter()
+            .filter(|e| matches!(e, PdEvent::PanelVerdict { .. } | PdEvent::CardSent(_)))
+            .collect();
+        assert_eq!(
+            evs,
+            vec![
+                PdEvent::PanelVerdict {
+                    card: first,
+                    verdict: Verdict::Unknown
+                },
+                PdEvent::CardSent(second)
+            ]
+        );
     }
 
     #[test]
