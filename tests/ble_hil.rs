@@ -2,7 +2,7 @@
 //!
 //! This machine's kernel has no Bluetooth, so the test boots a qemu VM (`scripts/ble-vm`:
 //! Debian's kernel, busybox initramfs, the host's root read-only over 9p) with dbus,
-//! `btvirt -L -l2` (two virtual LE controllers on one air) and bluetoothd, and runs *this
+//! `btvirt -l2` (two virtual dual-mode controllers on one air) and bluetoothd, and runs *this
 //! test binary* again inside it (env `KEYWAY_BLE_VM_GUEST=1`). Inside, keyway's BLE door
 //! (`daemon::ble::run_ble_door`: advertisement, GATT, L2CAP listener → Aliro → ACL → panel →
 //! event) serves hci0 and the project's phone emulator is a `bluer` central on hci1:
@@ -14,7 +14,9 @@
 //! 5. with the connection limit (1) reached, one more phone is refused at once;
 //! 6. hci0 powered off and on, then bluetoothd killed and restarted: keyway re-registers by
 //!    itself each time and grants again;
-//! 7. a walk-up door does not serve a phone whose RSSI it cannot vouch for.
+//! 7. the panel refuses a card keyway granted: the phone is told "secured";
+//! 8. walk-up doors measure the link's RSSI on the controller: granted at a -70 dBm threshold,
+//!    not served (no session, no event) at 0 dBm.
 //!
 //! One VM boot per run; every scenario runs inside it. Fails (never skips) when qemu or bluez
 //! are missing. Waits are bounded; no timing is asserted (timings are printed).
@@ -112,14 +114,15 @@ mod guest {
     use keyway::card::{self, CardFormat, WiegandBits};
     use keyway::config::{AuthPolicy, BleMode, Door, DoorBle};
     use keyway::daemon::ble::{run_ble_door, BleDoorRuntime};
-    use keyway::daemon::{PanelSink, StoreHandle};
+    use keyway::daemon::{PanelSink, StoreHandle, VerdictWait};
+    use keyway::osdp::Verdict;
     use keyway::events::{AccessEvent, EventDecision, Transport};
     use keyway::sim::ble_phone::central::{self, CentralOptions, CentralReport};
     use keyway::sim::ble_phone::BlePhone;
     use keyway::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
     use p256::SecretKey;
     use rand_core::{OsRng, RngCore};
-    use tokio::sync::watch;
+    use tokio::sync::{oneshot, watch};
 
     const DOOR: &str = "ble-hil";
     /// Short enough that the silent-phone scenarios stay quick; long enough that a second
@@ -128,12 +131,34 @@ mod guest {
     const ALIRO_TIMEOUT_MS: u64 = 8000;
 
     /// Records what would have gone to the panel, and when (from the connection's accept).
+    /// When `answer` is set it also gives that verdict on each card, like a panel's LED.
     #[derive(Clone, Default)]
-    struct RecordingPanel(Arc<Mutex<Vec<(WiegandBits, Duration)>>>);
+    struct RecordingPanel {
+        cards: Arc<Mutex<Vec<(WiegandBits, Duration)>>>,
+        answer: Arc<Mutex<Option<Verdict>>>,
+        waiter: Arc<Mutex<Option<oneshot::Sender<Verdict>>>>,
+    }
+
+    impl RecordingPanel {
+        fn cards(&self) -> Vec<(WiegandBits, Duration)> {
+            self.cards.lock().unwrap().clone()
+        }
+    }
 
     impl PanelSink for RecordingPanel {
         fn send_card(&self, _door: &Door, bits: WiegandBits, started: Instant) {
-            self.0.lock().unwrap().push((bits, started.elapsed()));
+            self.cards.lock().unwrap().push((bits, started.elapsed()));
+            let answer = *self.answer.lock().unwrap();
+            if let (Some(v), Some(tx)) = (answer, self.waiter.lock().unwrap().take()) {
+                let _ = tx.send(v);
+            }
+        }
+
+        fn await_verdict(&self, _door: &Door) -> Option<VerdictWait> {
+            self.answer.lock().unwrap().as_ref()?;
+            let (tx, rx) = oneshot::channel();
+            *self.waiter.lock().unwrap() = Some(tx);
+            Some(rx)
         }
     }
 
@@ -385,6 +410,7 @@ mod guest {
             max_connections: 1,
             spsm: 0x0080,
             timeout_ms: ALIRO_TIMEOUT_MS,
+            panel_verdict_wait_ms: Some(1000),
         };
         let (store, _thread) = StoreHandle::open(&rig.db).unwrap();
         let door = Arc::new(door);
@@ -424,7 +450,7 @@ mod guest {
             (EventDecision::Granted, Transport::Ble)
         );
         assert_eq!(granted.person_id.as_deref(), Some("p-ble"));
-        let cards = rig.panel.0.lock().unwrap().clone();
+        let cards = rig.panel.cards();
         assert_eq!(cards.len(), 1);
         assert_eq!(
             card::decode(&cards[0].0).unwrap(),
@@ -451,11 +477,28 @@ mod guest {
             (denied.decision, denied.reason.as_str(), denied.transport),
             (EventDecision::Denied, "unknown_key", Transport::Ble)
         );
-        assert_eq!(rig.panel.0.lock().unwrap().len(), 1);
+        assert_eq!(rig.panel.cards().len(), 1);
         rig.results.push(format!(
             "denied: connection->decision {} ms",
             denied.latency_ms
         ));
+
+        // The panel has the last word: it refuses (red LED) a card keyway granted, and the
+        // phone is told "secured"; keyway's own event stays a grant.
+        *rig.panel.answer.lock().unwrap() = Some(Verdict::Denied);
+        let n0 = events(&rig.db).len();
+        let r = attempt(&rig, &enrolled, &opts).await;
+        *rig.panel.answer.lock().unwrap() = None;
+        assert_eq!(
+            r.reader_state,
+            Some(0x00),
+            "phone told secured when the panel refused: {r:?}"
+        );
+        let refused = decisive_event(&rig.db, n0).await;
+        assert_eq!(refused.decision, EventDecision::Granted);
+        assert_eq!(rig.panel.cards().len(), 2, "the card still went to the panel");
+        rig.results
+            .push("panel refused a granted card: phone told secured".into());
 
         // Silent phone: dropped after the Aliro timeout, recorded as a timeout.
         let silent = CentralOptions {
@@ -615,46 +658,75 @@ mod guest {
         let _ = stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 
-        // Walk-up mode: a phone whose range keyway cannot vouch for (btvirt reports no RSSI)
-        // is not served, and leaves no session and no event.
-        let walk_stats = Arc::new(AdapterStats::default());
-        let rt = BleDoorRuntime {
-            door,
+        // Walk-up mode: keyway measures the live link's RSSI on the controller (btvirt's
+        // dual-mode controller answers HCI Read RSSI with a fixed -1 dBm). At a -70 dBm
+        // threshold the phone is near enough and is granted.
+        let walk = |threshold: i16, stats: &Arc<AdapterStats>| BleDoorRuntime {
+            door: door.clone(),
             identity: Arc::new(ReaderIdentity::new(
                 rig.group_id,
                 sub_id,
                 rig.reader_key.clone(),
             )),
-            store,
+            store: store.clone(),
             ble: DoorBle {
                 mode: BleMode::WalkUp,
-                ..ble
+                rssi_threshold_dbm: threshold,
+                ..ble.clone()
             },
-            stats: walk_stats.clone(),
+            stats: stats.clone(),
         };
+        let near = Arc::new(AdapterStats::default());
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run_ble_door(rt, rig.panel.clone(), stop_rx));
+        let task = tokio::spawn(run_ble_door(walk(-70, &near), rig.panel.clone(), stop_rx));
         wait_for(
             "the walk-up door's registration",
             Duration::from_secs(30),
-            || walk_stats.registrations.load(Ordering::SeqCst) >= 1,
+            || near.registrations.load(Ordering::SeqCst) >= 1,
+        )
+        .await;
+        let r = attempt(&rig, &enrolled, &opts).await;
+        assert_eq!(r.reader_state, Some(0x01), "walk-up, near: {r:?}");
+        let walked = decisive_event(&rig.db, n_events).await;
+        assert_eq!(walked.decision, EventDecision::Granted);
+        assert!(near.rssi_measured.load(Ordering::SeqCst) >= 1);
+        let rssi = near.last_rssi_dbm.load(Ordering::SeqCst);
+        assert_eq!(rssi, -1, "the controller's RSSI of the link");
+        rig.results.push(format!(
+            "walk-up at threshold -70 dBm: link measured at {rssi} dBm, granted"
+        ));
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let n_events = events(&rig.db).len();
+
+        // The same phone at a door that wants 0 dBm (closer than -1) is too far: not served,
+        // no session, no event.
+        let far = Arc::new(AdapterStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_ble_door(walk(0, &far), rig.panel.clone(), stop_rx));
+        wait_for(
+            "the strict walk-up door's registration",
+            Duration::from_secs(30),
+            || far.registrations.load(Ordering::SeqCst) >= 1,
         )
         .await;
         let r = attempt(&rig, &enrolled, &opts).await;
         assert!(
             r.closed_by_reader && r.reader_state.is_none(),
-            "walk-up, no RSSI: {r:?}"
+            "walk-up, too far: {r:?}"
         );
         // At least one refusal (a phone that retries is refused again), and no session.
-        assert!(walk_stats.refused_by_policy.load(Ordering::SeqCst) >= 1);
-        assert_eq!(walk_stats.accepted.load(Ordering::SeqCst), 0);
+        assert!(far.refused_by_policy.load(Ordering::SeqCst) >= 1);
+        assert!(far.rssi_measured.load(Ordering::SeqCst) >= 1, "refused on a measured RSSI");
+        assert_eq!(far.accepted.load(Ordering::SeqCst), 0);
         assert_eq!(
             events(&rig.db).len(),
             n_events,
             "a refused phone leaves no event"
         );
         rig.results
-            .push("walk-up without a known RSSI: not served".into());
+            .push("walk-up at threshold 0 dBm: link at -1 dBm not served".into());
         let _ = stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::num::NonZeroU16;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,7 @@ use crate::aliro::AuthenticatedEndpoint;
 
 use super::discovery::{self, ReaderInfo};
 use super::policy::Policy;
+use super::rssi;
 use super::session::{BleError, Event, ReaderSession, SessionOutcome};
 
 /// How often the watchdog checks the adapter.
@@ -42,7 +43,7 @@ const RETRY: Duration = Duration::from_secs(1);
 /// First handle of keyway's GATT service (service, 2 x declaration + value: 5 handles), above
 /// BlueZ's own GAP/GATT/DIS services.
 const GATT_SERVICE_HANDLE: u16 = 0x0030;
-/// Longest wait for BlueZ's RSSI of a new connection.
+/// Longest wait for the controller's RSSI of a new connection.
 const RSSI_WAIT: Duration = Duration::from_millis(300);
 /// Largest read from the channel at once.
 const READ_CHUNK: usize = 1024;
@@ -111,6 +112,10 @@ pub struct AdapterStats {
     pub refused_over_limit: AtomicUsize,
     pub refused_by_policy: AtomicUsize,
     pub active: AtomicUsize,
+    /// Links whose RSSI the controller reported (walk-up doors measure every link).
+    pub rssi_measured: AtomicUsize,
+    /// The last of those readings (dBm).
+    pub last_rssi_dbm: AtomicI16,
 }
 
 /// Why registering on the adapter failed.
@@ -226,26 +231,30 @@ async fn serve_once<H: ConnectionHandler>(
                     drop(stream);
                     continue;
                 };
-                // Range/intent: the RSSI BlueZ last measured for this phone (from its
-                // advertisements; None when it was never seen scanning).
-                let rssi = match adapter.device(peer.addr) {
-                    Ok(dev) => tokio::time::timeout(RSSI_WAIT, dev.rssi())
-                        .await
-                        .ok()
-                        .and_then(|r| r.ok())
-                        .flatten(),
-                    Err(_) => None,
-                };
-                if let Err(refusal) = cfg.policy.admit(rssi) {
-                    stats.refused_by_policy.fetch_add(1, Ordering::SeqCst);
-                    log::info!(target: "keyway::ble", door = door, reason = refusal.code();
-                        "door {door}: connection from {} not served: {refusal:?}", peer.addr);
-                    drop(stream);
-                    continue;
-                }
-                stats.accepted.fetch_add(1, Ordering::SeqCst);
-                let (handler, stats, peer) = (handler.clone(), stats.clone(), peer.addr.to_string());
+                let (handler, stats) = (handler.clone(), stats.clone());
+                let (policy, door, dev) = (cfg.policy, cfg.door.clone(), adapter.name().to_string());
+                // In the connection's own task: the RSSI question must not hold up accepts.
                 tokio::spawn(async move {
+                    let peer = peer.addr.to_string();
+                    // Range/intent: only walk-up doors need the link's signal.
+                    let rssi = if policy.needs_rssi() {
+                        link_rssi(&door, &dev, &stream, &peer).await
+                    } else {
+                        None
+                    };
+                    if let Some(r) = rssi {
+                        stats.last_rssi_dbm.store(r, Ordering::SeqCst);
+                        stats.rssi_measured.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if let Err(refusal) = policy.admit(rssi) {
+                        stats.refused_by_policy.fetch_add(1, Ordering::SeqCst);
+                        log::info!(target: "keyway::ble", door = door.as_str(), reason = refusal.code();
+                            "door {door}: connection from {peer} not served: {refusal}");
+                        drop(stream);
+                        drop(permit);
+                        return;
+                    }
+                    stats.accepted.fetch_add(1, Ordering::SeqCst);
                     stats.active.fetch_add(1, Ordering::SeqCst);
                     let report = connection(stream, peer, &handler).await;
                     handler.finished(report).await;
@@ -253,6 +262,28 @@ async fn serve_once<H: ConnectionHandler>(
                     drop(permit);
                 });
             }
+        }
+    }
+}
+
+/// The RSSI the controller measures on this phone's link right now; `None` (logged) when it
+/// cannot be read, which a walk-up door treats as "too far to vouch for".
+async fn link_rssi(door: &str, dev: &str, stream: &Stream, peer: &str) -> Option<i16> {
+    let read = async {
+        let handle = stream.as_ref().conn_info()?.hci_handle;
+        let index = rssi::adapter_index(dev)?;
+        Ok::<_, rssi::RssiError>(rssi::read(index, handle, RSSI_WAIT).await?)
+    };
+    match read.await {
+        Ok(r) => {
+            log::debug!(target: "keyway::ble", door = door, rssi = r;
+                "door {door}: connection from {peer} at {r} dBm");
+            Some(i16::from(r))
+        }
+        Err(e) => {
+            log::info!(target: "keyway::ble", door = door;
+                "door {door}: RSSI of {peer} unavailable: {e}");
+            None
         }
     }
 }

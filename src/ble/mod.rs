@@ -8,15 +8,19 @@
 //!   (INITIATE_ACCESS_PROTOCOL, AP_RQ/AP_RS, completion notification, deadline).
 //! - [`discovery`]: service UUID, advertisement service data, GATT characteristic values.
 //! - [`policy`]: who may connect (RSSI threshold, tap vs walk-up, connection limit).
+//! - [`hci`]: HCI Read RSSI (command bytes, reply parser) for a live connection's signal.
 //!
 //! The adapter, apart: [`adapter`] runs it on BlueZ with `bluer` (advertisement, GATT
-//! application, L2CAP LE credit-based channel listener, one task per connection).
+//! application, L2CAP LE credit-based channel listener, one task per connection), and
+//! [`rssi`] asks the controller for a connection's RSSI on a raw HCI socket.
 
 pub mod adapter;
 pub mod discovery;
+pub mod hci;
 pub mod keys;
 pub mod message;
 pub mod policy;
+pub mod rssi;
 pub mod session;
 
 /// The BLE transport protocol version keyway offers (and the only one it knows).

@@ -45,7 +45,23 @@ impl Refusal {
     }
 }
 
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::TooFar { rssi, threshold } => {
+                write!(f, "too far ({rssi} dBm, door needs {threshold} dBm or more)")
+            }
+            Refusal::RssiUnknown => f.write_str("range unknown (no RSSI for the link)"),
+        }
+    }
+}
+
 impl Policy {
+    /// Whether [`admit`](Self::admit) looks at the RSSI (so it is worth measuring).
+    pub fn needs_rssi(&self) -> bool {
+        self.mode == Mode::WalkUp
+    }
+
     /// Whether a phone measured at `rssi` (dBm, if known) is served.
     pub fn admit(&self, rssi: Option<i16>) -> Result<(), Refusal> {
         match self.mode {
@@ -94,5 +110,10 @@ mod tests {
             Err(Refusal::RssiUnknown)
         );
         assert_eq!(Refusal::RssiUnknown.code(), "ble_rssi_unknown");
+        assert!(walk.needs_rssi() && !tap.needs_rssi());
+        assert_eq!(
+            Refusal::TooFar { rssi: -80, threshold: -70 }.to_string(),
+            "too far (-80 dBm, door needs -70 dBm or more)"
+        );
     }
 }

@@ -219,6 +219,10 @@ pub struct DoorBle {
     /// Whole-connection limit: a phone that has not finished by then is dropped (500..=60000).
     #[serde(default = "default_ble_timeout_ms")]
     pub timeout_ms: u64,
+    /// After a grant, how long the phone waits for the panel's verdict (0..=5000, less than
+    /// `timeout_ms`); default: `nfc.panel_verdict_wait_ms`, filled in by validation.
+    #[serde(default)]
+    pub panel_verdict_wait_ms: Option<u64>,
 }
 
 /// How a phone shows intent on BLE.
@@ -251,6 +255,13 @@ fn default_ble_timeout_ms() -> u64 {
 impl DoorBle {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn panel_verdict_wait(&self) -> Duration {
+        Duration::from_millis(
+            self.panel_verdict_wait_ms
+                .unwrap_or_else(default_panel_verdict_wait_ms),
+        )
     }
 }
 
@@ -704,8 +715,11 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             Some(su) => Some(validate_step_up(su).map_err(|m| invalid(field("aliro.step_up"), m))?),
         };
         if let Some(b) = d.ble.as_ref().filter(|b| b.enabled) {
-            validate_ble(b).map_err(|(f, m)| invalid(field(f), m))?;
-            ble.push((d.id.clone(), b.clone()));
+            let mut b = b.clone();
+            b.panel_verdict_wait_ms
+                .get_or_insert(raw.nfc.panel_verdict_wait_ms);
+            validate_ble(&b).map_err(|(f, m)| invalid(field(f), m))?;
+            ble.push((d.id.clone(), b));
         }
         doors.push(Door {
             id: d.id,
@@ -766,6 +780,19 @@ fn validate_ble(b: &DoorBle) -> Result<(), (&'static str, String)> {
             "ble.timeout_ms",
             format!("{} is out of range (500..=60000)", b.timeout_ms),
         ));
+    }
+    if let Some(w) = b.panel_verdict_wait_ms {
+        // The wait happens inside the connection's Aliro timeout.
+        if w > 5_000 || w >= b.timeout_ms {
+            return Err((
+                "ble.panel_verdict_wait_ms",
+                format!(
+                    "{w} is out of range (0..=5000 and less than ble.timeout_ms {}; the default \
+                     is nfc.panel_verdict_wait_ms)",
+                    b.timeout_ms
+                ),
+            ));
+        }
     }
     if let Some(a) = &b.adapter {
         if a.is_empty() || a.len() > 32 || !a.chars().all(|c| c.is_ascii_alphanumeric()) {
@@ -1072,6 +1099,17 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
             ),
             (-70, BleMode::Tap, 4, 0x80, 5000)
         );
+        // The panel-verdict wait follows the NFC one unless the door sets its own.
+        assert_eq!(b.panel_verdict_wait(), Duration::from_secs(1));
+        let own = format!("[nfc]\npanel_verdict_wait_ms = 300\n{GOOD}");
+        let v = parse(&format!("{own}ble = {{}}\n"), Path::new("/k.toml")).unwrap();
+        assert_eq!(v.ble[0].1.panel_verdict_wait_ms, Some(300));
+        let v = parse(
+            &format!("{own}ble = {{ panel_verdict_wait_ms = 0 }}\n"),
+            Path::new("/k.toml"),
+        )
+        .unwrap();
+        assert_eq!(v.ble[0].1.panel_verdict_wait(), Duration::ZERO);
         let off = format!("{GOOD}ble = {{ enabled = false }}\n");
         assert!(parse(&off, Path::new("/k.toml")).unwrap().ble.is_empty());
         let walk = format!(
@@ -1086,6 +1124,13 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
             ("rssi_threshold_dbm = 5", "ble.rssi_threshold_dbm"),
             ("spsm = 5", "ble.spsm"),
             ("timeout_ms = 100", "ble.timeout_ms"),
+            ("panel_verdict_wait_ms = 5001", "ble.panel_verdict_wait_ms"),
+            (
+                "timeout_ms = 800, panel_verdict_wait_ms = 800",
+                "ble.panel_verdict_wait_ms",
+            ),
+            // The inherited default (1000) must fit the door's timeout too.
+            ("timeout_ms = 900", "ble.panel_verdict_wait_ms"),
             ("adapter = \"../x\"", "ble.adapter"),
         ] {
             let e = err(&format!("{GOOD}ble = {{ {bad} }}\n"));

@@ -3,7 +3,7 @@
 //! [`PanelSink`], and an event with transport `ble`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -17,12 +17,20 @@ use crate::ble::{BleVersions, ReaderSession};
 use crate::card;
 use crate::config::{BleMode, Door, DoorBle};
 use crate::events::{self, AccessEvent, Transport};
+use crate::osdp::Verdict;
 
 use super::door::PanelSink;
 use super::store::StoreHandle;
+use super::tap::panel_verdict;
 
-/// What the ACL said, or why it could not say.
-pub type BleVerdict = Result<Decision, String>;
+/// What decided a BLE connection.
+#[derive(Debug)]
+pub struct BleVerdict {
+    /// What the ACL said, or why it could not say.
+    pub decision: Result<Decision, String>,
+    /// The panel's verdict on a granted card, when it came within the door's wait.
+    pub panel: Option<Verdict>,
+}
 
 /// Everything a door's BLE side needs.
 pub struct BleDoorRuntime {
@@ -41,6 +49,7 @@ struct Handler<P> {
     store: StoreHandle,
     ble: Arc<DoorBle>,
     panel: P,
+    panel_verdict_wait: Duration,
 }
 
 impl<P: PanelSink> ConnectionHandler for Handler<P> {
@@ -63,6 +72,36 @@ impl<P: PanelSink> ConnectionHandler for Handler<P> {
     }
 
     async fn decide(&self, endpoint: &AuthenticatedEndpoint, started: Instant) -> BleVerdict {
+        match self.acl_decision(endpoint, started).await {
+            Ok((decision, panel)) => BleVerdict {
+                decision: Ok(decision),
+                panel,
+            },
+            Err(e) => BleVerdict {
+                decision: Err(e),
+                panel: None,
+            },
+        }
+    }
+
+    fn granted(verdict: &BleVerdict) -> bool {
+        // As on NFC, the panel has the last word on what the phone is told.
+        matches!(verdict.decision, Ok(Decision::Grant(_))) && verdict.panel != Some(Verdict::Denied)
+    }
+
+    async fn finished(&self, report: ConnectionReport<BleVerdict>) {
+        record(&self.store, &self.door, report).await;
+    }
+}
+
+impl<P: PanelSink> Handler<P> {
+    /// The ACL's answer; a grant's card goes to the panel, whose verdict (if any, in time)
+    /// comes back with it.
+    async fn acl_decision(
+        &self,
+        endpoint: &AuthenticatedEndpoint,
+        started: Instant,
+    ) -> Result<(Decision, Option<Verdict>), String> {
         let decision = self
             .store
             .decide(
@@ -76,17 +115,12 @@ impl<P: PanelSink> ConnectionHandler for Handler<P> {
             let bits = card::encode(g.card_format, g.facility_code, g.card_number)
                 .map_err(|e| format!("card: {e}"))?;
             // Before the phone is told, as on NFC: the RAW leaves at the next poll.
+            let wait = self.panel.await_verdict(&self.door);
             self.panel.send_card(&self.door, bits, started);
+            let panel = panel_verdict(&self.door.id, wait, self.panel_verdict_wait).await;
+            return Ok((decision, panel));
         }
-        Ok(decision)
-    }
-
-    fn granted(verdict: &BleVerdict) -> bool {
-        matches!(verdict, Ok(Decision::Grant(_)))
-    }
-
-    async fn finished(&self, report: ConnectionReport<BleVerdict>) {
-        record(&self.store, &self.door, report).await;
+        Ok((decision, None))
     }
 }
 
@@ -113,6 +147,7 @@ pub async fn run_ble_door<P: PanelSink>(
         },
     };
     let handler = Handler {
+        panel_verdict_wait: rt.ble.panel_verdict_wait(),
         door: rt.door,
         identity: rt.identity,
         store: rt.store,
@@ -124,7 +159,8 @@ pub async fn run_ble_door<P: PanelSink>(
 
 /// A connection report as an event row (durable first) and a journald entry.
 async fn record(store: &StoreHandle, door: &Door, report: ConnectionReport<BleVerdict>) {
-    let error_code = match (&report.error, &report.verdict, report.closed_early) {
+    let decision = report.verdict.as_ref().map(|v| &v.decision);
+    let error_code = match (&report.error, decision, report.closed_early) {
         (Some(e), _, _) => Some(e.code().to_string()),
         (None, Some(Err(e)), _) => {
             log::error!(target: "keyway::ble", door = door.id.as_str(); "door {}: {e}", door.id);
@@ -141,7 +177,7 @@ async fn record(store: &StoreHandle, door: &Door, report: ConnectionReport<BleVe
     let latency_ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
     let now = events::unix_ms(time::OffsetDateTime::now_utc());
     let key = report.endpoint_key.as_ref().map(|k| k.as_slice());
-    let event = match (&report.verdict, key) {
+    let event = match (decision, key) {
         (Some(Ok(d)), Some(k)) => {
             AccessEvent::from_decision(now, &door.id, Transport::Ble, k, d, latency_ms)
         }

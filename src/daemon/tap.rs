@@ -370,18 +370,8 @@ async fn conclude(
         Decision::Grant(g) => {
             let bits = card::encode(g.card_format, g.facility_code, g.card_number)?;
             let wait = on_grant.take().and_then(|f| f(bits));
-            match wait {
-                Some(rx) if !ctx.panel_verdict_wait.is_zero() => {
-                    // No verdict in time (or none at all) leaves keyway's grant standing.
-                    let v = tokio::time::timeout(ctx.panel_verdict_wait, rx).await;
-                    report.panel_verdict = v.ok().and_then(Result::ok);
-                }
-                _ => {}
-            }
+            report.panel_verdict = panel_verdict(ctx.door, wait, ctx.panel_verdict_wait).await;
             if report.panel_verdict == Some(Verdict::Denied) {
-                log::warn!(target: "keyway::nfc", door = ctx.door;
-                    "door {}: the panel refused a card keyway granted; the phone is told denied",
-                    ctx.door);
                 ReaderStatus::AccessDenied
             } else {
                 ReaderStatus::AccessGranted
@@ -392,6 +382,23 @@ async fn conclude(
     };
     report.decision = Some(decision);
     Ok(tx.complete(status)?)
+}
+
+/// Waits (at most `wait`; zero: not at all) for the panel's verdict on the card a grant just
+/// sent, so the phone is told what the panel decided. No verdict in time, or none at all,
+/// leaves keyway's grant standing. Shared by the NFC tap and the BLE connection.
+pub async fn panel_verdict(
+    door: &str,
+    rx: Option<VerdictWait>,
+    wait: Duration,
+) -> Option<Verdict> {
+    let rx = rx.filter(|_| !wait.is_zero())?;
+    let verdict = tokio::time::timeout(wait, rx).await.ok()?.ok();
+    if verdict == Some(Verdict::Denied) {
+        log::warn!(target: "keyway::daemon", door = door;
+            "door {door}: the panel refused a card keyway granted; the phone is told denied");
+    }
+    verdict
 }
 
 /// Verifies the Access Document and that it carries every element the door asks for.
