@@ -10,16 +10,22 @@
 //! 2. an enrolled phone is granted: the phone reads "unsecured", the panel got its card, the
 //!    event says granted over ble;
 //! 3. an unknown phone is denied (phone reads "secured", no card, event unknown_key);
-//! 4. a phone that opens the channel and stays silent is dropped after the Aliro timeout;
-//! 5. with the connection limit (1) reached, one more phone is refused at once;
-//! 6. hci0 powered off and on, then bluetoothd killed and restarted: keyway re-registers by
-//!    itself each time and grants again;
-//! 7. the panel refuses a card keyway granted: the phone is told "secured";
+//! 4. the panel refuses a card keyway granted: the phone is told "secured";
+//! 5. a phone that opens the channel and stays silent is dropped after the Aliro timeout;
+//! 6. with the connection limit (1) reached, one more phone is refused at once;
+//! 7. hci0 powered off and on, bluetoothd killed and restarted, then both controllers
+//!    removed and added again (btvirt killed and restarted): keyway re-registers by itself
+//!    each time and grants again;
 //! 8. walk-up doors measure the link's RSSI on the controller: granted at a -70 dBm threshold,
-//!    not served (no session, no event) at 0 dBm.
+//!    not served (no session, no event) at 0 dBm;
+//! 9. the daemon as installed (`keyway run`, BLE door + OSDP PD on a pty) with libosdp's control
+//!    panel under the secure channel: the card reaches the panel, whose green LED is stored
+//!    as its verdict with the BLE event, and SIGTERM stops it cleanly.
 //!
 //! One VM boot per run; every scenario runs inside it. Fails (never skips) when qemu or bluez
 //! are missing. Waits are bounded; no timing is asserted (timings are printed).
+
+mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,8 +121,8 @@ mod guest {
     use keyway::config::{AuthPolicy, BleMode, Door, DoorBle};
     use keyway::daemon::ble::{run_ble_door, BleDoorRuntime};
     use keyway::daemon::{PanelSink, StoreHandle, VerdictWait};
-    use keyway::osdp::Verdict;
     use keyway::events::{AccessEvent, EventDecision, Transport};
+    use keyway::osdp::Verdict;
     use keyway::sim::ble_phone::central::{self, CentralOptions, CentralReport};
     use keyway::sim::ble_phone::BlePhone;
     use keyway::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
@@ -496,7 +502,11 @@ mod guest {
         );
         let refused = decisive_event(&rig.db, n0).await;
         assert_eq!(refused.decision, EventDecision::Granted);
-        assert_eq!(rig.panel.cards().len(), 2, "the card still went to the panel");
+        assert_eq!(
+            rig.panel.cards().len(),
+            2,
+            "the card still went to the panel"
+        );
         rig.results
             .push("panel refused a granted card: phone told secured".into());
 
@@ -651,6 +661,44 @@ mod guest {
         );
         let again = decisive_event(&rig.db, n0).await;
         assert_eq!(again.decision, EventDecision::Granted);
+
+        // Adapter removed and added again: btvirt (both virtual controllers) is killed, so
+        // hci0 disappears from the kernel and BlueZ, then started again as if the USB dongle
+        // were plugged back in. keyway notices the loss and registers again by itself.
+        let (lost_before, reg_before) = (
+            stats.losses.load(Ordering::SeqCst),
+            stats.registrations.load(Ordering::SeqCst),
+        );
+        unplug_controllers();
+        wait_for(
+            "keyway to notice hci0 removed",
+            Duration::from_secs(30),
+            || stats.losses.load(Ordering::SeqCst) > lost_before,
+        )
+        .await;
+        let t_plug = Instant::now();
+        plug_controllers();
+        let _ = adapters_up(&session).await;
+        wait_for(
+            "re-registration after the adapter came back",
+            Duration::from_secs(60),
+            || stats.registrations.load(Ordering::SeqCst) > reg_before,
+        )
+        .await;
+        rig.results.push(format!(
+            "re-registered {:.1} s after the controllers were added again",
+            t_plug.elapsed().as_secs_f64()
+        ));
+        rig.phone_adapter = session.adapter("hci1").unwrap();
+        let n0 = events(&rig.db).len();
+        let r = attempt(&rig, &enrolled, &opts).await;
+        assert_eq!(
+            r.reader_state,
+            Some(0x01),
+            "granted again after the adapter came back: {r:?}"
+        );
+        let again = decisive_event(&rig.db, n0).await;
+        assert_eq!(again.decision, EventDecision::Granted);
         // Let a retrying phone's leftovers land before counting.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let n_events = events(&rig.db).len();
@@ -718,7 +766,10 @@ mod guest {
         );
         // At least one refusal (a phone that retries is refused again), and no session.
         assert!(far.refused_by_policy.load(Ordering::SeqCst) >= 1);
-        assert!(far.rssi_measured.load(Ordering::SeqCst) >= 1, "refused on a measured RSSI");
+        assert!(
+            far.rssi_measured.load(Ordering::SeqCst) >= 1,
+            "refused on a measured RSSI"
+        );
         assert_eq!(far.accepted.load(Ordering::SeqCst), 0);
         assert_eq!(
             events(&rig.db).len(),
@@ -730,9 +781,209 @@ mod guest {
         let _ = stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 
+        daemon_with_panel(&mut rig).await;
+
         let text = rig.results.join("\n");
         println!("{text}");
         let _ = std::fs::write(Path::new(GUEST_SHARE).join("results.txt"), text);
+    }
+
+    /// The daemon itself, as installed: `keyway run` with a door on BLE (hci0) and its OSDP PD
+    /// on a pty, libosdp's control panel on the other end (secure channel enforced; it grants
+    /// each card with a green LED, which keyway waits for before telling the phone).
+    async fn daemon_with_panel(rig: &mut Rig) {
+        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        use std::os::unix::fs::PermissionsExt;
+        use support::{pty_pair, Cp, KillOnDrop};
+
+        const PANEL_WAIT: Duration = Duration::from_secs(90);
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let secret = |name: &str, bytes: &[u8]| {
+            let path = d.join(name);
+            std::fs::write(&path, bytes).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        let pem = rig.reader_key.to_pkcs8_pem(LineEnding::LF).unwrap();
+        secret("reader.pem", pem.as_bytes());
+        let scbk = hex::encode(rand16());
+        secret("scbk", scbk.as_bytes());
+        let spec = CredentialSpec {
+            line: 1,
+            endpoint_key: rig
+                .enrolled
+                .public_key()
+                .to_sec1_bytes()
+                .as_ref()
+                .try_into()
+                .unwrap(),
+            person_id: "p-daemon".into(),
+            card_format: CardFormat::H10301,
+            facility_code: 77,
+            card_number: 7007,
+            valid_from: None,
+            valid_until: None,
+            doors: vec!["ble-daemon".into()],
+            card_uids: Vec::new(),
+        };
+        let db = d.join("keyway.db");
+        Store::open(&db)
+            .unwrap()
+            .import_specs(&[spec], ImportMode::Replace, "ble_hil")
+            .unwrap();
+        let bus = pty_pair();
+        let config = d.join("keyway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[daemon]
+database = "keyway.db"
+log_level = "debug"
+
+[[door]]
+id = "ble-daemon"
+osdp = {{ port = "{port}", baud = 115200, address = 1, scbk_file = "scbk", enforce_secure = true }}
+nfc = {{ reader = "no reader in this VM" }}
+aliro = {{ group_id = "{group}", sub_id = "{sub}", private_key_file = "reader.pem" }}
+ble = {{ adapter = "hci0", timeout_ms = {ALIRO_TIMEOUT_MS} }}
+"#,
+                port = bus.pd.display(),
+                group = hex::encode(rig.group_id),
+                sub = hex::encode(rand16()),
+            ),
+        )
+        .unwrap();
+        let keyway = env!("CARGO_BIN_EXE_keyway");
+        let check = Command::new(keyway)
+            .arg("-c")
+            .arg(&config)
+            .arg("check-config")
+            .output()
+            .unwrap();
+        assert!(check.status.success(), "check-config: {check:?}");
+
+        let mut cp = Cp::start_with(
+            &bus.cp,
+            &[1],
+            &[
+                "--baud",
+                "115200",
+                "--scbk",
+                &scbk,
+                "--enforce-secure",
+                "--grant-led",
+            ],
+        );
+        let log = std::fs::File::create(Path::new(GUEST_SHARE).join("keyway-run.log")).unwrap();
+        let daemon = Command::new(keyway)
+            .arg("-c")
+            .arg(&config)
+            .args(["run", "--log", "stderr"])
+            .stderr(log)
+            .spawn()
+            .expect("start keyway run");
+        let pid = daemon.id();
+        let mut daemon = KillOnDrop(daemon);
+        let online = tokio::task::block_in_place(|| {
+            cp.wait_for_within("keyway online in a secure session", PANEL_WAIT, |v| {
+                v["event"] == "online" && v["pd"] == 1 && v["sc"] == true
+            })
+        });
+        log::info!("panel: {online}");
+
+        let enrolled = rig.enrolled.clone();
+        let r = attempt(rig, &enrolled, &CentralOptions::default()).await;
+        assert_eq!(r.reader_state, Some(0x01), "keyway run over BLE: {r:?}");
+        let card = tokio::task::block_in_place(|| {
+            cp.wait_for_within("the card at the panel", PANEL_WAIT, |v| {
+                v["event"] == "card"
+            })
+        });
+        let bits = WiegandBits {
+            bit_count: card["bits"].as_u64().unwrap() as u16,
+            data: hex::decode(card["data"].as_str().unwrap()).unwrap(),
+        };
+        assert_eq!(card::decode(&bits).unwrap(), (CardFormat::H10301, 77, 7007));
+        let at_panel = match (cp.last_at, r.channel_opened) {
+            (Some(at), Some(opened)) => at.checked_duration_since(opened),
+            _ => None,
+        };
+        // The panel's LED verdict is stored with keyway's event.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let ev = loop {
+            let recent = Store::open(&db).unwrap().recent_events(10).unwrap();
+            if let Some(e) = recent
+                .iter()
+                .find(|e| e.event.decision == EventDecision::Granted && e.panel_verdict.is_some())
+            {
+                break e.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no granted event with the panel's verdict: {recent:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(ev.event.transport, Transport::Ble);
+        assert_eq!(ev.panel_verdict.as_deref(), Some("granted"));
+        rig.results.push(format!(
+            "keyway run + libosdp panel (secure channel): granted, connection->decision {} ms, \
+             phone channel open->card at the panel {at_panel:?}, phone channel->verdict {:?} \
+             (includes the panel's LED)",
+            ev.event.latency_ms, r.channel_to_verdict
+        ));
+
+        // A clean stop on SIGTERM, as systemd does it.
+        let st = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = daemon.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyway run did not stop on SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(status.success(), "keyway run exit: {status}");
+        let log = std::fs::read_to_string(Path::new(GUEST_SHARE).join("keyway-run.log")).unwrap();
+        assert!(
+            !log.contains("did not stop"),
+            "every task stopped on SIGTERM"
+        );
+    }
+
+    /// Kills the VM's btvirt (its pid is in /run/btvirt.pid): hci0 and hci1 are unregistered
+    /// from the kernel, as when a controller is unplugged.
+    fn unplug_controllers() {
+        let pid = std::fs::read_to_string("/run/btvirt.pid").expect("btvirt pid file");
+        let pid = pid.trim();
+        let st = Command::new("kill").args(["-TERM", pid]).status().unwrap();
+        assert!(st.success(), "kill btvirt {pid}");
+        let dead = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < dead, "btvirt {pid} did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts btvirt again (the same two controllers, as scripts/ble-vm does).
+    fn plug_controllers() {
+        let log = std::fs::File::create(Path::new(GUEST_SHARE).join("btvirt-2.log")).unwrap();
+        let child = Command::new("btvirt")
+            .arg("-l2")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start btvirt again");
+        std::fs::write("/run/btvirt.pid", child.id().to_string()).unwrap();
+        // The VM powers off when the test ends; the child needs no reaping.
+        std::mem::forget(child);
     }
 
     /// Kills the VM's bluetoothd (its pid is in /run/bluetoothd.pid) and starts a new one.

@@ -174,3 +174,65 @@ fn version_and_events_on_an_empty_store() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "");
 }
+
+/// `keyway run` stops promptly and cleanly on SIGTERM (what systemd sends), every task with
+/// it, even with nothing to talk to: no serial port, no reader, no bluetoothd.
+#[test]
+fn run_stops_cleanly_on_sigterm() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let s = site(0o600);
+    let text = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .replace("Virtual PCD 00 00", "No Such Reader")
+        .replace(
+            "/dev/ttyUSB0",
+            &s.dir.path().join("no-tty").display().to_string(),
+        );
+    std::fs::write(&s.config, format!("{text}ble = {{}}\n")).unwrap();
+    let log_path = s.dir.path().join("run.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyway"))
+        .arg("--config")
+        .arg(&s.config)
+        .args(["run", "--log", "stderr"])
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("start keyway run");
+    let read_log = || {
+        let mut t = String::new();
+        if let Ok(mut f) = std::fs::File::open(&log_path) {
+            let _ = f.read_to_string(&mut t);
+        }
+        t
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !read_log().contains("running with 1 door") {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("keyway run did not start:\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signals our own child, which has not been reaped yet.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("keyway run ignored SIGTERM:\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = read_log();
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert!(log.contains("stopping"), "{log}");
+    assert!(
+        !log.contains("did not stop"),
+        "every task stops on shutdown:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+}

@@ -75,12 +75,15 @@ pub trait ConnectionHandler: Clone + Send + Sync + 'static {
     type Verdict: Send + 'static;
     /// A new session for a connection accepted at `now`.
     fn session(&self, now: Instant) -> ReaderSession;
-    /// The decision for an authenticated phone (ACL, panel).
+    /// The decision for an authenticated phone (ACL; a grant's card handed to the panel).
     fn decide(
         &self,
         endpoint: &AuthenticatedEndpoint,
         started: Instant,
     ) -> impl Future<Output = Self::Verdict> + Send;
+    /// After the decision is timed, before the phone is told: waits (bounded) for what the
+    /// panel says about it.
+    fn confirm(&self, verdict: &mut Self::Verdict) -> impl Future<Output = ()> + Send;
     /// Whether `verdict` opens the door (what the phone is told).
     fn granted(verdict: &Self::Verdict) -> bool;
     /// Called once per connection with what happened.
@@ -270,9 +273,12 @@ async fn serve_once<H: ConnectionHandler>(
 /// cannot be read, which a walk-up door treats as "too far to vouch for".
 async fn link_rssi(door: &str, dev: &str, stream: &Stream, peer: &str) -> Option<i16> {
     let read = async {
-        let handle = stream.as_ref().conn_info()?.hci_handle;
-        let index = rssi::adapter_index(dev)?;
-        Ok::<_, rssi::RssiError>(rssi::read(index, handle, RSSI_WAIT).await?)
+        let handle = stream
+            .as_ref()
+            .conn_info()
+            .map_err(rssi::RssiError::Io)?
+            .hci_handle;
+        rssi::read(rssi::adapter_index(dev)?, handle, RSSI_WAIT).await
     };
     match read.await {
         Ok(r) => {
@@ -412,10 +418,11 @@ async fn connection<H: ConnectionHandler>(
                 }
                 Event::Authenticated(endpoint) => {
                     report.endpoint_key = Some(endpoint.public_key);
-                    let verdict = handler.decide(&endpoint, started).await;
+                    let mut verdict = handler.decide(&endpoint, started).await;
+                    report.to_decision = Some(started.elapsed());
+                    handler.confirm(&mut verdict).await;
                     let granted = H::granted(&verdict);
                     report.verdict = Some(verdict);
-                    report.to_decision = Some(started.elapsed());
                     match session.decide(granted, Instant::now()) {
                         Ok(more) => events.extend(more),
                         Err(e) => {

@@ -87,25 +87,20 @@ mod tests {
 
     fn complete(status: u8, handle: u16, rssi: i8) -> Vec<u8> {
         let h = handle.to_le_bytes();
-        vec![
-            0x04,
-            0x0E,
-            7,
-            1,
-            0x05,
-            0x14,
-            status,
-            h[0],
-            h[1],
-            rssi as u8,
-        ]
+        vec![0x04, 0x0E, 7, 1, 0x05, 0x14, status, h[0], h[1], rssi as u8]
     }
 
     #[test]
     fn command_bytes() {
-        assert_eq!(read_rssi_command(0x0040), [0x01, 0x05, 0x14, 0x02, 0x40, 0x00]);
+        assert_eq!(
+            read_rssi_command(0x0040),
+            [0x01, 0x05, 0x14, 0x02, 0x40, 0x00]
+        );
         // Flag bits never leak into the handle field.
-        assert_eq!(read_rssi_command(0xF201), [0x01, 0x05, 0x14, 0x02, 0x01, 0x02]);
+        assert_eq!(
+            read_rssi_command(0xF201),
+            [0x01, 0x05, 0x14, 0x02, 0x01, 0x02]
+        );
     }
 
     #[test]
@@ -145,7 +140,10 @@ mod tests {
         );
         // Not an event, another event, truncated, lying length.
         assert_eq!(parse_rssi_reply(&[0x02, 0, 0], 0x40), None);
-        assert_eq!(parse_rssi_reply(&[0x04, 0x05, 4, 0, 0x40, 0, 0x13], 0x40), None);
+        assert_eq!(
+            parse_rssi_reply(&[0x04, 0x05, 4, 0, 0x40, 0, 0x13], 0x40),
+            None
+        );
         let full = complete(0, 0x40, -57);
         for n in 0..full.len() {
             assert_eq!(parse_rssi_reply(&full[..n], 0x40), None, "{n} bytes");

@@ -49,7 +49,10 @@ impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Refusal::TooFar { rssi, threshold } => {
-                write!(f, "too far ({rssi} dBm, door needs {threshold} dBm or more)")
+                write!(
+                    f,
+                    "too far ({rssi} dBm, door needs {threshold} dBm or more)"
+                )
             }
             Refusal::RssiUnknown => f.write_str("range unknown (no RSSI for the link)"),
         }
@@ -112,7 +115,11 @@ mod tests {
         assert_eq!(Refusal::RssiUnknown.code(), "ble_rssi_unknown");
         assert!(walk.needs_rssi() && !tap.needs_rssi());
         assert_eq!(
-            Refusal::TooFar { rssi: -80, threshold: -70 }.to_string(),
+            Refusal::TooFar {
+                rssi: -80,
+                threshold: -70
+            }
+            .to_string(),
             "too far (-80 dBm, door needs -70 dBm or more)"
         );
     }

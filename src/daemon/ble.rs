@@ -21,7 +21,7 @@ use crate::osdp::Verdict;
 
 use super::door::PanelSink;
 use super::store::StoreHandle;
-use super::tap::panel_verdict;
+use super::tap::{panel_verdict, VerdictWait};
 
 /// What decided a BLE connection.
 #[derive(Debug)]
@@ -30,6 +30,8 @@ pub struct BleVerdict {
     pub decision: Result<Decision, String>,
     /// The panel's verdict on a granted card, when it came within the door's wait.
     pub panel: Option<Verdict>,
+    /// Where that verdict will come from, until [`ConnectionHandler::confirm`] waited for it.
+    waiting: Option<VerdictWait>,
 }
 
 /// Everything a door's BLE side needs.
@@ -73,15 +75,22 @@ impl<P: PanelSink> ConnectionHandler for Handler<P> {
 
     async fn decide(&self, endpoint: &AuthenticatedEndpoint, started: Instant) -> BleVerdict {
         match self.acl_decision(endpoint, started).await {
-            Ok((decision, panel)) => BleVerdict {
+            Ok((decision, waiting)) => BleVerdict {
                 decision: Ok(decision),
-                panel,
+                panel: None,
+                waiting,
             },
             Err(e) => BleVerdict {
                 decision: Err(e),
                 panel: None,
+                waiting: None,
             },
         }
+    }
+
+    async fn confirm(&self, verdict: &mut BleVerdict) {
+        let waiting = verdict.waiting.take();
+        verdict.panel = panel_verdict(&self.door.id, waiting, self.panel_verdict_wait).await;
     }
 
     fn granted(verdict: &BleVerdict) -> bool {
@@ -95,13 +104,12 @@ impl<P: PanelSink> ConnectionHandler for Handler<P> {
 }
 
 impl<P: PanelSink> Handler<P> {
-    /// The ACL's answer; a grant's card goes to the panel, whose verdict (if any, in time)
-    /// comes back with it.
+    /// The ACL's answer; a grant's card goes to the panel, with the way to its verdict.
     async fn acl_decision(
         &self,
         endpoint: &AuthenticatedEndpoint,
         started: Instant,
-    ) -> Result<(Decision, Option<Verdict>), String> {
+    ) -> Result<(Decision, Option<VerdictWait>), String> {
         let decision = self
             .store
             .decide(
@@ -111,16 +119,15 @@ impl<P: PanelSink> Handler<P> {
             )
             .await
             .map_err(|e| format!("store: {e}"))?;
+        let mut waiting = None;
         if let Decision::Grant(g) = &decision {
             let bits = card::encode(g.card_format, g.facility_code, g.card_number)
                 .map_err(|e| format!("card: {e}"))?;
             // Before the phone is told, as on NFC: the RAW leaves at the next poll.
-            let wait = self.panel.await_verdict(&self.door);
+            waiting = self.panel.await_verdict(&self.door);
             self.panel.send_card(&self.door, bits, started);
-            let panel = panel_verdict(&self.door.id, wait, self.panel_verdict_wait).await;
-            return Ok((decision, panel));
         }
-        Ok((decision, None))
+        Ok((decision, waiting))
     }
 }
 

@@ -182,6 +182,9 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     wait_for_signal().await?;
     log::info!(target: "keyway::daemon", "stopping");
     let _ = shutdown_tx.send(true);
+    // Each bus's event logger ends when its broadcast channel closes: when the bus task and
+    // every handle (these, and the doors' as they stop) are gone.
+    drop(buses);
     // Readers notice shutdown within one status poll; bound the wait anyway.
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(std::time::Duration::from_secs(5), drain)
@@ -191,7 +194,6 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
         log::warn!(target: "keyway::daemon", "some tasks did not stop within 5 s");
         tasks.abort_all();
     }
-    drop(buses);
     drop(store);
     // The store thread finishes queued writes, then ends.
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;

@@ -387,11 +387,7 @@ async fn conclude(
 /// Waits (at most `wait`; zero: not at all) for the panel's verdict on the card a grant just
 /// sent, so the phone is told what the panel decided. No verdict in time, or none at all,
 /// leaves keyway's grant standing. Shared by the NFC tap and the BLE connection.
-pub async fn panel_verdict(
-    door: &str,
-    rx: Option<VerdictWait>,
-    wait: Duration,
-) -> Option<Verdict> {
+pub async fn panel_verdict(door: &str, rx: Option<VerdictWait>, wait: Duration) -> Option<Verdict> {
     let rx = rx.filter(|_| !wait.is_zero())?;
     let verdict = tokio::time::timeout(wait, rx).await.ok()?.ok();
     if verdict == Some(Verdict::Denied) {

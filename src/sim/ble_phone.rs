@@ -295,6 +295,8 @@ pub mod central {
         pub closed_by_reader: bool,
         /// From the channel open to the reader closing it.
         pub channel_to_close: Option<Duration>,
+        /// When the L2CAP channel opened (to time what a peer saw against it).
+        pub channel_opened: Option<Instant>,
     }
 
     /// Scans in short rounds (btvirt reports an advertiser once per scan start) until a reader
@@ -413,6 +415,7 @@ pub mod central {
             channel_to_verdict: None,
             closed_by_reader: false,
             channel_to_close: None,
+            channel_opened: Some(opened),
         };
         let mut buf = vec![0u8; 1024];
         if opts.silent {

@@ -1,0 +1,208 @@
+//! Test peers shared by the integration tests: libosdp's control panel (the Python peer in
+//! `tests/peers/osdp_cp.py`) on a socat pty pair.
+//!
+//! Needs `socat` on PATH and a Python with libosdp: `KEYWAY_PYTHON`, or
+//! `<repo>/.venv/bin/python` (made by `scripts/setup`). Missing peers fail the test with a
+//! message saying what to install; nothing is skipped silently.
+
+// Each test binary uses its own subset.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Kills and reaps a child process when dropped (also on a failed assertion).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn python() -> PathBuf {
+    let py = std::env::var_os("KEYWAY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    let ok = Command::new(&py)
+        .args(["-c", "import osdp, osdp_sys"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "python with libosdp not found at {} (set KEYWAY_PYTHON, or create the venv with \
+         scripts/setup / `python3 -m venv .venv && .venv/bin/pip install libosdp==3.2.9`)",
+        py.display()
+    );
+    py
+}
+
+pub fn require_socat() {
+    let ok = Command::new("socat")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "socat not found on PATH (apt-get install socat)");
+}
+
+/// A pty pair: keyway opens `pd`, the CP opens `cp`.
+pub struct PtyPair {
+    _socat: KillOnDrop,
+    _dir: tempfile::TempDir,
+    pub pd: PathBuf,
+    pub cp: PathBuf,
+}
+
+pub fn pty_pair() -> PtyPair {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pd = dir.path().join("pd");
+    let cp = dir.path().join("cp");
+    let guard = socat(&pd, &cp);
+    PtyPair {
+        _socat: guard,
+        _dir: dir,
+        pd,
+        cp,
+    }
+}
+
+/// Start socat linking a pty pair at `pd` and `cp`; returns once both links exist.
+pub fn socat(pd: &Path, cp: &Path) -> KillOnDrop {
+    require_socat();
+    let child = Command::new("socat")
+        .arg("-d")
+        .arg(format!("pty,raw,echo=0,link={}", pd.display()))
+        .arg(format!("pty,raw,echo=0,link={}", cp.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn socat");
+    let guard = KillOnDrop(child);
+    let start = Instant::now();
+    while !(pd.exists() && cp.exists()) {
+        assert!(
+            start.elapsed() < STEP_TIMEOUT,
+            "socat did not create the pty links"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    guard
+}
+
+/// The libosdp CP peer with its JSON-line output.
+pub struct Cp {
+    _child: KillOnDrop,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<(Instant, Value)>,
+    pub seen: Vec<Value>,
+    /// When the line the last `wait_for` returned was read.
+    pub last_at: Option<Instant>,
+}
+
+impl Cp {
+    pub fn start(port: &Path, pds: &[u8]) -> Cp {
+        Self::start_with(port, pds, &[])
+    }
+
+    /// Start with extra arguments (e.g. `--scbk HEX`, `--enforce-secure`).
+    pub fn start_with(port: &Path, pds: &[u8], extra: &[&str]) -> Cp {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/osdp_cp.py");
+        let mut cmd = Command::new(python());
+        cmd.arg("-u").arg(script).arg("--port").arg(port);
+        for pd in pds {
+            cmd.arg("--pd").arg(pd.to_string());
+        }
+        cmd.args(extra);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn CP peer");
+        let stdout = child.stdout.take().expect("stdout");
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => {
+                        if tx.send((Instant::now(), v)).is_err() {
+                            break;
+                        }
+                    }
+                    Err(_) => eprintln!("cp (non-json): {line}"),
+                }
+            }
+        });
+        Cp {
+            _child: KillOnDrop(child),
+            stdin,
+            lines: rx,
+            seen: Vec::new(),
+            last_at: None,
+        }
+    }
+
+    /// Wait for a line matching `pred`; panics with everything seen on timeout.
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_for_within(what, STEP_TIMEOUT, pred)
+    }
+
+    /// [`wait_for`](Self::wait_for) with its own limit (slow places: an emulated VM).
+    pub fn wait_for_within(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let start = Instant::now();
+        loop {
+            let left = limit.saturating_sub(start.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok((at, v)) => {
+                    self.seen.push(v.clone());
+                    if v["event"] == "error" {
+                        panic!("CP peer error: {v}");
+                    }
+                    if pred(&v) {
+                        self.last_at = Some(at);
+                        return v;
+                    }
+                }
+                Err(_) => panic!("timed out waiting for CP {what}; CP said: {:#?}", self.seen),
+            }
+        }
+    }
+
+    pub fn send(&mut self, v: Value) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{v}").expect("write to CP");
+        stdin.flush().expect("flush CP stdin");
+    }
+
+    pub fn wait_online(&mut self, pd: u8) -> Value {
+        self.wait_for(&format!("online pd {pd}"), |v| {
+            v["event"] == "online" && v["pd"] == pd
+        })
+    }
+
+    pub fn went_offline(&self) -> bool {
+        self.seen.iter().any(|v| v["event"] == "offline")
+    }
+}
