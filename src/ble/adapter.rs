@@ -115,6 +115,8 @@ pub struct AdapterStats {
     pub refused_over_limit: AtomicUsize,
     pub refused_by_policy: AtomicUsize,
     pub active: AtomicUsize,
+    /// Most connections served at once since start.
+    pub peak_active: AtomicUsize,
     /// Links whose RSSI the controller reported (walk-up doors measure every link).
     pub rssi_measured: AtomicUsize,
     /// The last of those readings (dBm).
@@ -258,7 +260,8 @@ async fn serve_once<H: ConnectionHandler>(
                         return;
                     }
                     stats.accepted.fetch_add(1, Ordering::SeqCst);
-                    stats.active.fetch_add(1, Ordering::SeqCst);
+                    let now_active = stats.active.fetch_add(1, Ordering::SeqCst) + 1;
+                    stats.peak_active.fetch_max(now_active, Ordering::SeqCst);
                     let report = connection(stream, peer, &handler).await;
                     handler.finished(report).await;
                     stats.active.fetch_sub(1, Ordering::SeqCst);
