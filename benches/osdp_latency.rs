@@ -10,7 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keyway::osdp::phy::FrameDecoder;
@@ -18,43 +18,22 @@ use keyway::osdp::sc::{Direction, Session, SessionKeys};
 use keyway::osdp::{Check, Frame, PdConfig, Scbk, SecureConfig};
 use keyway::serial::{spawn_bus, BusConfig};
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::{python_with_libosdp, try_socat, KillOnDrop};
+
 /// Rounds per measurement under `cargo bench`; `cargo test --benches` runs a short smoke pass.
 const ROUNDS: usize = 2000;
 const SMOKE_ROUNDS: usize = 20;
 const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f";
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn key() -> Scbk {
     Scbk::from_slice(&hex::decode(KEY_HEX).expect("hex")).expect("key")
 }
 
-fn socat(dir: &Path) -> Option<(Kill, PathBuf, PathBuf)> {
-    let pd = dir.join("pd");
-    let cp = dir.join("cp");
-    let child = Command::new("socat")
-        .arg(format!("pty,raw,echo=0,link={}", pd.display()))
-        .arg(format!("pty,raw,echo=0,link={}", cp.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let guard = Kill(child);
-    let start = Instant::now();
-    while !(pd.exists() && cp.exists()) {
-        if start.elapsed() > Duration::from_secs(10) {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Some((guard, pd, cp))
+fn socat(dir: &Path) -> Option<(KillOnDrop, PathBuf, PathBuf)> {
+    let (pd, cp) = (dir.join("pd"), dir.join("cp"));
+    Some((try_socat(&pd, &cp)?, pd, cp))
 }
 
 struct Poller {
@@ -187,20 +166,6 @@ fn measure(poller: &mut Poller, rounds: usize) -> (Vec<Duration>, Vec<Duration>)
     (plain, secure)
 }
 
-fn python() -> Option<PathBuf> {
-    let py = std::env::var_os("KEYWAY_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    let ok = Command::new(&py)
-        .args(["-c", "import osdp, osdp_sys"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    ok.then_some(py)
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -217,7 +182,7 @@ fn main() {
         eprintln!("osdp_latency: no progress for 300 s, giving up");
         std::process::exit(2);
     });
-    let Some(py) = python() else {
+    let Some(py) = python_with_libosdp() else {
         eprintln!("osdp_latency: no python with libosdp (run scripts/setup or set KEYWAY_PYTHON)");
         return;
     };
@@ -268,7 +233,7 @@ fn main() {
         .spawn()
         .expect("spawn libosdp PD");
     let stdout = child.stdout.take().expect("stdout");
-    let _pd = Kill(child);
+    let _pd = KillOnDrop(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("ready");
     assert!(line.contains("ready"), "libosdp PD: {line}");

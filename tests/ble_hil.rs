@@ -309,6 +309,40 @@ mod guest {
         tokio::spawn(async move { central::transact(&adapter, addr, &mut p, &silent).await })
     }
 
+    /// One phone transaction at the door (with [`attempt`]'s retries) that must end with the
+    /// phone told `state` (01 unsecured, 00 secured); returns it and keyway's decision event.
+    async fn transact_expecting(
+        rig: &Rig,
+        key: &SecretKey,
+        state: u8,
+        what: &str,
+    ) -> (CentralReport, AccessEvent) {
+        let n0 = events(&rig.db).len();
+        let r = attempt(rig, key, &CentralOptions::default()).await;
+        assert_eq!(r.reader_state, Some(state), "{what}: {r:?}");
+        (r, decisive_event(&rig.db, n0).await)
+    }
+
+    /// Writes a one-credential ACL for `key` (H10301 card) at `door` into `db`.
+    fn enroll(db: &Path, key: &SecretKey, person: &str, card: (u32, u32), door: &str) {
+        let spec = CredentialSpec {
+            line: 1,
+            endpoint_key: key.public_key().to_sec1_bytes().as_ref().try_into().unwrap(),
+            person_id: person.into(),
+            card_format: CardFormat::H10301,
+            facility_code: card.0,
+            card_number: card.1,
+            valid_from: None,
+            valid_until: None,
+            doors: vec![door.into()],
+            card_uids: Vec::new(),
+        };
+        Store::open(db)
+            .unwrap()
+            .import_specs(&[spec], ImportMode::Replace, "ble_hil")
+            .unwrap();
+    }
+
     async fn attempt_at(
         rig: &Rig,
         addr: bluer::Address,
@@ -371,27 +405,7 @@ mod guest {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("keyway.db");
         let enrolled = SecretKey::random(&mut OsRng);
-        let spec = CredentialSpec {
-            line: 1,
-            endpoint_key: enrolled
-                .public_key()
-                .to_sec1_bytes()
-                .as_ref()
-                .try_into()
-                .unwrap(),
-            person_id: "p-ble".into(),
-            card_format: CardFormat::H10301,
-            facility_code: 42,
-            card_number: 4242,
-            valid_from: None,
-            valid_until: None,
-            doors: vec![DOOR.into()],
-            card_uids: Vec::new(),
-        };
-        Store::open(&db)
-            .unwrap()
-            .import_specs(&[spec], ImportMode::Replace, "ble_hil")
-            .unwrap();
+        enroll(&db, &enrolled, "p-ble", (42, 4242), DOOR);
         let mut rig = Rig {
             _dir: dir,
             db,
@@ -466,13 +480,8 @@ mod guest {
 
         // Enrolled phone: granted.
         let enrolled = rig.enrolled.clone();
-        let r = attempt(&rig, &enrolled, &opts).await;
-        assert_eq!(
-            r.reader_state,
-            Some(0x01),
-            "enrolled phone told unsecured: {r:?}"
-        );
-        let granted = decisive_event(&rig.db, 0).await;
+        let (r, granted) =
+            transact_expecting(&rig, &enrolled, 0x01, "enrolled phone told unsecured").await;
         assert_eq!(
             (granted.decision, granted.transport),
             (EventDecision::Granted, Transport::Ble)
@@ -493,14 +502,8 @@ mod guest {
 
         // Unknown phone: denied, nothing to the panel.
         let stranger = SecretKey::random(&mut OsRng);
-        let n0 = events(&rig.db).len();
-        let r = attempt(&rig, &stranger, &opts).await;
-        assert_eq!(
-            r.reader_state,
-            Some(0x00),
-            "unknown phone told secured: {r:?}"
-        );
-        let denied = decisive_event(&rig.db, n0).await;
+        let (_, denied) =
+            transact_expecting(&rig, &stranger, 0x00, "unknown phone told secured").await;
         assert_eq!(
             (denied.decision, denied.reason.as_str(), denied.transport),
             (EventDecision::Denied, "unknown_key", Transport::Ble)
@@ -514,15 +517,14 @@ mod guest {
         // The panel has the last word: it refuses (red LED) a card keyway granted, and the
         // phone is told "secured"; keyway's own event stays a grant.
         *rig.panel.answer.lock().unwrap() = Some(Verdict::Denied);
-        let n0 = events(&rig.db).len();
-        let r = attempt(&rig, &enrolled, &opts).await;
+        let (_, refused) = transact_expecting(
+            &rig,
+            &enrolled,
+            0x00,
+            "phone told secured when the panel refused",
+        )
+        .await;
         *rig.panel.answer.lock().unwrap() = None;
-        assert_eq!(
-            r.reader_state,
-            Some(0x00),
-            "phone told secured when the panel refused: {r:?}"
-        );
-        let refused = decisive_event(&rig.db, n0).await;
         assert_eq!(refused.decision, EventDecision::Granted);
         assert_eq!(
             rig.panel.cards().len(),
@@ -654,14 +656,8 @@ mod guest {
         ));
         let session = bluer::Session::new().await.unwrap();
         rig.phone_adapter = session.adapter("hci1").unwrap();
-        let n0 = events(&rig.db).len();
-        let r = attempt(&rig, &enrolled, &opts).await;
-        assert_eq!(
-            r.reader_state,
-            Some(0x01),
-            "granted again after the restart: {r:?}"
-        );
-        let again = decisive_event(&rig.db, n0).await;
+        let (_, again) =
+            transact_expecting(&rig, &enrolled, 0x01, "granted again after the restart").await;
         assert_eq!(again.decision, EventDecision::Granted);
 
         // Adapter removed and added again: btvirt (both virtual controllers) is killed, so
@@ -692,14 +688,13 @@ mod guest {
             t_plug.elapsed().as_secs_f64()
         ));
         rig.phone_adapter = session.adapter("hci1").unwrap();
-        let n0 = events(&rig.db).len();
-        let r = attempt(&rig, &enrolled, &opts).await;
-        assert_eq!(
-            r.reader_state,
-            Some(0x01),
-            "granted again after the adapter came back: {r:?}"
-        );
-        let again = decisive_event(&rig.db, n0).await;
+        let (_, again) = transact_expecting(
+            &rig,
+            &enrolled,
+            0x01,
+            "granted again after the adapter came back",
+        )
+        .await;
         assert_eq!(again.decision, EventDecision::Granted);
         // Let a retrying phone's leftovers land before the next door.
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -765,7 +760,7 @@ mod guest {
                         .collect();
                     assert_eq!(decisions.len(), 1, "{new:?}");
                     assert_eq!(decisions[0].decision, EventDecision::Granted);
-                    together = Some(peak);
+                    together = Some((peak, decisions[0].latency_ms));
                     break;
                 }
                 other => log::info!(
@@ -774,9 +769,10 @@ mod guest {
                 ),
             }
         }
-        let peak = together.expect("two phones served at once in one of 3 rounds");
+        let (peak, walk_latency) = together.expect("two phones served at once in one of 3 rounds");
         rig.results.push(format!(
-            "two phones at once: {peak} connections served together"
+            "two phones at once: {peak} connections served together; the walk-up grant's \
+             connection->decision (RSSI read included) {walk_latency} ms"
         ));
         assert!(near.rssi_measured.load(Ordering::SeqCst) >= 1);
         let rssi = near.last_rssi_dbm.load(Ordering::SeqCst);
@@ -849,29 +845,8 @@ mod guest {
         secret("reader.pem", pem.as_bytes());
         let scbk = hex::encode(rand16());
         secret("scbk", scbk.as_bytes());
-        let spec = CredentialSpec {
-            line: 1,
-            endpoint_key: rig
-                .enrolled
-                .public_key()
-                .to_sec1_bytes()
-                .as_ref()
-                .try_into()
-                .unwrap(),
-            person_id: "p-daemon".into(),
-            card_format: CardFormat::H10301,
-            facility_code: 77,
-            card_number: 7007,
-            valid_from: None,
-            valid_until: None,
-            doors: vec!["ble-daemon".into()],
-            card_uids: Vec::new(),
-        };
         let db = d.join("keyway.db");
-        Store::open(&db)
-            .unwrap()
-            .import_specs(&[spec], ImportMode::Replace, "ble_hil")
-            .unwrap();
+        enroll(&db, &rig.enrolled, "p-daemon", (77, 7007), "ble-daemon");
         let bus = pty_pair();
         let config = d.join("keyway.toml");
         std::fs::write(

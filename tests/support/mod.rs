@@ -1,4 +1,4 @@
-//! Test peers shared by the integration tests: libosdp's control panel (the Python peer in
+//! Test peers shared by the integration tests (and `benches/osdp_latency.rs`): libosdp's control panel (the Python peer in
 //! `tests/peers/osdp_cp.py`) on a socat pty pair.
 //!
 //! Needs `socat` on PATH and a Python with libosdp: `KEYWAY_PYTHON`, or
@@ -28,7 +28,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-pub fn python() -> PathBuf {
+/// The Python with libosdp (`KEYWAY_PYTHON`, or the venv scripts/setup makes), if usable.
+pub fn python_with_libosdp() -> Option<PathBuf> {
     let py = std::env::var_os("KEYWAY_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
@@ -39,13 +40,17 @@ pub fn python() -> PathBuf {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(
-        ok,
-        "python with libosdp not found at {} (set KEYWAY_PYTHON, or create the venv with \
-         scripts/setup / `python3 -m venv .venv && .venv/bin/pip install libosdp==3.2.9`)",
-        py.display()
-    );
-    py
+    ok.then_some(py)
+}
+
+/// [`python_with_libosdp`], or a failure saying how to get it.
+pub fn python() -> PathBuf {
+    python_with_libosdp().unwrap_or_else(|| {
+        panic!(
+            "python with libosdp not found (set KEYWAY_PYTHON, or create the venv with \
+             scripts/setup / `python3 -m venv .venv && .venv/bin/pip install libosdp==3.2.9`)"
+        )
+    })
 }
 
 pub fn require_socat() {
@@ -83,25 +88,28 @@ pub fn pty_pair() -> PtyPair {
 /// Start socat linking a pty pair at `pd` and `cp`; returns once both links exist.
 pub fn socat(pd: &Path, cp: &Path) -> KillOnDrop {
     require_socat();
+    try_socat(pd, cp).expect("socat did not create the pty links")
+}
+
+/// [`socat`] without the checks: `None` when it cannot start or make the links in time.
+pub fn try_socat(pd: &Path, cp: &Path) -> Option<KillOnDrop> {
     let child = Command::new("socat")
-        .arg("-d")
         .arg(format!("pty,raw,echo=0,link={}", pd.display()))
         .arg(format!("pty,raw,echo=0,link={}", cp.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn socat");
+        .ok()?;
     let guard = KillOnDrop(child);
     let start = Instant::now();
     while !(pd.exists() && cp.exists()) {
-        assert!(
-            start.elapsed() < STEP_TIMEOUT,
-            "socat did not create the pty links"
-        );
+        if start.elapsed() > STEP_TIMEOUT {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
-    guard
+    Some(guard)
 }
 
 /// The libosdp CP peer with its JSON-line output.
