@@ -327,7 +327,12 @@ mod guest {
     fn enroll(db: &Path, key: &SecretKey, person: &str, card: (u32, u32), door: &str) {
         let spec = CredentialSpec {
             line: 1,
-            endpoint_key: key.public_key().to_sec1_bytes().as_ref().try_into().unwrap(),
+            endpoint_key: key
+                .public_key()
+                .to_sec1_bytes()
+                .as_ref()
+                .try_into()
+                .unwrap(),
             person_id: person.into(),
             card_format: CardFormat::H10301,
             facility_code: card.0,
