@@ -323,6 +323,35 @@ mod guest {
         (r, decisive_event(&rig.db, n0).await)
     }
 
+    /// After a disruption began to heal at `since`: waits (bounded) for BlueZ's adapters and
+    /// keyway's next registration, records how long that took, and checks the enrolled phone
+    /// is granted again (on a fresh handle to the phone's adapter).
+    async fn back_again(
+        rig: &mut Rig,
+        session: &bluer::Session,
+        registrations_before: usize,
+        since: Instant,
+        what: &str,
+    ) {
+        let _ = adapters_up(session).await;
+        let stats = rig.stats.clone();
+        wait_for(
+            &format!("keyway's re-registration after {what}"),
+            Duration::from_secs(60),
+            || stats.registrations.load(Ordering::SeqCst) > registrations_before,
+        )
+        .await;
+        rig.results.push(format!(
+            "re-registered {:.1} s after {what}",
+            since.elapsed().as_secs_f64()
+        ));
+        rig.phone_adapter = session.adapter(CONTROLLERS[1]).unwrap();
+        let enrolled = rig.enrolled.clone();
+        let what = format!("granted again after {what}");
+        let (_, again) = transact_expecting(rig, &enrolled, 0x01, &what).await;
+        assert_eq!(again.decision, EventDecision::Granted);
+    }
+
     /// Writes a one-credential ACL for `key` (H10301 card) at `door` into `db`.
     fn enroll(db: &Path, key: &SecretKey, person: &str, card: (u32, u32), door: &str) {
         let spec = CredentialSpec {
@@ -633,37 +662,21 @@ mod guest {
         .await;
         let t_on = Instant::now();
         hci0.set_powered(true).await.expect("power hci0 on");
-        wait_for(
-            "re-registration after power-on",
-            Duration::from_secs(30),
-            || stats.registrations.load(Ordering::SeqCst) > reg_before,
+        back_again(
+            &mut rig,
+            &session,
+            reg_before,
+            t_on,
+            "hci0 was powered on again",
         )
         .await;
-        rig.results.push(format!(
-            "re-registered {:.1} s after hci0 was powered on again",
-            t_on.elapsed().as_secs_f64()
-        ));
 
         // bluetoothd restart: keyway notices and registers again by itself.
         let before = rig.stats.registrations.load(Ordering::SeqCst);
         restart_bluetoothd();
         let t_restart = Instant::now();
-        let _ = adapters_up(&session).await;
-        wait_for(
-            "keyway's re-registration after the bluetoothd restart",
-            Duration::from_secs(60),
-            || stats.registrations.load(Ordering::SeqCst) > before,
-        )
-        .await;
-        rig.results.push(format!(
-            "re-registered {:.1} s after bluetoothd restart",
-            t_restart.elapsed().as_secs_f64()
-        ));
         let session = bluer::Session::new().await.unwrap();
-        rig.phone_adapter = session.adapter("hci1").unwrap();
-        let (_, again) =
-            transact_expecting(&rig, &enrolled, 0x01, "granted again after the restart").await;
-        assert_eq!(again.decision, EventDecision::Granted);
+        back_again(&mut rig, &session, before, t_restart, "bluetoothd restart").await;
 
         // Adapter removed and added again: btvirt (both virtual controllers) is killed, so
         // hci0 disappears from the kernel and BlueZ, then started again as if the USB dongle
@@ -681,26 +694,14 @@ mod guest {
         .await;
         let t_plug = Instant::now();
         plug_controllers();
-        let _ = adapters_up(&session).await;
-        wait_for(
-            "re-registration after the adapter came back",
-            Duration::from_secs(60),
-            || stats.registrations.load(Ordering::SeqCst) > reg_before,
+        back_again(
+            &mut rig,
+            &session,
+            reg_before,
+            t_plug,
+            "the controllers were added again",
         )
         .await;
-        rig.results.push(format!(
-            "re-registered {:.1} s after the controllers were added again",
-            t_plug.elapsed().as_secs_f64()
-        ));
-        rig.phone_adapter = session.adapter("hci1").unwrap();
-        let (_, again) = transact_expecting(
-            &rig,
-            &enrolled,
-            0x01,
-            "granted again after the adapter came back",
-        )
-        .await;
-        assert_eq!(again.decision, EventDecision::Granted);
         // Let a retrying phone's leftovers land before the next door.
         tokio::time::sleep(Duration::from_millis(500)).await;
 
