@@ -471,6 +471,18 @@ pub struct Door {
     pub certificate: Option<ReaderCert>,
 }
 
+impl Door {
+    /// The AUTH0 authentication policy the door asks phones for: a sensitive door forces user
+    /// verification (policy 03) whatever `auth_policy` says. Same on NFC and BLE.
+    pub fn aliro_auth_policy(&self) -> u8 {
+        if self.sensitive {
+            AuthPolicy::ForceUserAuth.code()
+        } else {
+            self.auth_policy.code()
+        }
+    }
+}
+
 /// Everything the daemon needs, validated.
 #[derive(Debug, Clone)]
 pub struct Validated {
@@ -715,6 +727,16 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             Some(su) => Some(validate_step_up(su).map_err(|m| invalid(field("aliro.step_up"), m))?),
         };
         if let Some(b) = d.ble.as_ref().filter(|b| b.enabled) {
+            if d.aliro.step_up.is_some() {
+                // Every phone would be refused: say so now rather than advertise a door that
+                // cannot open over BLE.
+                return Err(invalid(
+                    field("ble"),
+                    "a door with aliro.step_up is served over NFC only (BLE has no step-up \
+                     yet); remove the ble table or set enabled = false"
+                        .into(),
+                ));
+            }
             let mut b = b.clone();
             b.panel_verdict_wait_ms
                 .get_or_insert(raw.nfc.panel_verdict_wait_ms);
@@ -1139,6 +1161,24 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
                 "{bad}: {e}"
             );
         }
+        // A step-up door cannot grant over BLE: refused with a clear reason.
+        let g = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c2964fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+        let step_up = GOOD.replace(
+            "keys/front.pem\"",
+            &format!(
+                "keys/front.pem\", step_up = {{ issuers = [\"{g}\"], elements = [\"floor1\"] }}"
+            ),
+        );
+        if let Err(e) = parse(&step_up, Path::new("/k.toml")) {
+            panic!("{e}");
+        }
+        let e = err(&format!("{step_up}ble = {{}}\n"));
+        assert!(
+            e.contains("door \"front\": ble:") && e.contains("NFC only"),
+            "{e}"
+        );
+        let off = format!("{step_up}ble = {{ enabled = false }}\n");
+        assert!(parse(&off, Path::new("/k.toml")).is_ok());
         let e = err(&format!("{GOOD}ble = {{ range = 3 }}\n"));
         assert!(e.contains("unknown field `range`"), "{e}");
     }

@@ -21,7 +21,7 @@ use crate::osdp::Verdict;
 
 use super::door::PanelSink;
 use super::store::StoreHandle;
-use super::tap::{panel_verdict, VerdictWait};
+use super::tap::{apply_door_policy, panel_verdict, VerdictWait};
 
 /// What decided a BLE connection.
 #[derive(Debug)]
@@ -60,7 +60,8 @@ impl<P: PanelSink> ConnectionHandler for Handler<P> {
     fn session(&self, now: Instant) -> ReaderSession {
         let params = TransactionParams {
             interface: INTERFACE_BLE,
-            auth_policy: self.door.auth_policy.code(),
+            // A sensitive door asks for user verification, as on NFC.
+            auth_policy: self.door.aliro_auth_policy(),
             ..TransactionParams::default()
         };
         ReaderSession::new(
@@ -119,6 +120,7 @@ impl<P: PanelSink> Handler<P> {
             )
             .await
             .map_err(|e| format!("store: {e}"))?;
+        let decision = apply_door_policy(self.door.sensitive, decision, endpoint.signaling_bitmap);
         let mut waiting = None;
         if let Decision::Grant(g) = &decision {
             let bits = card::encode(g.card_format, g.facility_code, g.card_number)
@@ -204,5 +206,218 @@ async fn record(store: &StoreHandle, door: &Door, report: ConnectionReport<BleVe
                 "door {}: event could not be stored: {e}", door.id);
             events::log_event(&event, -1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The daemon's BLE decision path in memory: the door's handler (session, ACL, door
+    //! policy, panel verdict) against the project's BLE phone, without BlueZ (the VM test
+    //! `tests/ble_hil.rs` covers the adapter).
+    use super::*;
+    use crate::acl::{CredentialSpec, DenyReason, ImportMode, Store};
+    use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
+    use crate::ble::Event;
+    use crate::card::{CardFormat, WiegandBits};
+    use crate::config::AuthPolicy;
+    use crate::sim::ble_phone::{BlePhone, PhoneEvent};
+    use crate::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
+    use p256::SecretKey;
+    use rand_core::OsRng;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+    use tokio::sync::oneshot;
+
+    /// A panel that takes cards and, when `answer` is set, gives that verdict on each.
+    #[derive(Clone, Default)]
+    struct Panel {
+        cards: Arc<Mutex<Vec<WiegandBits>>>,
+        answer: Option<Verdict>,
+        waiter: Arc<Mutex<Option<oneshot::Sender<Verdict>>>>,
+    }
+
+    impl PanelSink for Panel {
+        fn send_card(&self, _door: &Door, bits: WiegandBits, _started: Instant) {
+            self.cards.lock().unwrap().push(bits);
+            if let (Some(v), Some(tx)) = (self.answer, self.waiter.lock().unwrap().take()) {
+                let _ = tx.send(v);
+            }
+        }
+
+        fn await_verdict(&self, _door: &Door) -> Option<VerdictWait> {
+            self.answer?;
+            let (tx, rx) = oneshot::channel();
+            *self.waiter.lock().unwrap() = Some(tx);
+            Some(rx)
+        }
+    }
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        identity: Arc<ReaderIdentity>,
+        store: StoreHandle,
+        phone_key: SecretKey,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        let phone_key = SecretKey::random(&mut OsRng);
+        let spec = CredentialSpec {
+            line: 1,
+            endpoint_key: phone_key
+                .public_key()
+                .to_sec1_bytes()
+                .as_ref()
+                .try_into()
+                .unwrap(),
+            person_id: "p-1".into(),
+            card_format: CardFormat::H10301,
+            facility_code: 1,
+            card_number: 2,
+            valid_from: None,
+            valid_until: None,
+            doors: vec!["front".into()],
+            card_uids: Vec::new(),
+        };
+        Store::open(&db)
+            .unwrap()
+            .import_specs(&[spec], ImportMode::Replace, "test")
+            .unwrap();
+        let (store, _thread) = StoreHandle::open(&db).unwrap();
+        let identity = ReaderIdentity::new([1; 16], [2; 16], SecretKey::random(&mut OsRng));
+        Rig {
+            _dir: dir,
+            identity: Arc::new(identity),
+            store,
+            phone_key,
+        }
+    }
+
+    fn handler(r: &Rig, sensitive: bool, panel: Panel) -> Handler<Panel> {
+        let door = Door {
+            id: "front".into(),
+            port: PathBuf::from("/dev/null"),
+            baud: 9600,
+            address: 0,
+            outputs: 0,
+            reader_pattern: "*".into(),
+            group_id: [1; 16],
+            sub_id: [2; 16],
+            private_key_file: PathBuf::new(),
+            auth_policy: AuthPolicy::UserDeviceSetting,
+            sensitive,
+            accept_cards: false,
+            fast: false,
+            step_up: None,
+            certificate: None,
+        };
+        Handler {
+            door: Arc::new(door),
+            identity: r.identity.clone(),
+            store: r.store.clone(),
+            ble: Arc::new(DoorBle {
+                enabled: true,
+                adapter: None,
+                rssi_threshold_dbm: -70,
+                mode: BleMode::Tap,
+                max_connections: 4,
+                spsm: 0x80,
+                timeout_ms: 5000,
+                panel_verdict_wait_ms: Some(1000),
+            }),
+            panel,
+            panel_verdict_wait: Duration::from_secs(1),
+        }
+    }
+
+    /// One connection as the adapter runs it; returns what the phone was told and the verdict.
+    async fn connect(h: &Handler<Panel>, r: &Rig, signaling_bitmap: u16) -> (u8, BleVerdict) {
+        let cred = ReaderGroupCredential {
+            group_id: [1; 16],
+            reader_group_key: r.identity.private_key.public_key(),
+        };
+        let mut cfg = EndpointConfig::new(r.phone_key.clone(), vec![cred]);
+        cfg.signaling_bitmap = signaling_bitmap;
+        let mut phone = BlePhone::new(cfg, Box::new(OsRandom), BleVersions::default());
+        let now = Instant::now();
+        let mut session = h.session(now);
+        let mut inbox = phone.initiate().unwrap();
+        let mut verdict = None;
+        for _ in 0..10 {
+            let mut events = session.on_bytes(&inbox, now).unwrap();
+            inbox.clear();
+            while !events.is_empty() {
+                match events.remove(0) {
+                    Event::Send(frame) => {
+                        for ev in phone.on_bytes(&frame).unwrap() {
+                            match ev {
+                                PhoneEvent::Send(f) => inbox.extend(f),
+                                PhoneEvent::Completed { reader_state } => {
+                                    return (reader_state, verdict.expect("decided"));
+                                }
+                            }
+                        }
+                    }
+                    Event::Authenticated(ep) => {
+                        let mut v = h.decide(&ep, now).await;
+                        h.confirm(&mut v).await;
+                        events.extend(session.decide(Handler::<Panel>::granted(&v), now).unwrap());
+                        verdict = Some(v);
+                    }
+                    Event::Done(_) => {}
+                }
+            }
+        }
+        panic!("the connection did not finish");
+    }
+
+    #[tokio::test]
+    async fn a_sensitive_door_needs_user_verification_over_ble_too() {
+        let r = rig();
+        let panel = Panel::default();
+        let h = handler(&r, true, panel.clone());
+        // The session asks the phone for user verification (AUTH0 policy 03).
+        assert_eq!(h.door.aliro_auth_policy(), AuthPolicy::ForceUserAuth.code());
+        let (told, v) = connect(&h, &r, 0).await;
+        assert_eq!(told, 0x00, "secured");
+        assert!(matches!(
+            v.decision,
+            Ok(Decision::Deny(DenyReason::UserVerificationRequired))
+        ));
+        assert!(
+            panel.cards.lock().unwrap().is_empty(),
+            "no card to the panel"
+        );
+        let (told, v) = connect(&h, &r, SIGNALING_USER_VERIFIED_BIT).await;
+        assert_eq!(told, 0x01, "unsecured");
+        assert!(matches!(v.decision, Ok(Decision::Grant(_))));
+        assert_eq!(panel.cards.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_panel_has_the_last_word() {
+        let r = rig();
+        // A plain door grants without user verification; the panel then refuses.
+        let refusing = Panel {
+            answer: Some(Verdict::Denied),
+            ..Panel::default()
+        };
+        let h = handler(&r, false, refusing.clone());
+        let (told, v) = connect(&h, &r, 0).await;
+        assert!(matches!(v.decision, Ok(Decision::Grant(_))));
+        assert_eq!((told, v.panel), (0x00, Some(Verdict::Denied)));
+        assert_eq!(refusing.cards.lock().unwrap().len(), 1);
+        let granting = Panel {
+            answer: Some(Verdict::Granted),
+            ..Panel::default()
+        };
+        let h = handler(&r, false, granting);
+        let (told, v) = connect(&h, &r, 0).await;
+        assert_eq!((told, v.panel), (0x01, Some(Verdict::Granted)));
+        // A panel that tells nothing leaves keyway's grant standing.
+        let h = handler(&r, false, Panel::default());
+        let (told, v) = connect(&h, &r, 0).await;
+        assert_eq!((told, v.panel), (0x01, None));
     }
 }

@@ -52,11 +52,7 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
     let limiter = Mutex::new(RateLimiter::new(rt.rate_limit));
     let limiter = &limiter;
     // A sensitive door asks the phone to verify its user (policy 03) and checks it did.
-    let auth_policy = if rt.door.sensitive {
-        crate::aliro::consts::AUTH_POLICY_FORCE_USER_AUTH
-    } else {
-        rt.door.auth_policy.code()
-    };
+    let auth_policy = rt.door.aliro_auth_policy();
     ReaderLoop::new(loop_cfg)
         .run(
             shutdown,

@@ -323,7 +323,7 @@ async fn transaction<C: CardChannel>(
                         .store
                         .decide(&key, ctx.door, time::OffsetDateTime::now_utc())
                         .await?;
-                    apply_door_policy(ctx, d, endpoint.signaling_bitmap)
+                    apply_door_policy(ctx.require_user_verification, d, endpoint.signaling_bitmap)
                 };
                 capdu = conclude(ctx, &mut tx, decision, report, started, &mut on_grant).await?;
             }
@@ -339,7 +339,7 @@ async fn transaction<C: CardChannel>(
                 };
                 let decision = if verified {
                     let d = ctx.store.decide(&key, ctx.door, now).await?;
-                    apply_door_policy(ctx, d, endpoint.signaling_bitmap)
+                    apply_door_policy(ctx.require_user_verification, d, endpoint.signaling_bitmap)
                 } else {
                     Decision::Deny(DenyReason::AccessDocumentInvalid)
                 };
@@ -453,15 +453,15 @@ async fn physical_card<C: CardChannel>(
 }
 
 /// The door's own rules on top of the ACL: a sensitive door grants only to a phone that
-/// reports user verification.
+/// reports user verification. Shared by NFC taps and BLE connections.
 pub fn apply_door_policy(
-    ctx: &TapContext<'_>,
+    require_user_verification: bool,
     d: Decision,
     signaling_bitmap: Option<u16>,
 ) -> Decision {
     let verified = signaling_bitmap.is_some_and(|b| b & SIGNALING_USER_VERIFIED_BIT != 0);
     match d {
-        Decision::Grant(_) if ctx.require_user_verification && !verified => {
+        Decision::Grant(_) if require_user_verification && !verified => {
             Decision::Deny(DenyReason::UserVerificationRequired)
         }
         other => other,
