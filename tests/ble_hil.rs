@@ -121,8 +121,9 @@ mod guest {
     use keyway::card::{self, CardFormat, WiegandBits};
     use keyway::config::{AuthPolicy, BleMode, Door, DoorBle};
     use keyway::daemon::ble::{run_ble_door, BleDoorRuntime};
-    use keyway::daemon::{PanelSink, StoreHandle, VerdictWait};
+    use keyway::daemon::{shared_limiter, PanelSink, StoreHandle, VerdictWait};
     use keyway::events::{AccessEvent, EventDecision, Transport};
+    use keyway::nfc::ratelimit::RateLimitConfig;
     use keyway::osdp::Verdict;
     use keyway::sim::ble_phone::central::{self, CentralOptions, CentralReport};
     use keyway::sim::ble_phone::BlePhone;
@@ -500,6 +501,7 @@ mod guest {
             store: store.clone(),
             ble: ble.clone(),
             stats: rig.stats.clone(),
+            limiter: shared_limiter(RateLimitConfig::default()),
         };
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run_ble_door(rt, rig.panel.clone(), stop_rx));
@@ -726,6 +728,7 @@ mod guest {
                 ..ble.clone()
             },
             stats: stats.clone(),
+            limiter: shared_limiter(RateLimitConfig::default()),
         };
         let near = Arc::new(AdapterStats::default());
         let (stop, stop_rx) = watch::channel(false);

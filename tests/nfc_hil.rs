@@ -19,7 +19,7 @@ use keyway::acl::{ImportMode, Store};
 use keyway::aliro::reader::ReaderIdentity;
 use keyway::card::{self, CardFormat, WiegandBits};
 use keyway::config::{AuthPolicy, Door, NfcConfig};
-use keyway::daemon::{run_door, DoorRuntime, PanelSink, StoreHandle};
+use keyway::daemon::{run_door, shared_limiter, DoorRuntime, PanelSink, StoreHandle};
 use keyway::events::{AccessEvent, EventDecision as Decision};
 use keyway::nfc::ratelimit::RateLimitConfig;
 use keyway::sim::vpcd::{self, TapOptions};
@@ -292,7 +292,7 @@ impl Bench {
                 )),
                 store: store.clone(),
                 nfc: nfc.clone(),
-                rate_limit: self.opts.rate_limit,
+                limiter: shared_limiter(self.opts.rate_limit),
             };
             self.tasks
                 .push(tokio::spawn(run_door(rt, self.panel.clone(), rx.clone())));

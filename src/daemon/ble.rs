@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::acl::Decision;
+use crate::acl::{fingerprint, Decision, DenyReason};
 use crate::aliro::consts::INTERFACE_BLE;
 use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
 use crate::aliro::AuthenticatedEndpoint;
@@ -19,7 +19,7 @@ use crate::config::{BleMode, Door, DoorBle};
 use crate::events::{self, AccessEvent, Transport};
 use crate::osdp::Verdict;
 
-use super::door::PanelSink;
+use super::door::{count_for_rate_limit, PanelSink, SharedLimiter};
 use super::store::StoreHandle;
 use super::tap::{apply_door_policy, panel_verdict, VerdictWait};
 
@@ -42,6 +42,8 @@ pub struct BleDoorRuntime {
     pub ble: DoorBle,
     /// Counters the adapter keeps (tests and status read them).
     pub stats: Arc<AdapterStats>,
+    /// The door's failure rate limit, shared with its NFC side.
+    pub limiter: SharedLimiter,
 }
 
 #[derive(Clone)]
@@ -52,6 +54,7 @@ struct Handler<P> {
     ble: Arc<DoorBle>,
     panel: P,
     panel_verdict_wait: Duration,
+    limiter: SharedLimiter,
 }
 
 impl<P: PanelSink> ConnectionHandler for Handler<P> {
@@ -100,6 +103,16 @@ impl<P: PanelSink> ConnectionHandler for Handler<P> {
     }
 
     async fn finished(&self, report: ConnectionReport<BleVerdict>) {
+        // Only identified phones count: a connection that never authenticated (silent, garbage,
+        // walked away) is bounded by the connection limit and the Aliro timeout instead.
+        if let Some(key) = &report.endpoint_key {
+            // keyway's own decision, as on NFC (a panel's refusal is not the phone's failure).
+            let granted = report
+                .verdict
+                .as_ref()
+                .is_some_and(|v| matches!(v.decision, Ok(Decision::Grant(_))));
+            count_for_rate_limit(&self.limiter, &self.door.id, &fingerprint(key), granted);
+        }
         record(&self.store, &self.door, report).await;
     }
 }
@@ -111,6 +124,14 @@ impl<P: PanelSink> Handler<P> {
         endpoint: &AuthenticatedEndpoint,
         started: Instant,
     ) -> Result<(Decision, Option<VerdictWait>), String> {
+        let limited = self
+            .limiter
+            .lock()
+            .map(|l| l.is_limited(&fingerprint(&endpoint.public_key), Instant::now()))
+            .unwrap_or(false);
+        if limited {
+            return Ok((Decision::Deny(DenyReason::RateLimited), None));
+        }
         let decision = self
             .store
             .decide(
@@ -157,6 +178,7 @@ pub async fn run_ble_door<P: PanelSink>(
     };
     let handler = Handler {
         panel_verdict_wait: rt.ble.panel_verdict_wait(),
+        limiter: rt.limiter,
         door: rt.door,
         identity: rt.identity,
         store: rt.store,
@@ -220,6 +242,8 @@ mod tests {
     use crate::ble::Event;
     use crate::card::{CardFormat, WiegandBits};
     use crate::config::AuthPolicy;
+    use crate::daemon::door::shared_limiter;
+    use crate::nfc::ratelimit::RateLimitConfig;
     use crate::sim::ble_phone::{BlePhone, PhoneEvent};
     use crate::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
     use p256::SecretKey;
@@ -295,6 +319,15 @@ mod tests {
     }
 
     fn handler(r: &Rig, sensitive: bool, panel: Panel) -> Handler<Panel> {
+        handler_with(r, sensitive, panel, RateLimitConfig::default())
+    }
+
+    fn handler_with(
+        r: &Rig,
+        sensitive: bool,
+        panel: Panel,
+        limit: RateLimitConfig,
+    ) -> Handler<Panel> {
         let door = Door {
             id: "front".into(),
             port: PathBuf::from("/dev/null"),
@@ -328,6 +361,7 @@ mod tests {
             }),
             panel,
             panel_verdict_wait: Duration::from_secs(1),
+            limiter: shared_limiter(limit),
         }
     }
 
@@ -419,5 +453,50 @@ mod tests {
         let h = handler(&r, false, Panel::default());
         let (told, v) = connect(&h, &r, 0).await;
         assert_eq!((told, v.panel), (0x01, None));
+    }
+
+    #[tokio::test]
+    async fn repeated_failures_are_rate_limited_like_on_nfc() {
+        let r = rig();
+        let panel = Panel::default();
+        // No free failure, a penalty far longer than the test: no timing involved.
+        let limit = RateLimitConfig {
+            free_failures: 0,
+            base_penalty: Duration::from_secs(600),
+            max_penalty: Duration::from_secs(600),
+            ..RateLimitConfig::default()
+        };
+        let h = handler_with(&r, true, panel.clone(), limit);
+        // A failure (no user verification at a sensitive door), reported as the adapter does.
+        let (_, v) = connect(&h, &r, 0).await;
+        let key: [u8; 65] = r
+            .phone_key
+            .public_key()
+            .to_sec1_bytes()
+            .as_ref()
+            .try_into()
+            .unwrap();
+        let report = |v| ConnectionReport {
+            peer: "00:00:00:00:00:01".into(),
+            endpoint_key: Some(key),
+            verdict: Some(v),
+            outcome: None,
+            error: None,
+            closed_early: false,
+            to_decision: None,
+            total: Duration::ZERO,
+        };
+        h.finished(report(v)).await;
+        // Now even a verified phone is refused without an ACL lookup, and no card goes out.
+        let (told, v) = connect(&h, &r, SIGNALING_USER_VERIFIED_BIT).await;
+        assert_eq!(told, 0x00);
+        assert!(matches!(
+            v.decision,
+            Ok(Decision::Deny(DenyReason::RateLimited))
+        ));
+        assert!(panel.cards.lock().unwrap().is_empty());
+        // The same limiter is the door's NFC one (the daemon hands both sides one Arc).
+        let fp = fingerprint(&key);
+        assert!(h.limiter.lock().unwrap().is_limited(&fp, Instant::now()));
     }
 }

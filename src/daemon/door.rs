@@ -35,8 +35,17 @@ pub struct DoorRuntime {
     pub identity: Arc<ReaderIdentity>,
     pub store: StoreHandle,
     pub nfc: NfcConfig,
-    /// Failure rate limit of this door's reader ([`RateLimitConfig::default`] in the daemon).
-    pub rate_limit: RateLimitConfig,
+    /// The door's failure rate limit, shared with its BLE side: a phone refused for repeated
+    /// failures is refused on both transports.
+    pub limiter: SharedLimiter,
+}
+
+/// One door's rate limiter, shared by its NFC reader loop and its BLE connections.
+pub type SharedLimiter = Arc<Mutex<RateLimiter>>;
+
+/// A fresh limiter with `cfg` ([`RateLimitConfig::default`] in the daemon).
+pub fn shared_limiter(cfg: RateLimitConfig) -> SharedLimiter {
+    Arc::new(Mutex::new(RateLimiter::new(cfg)))
 }
 
 /// Serves the door until `shutdown` turns true.
@@ -49,8 +58,7 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
     };
     let door_id = rt.door.id.clone();
     let rt = &rt;
-    let limiter = Mutex::new(RateLimiter::new(rt.rate_limit));
-    let limiter = &limiter;
+    let limiter: &Mutex<RateLimiter> = &rt.limiter;
     // A sensitive door asks the phone to verify its user (policy 03) and checks it did.
     let auth_policy = rt.door.aliro_auth_policy();
     ReaderLoop::new(loop_cfg)
@@ -93,7 +101,12 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
                         verdict
                     })
                     .await;
-                    count_for_rate_limit(limiter, &rt.door.id, &report);
+                    count_for_rate_limit(
+                        limiter,
+                        &rt.door.id,
+                        &report.limiter_identity(),
+                        report.granted(),
+                    );
                     record(&rt.store, &rt.door, report).await;
                 }
             },
@@ -102,19 +115,19 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
         .await;
 }
 
-/// A grant clears the identity; anything else counts as one failure against it.
-fn count_for_rate_limit(limiter: &Mutex<RateLimiter>, door: &str, report: &TapReport) {
+/// A grant clears the identity; anything else counts as one failure against it. Shared by the
+/// NFC taps and the BLE connections of a door.
+pub fn count_for_rate_limit(limiter: &Mutex<RateLimiter>, door: &str, id: &str, granted: bool) {
     let Ok(mut l) = limiter.lock() else {
         return;
     };
-    let id = report.limiter_identity();
-    if report.granted() {
-        l.success(&id);
+    if granted {
+        l.success(id);
         return;
     }
-    let penalty = l.failure(&id, Instant::now());
+    let penalty = l.failure(id, Instant::now());
     if !penalty.is_zero() {
-        log::warn!(target: "keyway::nfc", door = door, identity = id.as_str();
+        log::warn!(target: "keyway::daemon", door = door, identity = id;
             "door {door}: {id} failed repeatedly; refused for {} ms", penalty.as_millis());
     }
 }

@@ -21,7 +21,7 @@ use crate::config::{self, Door, Validated};
 use crate::osdp::{PdConfig, PdEvent, PdIdentity, RawCard, RawFormat, Verdict};
 use crate::serial::{self, BusConfig, BusEvent, BusHandle};
 
-pub use door::{run_door, DoorRuntime, PanelSink};
+pub use door::{run_door, shared_limiter, DoorRuntime, PanelSink, SharedLimiter};
 pub use store::{StoreError, StoreHandle};
 pub use tap::VerdictWait;
 
@@ -152,7 +152,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             identity,
             store: store.clone(),
             nfc: cfg.nfc.clone(),
-            rate_limit: crate::nfc::ratelimit::RateLimitConfig::default(),
+            limiter: door::shared_limiter(crate::nfc::ratelimit::RateLimitConfig::default()),
         };
         let panel = BusPanel {
             bus,
@@ -166,6 +166,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
                 store: store.clone(),
                 ble: b.clone(),
                 stats: Arc::default(),
+                limiter: rt.limiter.clone(),
             };
             tasks.spawn(ble::run_ble_door(
                 ble_rt,
