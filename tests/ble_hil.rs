@@ -985,54 +985,50 @@ ble = {{ adapter = "hci0", timeout_ms = {ALIRO_TIMEOUT_MS} }}
         );
     }
 
-    /// Kills the VM's btvirt (its pid is in /run/btvirt.pid): its controllers are unregistered
-    /// from the kernel, as when a controller is unplugged.
+    /// Stops one of the VM's services (`btvirt`, `bluetoothd`; scripts/ble-vm writes its pid
+    /// to /run/NAME.pid) and waits (bounded) until it is gone.
+    fn stop_service(name: &str) {
+        let pidfile = format!("/run/{name}.pid");
+        let pid = std::fs::read_to_string(&pidfile).expect("pid file");
+        let pid = pid.trim();
+        let st = Command::new("kill").args(["-TERM", pid]).status().unwrap();
+        assert!(st.success(), "kill {name} {pid}");
+        let dead = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < dead, "{name} {pid} did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a VM service again, logging to the share as NAME-2.log, its pid in /run/NAME.pid.
+    fn start_service(name: &str, args: &[&str]) {
+        let log =
+            std::fs::File::create(Path::new(GUEST_SHARE).join(format!("{name}-2.log"))).unwrap();
+        let child = Command::new(name)
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} again: {e}"));
+        std::fs::write(format!("/run/{name}.pid"), child.id().to_string()).unwrap();
+        // The VM powers off when the test ends; the child needs no reaping.
+        std::mem::forget(child);
+    }
+
+    /// Kills btvirt: its controllers are unregistered from the kernel, as when a controller
+    /// is unplugged.
     fn unplug_controllers() {
-        let pid = std::fs::read_to_string("/run/btvirt.pid").expect("btvirt pid file");
-        let pid = pid.trim();
-        let st = Command::new("kill").args(["-TERM", pid]).status().unwrap();
-        assert!(st.success(), "kill btvirt {pid}");
-        let dead = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            assert!(Instant::now() < dead, "btvirt {pid} did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        stop_service("btvirt");
     }
 
-    /// Starts btvirt again (the same two controllers, as scripts/ble-vm does).
+    /// Starts btvirt again (the same controllers, as scripts/ble-vm does).
     fn plug_controllers() {
-        let log = std::fs::File::create(Path::new(GUEST_SHARE).join("btvirt-2.log")).unwrap();
-        let child = Command::new("btvirt")
-            .arg(format!("-l{}", CONTROLLERS.len()))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start btvirt again");
-        std::fs::write("/run/btvirt.pid", child.id().to_string()).unwrap();
-        // The VM powers off when the test ends; the child needs no reaping.
-        std::mem::forget(child);
+        start_service("btvirt", &[&format!("-l{}", CONTROLLERS.len())]);
     }
 
-    /// Kills the VM's bluetoothd (its pid is in /run/bluetoothd.pid) and starts a new one.
+    /// Kills the VM's bluetoothd and starts a new one.
     fn restart_bluetoothd() {
-        let pid = std::fs::read_to_string("/run/bluetoothd.pid").expect("bluetoothd pid file");
-        let pid = pid.trim();
-        let st = Command::new("kill").args(["-TERM", pid]).status().unwrap();
-        assert!(st.success(), "kill bluetoothd {pid}");
-        let dead = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            assert!(Instant::now() < dead, "bluetoothd {pid} did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let log = std::fs::File::create(Path::new(GUEST_SHARE).join("bluetoothd-2.log")).unwrap();
-        let child = Command::new("bluetoothd")
-            .args(["-n", "-d"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start bluetoothd again");
-        std::fs::write("/run/bluetoothd.pid", child.id().to_string()).unwrap();
-        // The VM powers off when the test ends; the child needs no reaping.
-        std::mem::forget(child);
+        stop_service("bluetoothd");
+        start_service("bluetoothd", &["-n", "-d"]);
     }
 }

@@ -65,6 +65,26 @@ async fn wait_bus_inner(
         .unwrap_or_else(|_| panic!("timed out waiting for bus event: {what}"))
 }
 
+/// Waits for an event of PD `addr` that `pick` accepts and returns what `pick` took from it
+/// (NAKs fail the test, as in [`wait_bus`]).
+async fn wait_pd<T>(
+    rx: &mut broadcast::Receiver<BusEvent>,
+    what: &str,
+    addr: u8,
+    pick: impl Fn(&PdEvent) -> Option<T>,
+) -> T {
+    let ev = wait_bus(
+        rx,
+        what,
+        |e| matches!(e, BusEvent::Pd { addr: a, event } if *a == addr && pick(event).is_some()),
+    )
+    .await;
+    match ev {
+        BusEvent::Pd { event, .. } => pick(&event).expect("accepted above"),
+        _ => unreachable!("only PD events are accepted"),
+    }
+}
+
 fn card(bits: u16, data: &[u8]) -> RawCard {
     RawCard {
         reader: 0,
@@ -165,11 +185,7 @@ async fn pd_comes_online_and_card_reaches_the_cp() {
     }
     assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
 
-    stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join)
-        .await
-        .expect("bus task stops")
-        .expect("no panic");
+    stop(stop_tx, join).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,23 +201,11 @@ async fn led_buzzer_output_are_acked_and_tracked() {
 
     // Permanent green LED.
     cp.send(serde_json::json!({"cmd": "led", "pd": 3, "control_code": 1, "on_color": 2, "on_count": 10}));
-    let ev = wait_bus(&mut events, "LED event", |e| {
-        matches!(
-            e,
-            BusEvent::Pd {
-                addr: 3,
-                event: PdEvent::Led(_)
-            }
-        )
+    let state = wait_pd(&mut events, "LED event", 3, |e| match e {
+        PdEvent::Led(s) => Some(*s),
+        _ => None,
     })
     .await;
-    let BusEvent::Pd {
-        event: PdEvent::Led(state),
-        ..
-    } = ev
-    else {
-        unreachable!()
-    };
     assert_eq!(state.permanent.control, 1);
     assert_eq!(state.permanent.on_color, 2);
     assert_eq!(state.permanent.on_time, 10);
@@ -211,40 +215,20 @@ async fn led_buzzer_output_are_acked_and_tracked() {
         serde_json::json!({"cmd": "led", "pd": 3, "temporary": true, "control_code": 2,
         "on_color": 1, "on_count": 3, "off_count": 3, "timer_count": 20}),
     );
-    let ev = wait_bus(
-        &mut events,
-        "temporary LED",
-        |e| matches!(e, BusEvent::Pd { addr: 3, event: PdEvent::Led(s) } if s.temporary.is_some()),
-    )
+    let state = wait_pd(&mut events, "temporary LED", 3, |e| match e {
+        PdEvent::Led(s) if s.temporary.is_some() => Some(*s),
+        _ => None,
+    })
     .await;
-    let BusEvent::Pd {
-        event: PdEvent::Led(state),
-        ..
-    } = ev
-    else {
-        unreachable!()
-    };
     assert_eq!(state.effective().on_color, 1);
     assert_eq!(state.permanent.on_color, 2);
 
     cp.send(serde_json::json!({"cmd": "buzzer", "pd": 3, "control_code": 2, "on_count": 2, "off_count": 1, "rep_count": 3}));
-    let ev = wait_bus(&mut events, "buzzer event", |e| {
-        matches!(
-            e,
-            BusEvent::Pd {
-                addr: 3,
-                event: PdEvent::Buzzer(_)
-            }
-        )
+    let b = wait_pd(&mut events, "buzzer event", 3, |e| match e {
+        PdEvent::Buzzer(b) => Some(*b),
+        _ => None,
     })
     .await;
-    let BusEvent::Pd {
-        event: PdEvent::Buzzer(b),
-        ..
-    } = ev
-    else {
-        unreachable!()
-    };
     assert_eq!((b.tone, b.on_time, b.off_time, b.count), (2, 2, 1, 3));
 
     cp.send(serde_json::json!({"cmd": "output", "pd": 3, "output_no": 0, "control_code": 2}));
@@ -260,11 +244,7 @@ async fn led_buzzer_output_are_acked_and_tracked() {
     }
     assert!(!cp.went_offline(), "CP dropped the PD: {:#?}", cp.seen);
 
-    stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join)
-        .await
-        .expect("bus task stops")
-        .expect("no panic");
+    stop(stop_tx, join).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,11 +283,7 @@ async fn two_pds_on_one_bus() {
         )
     })
     .await;
-    stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join)
-        .await
-        .expect("bus task stops")
-        .expect("no panic");
+    stop(stop_tx, join).await;
 }
 
 /// xorshift64*: deterministic noise without an extra crate.
@@ -668,9 +644,5 @@ async fn port_missing_then_vanishing_is_retried() {
     let got = cp.wait_for("card after reconnect", |v| v["event"] == "card");
     assert_eq!(got["data"], "55aa5580");
 
-    stop_tx.send(true).unwrap();
-    tokio::time::timeout(STEP_TIMEOUT, join)
-        .await
-        .expect("bus task stops")
-        .expect("no panic");
+    stop(stop_tx, join).await;
 }

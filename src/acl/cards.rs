@@ -47,10 +47,7 @@ impl Store {
 
     /// Number of stored card UIDs.
     pub fn card_uid_count(&self) -> Result<u64, AclError> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM card_uids", [], |r| r.get(0))?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        Ok(self.count("SELECT count(*) FROM card_uids")?)
     }
 }
 
@@ -59,18 +56,9 @@ mod tests {
     use super::*;
     use crate::acl::{CredentialSpec, DenyReason, ImportMode, ENDPOINT_KEY_LEN};
     use crate::card::CardFormat;
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
 
     fn key(seed: u8) -> [u8; ENDPOINT_KEY_LEN] {
-        let mut scalar = [0u8; 32];
-        scalar[0] = 1;
-        scalar[31] = seed;
-        let sk = p256::SecretKey::from_slice(&scalar).unwrap();
-        sk.public_key()
-            .to_encoded_point(false)
-            .as_bytes()
-            .try_into()
-            .unwrap()
+        crate::acl::test_key(seed.into())
     }
 
     fn spec(seed: u8, uids: Vec<Vec<u8>>, doors: &[&str]) -> CredentialSpec {

@@ -123,10 +123,7 @@ impl Store {
 
     /// Number of stored FAST keys (all readers), for status output and tests.
     pub fn fast_key_count(&self) -> Result<u64, AclError> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM fast_keys", [], |r| r.get(0))?;
-        Ok(u64::try_from(n).unwrap_or(0))
+        Ok(self.count("SELECT count(*) FROM fast_keys")?)
     }
 }
 
@@ -135,18 +132,9 @@ mod tests {
     use super::*;
     use crate::acl::{CredentialSpec, ImportMode};
     use crate::card::CardFormat;
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
 
     fn key(seed: u16) -> [u8; ENDPOINT_KEY_LEN] {
-        let mut scalar = [0u8; 32];
-        scalar[0] = 1;
-        scalar[30..].copy_from_slice(&seed.to_be_bytes());
-        let sk = p256::SecretKey::from_slice(&scalar).unwrap();
-        sk.public_key()
-            .to_encoded_point(false)
-            .as_bytes()
-            .try_into()
-            .unwrap()
+        crate::acl::test_key(seed)
     }
 
     fn spec(seed: u16, until: Option<i64>) -> CredentialSpec {

@@ -194,6 +194,12 @@ pub struct LastImport {
 }
 
 impl Store {
+    /// The single number a `SELECT count(...)` query returns.
+    pub(crate) fn count(&self, sql: &str) -> Result<u64, rusqlite::Error> {
+        let n: i64 = self.conn.query_row(sql, [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Opens (creating if missing, with mode 0600 and a 0700 parent directory) and migrates
     /// the database at `path`.
     ///
@@ -396,10 +402,7 @@ impl Store {
 
     /// Counts for status output.
     pub fn stats(&self) -> Result<StoreStats, AclError> {
-        let count = |sql: &str| -> Result<u64, rusqlite::Error> {
-            let n: i64 = self.conn.query_row(sql, [], |r| r.get(0))?;
-            Ok(u64::try_from(n).unwrap_or(0))
-        };
+        let count = |sql: &str| self.count(sql);
         let meta = |key: &str| -> Result<Option<String>, rusqlite::Error> {
             self.conn
                 .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -507,21 +510,27 @@ pub fn fingerprint(endpoint_key: &[u8]) -> String {
     hex::encode(digest.get(..8).unwrap_or_default())
 }
 
+/// A valid endpoint key for tests, the same for the same `seed` (the ACL modules' tests).
+#[cfg(test)]
+pub(crate) fn test_key(seed: u16) -> [u8; ENDPOINT_KEY_LEN] {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let mut scalar = [0u8; 32];
+    scalar[0] = 1;
+    scalar[30..].copy_from_slice(&seed.to_be_bytes());
+    let sk = p256::SecretKey::from_slice(&scalar).expect("nonzero scalar below the order");
+    sk.public_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .try_into()
+        .expect("65-byte uncompressed point")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
 
     fn key(seed: u8) -> [u8; ENDPOINT_KEY_LEN] {
-        let mut scalar = [0u8; 32];
-        scalar[31] = seed;
-        scalar[0] = 1;
-        let sk = p256::SecretKey::from_slice(&scalar).unwrap();
-        sk.public_key()
-            .to_encoded_point(false)
-            .as_bytes()
-            .try_into()
-            .unwrap()
+        test_key(seed.into())
     }
 
     fn spec(seed: u8, doors: &[&str], from: Option<i64>, until: Option<i64>) -> CredentialSpec {

@@ -237,17 +237,15 @@ mod tests {
     //! policy, panel verdict) against the project's BLE phone, without BlueZ (the VM test
     //! `tests/ble_hil.rs` covers the adapter).
     use super::*;
-    use crate::acl::{CredentialSpec, DenyReason, ImportMode, Store};
+    use crate::acl::DenyReason;
     use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
     use crate::ble::Event;
-    use crate::card::{CardFormat, WiegandBits};
+    use crate::card::WiegandBits;
     use crate::config::AuthPolicy;
     use crate::daemon::door::shared_limiter;
     use crate::nfc::ratelimit::RateLimitConfig;
     use crate::sim::ble_phone::{BlePhone, PhoneEvent};
     use crate::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
-    use p256::SecretKey;
-    use rand_core::OsRng;
     use std::path::PathBuf;
     use std::sync::Mutex;
     use tokio::sync::oneshot;
@@ -276,46 +274,11 @@ mod tests {
         }
     }
 
-    struct Rig {
-        _dir: tempfile::TempDir,
-        identity: Arc<ReaderIdentity>,
-        store: StoreHandle,
-        phone_key: SecretKey,
-    }
+    /// The NFC tap tests' store and reader: one enrolled phone at door "front".
+    type Rig = crate::daemon::tap::tests::Setup;
 
     fn rig() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("k.db");
-        let phone_key = SecretKey::random(&mut OsRng);
-        let spec = CredentialSpec {
-            line: 1,
-            endpoint_key: phone_key
-                .public_key()
-                .to_sec1_bytes()
-                .as_ref()
-                .try_into()
-                .unwrap(),
-            person_id: "p-1".into(),
-            card_format: CardFormat::H10301,
-            facility_code: 1,
-            card_number: 2,
-            valid_from: None,
-            valid_until: None,
-            doors: vec!["front".into()],
-            card_uids: Vec::new(),
-        };
-        Store::open(&db)
-            .unwrap()
-            .import_specs(&[spec], ImportMode::Replace, "test")
-            .unwrap();
-        let (store, _thread) = StoreHandle::open(&db).unwrap();
-        let identity = ReaderIdentity::new([1; 16], [2; 16], SecretKey::random(&mut OsRng));
-        Rig {
-            _dir: dir,
-            identity: Arc::new(identity),
-            store,
-            phone_key,
-        }
+        crate::daemon::tap::tests::setup(None, None, "front")
     }
 
     fn handler(r: &Rig, sensitive: bool, panel: Panel) -> Handler<Panel> {
@@ -347,7 +310,11 @@ mod tests {
         };
         Handler {
             door: Arc::new(door),
-            identity: r.identity.clone(),
+            identity: Arc::new(ReaderIdentity::new(
+                r.identity.group_id,
+                r.identity.sub_id,
+                r.identity.private_key.clone(),
+            )),
             store: r.store.clone(),
             ble: Arc::new(DoorBle {
                 enabled: true,
@@ -371,7 +338,7 @@ mod tests {
             group_id: [1; 16],
             reader_group_key: r.identity.private_key.public_key(),
         };
-        let mut cfg = EndpointConfig::new(r.phone_key.clone(), vec![cred]);
+        let mut cfg = EndpointConfig::new(r.enrolled.clone(), vec![cred]);
         cfg.signaling_bitmap = signaling_bitmap;
         let mut phone = BlePhone::new(cfg, Box::new(OsRandom), BleVersions::default());
         let now = Instant::now();
@@ -470,7 +437,7 @@ mod tests {
         // A failure (no user verification at a sensitive door), reported as the adapter does.
         let (_, v) = connect(&h, &r, 0).await;
         let key: [u8; 65] = r
-            .phone_key
+            .enrolled
             .public_key()
             .to_sec1_bytes()
             .as_ref()

@@ -469,7 +469,7 @@ pub fn apply_door_policy(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::acl::{CredentialSpec, ImportMode, Store};
     use crate::card::CardFormat;
@@ -500,20 +500,25 @@ mod tests {
         }
     }
 
-    struct Setup {
-        _dir: tempfile::TempDir,
-        store: StoreHandle,
-        identity: ReaderIdentity,
-        enrolled: SecretKey,
+    /// A store with one enrolled phone (H10304 300/70000, person p-7) at `door`, and a reader.
+    /// Also used by the BLE handler's tests (`daemon::ble`).
+    pub(crate) struct Setup {
+        pub(crate) _dir: tempfile::TempDir,
+        pub(crate) store: StoreHandle,
+        pub(crate) identity: ReaderIdentity,
+        pub(crate) enrolled: SecretKey,
     }
 
-    fn setup(valid_from: Option<i64>, valid_until: Option<i64>, door: &str) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("k.db");
-        let enrolled = SecretKey::random(&mut OsRng);
-        let spec = CredentialSpec {
+    /// The enrolled phone's credential.
+    fn spec(
+        key: &SecretKey,
+        door: &str,
+        valid: (Option<i64>, Option<i64>),
+        card_uids: Vec<Vec<u8>>,
+    ) -> CredentialSpec {
+        CredentialSpec {
             line: 1,
-            endpoint_key: enrolled
+            endpoint_key: key
                 .public_key()
                 .to_sec1_bytes()
                 .as_ref()
@@ -523,11 +528,18 @@ mod tests {
             card_format: CardFormat::H10304,
             facility_code: 300,
             card_number: 70_000,
-            valid_from,
-            valid_until,
+            valid_from: valid.0,
+            valid_until: valid.1,
             doors: vec![door.into()],
-            card_uids: Vec::new(),
-        };
+            card_uids,
+        }
+    }
+
+    pub(crate) fn setup(valid_from: Option<i64>, valid_until: Option<i64>, door: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        let enrolled = SecretKey::random(&mut OsRng);
+        let spec = spec(&enrolled, door, (valid_from, valid_until), Vec::new());
         Store::open(&db)
             .unwrap()
             .import_specs(&[spec], ImportMode::Replace, "test")
@@ -811,24 +823,7 @@ mod tests {
         let uid = [0x04, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66];
         // Give the enrolled credential a card (merge keeps the phone key).
         let mut store = Store::open(&s._dir.path().join("k.db")).unwrap();
-        let spec = CredentialSpec {
-            line: 1,
-            endpoint_key: s
-                .enrolled
-                .public_key()
-                .to_sec1_bytes()
-                .as_ref()
-                .try_into()
-                .unwrap(),
-            person_id: "p-7".into(),
-            card_format: CardFormat::H10304,
-            facility_code: 300,
-            card_number: 70_000,
-            valid_from: None,
-            valid_until: None,
-            doors: vec!["front".into()],
-            card_uids: vec![uid.to_vec()],
-        };
+        let spec = spec(&s.enrolled, "front", (None, None), vec![uid.to_vec()]);
         store.import_specs(&[spec], ImportMode::Merge, "t").unwrap();
 
         let (r, cards) = card_tap(&s, &uid, true).await;
