@@ -20,7 +20,7 @@ use keyway::serial::{spawn_bus, BusConfig};
 
 #[path = "../tests/support/mod.rs"]
 mod support;
-use support::{python_with_libosdp, try_socat, KillOnDrop};
+use support::{python, require_socat, try_socat, KillOnDrop};
 
 /// Rounds per measurement under `cargo bench`; `cargo test --benches` runs a short smoke pass.
 const ROUNDS: usize = 2000;
@@ -182,19 +182,15 @@ fn main() {
         eprintln!("osdp_latency: no progress for 300 s, giving up");
         std::process::exit(2);
     });
-    let Some(py) = python_with_libosdp() else {
-        eprintln!("osdp_latency: no python with libosdp (run scripts/setup or set KEYWAY_PYTHON)");
-        return;
-    };
+    // A missing peer fails the run (also under `cargo test --all-targets`), as the HIL tests do.
+    let py = python();
     let dir = tempfile::tempdir().expect("tempdir");
 
     // keyway: the real serial adapter on a tokio runtime.
     let k = dir.path().join("k");
     std::fs::create_dir(&k).expect("dir");
-    let Some((_socat_k, pd_k, cp_k)) = socat(&k) else {
-        eprintln!("osdp_latency: socat not available");
-        return;
-    };
+    require_socat();
+    let (_socat_k, pd_k, cp_k) = socat(&k).expect("socat pty pair");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut cfg = PdConfig::new(1);

@@ -47,51 +47,25 @@ fn str_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }
 
-/// Why a file is not run as a reader-under-test scenario, or None to run it.
-fn skip_reason(name: &str, doc: &Value) -> Option<String> {
-    if name == "neg_control_flow_with_le.json" {
-        return Some(
-            "exhibits a kormax reader defect (CONTROL FLOW with Le=00 after a FAST AUTH0) that the \
-             endpoint rejects; this reader never puts Le on CONTROL FLOW (see \
-             neg_fast_no_match_control_flow_abort, unit test \
-             unsupported_version_sends_control_flow_without_le)"
-                .into(),
-        );
-    }
-    let later = [("ble_", "BLE transport")];
-    for (prefix, feature) in later {
-        if name.starts_with(prefix) {
-            return Some(format!("{feature} is a later feature of the reader core"));
-        }
-    }
-    let p = &doc["parameters"];
-    if str_field(p, "auth0_command_parameters_tag41").is_some_and(|v| v != "00" && v != "01") {
-        return Some("unknown AUTH0 command parameters".into());
-    }
-    if str_field(p, "interface_byte").is_some_and(|v| !v.eq_ignore_ascii_case("5E")) {
-        return Some("non-NFC interface (later feature)".into());
-    }
-    let supported = [
-        "SELECT",
-        "AUTH0",
-        "LOAD CERT",
-        "AUTH1",
-        "EXCHANGE",
-        "CONTROL FLOW",
-        "ENVELOPE",
-        "GET RESPONSE",
-    ];
-    if let Some(steps) = doc["steps"].as_array() {
-        if let Some(cmd) = steps
-            .iter()
-            .filter_map(|s| str_field(s, "command"))
-            .find(|c| !supported.contains(c))
-        {
-            return Some(format!("uses {cmd} (later feature)"));
-        }
-    }
-    None
-}
+/// The vector files that are not run as reader-under-test scenarios here, each with its reason.
+/// Pinned: a new vector file runs (and must pass) unless it is added here on purpose, and a
+/// pinned name that no longer exists fails the test, so nothing is skipped silently.
+const PINNED_SKIPS: &[(&str, &str)] = &[
+    (
+        "ble_standard_expedited.json",
+        "BLE transport: checked byte for byte by tests/ble_vectors.rs",
+    ),
+    (
+        "neg_control_flow_with_le.json",
+        "exhibits a kormax reader defect (CONTROL FLOW with Le=00 after a FAST AUTH0) that the \
+         endpoint rejects; this reader never puts Le on CONTROL FLOW (see \
+         neg_fast_no_match_control_flow_abort, unit test \
+         unsupported_version_sends_control_flow_without_le)",
+    ),
+];
+
+/// Files of the vectors folder that hold no scenario.
+const NOT_SCENARIOS: &[&str] = &["index.json", "reference_constants.json"];
 
 /// FAST configuration of a scenario that requests FAST (AUTH0 tag 41 = 01): every Kpersistent
 /// the file says the reader holds, bound to the endpoint key of the file. The no-match policy
@@ -686,25 +660,32 @@ fn reader_matches_reference_vectors() {
     let mut skipped = BTreeMap::new();
     for path in &files {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name == "index.json" || name == "reference_constants.json" {
+        if NOT_SCENARIOS.contains(&name.as_str()) {
             continue;
         }
         let text = std::fs::read_to_string(path).unwrap();
         let doc: Value =
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: invalid JSON: {e}"));
-        if doc.get("steps").is_none() {
-            skipped.insert(name, "not a scenario (no steps)".to_string());
-            continue;
-        }
-        match skip_reason(&name, &doc) {
-            Some(reason) => {
-                skipped.insert(name, reason);
+        assert!(
+            doc.get("steps").is_some(),
+            "{name}: not a scenario (no steps); list it in NOT_SCENARIOS if that is intended"
+        );
+        match PINNED_SKIPS.iter().find(|(n, _)| *n == name) {
+            Some((_, reason)) => {
+                skipped.insert(name, reason.to_string());
             }
             None => {
                 let log = run_scenario(&name, &doc);
                 ran.insert(name, log);
             }
         }
+    }
+    for (pinned, _) in PINNED_SKIPS {
+        assert!(
+            skipped.contains_key(*pinned),
+            "{pinned} is pinned as skipped but is not in {}: update PINNED_SKIPS",
+            dir.display()
+        );
     }
 
     for (name, log) in &ran {

@@ -168,6 +168,42 @@ mod tests {
         assert!(Advertisement::parse(&b[..23]).is_err());
     }
 
+    /// The bytes aliro-access-control/aliro-actuator's reader (the Aliro reference
+    /// implementation, `hw_driver/murata_driver`) puts on the air, written out by hand from its
+    /// source rather than produced by our own encoder: the reader characteristic is
+    /// `spsm || 02 01 00` (SPSM big-endian, one version 0100), and the service data of FFF2 is
+    /// `(notification << 3 | version) || tx power || group[..8] || sub[..2] || dynamic-tag
+    /// timestamp (4) || RFU (1) || dynamic tag (7)`. keyway does not rotate the dynamic tag yet
+    /// (docs/ble.md), so its last 12 bytes are zero where the reference has timestamp and tag.
+    #[test]
+    fn layouts_match_the_reference_readers_bytes() {
+        let reader = ReaderInfo {
+            spsm: DEFAULT_SPSM,
+            versions: vec![crate::ble::BLE_PROTOCOL_VERSION],
+        };
+        assert_eq!(reader.encode().unwrap(), [0x00, 0x80, 0x02, 0x01, 0x00]);
+
+        let group: [u8; 16] = core::array::from_fn(|i| 0xA0 + i as u8);
+        let sub: [u8; 16] = core::array::from_fn(|i| 0xB0 + i as u8);
+        let reference: [u8; 24] = [
+            0x00, // notification 0, advertisement version 0
+            0x00, // tx power 0 dBm
+            0xA0, 0xA1, 0xA2, 0xA3, 0xA4, 0xA5, 0xA6, 0xA7, // reader group identifier[..8]
+            0xB0, 0xB1, // reader group sub-identifier[..2]
+            0x7A, 0x4B, 0x85, 0x00, // dynamic tag timestamp (the reference's default)
+            0x00, // RFU
+            0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, // dynamic tag
+        ];
+        let ours = Advertisement::new(&group, &sub, 0).encode();
+        assert_eq!(ours.len(), reference.len());
+        assert_eq!(ours[..12], reference[..12], "flags, tx power, group, sub");
+        assert_eq!(ours[12..], [0u8; 12], "timestamp, RFU and tag not set yet");
+        // What a phone does with the reference reader's advertisement: parse and match it.
+        let theirs = Advertisement::parse(&reference).unwrap();
+        assert!(theirs.matches_group(&group));
+        assert_eq!(theirs.sub_prefix, [0xB0, 0xB1]);
+    }
+
     #[test]
     fn service_uuid_is_the_16_bit_fff2() {
         assert_eq!(
