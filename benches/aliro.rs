@@ -3,6 +3,8 @@
 //! project's phone emulator and replayed, so each iteration is only the reader's real work.
 //!
 //! Run: `cargo bench --bench aliro`. Results: docs/benchmarks.md.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use keyway::aliro::crypto::SymmetricKey;

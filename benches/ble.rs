@@ -6,6 +6,8 @@
 //! `aliro_reader_standard_transaction` (the same over NFC) in `benches/aliro.rs`.
 //!
 //! Run: `cargo bench --bench ble`. Results: docs/benchmarks.md.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::time::{Duration, Instant};
 

@@ -7,6 +7,8 @@
 //! Run: `cargo bench --bench osdp_latency` (needs socat and the venv with libosdp, as the
 //! interop tests do; prints what is missing otherwise). Prints median/p90/p99 per PD for a
 //! plaintext POLL and a secure-channel POLL. Results: docs/benchmarks.md. Never asserted.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};

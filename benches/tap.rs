@@ -4,6 +4,8 @@
 //! (ECDH, X9.63, HKDF, AES-GCM, both ECDSA operations) on every iteration.
 //!
 //! Run: `cargo bench --bench tap`. Results: docs/benchmarks.md.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::time::Instant;
 

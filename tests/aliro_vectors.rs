@@ -6,6 +6,8 @@
 //! Nothing from the vector files is hard-coded here: another set with the same layout (other
 //! keys) must pass too. Scenarios of features the reader does not implement yet are skipped by
 //! name with a printed reason; the test fails if no scenario ran.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

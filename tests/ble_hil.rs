@@ -25,6 +25,8 @@
 //!
 //! One VM boot per run; every scenario runs inside it. Fails (never skips) when qemu or bluez
 //! are missing. Waits are bounded; no timing is asserted (timings are printed).
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod support;
 

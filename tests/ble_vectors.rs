@@ -5,6 +5,8 @@
 //! Everything is read from `$ALIRO_VECTORS_DIR` (default `tests/vectors/aliro`) at run time:
 //! keys, identifiers, randomness, every frame. Nothing from the file is written here, so a set
 //! with other keys and the same layout must pass too.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
 //! The `keyway` binary as an installer uses it: check-config, acl import, events, version.
 //! Broken input must give a clear message and a non-zero exit, never a panic.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,8 @@
 //!
 //! Needs `pcscd` and `vsmartcard-vpcd` (installed by `scripts/setup`); fails, never skips,
 //! when they are missing.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::io::Write;
 use std::net::SocketAddr;

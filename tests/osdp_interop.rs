@@ -6,6 +6,8 @@
 //! message saying what to install; nothing is skipped silently.
 //!
 //! Every assertion waits with a timeout for something to happen; none measures time.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod support;
 

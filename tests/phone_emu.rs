@@ -8,6 +8,8 @@
 //!
 //! A second part drives the same transcript through the vpcd client over a real TCP socket,
 //! with this test playing vpcd.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::path::PathBuf;
 use std::time::Duration;

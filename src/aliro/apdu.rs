@@ -110,29 +110,31 @@ impl CommandApdu {
     /// Parses a C-APDU (endpoint side): cases 1, 2, 3 and 4 in short and extended form.
     pub fn parse(bytes: &[u8]) -> Result<Self, ApduError> {
         let len = bytes.len();
-        let (header, body) = match (bytes.get(..4), bytes.get(4..)) {
-            (Some(h), Some(b)) => (h, b),
-            _ => return Err(ApduError::ShortCommand { len }),
+        let ([cla, ins, p1, p2], body) = match bytes.split_first_chunk::<4>() {
+            Some((h, b)) => (*h, b),
+            None => return Err(ApduError::ShortCommand { len }),
         };
-        let mut cmd = Self::new(header[0], header[1], header[2], header[3]);
+        let mut cmd = Self::new(cla, ins, p1, p2);
         let bad = ApduError::BadCommandLength { len };
         match body {
             [] => {}
             // Case 2S: Le only.
             [le] => cmd.le = Some(short_ne(*le)),
-            [0x00, rest @ ..] if rest.len() >= 2 => {
+            [0x00, hi, lo, after @ ..] => {
                 // Extended: 00 then either Le(2) or Lc(2) data [Le(2)].
-                let n = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
-                let after = &rest[2..];
+                let n = usize::from(u16::from_be_bytes([*hi, *lo]));
                 if after.is_empty() {
                     cmd.le = Some(extended_ne(n));
                 } else {
                     if n == 0 {
                         return Err(bad);
                     }
-                    let data = after.get(..n).ok_or(bad.clone())?;
+                    if after.len() < n {
+                        return Err(bad);
+                    }
+                    let (data, tail) = after.split_at(n);
                     cmd.data = data.to_vec();
-                    match &after[n..] {
+                    match tail {
                         [] => {}
                         [a, b] => {
                             cmd.le = Some(extended_ne(usize::from(u16::from_be_bytes([*a, *b]))))
@@ -146,9 +148,12 @@ impl CommandApdu {
                 if n == 0 {
                     return Err(bad);
                 }
-                let data = rest.get(..n).ok_or(bad.clone())?;
+                if rest.len() < n {
+                    return Err(bad);
+                }
+                let (data, tail) = rest.split_at(n);
                 cmd.data = data.to_vec();
-                match &rest[n..] {
+                match tail {
                     [] => {}
                     [le] => cmd.le = Some(short_ne(*le)),
                     _ => return Err(bad),
@@ -186,11 +191,12 @@ impl<'a> ResponseApdu<'a> {
     /// Splits an R-APDU; fewer than two bytes means the card is gone.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ApduError> {
         let len = bytes.len();
-        let split = len.checked_sub(2).ok_or(ApduError::ShortResponse { len })?;
-        let (data, sw) = bytes.split_at(split);
+        let (data, sw) = bytes
+            .split_last_chunk::<2>()
+            .ok_or(ApduError::ShortResponse { len })?;
         Ok(Self {
             data,
-            sw: u16::from_be_bytes([sw[0], sw[1]]),
+            sw: u16::from_be_bytes(*sw),
         })
     }
 

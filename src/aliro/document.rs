@@ -159,7 +159,7 @@ pub fn issuer_key_id(key: &PublicKey) -> [u8; 8] {
     h.update(crate::aliro::crypto::public_key_sec1(key));
     let d = h.finalize();
     let mut id = [0u8; 8];
-    id.copy_from_slice(&d[..8]);
+    id.iter_mut().zip(d.iter()).for_each(|(o, i)| *o = *i);
     id
 }
 

@@ -1178,7 +1178,10 @@ fn parse_fci(data: &[u8]) -> Result<Fci, AliroError> {
     }
     Ok(Fci {
         raw: a5.raw.to_vec(),
-        versions: versions.chunks_exact(2).map(|c| [c[0], c[1]]).collect(),
+        versions: versions
+            .chunks_exact(2)
+            .filter_map(|c| <[u8; 2]>::try_from(c).ok())
+            .collect(),
     })
 }
 

@@ -61,7 +61,10 @@ impl ReaderInfo {
         }
         Ok(Self {
             spsm: u16::from_be_bytes([hi, lo]),
-            versions: body.chunks_exact(2).map(|c| [c[0], c[1]]).collect(),
+            versions: body
+                .chunks_exact(2)
+                .filter_map(|c| <[u8; 2]>::try_from(c).ok())
+                .collect(),
         })
     }
 }

@@ -878,7 +878,7 @@ fn glob_match(p: &[u8], s: &[u8]) -> bool {
                 star = Some((pi, si));
                 pi += 1;
             }
-            Some(&c) if c == s[si] => {
+            Some(&c) if Some(&c) == s.get(si) => {
                 pi += 1;
                 si += 1;
             }
@@ -892,7 +892,7 @@ fn glob_match(p: &[u8], s: &[u8]) -> bool {
             },
         }
     }
-    p[pi.min(p.len())..].iter().all(|&c| c == b'*')
+    p.get(pi..).unwrap_or_default().iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]

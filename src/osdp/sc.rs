@@ -246,9 +246,10 @@ impl SessionKeys {
                 self.mac1.encrypt(&mut b);
                 state = b;
             } else {
-                last[..chunk.len()].copy_from_slice(chunk);
-                if chunk.len() < BLOCK {
-                    last[chunk.len()] = PAD_MARKER;
+                last.iter_mut().zip(chunk).for_each(|(o, i)| *o = *i);
+                // A short last block is padded with 0x80 then zeros (none when it is full).
+                if let Some(pad) = last.get_mut(chunk.len()) {
+                    *pad = PAD_MARKER;
                 }
                 last_set = true;
             }

@@ -116,7 +116,10 @@ impl EndpointConfig {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(public_key_sec1(&long_term_key.public_key()));
         let mut key_slot = [0u8; 8];
-        key_slot.copy_from_slice(&digest[..8]);
+        key_slot
+            .iter_mut()
+            .zip(digest.iter())
+            .for_each(|(o, i)| *o = *i);
         Self {
             long_term_key,
             credentials,
