@@ -648,3 +648,183 @@ async fn port_missing_then_vanishing_is_retried() {
 
     stop(stop_tx, join).await;
 }
+
+/// Issue 11, defect 2: under an enforced secure channel a clear osdp_COMSET (anyone on the
+/// line could send one) is refused with NAK 0x06: the PD stays at its address and nothing is
+/// persisted. Raw bytes written on the CP side while no CP is attached; then libosdp's CP
+/// (enforced secure) still comes up at the old address and can move the PD from inside the
+/// session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_comset_is_refused_under_an_enforced_secure_channel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_serial::SerialPortBuilderExt;
+
+    let pty = pty_pair();
+    let dir = tempfile::tempdir().unwrap();
+    let com_file = dir.path().join("bus.com.json");
+    let mut cfg = bus_config(&pty.pd, vec![secure_pd(1, Some(scbk()), false)]);
+    cfg.com_file = Some(com_file.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) = spawn_bus(cfg, stop_rx).unwrap();
+    wait_bus(&mut events, "port opened", |e| {
+        matches!(e, BusEvent::PortOpened { .. })
+    })
+    .await;
+    // Keeps the CP side open between the raw writer and the CP (socat ends the pair when
+    // a side's last reader closes).
+    let _hold = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pty.cp)
+        .expect("hold pty");
+
+    // osdp_COMSET to address 1 in clear: new address 5, 9600 baud (SQN 0, CRC-16/AUG-CCITT).
+    let mut comset = vec![
+        0x53, 0x01, 0x0D, 0x00, 0x04, 0x6E, 0x05, 0x80, 0x25, 0x00, 0x00,
+    ];
+    comset.extend_from_slice(&crc16_aug_ccitt(&comset).to_le_bytes());
+    // The reply: osdp_NAK 0x06 from address 1 (0x81), in clear.
+    let mut nak = vec![0x53, 0x81, 0x09, 0x00, 0x04, 0x41, 0x06];
+    nak.extend_from_slice(&crc16_aug_ccitt(&nak).to_le_bytes());
+
+    let mut line = tokio_serial::new(pty.cp.display().to_string(), 115_200)
+        .open_native_async()
+        .expect("open CP side");
+    AsyncWriteExt::write_all(&mut line, &comset).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(STEP_TIMEOUT, async {
+        let mut buf = [0u8; 64];
+        while got.len() < nak.len() {
+            let n = line.read(&mut buf).await.expect("read reply");
+            got.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no reply to the clear COMSET; got {got:02x?}"));
+    assert_eq!(got, nak, "reply to a clear COMSET");
+    drop(line);
+    wait_bus_naks_ok(&mut events, "NAK 0x06 to the clear COMSET", |e| {
+        is_pd(e, 1, |p| {
+            *p == PdEvent::NakSent {
+                command: 0x6E,
+                code: keyway::osdp::NakCode::ScConditions,
+            }
+        })
+    })
+    .await;
+    assert!(!com_file.exists(), "a clear COMSET was persisted");
+
+    // libosdp's CP, enforcing the secure channel, finds the PD where it was.
+    let mut cp = Cp::start_with(&pty.cp, &[1], &["--scbk", SCBK_HEX, "--enforce-secure"]);
+    let online = cp.wait_online(1);
+    assert_eq!(online["sc"], true, "{online}");
+    // COMSET inside the session is applied and persisted.
+    cp.send(serde_json::json!({"cmd": "comset", "pd": 1, "address": 5, "baud_rate": 115200}));
+    wait_bus(&mut events, "COMSET applied in the session", |e| {
+        is_pd(e, 1, |p| {
+            *p == PdEvent::ComSetApplied {
+                address: 5,
+                baud: 115_200,
+            }
+        })
+    })
+    .await;
+    let done = cp.wait_for("COMSET completion", |v| v["event"] == "completed");
+    assert_eq!(done["status"], 0, "{done}");
+    let stored = keyway::serial::load_com_settings(&com_file).unwrap();
+    assert_eq!(stored.get(&1).map(|c| c.address), Some(5));
+    drop(cp);
+    drop(handle);
+    stop(stop_tx, join).await;
+}
+
+/// CRC-16/AUG-CCITT (poly 0x1021, init 0x1D0F) as OSDP uses it, written out here so the raw
+/// packets above do not depend on keyway's own encoder.
+fn crc16_aug_ccitt(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0x1D0F;
+    for &b in bytes {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// Issue 11, defect 4: PyPI `osdp` 1.6, a second independent CP, asks for SCBK-D in every
+/// osdp_CHLNG. keyway holds its own key (derived by that CP from its master key and keyway's
+/// cUID) and is not in install mode: it answers with that key, as libosdp's PD does, and the
+/// session comes up; a card then reaches the panel through it. SCBK-D is never accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panel_asking_for_scbk_d_gets_a_session_with_the_installed_key() {
+    const MASTER_KEY: &str = "000102030405060708090a0b0c0d0e0f";
+    let mut pd = secure_pd(1, None, false);
+    pd.identity.vendor_code = 0x5A_4B_3C;
+    pd.identity.model = 7;
+    pd.identity.serial = 0x0102_0304;
+    // cUID: vendor code (3, LE), model, serial (4, LE).
+    let cuid = "3c4b5a0704030201";
+    let out = std::process::Command::new(support::python_osdp16())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/osdp16_cp.py"))
+        .args(["--derive-scbk", "--master-key", MASTER_KEY, "--cuid", cuid])
+        .output()
+        .expect("run osdp16_cp.py --derive-scbk");
+    assert!(out.status.success(), "{out:?}");
+    let key = hex::decode(String::from_utf8_lossy(&out.stdout).trim()).expect("hex key");
+    pd.secure = Some(SecureConfig {
+        scbk: Some(Scbk::from_slice(&key).expect("16-byte key")),
+        install_mode: false,
+        enforce_secure: true,
+    });
+
+    let pty = pty_pair();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (handle, mut events, join) = spawn_bus(bus_config(&pty.pd, vec![pd]), stop_rx).unwrap();
+    let mut cp = Cp::start_osdp16(&pty.cp, 1, MASTER_KEY);
+    // Its first POLL carries a security block without a session: NAK 0x06, as from libosdp.
+    let up = wait_bus_naks_ok(&mut events, "secure channel up", |e| {
+        is_pd(e, 1, |p| matches!(p, PdEvent::SecureChannelUp { .. }))
+    })
+    .await;
+    assert!(
+        is_pd(&up, 1, |p| *p
+            == PdEvent::SecureChannelUp { install_key: false }),
+        "{up:?}"
+    );
+    cp.wait_for("sc active at the CP", |v| {
+        v["event"] == "sc" && v["active"] == true
+    });
+
+    let data = vec![0x6B, 0x1D, 0x2C, 0x40];
+    handle.send_card(1, card(26, &data)).await.unwrap();
+    let got = cp.wait_for("card through the session", |v| v["event"] == "card");
+    assert_eq!(
+        (got["bits"].as_u64(), got["data"].as_str()),
+        (Some(26), Some("6b1d2c40"))
+    );
+    wait_pd(&mut events, "card delivered", 1, |p| match p {
+        PdEvent::CardDelivered(c) if c.data == data => Some(()),
+        _ => None,
+    })
+    .await;
+    // One session, with the installed key, kept: never SCBK-D, no handshake loop, no NAK
+    // after the session came up (wait_pd above fails on one).
+    drop(cp);
+    drop(handle);
+    stop(stop_tx, join).await;
+    let mut ups = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        if let BusEvent::Pd {
+            event: e @ PdEvent::SecureChannelUp { .. },
+            ..
+        } = ev
+        {
+            ups.push(e);
+        }
+    }
+    assert!(ups.is_empty(), "handshakes after the first: {ups:?}");
+}

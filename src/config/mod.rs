@@ -282,7 +282,7 @@ pub struct DoorOsdp {
     /// Accept the default key SCBK-D until the panel installs a key (default false).
     #[serde(default)]
     pub install_mode: bool,
-    /// Answer only ID, CAP, COMSET and the handshake outside a secure session (default false).
+    /// Outside a secure session answer only ID, CAP and the handshake in clear (default false).
     #[serde(default)]
     pub enforce_secure: bool,
     /// How long after a card is delivered the panel's LED/buzzer commands count as its

@@ -42,8 +42,9 @@ pub struct SecureConfig {
     /// Accept handshakes with SCBK-D (the published default key) until an osdp_KEYSET
     /// installs a key; afterwards SCBK-D is refused.
     pub install_mode: bool,
-    /// Outside a secure session, answer only ID, CAP, COMSET and the handshake; every other
-    /// command gets NAK 0x06.
+    /// Outside a secure session, answer only ID, CAP and the handshake in clear; every other
+    /// command (a clear COMSET too) gets NAK 0x06. Inside a session nothing clear is accepted,
+    /// enforced or not.
     pub enforce_secure: bool,
 }
 
@@ -82,6 +83,9 @@ pub enum ScEndReason {
     BadMac,
     /// osdp_KEYSET installed a new key; the CP must handshake again with it.
     KeyChanged,
+    /// A command arrived in clear during the session (a CP that lost the session, or
+    /// someone else on the line): refused, and the session is over.
+    PlainCommand,
 }
 
 /// Secure-channel state of one PD.
@@ -760,11 +764,19 @@ impl Pd {
         };
         match frame.scb.as_deref() {
             None => {
-                let clear_ok = matches!(
-                    frame.code,
-                    command::code::ID | command::code::CAP | command::code::COMSET
-                );
-                if !clear_ok && (enforce || self.secure_session()) {
+                if self.secure_session() {
+                    // Nothing clear inside a session (libosdp's PD: "plain-text message in
+                    // SC", NAK 0x06). It comes from a CP that lost the session or from
+                    // someone else on the line; either way the session is over (in libosdp
+                    // the MAC chains part here), so end it and say so.
+                    self.end_session(ScEndReason::PlainCommand);
+                    return nak(NakCode::ScConditions);
+                }
+                // Enforced: only what the handshake needs may be clear (libosdp: ID, CAP,
+                // CHLNG, SCRYPT; the last two carry their own security blocks, below). Not
+                // COMSET: anyone on the line could readdress the reader, durably.
+                let clear_ok = matches!(frame.code, command::code::ID | command::code::CAP);
+                if enforce && !clear_ok {
                     return nak(NakCode::ScConditions);
                 }
                 match command::parse(frame.code, &frame.data) {
@@ -786,8 +798,8 @@ impl Pd {
         }
     }
 
-    /// osdp_CHLNG → osdp_CCRYPT.
-    fn challenge(&mut self, data: &[u8], default_key: bool) -> (Reply, Wrap) {
+    /// osdp_CHLNG → osdp_CCRYPT. `asks_default`: the CP asked for SCBK-D (key byte 0).
+    fn challenge(&mut self, data: &[u8], asks_default: bool) -> (Reply, Wrap) {
         let nak = |c| (Reply::Nak(c), Wrap::Plain);
         let cp_random = match command::parse(command::code::CHLNG, data) {
             Ok(Command::Challenge(r)) => r,
@@ -795,11 +807,12 @@ impl Pd {
             Err(e) => return nak(e.nak()),
         };
         self.end_session(ScEndReason::Restart);
+        // SCBK-D only in install mode. Outside it, a request for SCBK-D is answered with the
+        // installed key and CCRYPT says so (key byte 1), as libosdp's PD does: some CPs
+        // (PyPI `osdp` 1.6) ask for SCBK-D in every CHLNG but follow the PD's answer; a
+        // CP that really holds only SCBK-D fails the cryptogram check at SCRYPT.
+        let default_key = asks_default && self.install_mode;
         let key = if default_key {
-            // SCBK-D only in install mode: once a key is installed it is refused.
-            if !self.install_mode {
-                return nak(NakCode::ScConditions);
-            }
             Scbk::default_key()
         } else {
             // No key yet: NAK makes libosdp's CP retry with SCBK-D (install mode).
@@ -1813,7 +1826,7 @@ mod tests {
     }
 
     #[test]
-    fn enforce_secure_answers_only_id_cap_comset_and_handshake_in_clear() {
+    fn enforce_secure_answers_only_id_cap_and_handshake_in_clear() {
         let (mut pd, _) = secure_pd(Some(KEY), false, true);
         let now = Instant::now();
         assert_eq!(run(&mut pd, cmd(0, 0x61, &[0]), now).code, rc::PDID);
@@ -1822,15 +1835,23 @@ mod tests {
             (2u8, 0x60u8, vec![]),
             (3, 0x64, vec![]),
             (1, 0x69, led_data(0, 0, 1, 2)),
+            // A clear COMSET would let anyone on the line readdress the reader.
+            (2, 0x6E, vec![7, 0x80, 0x25, 0x00, 0x00]),
         ] {
             let r = run(&mut pd, cmd(sqn, code, &data), now);
             assert_eq!((r.code, r.data), (rc::NAK, vec![0x06]), "code {code:#04x}");
         }
-        // COMSET is allowed in clear.
-        let r = run(&mut pd, cmd(2, 0x6E, &[ADDR, 0x00, 0xC2, 0x01, 0x00]), now);
-        assert_eq!(r.code, 0x54);
+        assert_eq!((pd.bus_address(), pd.config().baud), (ADDR, 115_200));
+        assert!(!events(&mut pd)
+            .iter()
+            .any(|e| matches!(e, PdEvent::ComSetApplied { .. })));
+        // Broadcast COMSET too.
+        let mut f = cmd(3, 0x6E, &[7, 0x80, 0x25, 0x00, 0x00]);
+        f.addr_byte = BROADCAST_ADDR;
+        assert_eq!(run(&mut pd, f, now).data, vec![0x06]);
+        assert_eq!(pd.bus_address(), ADDR);
         // CHLNG without its security block is refused.
-        let r = run(&mut pd, cmd(3, 0x76, &[1; 8]), now);
+        let r = run(&mut pd, cmd(1, 0x76, &[1; 8]), now);
         assert_eq!(r.data, vec![0x06]);
         // Without enforcement, plaintext POLL is fine while no session exists...
         let (mut lax, _) = secure_pd(Some(KEY), false, false);
@@ -1839,6 +1860,108 @@ mod tests {
         let _cp = handshake(&mut lax, &Scbk::new(KEY), false, now);
         let r = run(&mut lax, cmd(2, 0x60, &[]), now);
         assert_eq!((r.code, r.data), (rc::NAK, vec![0x06]));
+    }
+
+    #[test]
+    fn nothing_clear_is_accepted_inside_a_session() {
+        let now = Instant::now();
+        // Enforced or not: once a session is up, a clear command (even ID, CAP, COMSET) is
+        // refused with NAK 0x06 in clear and ends the session, as libosdp's PD does.
+        for enforce in [true, false] {
+            for (code, data) in [
+                (0x6Eu8, vec![7u8, 0x80, 0x25, 0x00, 0x00]),
+                (0x61, vec![0]),
+                (0x62, vec![0]),
+                (0x60, vec![]),
+            ] {
+                let (mut pd, _) = secure_pd(Some(KEY), false, enforce);
+                let _cp = handshake(&mut pd, &Scbk::new(KEY), false, now);
+                events(&mut pd);
+                let r = run(&mut pd, cmd(2, code, &data), now);
+                assert_eq!(
+                    (r.code, r.data, r.scb),
+                    (rc::NAK, vec![0x06], None),
+                    "code {code:#04x} enforce {enforce}"
+                );
+                assert!(!pd.secure_session(), "code {code:#04x}");
+                let evs = events(&mut pd);
+                assert!(evs.contains(&PdEvent::SecureChannelDown {
+                    reason: ScEndReason::PlainCommand
+                }));
+                assert!(!evs
+                    .iter()
+                    .any(|e| matches!(e, PdEvent::ComSetApplied { .. })));
+                assert_eq!((pd.bus_address(), pd.config().baud), (ADDR, 115_200));
+            }
+        }
+        // The same COMSET inside the session is applied.
+        let (mut pd, _) = secure_pd(Some(KEY), false, true);
+        let mut cp = handshake(&mut pd, &Scbk::new(KEY), false, now);
+        let r = run(
+            &mut pd,
+            secure_cmd(&mut cp, 2, 0x6E, &[7, 0x80, 0x25, 0x00, 0x00]),
+            now,
+        );
+        assert_eq!(
+            open_reply(&mut cp, &r),
+            (0x54, vec![7, 0x80, 0x25, 0x00, 0x00])
+        );
+        assert_eq!((pd.bus_address(), pd.config().baud), (7, 9600));
+    }
+
+    #[test]
+    fn a_cp_asking_for_scbk_d_gets_the_installed_key_outside_install_mode() {
+        // Such CPs (PyPI `osdp` 1.6) ask for SCBK-D in every osdp_CHLNG but take the key
+        // the PD names in osdp_CCRYPT. libosdp's PD answers with its installed key there.
+        let (mut pd, _) = secure_pd(Some(KEY), false, true);
+        let now = Instant::now();
+        let cp_random = [0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC5, 0xC6, 0xC7];
+        let mut c = cmd(0, 0x76, &cp_random);
+        c.scb = Some(vec![3, 0x11, 0]);
+        let r = run(&mut pd, c, now);
+        assert_eq!(r.code, 0x76, "CCRYPT expected, got {r:?}");
+        // Key byte 1: the PD used its SCBK, not SCBK-D.
+        assert_eq!(r.scb, Some(vec![3, 0x12, 1]));
+        let pd_random: [u8; 8] = r.data[8..16].try_into().unwrap();
+        let keys = SessionKeys::derive(&Scbk::new(KEY), &cp_random);
+        assert_eq!(
+            r.data[16..],
+            keys.client_cryptogram(&cp_random, &pd_random)[..]
+        );
+        let server = keys.server_cryptogram(&cp_random, &pd_random);
+        let mut c = cmd(1, 0x77, &server);
+        c.scb = Some(vec![3, 0x13, 0]);
+        let r = run(&mut pd, c, now);
+        assert_eq!((r.code, r.scb), (0x78, Some(vec![3, 0x14, 1])));
+        assert!(pd.secure_session());
+        assert!(events(&mut pd).contains(&PdEvent::SecureChannelUp { install_key: false }));
+        let mut cp = Session::new(keys, r.data.clone().try_into().unwrap());
+        let r = run(&mut pd, secure_cmd(&mut cp, 2, 0x60, &[]), now);
+        assert_eq!(open_reply(&mut cp, &r), (rc::ACK, vec![]));
+
+        // A CP that really computes with SCBK-D gets no session.
+        scbk_d_gets_no_session(&mut pd, now);
+    }
+
+    /// A CP asking for and computing with SCBK-D (SQN 0, 1): the PD answers with its own
+    /// key (CCRYPT key byte 1), so the CP's cryptogram fails: NAK 0x06, no session.
+    fn scbk_d_gets_no_session(pd: &mut Pd, now: Instant) {
+        let cp_random = [0x5D; 8];
+        let mut c = cmd(0, 0x76, &cp_random);
+        c.scb = Some(vec![3, 0x11, 0]);
+        let r = run(pd, c, now);
+        assert_eq!(
+            (r.code, r.scb.clone()),
+            (0x76, Some(vec![3, 0x12, 1])),
+            "{r:?}"
+        );
+        let pd_random: [u8; 8] = r.data[8..16].try_into().unwrap();
+        let default = SessionKeys::derive(&Scbk::default_key(), &cp_random);
+        let mut c = cmd(1, 0x77, &default.server_cryptogram(&cp_random, &pd_random));
+        c.scb = Some(vec![3, 0x13, 0]);
+        assert_eq!(run(pd, c, now).data, vec![0x06]);
+        assert!(!pd.secure_session());
+        assert!(!events(pd).contains(&PdEvent::SecureChannelUp { install_key: true }));
     }
 
     #[test]
@@ -1895,10 +2018,8 @@ mod tests {
         let mut c = cmd(2, 0x77, &[0; 16]);
         c.scb = Some(vec![3, 0x13, 1]);
         assert_eq!(run(&mut pd, c, now).data, vec![0x06]);
-        // SCBK-D is refused outside install mode.
-        let mut c = cmd(0, 0x76, &cp_random);
-        c.scb = Some(vec![3, 0x11, 0]);
-        assert_eq!(run(&mut pd, c, now).data, vec![0x06]);
+        // A CP that computes with SCBK-D gets no session outside install mode.
+        scbk_d_gets_no_session(&mut pd, now);
     }
 
     #[test]
@@ -1934,9 +2055,7 @@ mod tests {
         let retry = secure_cmd(&mut cp.clone(), 2, 0x75, &data);
         assert_eq!(pd.handle_frame(&retry, now).map(|b| decode(&b)), Some(r));
         // SCBK-D no longer accepted; the new key works.
-        let mut c = cmd(0, 0x76, &[5; 8]);
-        c.scb = Some(vec![3, 0x11, 0]);
-        assert_eq!(run(&mut pd, c, now).data, vec![0x06]);
+        scbk_d_gets_no_session(&mut pd, now);
         let mut cp = handshake(&mut pd, &Scbk::new(new_key), false, now);
         let r = run(&mut pd, secure_cmd(&mut cp, 2, 0x60, &[]), now);
         assert_eq!(open_reply(&mut cp, &r), (rc::ACK, vec![]));

@@ -53,6 +53,32 @@ pub fn python() -> PathBuf {
     })
 }
 
+/// The Python with PyPI `osdp` 1.6, the second control panel (`KEYWAY_PYTHON_OSDP16`, or
+/// `<repo>/.venv-osdp16/bin/python` made by scripts/setup); a failure says how to get it.
+pub fn python_osdp16() -> PathBuf {
+    let py = std::env::var_os("KEYWAY_PYTHON_OSDP16")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-osdp16/bin/python"));
+    // `SerialPortOsdpConnection` is osdp-python's; libosdp's `osdp` module has none.
+    let ok = Command::new(&py)
+        .args([
+            "-c",
+            "from osdp import SerialPortOsdpConnection, calculate_scbk",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "python with PyPI osdp 1.6 not found at {} (set KEYWAY_PYTHON_OSDP16, or run \
+         scripts/setup / `python3 -m venv .venv-osdp16 && .venv-osdp16/bin/pip install osdp==1.6`)",
+        py.display()
+    );
+    py
+}
+
 pub fn require_socat() {
     let ok = Command::new("socat")
         .arg("-V")
@@ -129,13 +155,34 @@ impl Cp {
 
     /// Start with extra arguments (e.g. `--scbk HEX`, `--enforce-secure`).
     pub fn start_with(port: &Path, pds: &[u8], extra: &[&str]) -> Cp {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/osdp_cp.py");
-        let mut cmd = Command::new(python());
-        cmd.arg("-u").arg(script).arg("--port").arg(port);
+        let mut args = vec!["--port".to_string(), port.display().to_string()];
         for pd in pds {
-            cmd.arg("--pd").arg(pd.to_string());
+            args.extend(["--pd".to_string(), pd.to_string()]);
         }
-        cmd.args(extra);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Self::spawn(&python(), "osdp_cp.py", &args)
+    }
+
+    /// The PyPI `osdp` 1.6 control panel (`tests/peers/osdp16_cp.py`) on `port` for `pd`.
+    pub fn start_osdp16(port: &Path, pd: u8, master_key_hex: &str) -> Cp {
+        let args = [
+            "--port".to_string(),
+            port.display().to_string(),
+            "--pd".to_string(),
+            pd.to_string(),
+            "--master-key".to_string(),
+            master_key_hex.to_string(),
+        ];
+        Self::spawn(&python_osdp16(), "osdp16_cp.py", &args)
+    }
+
+    /// Run `tests/peers/<script>` with `python` and read its JSON lines.
+    fn spawn(python: &Path, script: &str, args: &[String]) -> Cp {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/peers")
+            .join(script);
+        let mut cmd = Command::new(python);
+        cmd.arg("-u").arg(script).args(args);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
