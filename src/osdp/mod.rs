@@ -4,8 +4,8 @@
 //!   will slot in here: security block, MAC, encryption).
 //! - [`command`]: typed parsing of command data.
 //! - [`reply`]: reply encoders, capability and NAK codes.
-//! - [`pd`]: the state machine of one PD (sequence numbers, retries, card queue, LED/buzzer/
-//!   output state, online/offline from the clock passed in).
+//! - [`pd`]: the state machine of one PD, one file per concern (sequence numbers and retries,
+//!   secure channel, LED/buzzer/output state, card queue) around the dispatcher.
 //! - [`sc`]: secure channel cryptography (session keys, cryptograms, MAC chain, data blocks).
 //! - [`verdict`]: the panel's grant/deny read from its LED commands after a card read.
 //! - [`bus`]: several PDs on one line, routed by address.
