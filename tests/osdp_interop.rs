@@ -15,6 +15,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use keyway::osdp::phy::crc16;
 use keyway::osdp::{PdConfig, PdEvent, RawCard, RawFormat, Scbk, SecureConfig, Verdict};
 use keyway::serial::{load_scbk, spawn_bus, BusConfig, BusEvent};
 use tokio::sync::{broadcast, watch};
@@ -547,18 +548,7 @@ async fn comset_moves_the_pd_to_a_new_address() {
     let (handle, mut events, join) = spawn_bus(cfg, stop_rx).unwrap();
     let mut cp = Cp::start(&pty.cp, &[1]);
     cp.wait_online(1);
-    cp.send(serde_json::json!({"cmd": "comset", "pd": 1, "address": 5, "baud_rate": 115200}));
-    wait_bus(&mut events, "COMSET applied", |e| {
-        is_pd(e, 1, |p| {
-            *p == PdEvent::ComSetApplied {
-                address: 5,
-                baud: 115_200,
-            }
-        })
-    })
-    .await;
-    let done = cp.wait_for("COMSET completion", |v| v["event"] == "completed");
-    assert_eq!(done["status"], 0, "{done}");
+    comset_pd1_to_5(&mut cp, &mut events).await;
     // The card API still uses the door's configured address; the wire uses the new one.
     handle
         .send_card(1, card(26, &[0x33, 0x44, 0x55, 0x40]))
@@ -678,14 +668,15 @@ async fn clear_comset_is_refused_under_an_enforced_secure_channel() {
         .open(&pty.cp)
         .expect("hold pty");
 
-    // osdp_COMSET to address 1 in clear: new address 5, 9600 baud (SQN 0, CRC-16/AUG-CCITT).
+    // osdp_COMSET to address 1 in clear: new address 5, 9600 baud (SQN 0, CRC-16; the CRC
+    // function is checked against libosdp's packets in phy's unit tests).
     let mut comset = vec![
         0x53, 0x01, 0x0D, 0x00, 0x04, 0x6E, 0x05, 0x80, 0x25, 0x00, 0x00,
     ];
-    comset.extend_from_slice(&crc16_aug_ccitt(&comset).to_le_bytes());
+    comset.extend_from_slice(&crc16(&comset).to_le_bytes());
     // The reply: osdp_NAK 0x06 from address 1 (0x81), in clear.
     let mut nak = vec![0x53, 0x81, 0x09, 0x00, 0x04, 0x41, 0x06];
-    nak.extend_from_slice(&crc16_aug_ccitt(&nak).to_le_bytes());
+    nak.extend_from_slice(&crc16(&nak).to_le_bytes());
 
     let mut line = tokio_serial::new(pty.cp.display().to_string(), 115_200)
         .open_native_async()
@@ -719,8 +710,19 @@ async fn clear_comset_is_refused_under_an_enforced_secure_channel() {
     let online = cp.wait_online(1);
     assert_eq!(online["sc"], true, "{online}");
     // COMSET inside the session is applied and persisted.
+    comset_pd1_to_5(&mut cp, &mut events).await;
+    let stored = keyway::serial::load_com_settings(&com_file).unwrap();
+    assert_eq!(stored.get(&1).map(|c| c.address), Some(5));
+    drop(cp);
+    drop(handle);
+    stop(stop_tx, join).await;
+}
+
+/// The CP moves PD 1 to address 5 (same speed) with osdp_COMSET: applied by keyway and
+/// completed at the CP.
+async fn comset_pd1_to_5(cp: &mut Cp, events: &mut broadcast::Receiver<BusEvent>) {
     cp.send(serde_json::json!({"cmd": "comset", "pd": 1, "address": 5, "baud_rate": 115200}));
-    wait_bus(&mut events, "COMSET applied in the session", |e| {
+    wait_bus(events, "COMSET applied", |e| {
         is_pd(e, 1, |p| {
             *p == PdEvent::ComSetApplied {
                 address: 5,
@@ -731,28 +733,6 @@ async fn clear_comset_is_refused_under_an_enforced_secure_channel() {
     .await;
     let done = cp.wait_for("COMSET completion", |v| v["event"] == "completed");
     assert_eq!(done["status"], 0, "{done}");
-    let stored = keyway::serial::load_com_settings(&com_file).unwrap();
-    assert_eq!(stored.get(&1).map(|c| c.address), Some(5));
-    drop(cp);
-    drop(handle);
-    stop(stop_tx, join).await;
-}
-
-/// CRC-16/AUG-CCITT (poly 0x1021, init 0x1D0F) as OSDP uses it, written out here so the raw
-/// packets above do not depend on keyway's own encoder.
-fn crc16_aug_ccitt(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0x1D0F;
-    for &b in bytes {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
 }
 
 /// Issue 11, defect 4: PyPI `osdp` 1.6, a second independent CP, asks for SCBK-D in every
