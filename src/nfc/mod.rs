@@ -137,7 +137,8 @@ async fn blocking<T: Send + 'static>(
 }
 
 enum Wait {
-    Card(Vec<u8>),
+    /// A card is present: its ATR and pcscd's card event count (insertions + removals).
+    Card(Vec<u8>, u32),
     Nothing,
     ReaderGone,
 }
@@ -212,17 +213,23 @@ impl ReaderLoop {
                 name.to_string_lossy().into_owned(),
             ));
             let mut state = pcsc::State::UNAWARE;
+            // A card that replaced the previous one while we waited for that one to leave.
+            let mut pending: Option<(Vec<u8>, u32)> = None;
             loop {
                 if *shutdown.borrow() {
                     return Ok(());
                 }
-                match self.wait_card(ctx, &name, &mut state).await? {
+                let wait = match pending.take() {
+                    Some((atr, count)) => Wait::Card(atr, count),
+                    None => self.wait_card(ctx, &name, &mut state).await?,
+                };
+                match wait {
                     Wait::Nothing => continue,
                     Wait::ReaderGone => {
                         on_event(ReaderEvent::ReaderLost(name.to_string_lossy().into_owned()));
                         break;
                     }
-                    Wait::Card(atr) => {
+                    Wait::Card(atr, arrived) => {
                         match self.connect(ctx, &name).await {
                             Ok(card) => {
                                 let link = CardLink {
@@ -244,14 +251,21 @@ impl ReaderLoop {
                                 "door {}: connecting to the card failed: {e}", self.cfg.door
                             ),
                         }
-                        // One event per presentation: wait until the card leaves.
+                        // One event per presentation: wait until the card leaves. A card
+                        // pulled and another presented between two status polls shows no
+                        // EMPTY state, only pcscd's event count moved on (a removal and an
+                        // insertion): that is a new presentation, served at once.
                         loop {
                             if *shutdown.borrow() {
                                 return Ok(());
                             }
                             match self.wait_card(ctx, &name, &mut state).await? {
                                 Wait::Nothing => break,
-                                Wait::Card(_) => continue,
+                                Wait::Card(atr, now) if presented_again(arrived, now) => {
+                                    pending = Some((atr, now));
+                                    break;
+                                }
+                                Wait::Card(..) => continue,
                                 Wait::ReaderGone => break,
                             }
                         }
@@ -314,22 +328,23 @@ impl ReaderLoop {
         let c = ctx.clone();
         let n = name.clone();
         let current = *state;
-        let (event, atr) = blocking(STATUS_POLL + PCSC_SLACK, move || {
+        let (event, atr, count) = blocking(STATUS_POLL + PCSC_SLACK, move || {
             let mut rs = [pcsc::ReaderState::new(n, current)];
             c.get_status_change(STATUS_POLL, &mut rs)
                 .or_else(ok_timeout)?;
-            Ok((rs[0].event_state(), rs[0].atr().to_vec()))
+            let [r] = &rs;
+            Ok((r.event_state(), r.atr().to_vec(), r.event_count()))
         })
         .await?;
         // Keep only the state bits; CHANGED and the event counter make UNAWARE loops.
         *state = event - pcsc::State::CHANGED;
-        log::trace!(target: "keyway::nfc", door = self.cfg.door.as_str(); "reader state {event:?}");
+        log::trace!(target: "keyway::nfc", door = self.cfg.door.as_str(); "reader state {event:?}, card events {count}");
         if event.intersects(pcsc::State::UNKNOWN | pcsc::State::IGNORE | pcsc::State::UNAVAILABLE) {
             return Ok(Wait::ReaderGone);
         }
         let present = event.contains(pcsc::State::PRESENT) && !event.contains(pcsc::State::MUTE);
         Ok(if present {
-            Wait::Card(atr)
+            Wait::Card(atr, count)
         } else {
             Wait::Nothing
         })
@@ -347,6 +362,14 @@ impl ReaderLoop {
             other => other,
         }
     }
+}
+
+/// Whether pcscd's card event count moved from `arrived` (when the card we served came) to
+/// `now` by a removal and an insertion at least. It counts both, modulo 2^16; a reset of the
+/// same card (our disconnect) is not an insertion.
+fn presented_again(arrived: u32, now: u32) -> bool {
+    let moved = now.wrapping_sub(arrived) & 0xFFFF;
+    moved >= 2
 }
 
 fn ok_timeout(e: pcsc::Error) -> Result<(), pcsc::Error> {
@@ -392,6 +415,14 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_card_swapped_between_polls_is_a_new_presentation() {
+        assert!(!presented_again(7, 7), "same card still held");
+        assert!(!presented_again(7, 8), "only a removal (or a reset) seen");
+        assert!(presented_again(7, 9), "removed and another presented");
+        assert!(presented_again(0xFFFF, 1), "the 16-bit count wraps");
+    }
 
     #[test]
     fn transmit_errors_that_mean_the_card_left() {
