@@ -441,7 +441,7 @@ async fn secure_channel_with_known_scbk_delivers_card() {
     .await;
     wait_bus(&mut events, "panel verdict", |e| {
         is_pd(e, 1, |p| {
-            matches!(p, PdEvent::PanelVerdict { card, verdict: Verdict::Granted } if card.data == data)
+            matches!(p, PdEvent::PanelVerdict { card, verdict: Verdict::Granted, .. } if card.data == data)
         })
     })
     .await;

@@ -105,6 +105,10 @@ const MIGRATIONS: &[&str] = &[
     // the osdp_RAW): 'granted', 'denied' or 'unknown'; NULL until it is known.
     "ALTER TABLE events ADD COLUMN panel_verdict TEXT
         CHECK (panel_verdict IN ('granted', 'denied', 'unknown'));",
+    // v5: the attempt id a granted card was handed to the panel under; the panel's verdict
+    // is stored on the row with its attempt, never guessed by door and time.
+    "ALTER TABLE events ADD COLUMN attempt_id INTEGER;
+    CREATE UNIQUE INDEX events_attempt ON events (attempt_id) WHERE attempt_id IS NOT NULL;",
 ];
 
 /// The schema version this build writes.

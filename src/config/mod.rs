@@ -469,6 +469,10 @@ pub struct Door {
     pub step_up: Option<StepUp>,
     /// See [`DoorAliro::certificate`].
     pub certificate: Option<ReaderCert>,
+    /// The door's OSDP options beyond its address (secure channel, verdict window).
+    pub osdp: OsdpDoorOptions,
+    /// The door's BLE side, when served over BLE (`panel_verdict_wait_ms` filled in).
+    pub ble: Option<DoorBle>,
 }
 
 impl Door {
@@ -494,20 +498,27 @@ pub struct Validated {
     pub model: u8,
     pub serial_number: u32,
     pub doors: Vec<Door>,
-    /// OSDP options per door id (secure channel, verdict window); kept beside `Door` so the
-    /// door struct stays as it is.
-    pub osdp_options: BTreeMap<String, OsdpDoorOptions>,
-    /// `(door id, [door.ble])` for every door with BLE enabled.
-    pub ble: Vec<(String, DoorBle)>,
 }
 
-/// A door's optional OSDP settings, validated.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A door's optional OSDP settings, validated ([`Door::osdp`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OsdpDoorOptions {
     pub scbk_file: Option<PathBuf>,
     pub install_mode: bool,
     pub enforce_secure: bool,
     pub verdict_window: Duration,
+}
+
+impl Default for OsdpDoorOptions {
+    /// Plaintext, the default verdict window: what a door without options gets.
+    fn default() -> Self {
+        Self {
+            scbk_file: None,
+            install_mode: false,
+            enforce_secure: false,
+            verdict_window: DEFAULT_VERDICT_WINDOW,
+        }
+    }
 }
 
 /// Default window for reading the panel's verdict from its LED/buzzer commands.
@@ -589,12 +600,6 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             60_000,
         ),
         ("nfc.reader_retry_ms", raw.nfc.reader_retry_ms, 50, 60_000),
-        (
-            "nfc.panel_verdict_wait_ms",
-            raw.nfc.panel_verdict_wait_ms,
-            0,
-            5_000,
-        ),
     ] {
         if !(min..=max).contains(&value) {
             return Err(invalid(
@@ -603,6 +608,12 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             ));
         }
     }
+    check_verdict_wait(
+        raw.nfc.panel_verdict_wait_ms,
+        raw.nfc.transaction_timeout_ms,
+        "nfc.transaction_timeout_ms",
+    )
+    .map_err(|m| invalid("nfc.panel_verdict_wait_ms".into(), m))?;
     let vendor_code: [u8; 3] = decode_hex_array(&raw.osdp.vendor_code)
         .map_err(|m| invalid("osdp.vendor_code".into(), m))?;
 
@@ -616,8 +627,6 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
     let mut addresses = BTreeSet::new();
     let mut bauds: BTreeMap<PathBuf, u32> = BTreeMap::new();
     let mut doors = Vec::with_capacity(raw.doors.len());
-    let mut osdp_options = BTreeMap::new();
-    let mut ble = Vec::new();
     for (i, d) in raw.doors.into_iter().enumerate() {
         let name = if d.id.is_empty() {
             format!("door[{i}]")
@@ -706,15 +715,12 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
                 ))
             }
         };
-        osdp_options.insert(
-            d.id.clone(),
-            OsdpDoorOptions {
-                scbk_file: d.osdp.scbk_file.as_ref().map(|p| resolve(path, p)),
-                install_mode: d.osdp.install_mode,
-                enforce_secure: d.osdp.enforce_secure,
-                verdict_window,
-            },
-        );
+        let osdp = OsdpDoorOptions {
+            scbk_file: d.osdp.scbk_file.as_ref().map(|p| resolve(path, p)),
+            install_mode: d.osdp.install_mode,
+            enforce_secure: d.osdp.enforce_secure,
+            verdict_window,
+        };
         let certificate = match &d.aliro.certificate {
             None => None,
             Some(c) => Some(
@@ -726,6 +732,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             None => None,
             Some(su) => Some(validate_step_up(su).map_err(|m| invalid(field("aliro.step_up"), m))?),
         };
+        let mut ble = None;
         if let Some(b) = d.ble.as_ref().filter(|b| b.enabled) {
             if d.aliro.step_up.is_some() {
                 // Every phone would be refused: say so now rather than advertise a door that
@@ -741,7 +748,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             b.panel_verdict_wait_ms
                 .get_or_insert(raw.nfc.panel_verdict_wait_ms);
             validate_ble(&b).map_err(|(f, m)| invalid(field(f), m))?;
-            ble.push((d.id.clone(), b));
+            ble = Some(b);
         }
         doors.push(Door {
             id: d.id,
@@ -759,6 +766,8 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             fast: d.aliro.fast,
             step_up,
             certificate,
+            osdp,
+            ble,
         });
     }
     Ok(Validated {
@@ -773,8 +782,6 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         model: raw.osdp.model,
         serial_number: raw.osdp.serial_number,
         doors,
-        osdp_options,
-        ble,
     })
 }
 
@@ -804,17 +811,12 @@ fn validate_ble(b: &DoorBle) -> Result<(), (&'static str, String)> {
         ));
     }
     if let Some(w) = b.panel_verdict_wait_ms {
-        // The wait happens inside the connection's Aliro timeout.
-        if w > 5_000 || w >= b.timeout_ms {
-            return Err((
+        check_verdict_wait(w, b.timeout_ms, "ble.timeout_ms").map_err(|m| {
+            (
                 "ble.panel_verdict_wait_ms",
-                format!(
-                    "{w} is out of range (0..=5000 and less than ble.timeout_ms {}; the default \
-                     is nfc.panel_verdict_wait_ms)",
-                    b.timeout_ms
-                ),
-            ));
-        }
+                format!("{m}; the default is nfc.panel_verdict_wait_ms"),
+            )
+        })?;
     }
     if let Some(a) = &b.adapter {
         if a.is_empty() || a.len() > 32 || !a.chars().all(|c| c.is_ascii_alphanumeric()) {
@@ -823,6 +825,30 @@ fn validate_ble(b: &DoorBle) -> Result<(), (&'static str, String)> {
                 format!("{a:?} is not an adapter name like hci0"),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Time of a transaction a panel verdict wait may never take: the exchanges before the
+/// decision and the answer to the phone after it (NFC APDUs, BLE frames).
+pub const VERDICT_WAIT_MARGIN: Duration = Duration::from_millis(1000);
+
+/// One rule for every transport: a verdict wait (0 = none, at most 5 s) must fit in the
+/// transaction's limit `limit_ms` (field `limit_field`) with [`VERDICT_WAIT_MARGIN`] to spare,
+/// so a timeout never cuts the wait and a grant always reaches the phone. At run time the wait
+/// is also capped by the time actually left (`daemon::access`).
+fn check_verdict_wait(wait_ms: u64, limit_ms: u64, limit_field: &str) -> Result<(), String> {
+    let margin = u64::try_from(VERDICT_WAIT_MARGIN.as_millis()).unwrap_or(u64::MAX);
+    if wait_ms > 5_000 {
+        return Err(format!("{wait_ms} is out of range (0..=5000)"));
+    }
+    if wait_ms > 0 && wait_ms.saturating_add(margin) > limit_ms {
+        return Err(format!(
+            "{wait_ms} does not fit in {limit_field} {limit_ms}: a verdict wait needs {margin} ms \
+             of the transaction left for the exchanges with the phone (raise {limit_field} to \
+             at least {} or lower the wait)",
+            wait_ms.saturating_add(margin)
+        ));
     }
     Ok(())
 }
@@ -1080,7 +1106,7 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
     #[test]
     fn osdp_secure_options_default_off_and_validate() {
         let v = parse(GOOD, Path::new("/etc/keyway/keyway.toml")).unwrap();
-        let o = &v.osdp_options["front"];
+        let o = &v.doors[0].osdp;
         assert_eq!(o.scbk_file, None);
         assert!(!o.install_mode && !o.enforce_secure);
         assert_eq!(o.verdict_window, DEFAULT_VERDICT_WINDOW);
@@ -1089,7 +1115,7 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
             "address = 1, scbk_file = \"keys/front.scbk\", install_mode = true, enforce_secure = true, verdict_window_ms = 1500 }",
         );
         let v = parse(&sc, Path::new("/etc/keyway/keyway.toml")).unwrap();
-        let o = &v.osdp_options["front"];
+        let o = &v.doors[0].osdp;
         assert_eq!(
             o.scbk_file.as_deref(),
             Some(Path::new("/etc/keyway/keys/front.scbk"))
@@ -1102,14 +1128,52 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
         assert!(e.contains("osdp.verdict_window_ms"), "{e}");
     }
 
+    fn ble_of(v: &Validated) -> &DoorBle {
+        v.doors[0].ble.as_ref().unwrap()
+    }
+
+    #[test]
+    fn a_verdict_wait_must_fit_in_its_transaction_on_every_transport() {
+        // NFC: the wait plus the margin for the APDUs within transaction_timeout_ms.
+        let nfc = |wait: u64, limit: u64| {
+            parse(
+                &format!(
+                    "[nfc]\npanel_verdict_wait_ms = {wait}\ntransaction_timeout_ms = {limit}\n{GOOD}"
+                ),
+                Path::new("/k.toml"),
+            )
+        };
+        assert!(nfc(1000, 2000).is_ok());
+        assert!(nfc(0, 100).is_ok(), "no wait, nothing to fit");
+        for (wait, limit) in [(1001, 2000), (5000, 5000), (4000, 1000)] {
+            let e = nfc(wait, limit).unwrap_err().to_string();
+            assert!(
+                e.contains("nfc.panel_verdict_wait_ms") && e.contains("nfc.transaction_timeout_ms"),
+                "{wait}/{limit}: {e}"
+            );
+        }
+        let e = nfc(5001, 60_000).unwrap_err().to_string();
+        assert!(e.contains("nfc.panel_verdict_wait_ms"), "{e}");
+        // BLE: the same rule against the door's timeout_ms.
+        let ble = |t: &str| parse(&format!("{GOOD}ble = {{ {t} }}\n"), Path::new("/k.toml"));
+        assert!(ble("timeout_ms = 2000, panel_verdict_wait_ms = 1000").is_ok());
+        assert!(ble("timeout_ms = 500, panel_verdict_wait_ms = 0").is_ok());
+        let e = ble("timeout_ms = 1999, panel_verdict_wait_ms = 1000")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ble.panel_verdict_wait_ms") && e.contains("ble.timeout_ms"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn ble_table_is_optional_with_documented_defaults() {
         let v = parse(GOOD, Path::new("/etc/keyway/keyway.toml")).unwrap();
-        assert!(v.ble.is_empty());
+        assert!(v.doors[0].ble.is_none());
         let with = format!("{GOOD}ble = {{}}\n");
         let v = parse(&with, Path::new("/etc/keyway/keyway.toml")).unwrap();
-        let (door, b) = &v.ble[0];
-        assert_eq!(door, "front");
+        let b = v.doors[0].ble.as_ref().unwrap();
         assert!(b.enabled && b.adapter.is_none());
         assert_eq!(
             (
@@ -1125,21 +1189,23 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
         assert_eq!(b.panel_verdict_wait(), Duration::from_secs(1));
         let own = format!("[nfc]\npanel_verdict_wait_ms = 300\n{GOOD}");
         let v = parse(&format!("{own}ble = {{}}\n"), Path::new("/k.toml")).unwrap();
-        assert_eq!(v.ble[0].1.panel_verdict_wait_ms, Some(300));
+        assert_eq!(ble_of(&v).panel_verdict_wait_ms, Some(300));
         let v = parse(
             &format!("{own}ble = {{ panel_verdict_wait_ms = 0 }}\n"),
             Path::new("/k.toml"),
         )
         .unwrap();
-        assert_eq!(v.ble[0].1.panel_verdict_wait(), Duration::ZERO);
+        assert_eq!(ble_of(&v).panel_verdict_wait(), Duration::ZERO);
         let off = format!("{GOOD}ble = {{ enabled = false }}\n");
-        assert!(parse(&off, Path::new("/k.toml")).unwrap().ble.is_empty());
+        assert!(parse(&off, Path::new("/k.toml")).unwrap().doors[0]
+            .ble
+            .is_none());
         let walk = format!(
             "{GOOD}ble = {{ mode = \"walk_up\", rssi_threshold_dbm = -60, adapter = \"hci1\" }}\n"
         );
         let v = parse(&walk, Path::new("/k.toml")).unwrap();
-        assert_eq!(v.ble[0].1.mode, BleMode::WalkUp);
-        assert_eq!(v.ble[0].1.adapter.as_deref(), Some("hci1"));
+        assert_eq!(ble_of(&v).mode, BleMode::WalkUp);
+        assert_eq!(ble_of(&v).adapter.as_deref(), Some("hci1"));
         for (bad, field) in [
             ("max_connections = 0", "ble.max_connections"),
             ("max_connections = 17", "ble.max_connections"),
@@ -1152,7 +1218,7 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
                 "ble.panel_verdict_wait_ms",
             ),
             // The inherited default (1000) must fit the door's timeout too.
-            ("timeout_ms = 900", "ble.panel_verdict_wait_ms"),
+            ("timeout_ms = 1500", "ble.panel_verdict_wait_ms"),
             ("adapter = \"../x\"", "ble.adapter"),
         ] {
             let e = err(&format!("{GOOD}ble = {{ {bad} }}\n"));

@@ -1,45 +1,39 @@
-//! One door's BLE side: the BlueZ adapter ([`crate::ble::adapter`]) with the same decision path
-//! as NFC — the Aliro reader core (interface C3), the ACL in the store, the card number to the
-//! [`PanelSink`], and an event with transport `ble`.
+//! One door's BLE side: the BlueZ adapter ([`crate::ble::adapter`]) as a transport of the
+//! access pipeline ([`super::access`]): the Aliro reader core (interface C3) authenticates the
+//! phone, the pipeline decides, hands a grant's card to the [`PanelSink`], waits for the
+//! panel's verdict and records the event with transport `ble`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::acl::{fingerprint, Decision, DenyReason};
 use crate::aliro::consts::INTERFACE_BLE;
 use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
 use crate::aliro::AuthenticatedEndpoint;
 use crate::ble::adapter::{self, AdapterConfig, AdapterStats, ConnectionHandler, ConnectionReport};
 use crate::ble::policy::{Mode, Policy};
 use crate::ble::{BleVersions, ReaderSession};
-use crate::card;
 use crate::config::{BleMode, Door, DoorBle};
-use crate::events::{self, AccessEvent, Transport};
-use crate::osdp::Verdict;
+use crate::events::Transport;
 
-use super::door::{count_for_rate_limit, PanelSink, SharedLimiter};
+use super::access::{
+    Access, AccessError, AccessStore, Attempt, Failure, PanelSink, SharedLimiter, Subject,
+};
 use super::store::StoreHandle;
-use super::tap::{apply_door_policy, panel_verdict, VerdictWait};
 
-/// What decided a BLE connection.
+/// What decided a BLE connection: the pipeline's attempt, or why it could not decide.
 #[derive(Debug)]
 pub struct BleVerdict {
-    /// What the ACL said, or why it could not say.
-    pub decision: Result<Decision, String>,
-    /// The panel's verdict on a granted card, when it came within the door's wait.
-    pub panel: Option<Verdict>,
-    /// Where that verdict will come from, until [`ConnectionHandler::confirm`] waited for it.
-    waiting: Option<VerdictWait>,
+    pub attempt: Attempt,
+    pub error: Option<AccessError>,
 }
 
-/// Everything a door's BLE side needs.
+/// Everything a door's BLE side needs; its options are the door's own (`door.ble`).
 pub struct BleDoorRuntime {
     pub door: Arc<Door>,
     pub identity: Arc<ReaderIdentity>,
     pub store: StoreHandle,
-    pub ble: DoorBle,
     /// Counters the adapter keeps (tests and status read them).
     pub stats: Arc<AdapterStats>,
     /// The door's failure rate limit, shared with its NFC side.
@@ -47,24 +41,20 @@ pub struct BleDoorRuntime {
 }
 
 #[derive(Clone)]
-struct Handler<P> {
-    door: Arc<Door>,
+struct Handler<P, S = StoreHandle> {
+    access: Access<P, S>,
     identity: Arc<ReaderIdentity>,
-    store: StoreHandle,
     ble: Arc<DoorBle>,
-    panel: P,
-    panel_verdict_wait: Duration,
-    limiter: SharedLimiter,
 }
 
-impl<P: PanelSink> ConnectionHandler for Handler<P> {
+impl<P: PanelSink, S: AccessStore> ConnectionHandler for Handler<P, S> {
     type Verdict = BleVerdict;
 
     fn session(&self, now: Instant) -> ReaderSession {
         let params = TransactionParams {
             interface: INTERFACE_BLE,
             // A sensitive door asks for user verification, as on NFC.
-            auth_policy: self.door.aliro_auth_policy(),
+            auth_policy: self.access.door.aliro_auth_policy(),
             ..TransactionParams::default()
         };
         ReaderSession::new(
@@ -78,79 +68,67 @@ impl<P: PanelSink> ConnectionHandler for Handler<P> {
     }
 
     async fn decide(&self, endpoint: &AuthenticatedEndpoint, started: Instant) -> BleVerdict {
-        match self.acl_decision(endpoint, started).await {
-            Ok((decision, waiting)) => BleVerdict {
-                decision: Ok(decision),
-                panel: None,
-                waiting,
-            },
-            Err(e) => BleVerdict {
-                decision: Err(e),
-                panel: None,
-                waiting: None,
-            },
-        }
+        // The session's own limit runs from the accept (`started`).
+        let left = self.ble.timeout().saturating_sub(started.elapsed());
+        let mut attempt =
+            self.access
+                .begin(Transport::Ble, started, tokio::time::Instant::now() + left);
+        let subject = Subject::Endpoint {
+            key: endpoint.public_key,
+            signaling_bitmap: endpoint.signaling_bitmap,
+        };
+        let error = self.access.decide(&mut attempt, subject).await.err();
+        BleVerdict { attempt, error }
     }
 
     async fn confirm(&self, verdict: &mut BleVerdict) {
-        let waiting = verdict.waiting.take();
-        verdict.panel = panel_verdict(&self.door.id, waiting, self.panel_verdict_wait).await;
+        self.access
+            .panel_verdict(&mut verdict.attempt, self.ble.panel_verdict_wait())
+            .await;
     }
 
     fn granted(verdict: &BleVerdict) -> bool {
-        // As on NFC, the panel has the last word on what the phone is told.
-        matches!(verdict.decision, Ok(Decision::Grant(_))) && verdict.panel != Some(Verdict::Denied)
+        verdict.attempt.phone_granted()
     }
 
     async fn finished(&self, report: ConnectionReport<BleVerdict>) {
-        // Only identified phones count: a connection that never authenticated (silent, garbage,
-        // walked away) is bounded by the connection limit and the Aliro timeout instead.
-        if let Some(key) = &report.endpoint_key {
-            // keyway's own decision, as on NFC (a panel's refusal is not the phone's failure).
-            let granted = report
-                .verdict
-                .as_ref()
-                .is_some_and(|v| matches!(v.decision, Ok(Decision::Grant(_))));
-            count_for_rate_limit(&self.limiter, &self.door.id, &fingerprint(key), granted);
+        let (mut attempt, error) = match report.verdict {
+            Some(v) => (v.attempt, v.error),
+            None => {
+                let started = Instant::now()
+                    .checked_sub(report.total)
+                    .unwrap_or_else(Instant::now);
+                let a = self
+                    .access
+                    .begin(Transport::Ble, started, tokio::time::Instant::now());
+                (a, None)
+            }
+        };
+        if attempt.subject.is_none() {
+            attempt.subject = report.endpoint_key.map(|key| Subject::Endpoint {
+                key,
+                signaling_bitmap: None,
+            });
         }
-        record(&self.store, &self.door, report).await;
-    }
-}
-
-impl<P: PanelSink> Handler<P> {
-    /// The ACL's answer; a grant's card goes to the panel, with the way to its verdict.
-    async fn acl_decision(
-        &self,
-        endpoint: &AuthenticatedEndpoint,
-        started: Instant,
-    ) -> Result<(Decision, Option<VerdictWait>), String> {
-        let limited = self
-            .limiter
-            .lock()
-            .map(|l| l.is_limited(&fingerprint(&endpoint.public_key), Instant::now()))
-            .unwrap_or(false);
-        if limited {
-            return Ok((Decision::Deny(DenyReason::RateLimited), None));
-        }
-        let decision = self
-            .store
-            .decide(
-                &endpoint.public_key,
-                &self.door.id,
-                time::OffsetDateTime::now_utc(),
-            )
-            .await
-            .map_err(|e| format!("store: {e}"))?;
-        let decision = apply_door_policy(self.door.sensitive, decision, endpoint.signaling_bitmap);
-        let mut waiting = None;
-        if let Decision::Grant(g) = &decision {
-            let bits = card::encode(g.card_format, g.facility_code, g.card_number)
-                .map_err(|e| format!("card: {e}"))?;
-            // Before the phone is told, as on NFC: the RAW leaves at the next poll.
-            waiting = self.panel.await_verdict(&self.door);
-            self.panel.send_card(&self.door, bits, started);
-        }
-        Ok((decision, waiting))
+        let failure = match (&report.error, &error, report.closed_early) {
+            (Some(e), _, _) => Some(Failure {
+                code: e.code(),
+                message: format!("connection from {}: {e}", report.peer),
+            }),
+            (None, Some(e), _) => Some(Failure {
+                code: e.code(),
+                message: format!("connection from {}: {e}", report.peer),
+            }),
+            (None, None, true) => Some(Failure {
+                code: "ble_closed",
+                message: format!("connection from {} closed early", report.peer),
+            }),
+            _ => None,
+        };
+        // Only identified phones count for the rate limit (the attempt is not
+        // `blame_unidentified`): a connection that never authenticated is bounded by the
+        // connection limit and the Aliro timeout instead.
+        self.access.finish(&attempt, failure, None).await;
     }
 }
 
@@ -160,75 +138,33 @@ pub async fn run_ble_door<P: PanelSink>(
     panel: P,
     shutdown: watch::Receiver<bool>,
 ) {
+    let Some(ble) = rt.door.ble.clone() else {
+        log::error!(target: "keyway::ble", door = rt.door.id.as_str();
+            "door {}: no BLE options; not served over BLE", rt.door.id);
+        return;
+    };
     let cfg = AdapterConfig {
         door: rt.door.id.clone(),
-        adapter: rt.ble.adapter.clone(),
+        adapter: ble.adapter.clone(),
         group_id: rt.door.group_id,
         sub_id: rt.door.sub_id,
-        spsm: rt.ble.spsm,
-        max_connections: rt.ble.max_connections,
+        spsm: ble.spsm,
+        max_connections: ble.max_connections,
         tx_power: 0,
         policy: Policy {
-            mode: match rt.ble.mode {
+            mode: match ble.mode {
                 BleMode::Tap => Mode::Tap,
                 BleMode::WalkUp => Mode::WalkUp,
             },
-            rssi_threshold_dbm: rt.ble.rssi_threshold_dbm,
+            rssi_threshold_dbm: ble.rssi_threshold_dbm,
         },
     };
     let handler = Handler {
-        panel_verdict_wait: rt.ble.panel_verdict_wait(),
-        limiter: rt.limiter,
-        door: rt.door,
+        access: Access::new(rt.door, rt.store, panel, rt.limiter),
         identity: rt.identity,
-        store: rt.store,
-        ble: Arc::new(rt.ble),
-        panel,
+        ble: Arc::new(ble),
     };
     adapter::serve(cfg, handler, rt.stats, shutdown).await;
-}
-
-/// A connection report as an event row (durable first) and a journald entry.
-async fn record(store: &StoreHandle, door: &Door, report: ConnectionReport<BleVerdict>) {
-    let decision = report.verdict.as_ref().map(|v| &v.decision);
-    let error_code = match (&report.error, decision, report.closed_early) {
-        (Some(e), _, _) => Some(e.code().to_string()),
-        (None, Some(Err(e)), _) => {
-            log::error!(target: "keyway::ble", door = door.id.as_str(); "door {}: {e}", door.id);
-            Some("store_error".into())
-        }
-        (None, _, true) => Some("ble_closed".into()),
-        _ => None,
-    };
-    if let Some(code) = &error_code {
-        log::warn!(target: "keyway::ble", door = door.id.as_str(), error = code.as_str(), peer = report.peer.as_str();
-            "door {}: BLE connection from {} ended: {code}", door.id, report.peer);
-    }
-    let latency = report.to_decision.unwrap_or(report.total);
-    let latency_ms = u32::try_from(latency.as_millis()).unwrap_or(u32::MAX);
-    let now = events::unix_ms(time::OffsetDateTime::now_utc());
-    let key = report.endpoint_key.as_ref().map(|k| k.as_slice());
-    let event = match (decision, key) {
-        (Some(Ok(d)), Some(k)) => {
-            AccessEvent::from_decision(now, &door.id, Transport::Ble, k, d, latency_ms)
-        }
-        (_, k) => AccessEvent::error(
-            now,
-            &door.id,
-            Transport::Ble,
-            k,
-            error_code.as_deref().unwrap_or("no_decision"),
-            latency_ms,
-        ),
-    };
-    match store.record(event.clone()).await {
-        Ok(id) => events::log_event(&event, id),
-        Err(e) => {
-            log::error!(target: "keyway::ble", door = door.id.as_str();
-                "door {}: event could not be stored: {e}", door.id);
-            events::log_event(&event, -1);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -237,48 +173,21 @@ mod tests {
     //! policy, panel verdict) against the project's BLE phone, without BlueZ (the VM test
     //! `tests/ble_hil.rs` covers the adapter).
     use super::*;
-    use crate::acl::DenyReason;
+    use crate::acl::{fingerprint, Decision, DenyReason};
     use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
     use crate::ble::Event;
-    use crate::card::WiegandBits;
-    use crate::config::AuthPolicy;
-    use crate::daemon::door::shared_limiter;
-    use crate::nfc::ratelimit::RateLimitConfig;
+    use crate::daemon::access::testutil::{door, setup, Panel, Setup};
+    use crate::daemon::access::{shared_limiter, RateLimitConfig};
+    use crate::osdp::Verdict;
     use crate::sim::ble_phone::{BlePhone, PhoneEvent};
     use crate::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
-    use std::path::PathBuf;
-    use std::sync::Mutex;
-    use tokio::sync::oneshot;
+    use std::time::Duration;
 
-    /// A panel that takes cards and, when `answer` is set, gives that verdict on each.
-    #[derive(Clone, Default)]
-    struct Panel {
-        cards: Arc<Mutex<Vec<WiegandBits>>>,
-        answer: Option<Verdict>,
-        waiter: Arc<Mutex<Option<oneshot::Sender<Verdict>>>>,
-    }
-
-    impl PanelSink for Panel {
-        fn send_card(&self, _door: &Door, bits: WiegandBits, _started: Instant) {
-            self.cards.lock().unwrap().push(bits);
-            if let (Some(v), Some(tx)) = (self.answer, self.waiter.lock().unwrap().take()) {
-                let _ = tx.send(v);
-            }
-        }
-
-        fn await_verdict(&self, _door: &Door) -> Option<VerdictWait> {
-            self.answer?;
-            let (tx, rx) = oneshot::channel();
-            *self.waiter.lock().unwrap() = Some(tx);
-            Some(rx)
-        }
-    }
-
-    /// The NFC tap tests' store and reader: one enrolled phone at door "front".
-    type Rig = crate::daemon::tap::tests::Setup;
+    /// The shared store and reader: one enrolled phone at door "front".
+    type Rig = Setup;
 
     fn rig() -> Rig {
-        crate::daemon::tap::tests::setup(None, None, "front")
+        setup(None, None, "front")
     }
 
     fn handler(r: &Rig, sensitive: bool, panel: Panel) -> Handler<Panel> {
@@ -291,44 +200,34 @@ mod tests {
         panel: Panel,
         limit: RateLimitConfig,
     ) -> Handler<Panel> {
+        let ble = DoorBle {
+            enabled: true,
+            adapter: None,
+            rssi_threshold_dbm: -70,
+            mode: BleMode::Tap,
+            max_connections: 4,
+            spsm: 0x80,
+            timeout_ms: 5000,
+            panel_verdict_wait_ms: Some(1000),
+        };
         let door = Door {
-            id: "front".into(),
-            port: PathBuf::from("/dev/null"),
-            baud: 9600,
-            address: 0,
-            outputs: 0,
-            reader_pattern: "*".into(),
-            group_id: [1; 16],
-            sub_id: [2; 16],
-            private_key_file: PathBuf::new(),
-            auth_policy: AuthPolicy::UserDeviceSetting,
             sensitive,
-            accept_cards: false,
-            fast: false,
-            step_up: None,
-            certificate: None,
+            ble: Some(ble.clone()),
+            ..door()
         };
         Handler {
-            door: Arc::new(door),
+            access: Access::new(
+                Arc::new(door),
+                r.store.clone(),
+                panel,
+                shared_limiter(limit),
+            ),
             identity: Arc::new(ReaderIdentity::new(
                 r.identity.group_id,
                 r.identity.sub_id,
                 r.identity.private_key.clone(),
             )),
-            store: r.store.clone(),
-            ble: Arc::new(DoorBle {
-                enabled: true,
-                adapter: None,
-                rssi_threshold_dbm: -70,
-                mode: BleMode::Tap,
-                max_connections: 4,
-                spsm: 0x80,
-                timeout_ms: 5000,
-                panel_verdict_wait_ms: Some(1000),
-            }),
-            panel,
-            panel_verdict_wait: Duration::from_secs(1),
-            limiter: shared_limiter(limit),
+            ble: Arc::new(ble),
         }
     }
 
@@ -379,47 +278,47 @@ mod tests {
         let panel = Panel::default();
         let h = handler(&r, true, panel.clone());
         // The session asks the phone for user verification (AUTH0 policy 03).
-        assert_eq!(h.door.aliro_auth_policy(), AuthPolicy::ForceUserAuth.code());
+        assert_eq!(
+            h.access.door.aliro_auth_policy(),
+            crate::config::AuthPolicy::ForceUserAuth.code()
+        );
         let (told, v) = connect(&h, &r, 0).await;
         assert_eq!(told, 0x00, "secured");
         assert!(matches!(
-            v.decision,
-            Ok(Decision::Deny(DenyReason::UserVerificationRequired))
+            v.attempt.decision,
+            Some(Decision::Deny(DenyReason::UserVerificationRequired))
         ));
-        assert!(
-            panel.cards.lock().unwrap().is_empty(),
-            "no card to the panel"
-        );
+        assert!(panel.cards().is_empty(), "no card to the panel");
         let (told, v) = connect(&h, &r, SIGNALING_USER_VERIFIED_BIT).await;
         assert_eq!(told, 0x01, "unsecured");
-        assert!(matches!(v.decision, Ok(Decision::Grant(_))));
-        assert_eq!(panel.cards.lock().unwrap().len(), 1);
+        assert!(v.attempt.granted());
+        assert_eq!(panel.cards().len(), 1);
     }
 
     #[tokio::test]
     async fn the_panel_has_the_last_word() {
         let r = rig();
         // A plain door grants without user verification; the panel then refuses.
-        let refusing = Panel {
-            answer: Some(Verdict::Denied),
-            ..Panel::default()
-        };
+        let refusing = Panel::answering(Verdict::Denied);
         let h = handler(&r, false, refusing.clone());
         let (told, v) = connect(&h, &r, 0).await;
-        assert!(matches!(v.decision, Ok(Decision::Grant(_))));
-        assert_eq!((told, v.panel), (0x00, Some(Verdict::Denied)));
-        assert_eq!(refusing.cards.lock().unwrap().len(), 1);
-        let granting = Panel {
-            answer: Some(Verdict::Granted),
-            ..Panel::default()
-        };
+        assert!(v.attempt.granted());
+        assert_eq!(
+            (told, v.attempt.panel_verdict),
+            (0x00, Some(Verdict::Denied))
+        );
+        assert_eq!(refusing.cards().len(), 1);
+        let granting = Panel::answering(Verdict::Granted);
         let h = handler(&r, false, granting);
         let (told, v) = connect(&h, &r, 0).await;
-        assert_eq!((told, v.panel), (0x01, Some(Verdict::Granted)));
+        assert_eq!(
+            (told, v.attempt.panel_verdict),
+            (0x01, Some(Verdict::Granted))
+        );
         // A panel that tells nothing leaves keyway's grant standing.
         let h = handler(&r, false, Panel::default());
         let (told, v) = connect(&h, &r, 0).await;
-        assert_eq!((told, v.panel), (0x01, None));
+        assert_eq!((told, v.attempt.panel_verdict), (0x01, None));
     }
 
     #[tokio::test]
@@ -458,12 +357,17 @@ mod tests {
         let (told, v) = connect(&h, &r, SIGNALING_USER_VERIFIED_BIT).await;
         assert_eq!(told, 0x00);
         assert!(matches!(
-            v.decision,
-            Ok(Decision::Deny(DenyReason::RateLimited))
+            v.attempt.decision,
+            Some(Decision::Deny(DenyReason::RateLimited))
         ));
-        assert!(panel.cards.lock().unwrap().is_empty());
+        assert!(panel.cards().is_empty());
         // The same limiter is the door's NFC one (the daemon hands both sides one Arc).
         let fp = fingerprint(&key);
-        assert!(h.limiter.lock().unwrap().is_limited(&fp, Instant::now()));
+        assert!(h
+            .access
+            .limiter()
+            .lock()
+            .unwrap()
+            .is_limited(&fp, Instant::now()));
     }
 }

@@ -2,14 +2,16 @@
 //!
 //! Tasks: one store thread (the only SQLite writer), one OSDP bus task per serial port (each
 //! serving the PD addresses of the doors on that bus), one NFC reader loop per door. A tap runs
-//! inside its door's reader loop, so one door never waits for another's phone.
+//! inside its door's reader loop, so one door never waits for another's phone. Every
+//! transport goes through the one access pipeline ([`access`]).
 
+pub mod access;
 pub mod ble;
 pub mod door;
 mod store;
 pub mod tap;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -18,12 +20,12 @@ use tokio::sync::{oneshot, watch};
 use crate::aliro::reader::ReaderIdentity;
 use crate::card::WiegandBits;
 use crate::config::{self, Door, Validated};
-use crate::osdp::{PdConfig, PdEvent, PdIdentity, RawCard, RawFormat, Verdict};
+use crate::osdp::{AttemptId, PdConfig, PdEvent, PdIdentity, RawCard, RawFormat, Verdict};
 use crate::serial::{self, BusConfig, BusEvent, BusHandle};
 
-pub use door::{run_door, shared_limiter, DoorRuntime, PanelSink, SharedLimiter};
+pub use access::{shared_limiter, PanelSink, SharedLimiter, VerdictWait};
+pub use door::{run_door, DoorRuntime};
 pub use store::{StoreError, StoreHandle};
-pub use tap::VerdictWait;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -67,10 +69,8 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             };
             pd.outputs = d.outputs;
             pd.baud = d.baud;
-            if let Some(opts) = cfg.osdp_options.get(&d.id) {
-                pd.secure = secure_config(d, opts, &mut key_files)?;
-                pd.verdict_window = opts.verdict_window;
-            }
+            pd.secure = secure_config(d, &d.osdp, &mut key_files)?;
+            pd.verdict_window = d.osdp.verdict_window;
             pds.push(pd);
         }
         let bus_cfg = BusConfig {
@@ -92,28 +92,12 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
         let port_name = port.display().to_string();
         let pending = Pending::default();
         let delivered = pending.clone();
-        let door_of: HashMap<u8, String> =
-            doors.iter().map(|d| (d.address, d.id.clone())).collect();
         let verdicts = store.clone();
         tasks.spawn(async move {
             loop {
                 match events.recv().await {
                     Ok(event) => {
-                        log_bus_event(&port_name, &event, &delivered);
-                        if let BusEvent::Pd {
-                            addr,
-                            event: PdEvent::PanelVerdict { verdict, .. },
-                        } = &event
-                        {
-                            if let Some(door) = door_of.get(addr) {
-                                // Recorded with the door's latest granted event.
-                                if let Err(e) = verdicts.panel_verdict(door, verdict.as_str()).await
-                                {
-                                    log::warn!(target: "keyway::osdp", door = door.as_str();
-                                        "door {door}: panel verdict not stored: {e}");
-                                }
-                            }
-                        }
+                        on_bus_event(&port_name, &event, &delivered, &verdicts).await;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         log::warn!(target: "keyway::osdp", port = port_name.as_str();
@@ -152,19 +136,18 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             identity,
             store: store.clone(),
             nfc: cfg.nfc.clone(),
-            limiter: door::shared_limiter(crate::nfc::ratelimit::RateLimitConfig::default()),
+            limiter: shared_limiter(access::RateLimitConfig::default()),
         };
         let panel = BusPanel {
             bus,
             pending: pending.clone(),
         };
-        // The same door over BLE, when configured: same identity, store and panel.
-        if let Some((_, b)) = cfg.ble.iter().find(|(id, _)| *id == door.id) {
+        // The same door over BLE, when configured: same identity, store, panel and limiter.
+        if door.ble.is_some() {
             let ble_rt = ble::BleDoorRuntime {
                 door: rt.door.clone(),
                 identity: rt.identity.clone(),
                 store: store.clone(),
-                ble: b.clone(),
                 stats: Arc::default(),
                 limiter: rt.limiter.clone(),
             };
@@ -257,57 +240,64 @@ fn firmware_version() -> [u8; 3] {
     ]
 }
 
-/// Per PD address: when each queued card was presented (so the bus can report tap-to-RAW),
-/// and the tap waiting for the panel's verdict on its card.
+/// The cards in flight on one bus, by attempt id: when each was presented (so the bus can
+/// report tap-to-RAW) and the attempt waiting for the panel's verdict on it. Several attempts
+/// of one door (BLE phones and an NFC tap at once) each get their own verdict.
 #[derive(Clone, Default)]
 struct Pending(Arc<Mutex<PendingState>>);
 
 #[derive(Default)]
 struct PendingState {
-    started: HashMap<u8, VecDeque<Instant>>,
-    /// The waiting tap, and whether its card has left yet (`CardSent`): only verdicts after
-    /// that are about its card; earlier ones close the previous card.
-    verdicts: HashMap<u8, (oneshot::Sender<Verdict>, bool)>,
+    started: HashMap<AttemptId, Instant>,
+    verdicts: HashMap<AttemptId, oneshot::Sender<Verdict>>,
 }
 
-/// How many undelivered cards one door may have queued; the PD's own queue is bounded too.
-const MAX_PENDING: usize = 16;
+/// How many cards of one bus may be in flight; the PDs' own queues are bounded too.
+const MAX_PENDING: usize = 64;
 
 impl Pending {
-    fn push(&self, address: u8, started: Instant) {
-        if let Ok(mut st) = self.0.lock() {
-            let q = st.started.entry(address).or_default();
-            if q.len() >= MAX_PENDING {
-                q.pop_front();
+    /// Attempt `attempt`'s card is on its way; its verdict goes to the returned receiver.
+    fn push(&self, attempt: AttemptId, started: Instant) -> Option<oneshot::Receiver<Verdict>> {
+        let mut st = self.0.lock().ok()?;
+        // Attempts that stopped waiting (or whose card never left) go first.
+        st.verdicts.retain(|_, tx| !tx.is_closed());
+        if st.started.len() >= MAX_PENDING {
+            let oldest = st.started.iter().min_by_key(|(_, t)| **t).map(|(a, _)| *a);
+            if let Some(a) = oldest {
+                st.started.remove(&a);
             }
-            q.push_back(started);
         }
-    }
-    fn pop(&self, address: u8) -> Option<Instant> {
-        self.0.lock().ok()?.started.get_mut(&address)?.pop_front()
-    }
-    /// The next verdict of `address` goes to the returned receiver (replacing an older wait:
-    /// one tap at a time per door).
-    fn wait_verdict(&self, address: u8) -> Option<oneshot::Receiver<Verdict>> {
+        if st.verdicts.len() >= MAX_PENDING {
+            return None;
+        }
+        st.started.insert(attempt, started);
         let (tx, rx) = oneshot::channel();
-        self.0.lock().ok()?.verdicts.insert(address, (tx, false));
+        st.verdicts.insert(attempt, tx);
         Some(rx)
     }
-    /// The card of `address` went out: the waiting tap's verdict is the next one.
-    fn card_sent(&self, address: u8) {
+
+    /// The card of `attempt` could not be queued: nothing will come.
+    fn forget(&self, attempt: AttemptId) {
         if let Ok(mut st) = self.0.lock() {
-            if let Some((_, sent)) = st.verdicts.get_mut(&address) {
-                *sent = true;
-            }
+            st.started.remove(&attempt);
+            st.verdicts.remove(&attempt);
         }
     }
-    fn verdict(&self, address: u8, verdict: Verdict) {
-        let Ok(mut st) = self.0.lock() else { return };
-        if !matches!(st.verdicts.get(&address), Some((_, true))) {
-            return; // about an earlier card
-        }
-        if let Some((tx, _)) = st.verdicts.remove(&address) {
-            // The tap may have stopped waiting; then only the event row gets the verdict.
+
+    /// The card of `attempt` went out: when it was presented.
+    fn sent(&self, attempt: AttemptId) -> Option<Instant> {
+        self.0.lock().ok()?.started.remove(&attempt)
+    }
+
+    /// The panel's verdict on the card of `attempt`, to the attempt if it still waits.
+    fn verdict(&self, attempt: AttemptId, verdict: Verdict) {
+        let tx = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut st| st.verdicts.remove(&attempt));
+        if let Some(tx) = tx {
+            // The attempt may have stopped waiting; then only the event row gets the verdict.
             let _ = tx.send(verdict);
         }
     }
@@ -321,30 +311,41 @@ struct BusPanel {
 }
 
 impl PanelSink for BusPanel {
-    fn await_verdict(&self, door: &Door) -> Option<VerdictWait> {
-        self.pending.wait_verdict(door.address)
-    }
-
-    fn send_card(&self, door: &Door, bits: WiegandBits, started: Instant) {
+    fn send_card(
+        &self,
+        door: &Door,
+        bits: WiegandBits,
+        attempt: AttemptId,
+        started: Instant,
+    ) -> Option<VerdictWait> {
         let raw = RawCard {
             reader: 0,
             format: RawFormat::Wiegand,
             bit_count: bits.bit_count,
             data: bits.data,
         };
-        self.pending.push(door.address, started);
-        let (bus, address, id) = (self.bus.clone(), door.address, door.id.clone());
-        // The bus task answers within one poll; the tap need not wait for it.
+        let wait = self.pending.push(attempt, started);
+        let (bus, pending, address, id) = (
+            self.bus.clone(),
+            self.pending.clone(),
+            door.address,
+            door.id.clone(),
+        );
+        // The bus task answers within one poll; the attempt need not wait for it.
         tokio::spawn(async move {
-            if let Err(e) = bus.send_card(address, raw).await {
+            if let Err(e) = bus.send_attempt(address, raw, Some(attempt)).await {
+                pending.forget(attempt);
                 log::error!(target: "keyway::osdp", door = id.as_str();
                     "door {id}: card not queued for the panel: {e}");
             }
         });
+        wait
     }
 }
 
-fn log_bus_event(port: &str, event: &BusEvent, pending: &Pending) {
+/// One bus event: logged; a card's departure timed; a verdict handed to its attempt and
+/// stored with its event row (by attempt id).
+async fn on_bus_event(port: &str, event: &BusEvent, pending: &Pending, store: &StoreHandle) {
     let (address, event) = match event {
         BusEvent::Pd { addr, event } => (*addr, event),
         BusEvent::PortOpened { .. } => {
@@ -359,24 +360,34 @@ fn log_bus_event(port: &str, event: &BusEvent, pending: &Pending) {
             return;
         }
     };
-    if let PdEvent::CardSent(_) = event {
-        pending.card_sent(address);
-        let ms = pending
-            .pop(address)
-            .map(|t| t.elapsed().as_secs_f64() * 1000.0)
-            .unwrap_or(-1.0);
-        log::info!(target: "keyway::osdp", port = port, address = address, tap_to_raw_ms = ms;
-            "osdp {port} pd {address}: raw sent, {ms:.1} ms after the tap");
-        return;
+    match event {
+        PdEvent::CardSent { attempt, .. } => {
+            let ms = attempt
+                .and_then(|a| pending.sent(a))
+                .map(|t| t.elapsed().as_secs_f64() * 1000.0)
+                .unwrap_or(-1.0);
+            log::info!(target: "keyway::osdp", port = port, address = address, tap_to_raw_ms = ms;
+                "osdp {port} pd {address}: raw sent, {ms:.1} ms after the tap");
+        }
+        PdEvent::PanelVerdict {
+            verdict, attempt, ..
+        } => {
+            let v = verdict.as_str();
+            log::info!(target: "keyway::osdp", port = port, address = address, verdict = v;
+                "osdp {port} pd {address}: panel verdict {v}");
+            // A card queued by something other than an access attempt has no event row.
+            let Some(a) = *attempt else { return };
+            pending.verdict(a, *verdict);
+            if let Err(e) = store.panel_verdict(a, v).await {
+                log::warn!(target: "keyway::osdp", port = port, address = address;
+                    "osdp {port} pd {address}: panel verdict not stored: {e}");
+            }
+        }
+        other => {
+            log::info!(target: "keyway::osdp", port = port, address = address;
+                "osdp {port} pd {address}: {other:?}")
+        }
     }
-    if let PdEvent::PanelVerdict { verdict, .. } = event {
-        pending.verdict(address, *verdict);
-        let verdict = verdict.as_str();
-        log::info!(target: "keyway::osdp", port = port, address = address, verdict = verdict;
-            "osdp {port} pd {address}: panel verdict {verdict}");
-        return;
-    }
-    log::info!(target: "keyway::osdp", port = port, address = address; "osdp {port} pd {address}: {event:?}");
 }
 
 fn notify_ready() {
@@ -398,24 +409,135 @@ async fn wait_for_signal() -> Result<(), DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acl::Store;
+    use crate::daemon::access::testutil::{door, setup};
+    use crate::daemon::access::{Access, Attempt, SharedLimiter, Subject};
+    use crate::events::Transport;
+    use std::time::Duration;
 
-    #[test]
-    fn a_tap_hears_only_the_verdict_on_its_own_card() {
-        let p = Pending::default();
-        let mut rx = p.wait_verdict(1).unwrap();
-        // The previous card is closed as unknown before ours goes out: not ours.
-        p.verdict(1, Verdict::Unknown);
-        // Another door's card going out does not arm ours.
-        p.card_sent(2);
-        p.verdict(1, Verdict::Granted);
-        assert!(
-            rx.try_recv().is_err(),
-            "a verdict before our card left was taken"
+    /// The [`PanelSink`] half of [`BusPanel`] without a serial port: the card is registered
+    /// with the bus's pending attempts, as `BusPanel::send_card` does before queueing it.
+    #[derive(Clone)]
+    struct PendingPanel(Pending);
+
+    impl PanelSink for PendingPanel {
+        fn send_card(
+            &self,
+            _door: &Door,
+            _bits: WiegandBits,
+            attempt: AttemptId,
+            started: Instant,
+        ) -> Option<VerdictWait> {
+            self.0.push(attempt, started)
+        }
+    }
+
+    fn pd(addr: u8, event: PdEvent) -> BusEvent {
+        BusEvent::Pd { addr, event }
+    }
+
+    fn card() -> RawCard {
+        RawCard {
+            reader: 0,
+            format: RawFormat::Wiegand,
+            bit_count: 26,
+            data: vec![1, 2, 3, 0],
+        }
+    }
+
+    /// Two grants in flight at one door (a BLE phone and an NFC tap); the panel refuses the
+    /// first card and grants the second. Each attempt hears its own verdict, and each event
+    /// row gets its own, whether the row was stored before or after the verdict came.
+    #[tokio::test]
+    async fn two_overlapping_grants_at_one_door_each_get_their_own_verdict() {
+        let s = setup(None, None, "front");
+        let pending = Pending::default();
+        let limiter: SharedLimiter = shared_limiter(access::RateLimitConfig::default());
+        let access = Access::new(
+            Arc::new(door()),
+            s.store.clone(),
+            PendingPanel(pending.clone()),
+            limiter,
         );
-        p.card_sent(1);
-        p.verdict(1, Verdict::Denied);
-        assert_eq!(rx.try_recv().unwrap(), Verdict::Denied);
-        // Delivered once; later verdicts go nowhere.
-        p.verdict(1, Verdict::Granted);
+        let key: [u8; 65] = s
+            .enrolled
+            .public_key()
+            .to_sec1_bytes()
+            .as_ref()
+            .try_into()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let subject = || Subject::Endpoint {
+            key,
+            signaling_bitmap: None,
+        };
+        let mut ble: Attempt = access.begin(Transport::Ble, Instant::now(), deadline);
+        access.decide(&mut ble, subject()).await.unwrap();
+        let mut nfc: Attempt = access.begin(Transport::Nfc, Instant::now(), deadline);
+        access.decide(&mut nfc, subject()).await.unwrap();
+        let (a, b) = (ble.attempt_id.unwrap(), nfc.attempt_id.unwrap());
+        assert_ne!(a, b);
+        // The BLE attempt is recorded before its verdict comes (the phone was quick); the
+        // NFC one after.
+        access.finish(&ble, None, None).await;
+        // What the PD reports: both cards leave, the panel answers on each (the PD unit test
+        // `each_verdict_names_the_attempt_of_its_card` shows it tags them so).
+        let events = [
+            pd(
+                0,
+                PdEvent::CardSent {
+                    card: card(),
+                    attempt: Some(a),
+                },
+            ),
+            pd(
+                0,
+                PdEvent::PanelVerdict {
+                    card: card(),
+                    verdict: Verdict::Denied,
+                    attempt: Some(a),
+                },
+            ),
+            pd(
+                0,
+                PdEvent::CardSent {
+                    card: card(),
+                    attempt: Some(b),
+                },
+            ),
+            pd(
+                0,
+                PdEvent::PanelVerdict {
+                    card: card(),
+                    verdict: Verdict::Granted,
+                    attempt: Some(b),
+                },
+            ),
+        ];
+        let verdict_wait = async {
+            tokio::join!(
+                access.panel_verdict(&mut ble, Duration::from_secs(2)),
+                access.panel_verdict(&mut nfc, Duration::from_secs(2)),
+            )
+        };
+        let feed = async {
+            for e in &events {
+                on_bus_event("pty", e, &pending, &s.store).await;
+            }
+        };
+        let (verdicts, ()) = tokio::join!(verdict_wait, feed);
+        assert_eq!(verdicts, (Some(Verdict::Denied), Some(Verdict::Granted)));
+        assert!(!ble.phone_granted() && nfc.phone_granted());
+        access.finish(&nfc, None, None).await;
+
+        let store = Store::open(&s._dir.path().join("k.db")).unwrap();
+        let rows = store.recent_events(10).unwrap();
+        let by_transport = |t: Transport| {
+            rows.iter()
+                .find(|r| r.event.transport == t)
+                .and_then(|r| r.panel_verdict.clone())
+        };
+        assert_eq!(by_transport(Transport::Ble).as_deref(), Some("denied"));
+        assert_eq!(by_transport(Transport::Nfc).as_deref(), Some("granted"));
     }
 }

@@ -12,7 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::acl::{AclError, Decision, Store};
 use crate::aliro::crypto::SymmetricKey;
 use crate::aliro::reader::FastCredential;
-use crate::events::{unix_ms, AccessEvent, EventDecision};
+use crate::events::AccessEvent;
+use crate::osdp::AttemptId;
 
 /// Requests queue here while a slow disk catches up; a full queue delays taps, never drops events.
 const QUEUE: usize = 256;
@@ -42,6 +43,7 @@ enum Request {
     },
     Record {
         event: Box<AccessEvent>,
+        attempt: Option<i64>,
         reply: oneshot::Sender<Result<i64, AclError>>,
     },
     FastKeys {
@@ -55,21 +57,24 @@ enum Request {
         k_persistent: Option<SymmetricKey>,
         reply: oneshot::Sender<Result<bool, AclError>>,
     },
-    /// The panel's verdict on the latest card of `door`.
+    /// The panel's verdict on the card of `attempt`.
     Verdict {
-        door: String,
+        attempt: i64,
         verdict: &'static str,
         reply: oneshot::Sender<Result<Option<i64>, AclError>>,
     },
 }
 
-/// How far back a verdict looks for its granted event, and how long a verdict that arrived
-/// before its event row waits for it (the panel can answer before the phone has finished).
+/// How long a verdict that arrived before its event row waits for it (the panel can answer
+/// before the phone has finished).
 const VERDICT_REACH: Duration = Duration::from_secs(60);
 
-/// Verdicts waiting for their event row, per door; bounded by the number of doors.
+/// Most verdicts waiting for their event rows at once (oldest dropped first).
+const MAX_PENDING_VERDICTS: usize = 256;
+
+/// Verdicts waiting for their event row, by attempt id.
 #[derive(Default)]
-struct PendingVerdicts(HashMap<String, (&'static str, Instant)>);
+struct PendingVerdicts(HashMap<i64, (&'static str, Instant)>);
 
 /// Cheap handle to the store thread.
 #[derive(Clone)]
@@ -105,22 +110,25 @@ impl StoreHandle {
                         } => {
                             let _ = reply.send(store.decide_card(&uid, &door, now));
                         }
-                        Request::Record { event, reply } => {
-                            let r = store.record_event(&event);
-                            if r.is_ok() && event.decision == EventDecision::Granted {
-                                pending.apply(&mut store, &event);
+                        Request::Record {
+                            event,
+                            attempt,
+                            reply,
+                        } => {
+                            let r = store.record_attempt(&event, attempt);
+                            if let (Ok(_), Some(a)) = (&r, attempt) {
+                                pending.apply(&mut store, a, &event.door);
                             }
                             let _ = reply.send(r);
                         }
                         Request::Verdict {
-                            door,
+                            attempt,
                             verdict,
                             reply,
                         } => {
-                            let since = unix_ms_ago(VERDICT_REACH);
-                            let r = store.set_panel_verdict(&door, verdict, since);
+                            let r = store.set_panel_verdict(attempt, verdict);
                             if let Ok(None) = r {
-                                pending.0.insert(door, (verdict, Instant::now()));
+                                pending.hold(attempt, verdict);
                             }
                             let _ = reply.send(r);
                         }
@@ -162,16 +170,16 @@ impl StoreHandle {
         Ok(rx.await.map_err(|_| StoreError::Gone)??)
     }
 
-    /// Records the panel's verdict on the latest granted card of `door` (or keeps it until
-    /// that event is stored). Returns the event id when one was updated now.
+    /// Records the panel's verdict on the event of `attempt` (or keeps it until that event
+    /// is stored). Returns the event id when one was updated now.
     pub async fn panel_verdict(
         &self,
-        door: &str,
+        attempt: AttemptId,
         verdict: &'static str,
     ) -> Result<Option<i64>, StoreError> {
-        let door = door.to_owned();
+        let attempt = attempt_column(attempt);
         self.ask(|reply| Request::Verdict {
-            door,
+            attempt,
             verdict,
             reply,
         })
@@ -209,10 +217,16 @@ impl StoreHandle {
         .await
     }
 
-    /// Durably records an event; returns its id (the outbox order).
-    pub async fn record(&self, event: AccessEvent) -> Result<i64, StoreError> {
+    /// Durably records an event (with the attempt its card went to the panel under, if any);
+    /// returns its id (the outbox order).
+    pub async fn record(
+        &self,
+        event: AccessEvent,
+        attempt: Option<AttemptId>,
+    ) -> Result<i64, StoreError> {
         self.ask(|reply| Request::Record {
             event: Box::new(event),
+            attempt: attempt.map(attempt_column),
             reply,
         })
         .await
@@ -242,28 +256,45 @@ impl StoreHandle {
     }
 }
 
+/// Attempt ids are 63-bit (see [`crate::daemon::access::new_attempt_id`]): the SQLite
+/// integer holds them as they are.
+fn attempt_column(a: AttemptId) -> i64 {
+    i64::try_from(a).unwrap_or(i64::MAX)
+}
+
 impl PendingVerdicts {
-    /// Puts a waiting verdict on the granted `event` just stored for its door.
-    fn apply(&mut self, store: &mut Store, event: &AccessEvent) {
+    /// Keeps a verdict whose event row is not stored yet (bounded: stale ones go first, then
+    /// the oldest).
+    fn hold(&mut self, attempt: i64, verdict: &'static str) {
         self.0.retain(|_, (_, at)| at.elapsed() < VERDICT_REACH);
-        if let Some((verdict, _)) = self.0.remove(&event.door) {
-            if let Err(e) = store.set_panel_verdict(&event.door, verdict, event.time_ms) {
-                log::warn!(target: "keyway::daemon", door = event.door.as_str();
-                    "door {}: panel verdict not stored: {e}", event.door);
+        if self.0.len() >= MAX_PENDING_VERDICTS {
+            if let Some(oldest) = self
+                .0
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(a, _)| *a)
+            {
+                self.0.remove(&oldest);
+            }
+        }
+        self.0.insert(attempt, (verdict, Instant::now()));
+    }
+
+    /// Puts a waiting verdict on the event of `attempt` just stored.
+    fn apply(&mut self, store: &mut Store, attempt: i64, door: &str) {
+        if let Some((verdict, _)) = self.0.remove(&attempt) {
+            if let Err(e) = store.set_panel_verdict(attempt, verdict) {
+                log::warn!(target: "keyway::daemon", door = door;
+                    "door {door}: panel verdict not stored: {e}");
             }
         }
     }
 }
 
-fn unix_ms_ago(d: Duration) -> i64 {
-    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-    unix_ms(time::OffsetDateTime::now_utc()).saturating_sub(ms)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Transport;
+    use crate::events::{unix_ms, EventDecision, Transport};
 
     fn granted(door: &str) -> AccessEvent {
         AccessEvent {
@@ -285,14 +316,13 @@ mod tests {
         let db = dir.path().join("k.db");
         let (h, _t) = StoreHandle::open(&db).unwrap();
         // After: the row exists, the verdict lands at once.
-        let a = h.record(granted("front")).await.unwrap();
-        assert_eq!(h.panel_verdict("front", "granted").await.unwrap(), Some(a));
+        let a = h.record(granted("front"), Some(1)).await.unwrap();
+        assert_eq!(h.panel_verdict(1, "granted").await.unwrap(), Some(a));
         // Before: the panel answered before the phone finished; held until the row comes.
-        assert_eq!(h.panel_verdict("front", "denied").await.unwrap(), None);
-        let b = h.record(granted("front")).await.unwrap();
-        // Another door's verdict waiting does not touch this door.
-        assert_eq!(h.panel_verdict("back", "unknown").await.unwrap(), None);
-        let c = h.record(granted("front")).await.unwrap();
+        assert_eq!(h.panel_verdict(2, "denied").await.unwrap(), None);
+        // Another attempt of the same door stored meanwhile does not take it.
+        let c = h.record(granted("front"), Some(3)).await.unwrap();
+        let b = h.record(granted("front"), Some(2)).await.unwrap();
         drop(h);
 
         let store = Store::open(&db).unwrap();

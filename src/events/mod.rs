@@ -257,11 +257,21 @@ fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 impl Store {
     /// Appends `event` to the outbox; returns its id (strictly increasing).
     pub fn record_event(&mut self, event: &AccessEvent) -> Result<i64, AclError> {
+        self.record_attempt(event, None)
+    }
+
+    /// [`record_event`](Self::record_event) for the attempt whose card went to the panel under
+    /// `attempt` (its verdict is then stored with [`set_panel_verdict`](Self::set_panel_verdict)).
+    pub fn record_attempt(
+        &mut self,
+        event: &AccessEvent,
+        attempt: Option<i64>,
+    ) -> Result<i64, AclError> {
         event.validate()?;
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO events (time_ms, door, transport, endpoint_fingerprint, person_id, \
-             credential_id, decision, reason, latency_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             credential_id, decision, reason, latency_ms, attempt_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         stmt.execute(rusqlite::params![
             event.time_ms,
@@ -273,18 +283,17 @@ impl Store {
             event.decision.as_str(),
             event.reason,
             event.latency_ms,
+            attempt,
         ])?;
         Ok(self.conn.last_insert_rowid())
     }
 
-    /// Records the panel's `verdict` on the newest granted event of `door` at or after
-    /// `since_ms` that has none yet; returns that event's id, or `None` when there is no such
-    /// event (yet).
+    /// Records the panel's `verdict` on the event of `attempt`, unless it has one already;
+    /// returns that event's id, or `None` when no such event is stored (yet).
     pub fn set_panel_verdict(
         &mut self,
-        door: &str,
+        attempt: i64,
         verdict: &str,
-        since_ms: i64,
     ) -> Result<Option<i64>, AclError> {
         if !PANEL_VERDICTS.contains(&verdict) {
             return Err(AclError::InvalidEvent(format!(
@@ -294,18 +303,12 @@ impl Store {
         let id: Option<i64> = self
             .conn
             .query_row(
-                "SELECT id FROM events WHERE door = ?1 AND decision = 'granted' \
-                 AND panel_verdict IS NULL AND time_ms >= ?2 ORDER BY id DESC LIMIT 1",
-                rusqlite::params![door, since_ms],
+                "UPDATE events SET panel_verdict = ?2 \
+                 WHERE attempt_id = ?1 AND panel_verdict IS NULL RETURNING id",
+                rusqlite::params![attempt, verdict],
                 |r| r.get(0),
             )
             .optional()?;
-        if let Some(id) = id {
-            self.conn.execute(
-                "UPDATE events SET panel_verdict = ?2 WHERE id = ?1",
-                rusqlite::params![id, verdict],
-            )?;
-        }
         Ok(id)
     }
 
@@ -483,41 +486,24 @@ mod tests {
     }
 
     #[test]
-    fn panel_verdict_goes_to_the_newest_granted_event_of_the_door() {
+    fn panel_verdict_goes_to_the_event_of_its_attempt() {
         let mut s = Store::open_in_memory().unwrap();
-        let old = s
-            .record_event(&ev(EventDecision::Granted, "granted"))
-            .unwrap();
-        let mut other_door = ev(EventDecision::Granted, "granted");
-        other_door.door = "back".into();
-        s.record_event(&other_door).unwrap();
-        let newest = s
-            .record_event(&ev(EventDecision::Granted, "granted"))
-            .unwrap();
+        let granted = || ev(EventDecision::Granted, "granted");
+        // Two grants at one door, recorded in the other order than their cards left.
+        let second = s.record_attempt(&granted(), Some(2)).unwrap();
+        let first = s.record_attempt(&granted(), Some(1)).unwrap();
+        let plain = s.record_event(&granted()).unwrap();
         let _denied = s
             .record_event(&ev(EventDecision::Denied, "expired"))
             .unwrap();
-        let since = ev(EventDecision::Granted, "").time_ms;
-
-        assert_eq!(
-            s.set_panel_verdict("front", "denied", since).unwrap(),
-            Some(newest)
-        );
-        // The next verdict goes to the newest one still without a verdict.
-        assert_eq!(
-            s.set_panel_verdict("front", "granted", since).unwrap(),
-            Some(old)
-        );
-        assert_eq!(
-            s.set_panel_verdict("front", "granted", since).unwrap(),
-            None
-        );
-        // Too old for the window: untouched.
-        assert_eq!(
-            s.set_panel_verdict("back", "granted", since + 1).unwrap(),
-            None
-        );
-        assert!(s.set_panel_verdict("back", "green", since).is_err());
+        assert_eq!(s.set_panel_verdict(1, "denied").unwrap(), Some(first));
+        assert_eq!(s.set_panel_verdict(2, "granted").unwrap(), Some(second));
+        // Once set, a verdict stays; an attempt with no row yet is reported as such.
+        assert_eq!(s.set_panel_verdict(1, "granted").unwrap(), None);
+        assert_eq!(s.set_panel_verdict(3, "granted").unwrap(), None);
+        assert!(s.set_panel_verdict(3, "green").is_err());
+        // An attempt id names one event.
+        assert!(s.record_attempt(&granted(), Some(2)).is_err());
 
         let by_id: std::collections::HashMap<i64, Option<String>> = s
             .recent_events(10)
@@ -525,9 +511,9 @@ mod tests {
             .into_iter()
             .map(|e| (e.id, e.panel_verdict))
             .collect();
-        assert_eq!(by_id[&newest].as_deref(), Some("denied"));
-        assert_eq!(by_id[&old].as_deref(), Some("granted"));
-        assert_eq!(by_id.values().filter(|v| v.is_none()).count(), 2);
+        assert_eq!(by_id[&first].as_deref(), Some("denied"));
+        assert_eq!(by_id[&second].as_deref(), Some("granted"));
+        assert_eq!(by_id[&plain], None);
         // Serialized only when known.
         let json = serde_json::to_string(&s.recent_events(1).unwrap()[0]).unwrap();
         assert!(!json.contains("panel_verdict"), "{json}");

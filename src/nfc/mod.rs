@@ -8,8 +8,6 @@
 //! PC/SC calls block, so each runs on tokio's blocking pool under a timeout: no wait is
 //! unbounded, even if a driver never answers.
 
-pub mod ratelimit;
-
 use std::ffi::CString;
 use std::future::Future;
 use std::sync::{Arc, Mutex};

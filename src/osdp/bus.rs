@@ -90,9 +90,20 @@ impl Bus {
 
     /// Queue a card on the PD at `addr`.
     pub fn queue_card(&mut self, addr: u8, card: RawCard, now: Instant) -> Result<(), PdError> {
+        self.queue_attempt(addr, card, None, now)
+    }
+
+    /// Queue a card for `attempt` on the PD at `addr` (see [`Pd::queue_attempt`]).
+    pub fn queue_attempt(
+        &mut self,
+        addr: u8,
+        card: RawCard,
+        attempt: Option<super::pd::AttemptId>,
+        now: Instant,
+    ) -> Result<(), PdError> {
         self.pd_mut(addr)
             .ok_or(PdError::UnknownAddress(addr))?
-            .queue_card(card, now)
+            .queue_attempt(card, attempt, now)
     }
 
     /// Feed bytes read from the line at `now`; returns the reply packets to write, in order.

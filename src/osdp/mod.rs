@@ -26,7 +26,7 @@ pub mod verdict;
 pub use bus::Bus;
 pub use command::{BuzzerRecord, Command, LedParams, LedRecord, OutputRecord};
 pub use pd::{
-    DropReason, KeyStore, LedState, OutputState, Pd, PdConfig, PdDeps, PdError, PdEvent,
+    AttemptId, DropReason, KeyStore, LedState, OutputState, Pd, PdConfig, PdDeps, PdError, PdEvent,
     ScEndReason, SecureConfig,
 };
 pub use phy::{Check, DecoderStats, Frame, FrameDecoder, PhyError};

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_serial::{SerialPort, SerialPortBuilderExt, SerialStream};
 
 use crate::osdp::phy::{DecoderStats, FrameDecoder};
-use crate::osdp::{Bus, KeyStore, Pd, PdConfig, PdDeps, PdError, PdEvent, RawCard};
+use crate::osdp::{AttemptId, Bus, KeyStore, Pd, PdConfig, PdDeps, PdError, PdEvent, RawCard};
 
 pub use comfile::{load_com_settings, store_com_settings, ComFileError, ComSetting, ComSettings};
 pub use keyfile::{load_scbk, store_scbk, FileKeyStore, KeyFileError};
@@ -100,6 +100,7 @@ enum Request {
     SendCard {
         addr: u8,
         card: RawCard,
+        attempt: Option<AttemptId>,
         done: oneshot::Sender<Result<(), PdError>>,
     },
     Stats(oneshot::Sender<DecoderStats>),
@@ -126,9 +127,25 @@ impl BusHandle {
     /// Returns once the core accepted (or refused) it, not when the panel received it
     /// (watch for [`PdEvent::CardDelivered`]).
     pub async fn send_card(&self, addr: u8, card: RawCard) -> Result<(), SerialError> {
+        self.send_attempt(addr, card, None).await
+    }
+
+    /// [`send_card`](Self::send_card) for `attempt`: the PD's `CardSent` and `PanelVerdict`
+    /// events about this card carry the id.
+    pub async fn send_attempt(
+        &self,
+        addr: u8,
+        card: RawCard,
+        attempt: Option<AttemptId>,
+    ) -> Result<(), SerialError> {
         let (done, rx) = oneshot::channel();
         self.requests
-            .send(Request::SendCard { addr, card, done })
+            .send(Request::SendCard {
+                addr,
+                card,
+                attempt,
+                done,
+            })
             .await
             .map_err(|_| SerialError::Stopped)?;
         rx.await
@@ -375,8 +392,13 @@ impl BusTask {
 
     fn handle_request(&mut self, req: Request) {
         match req {
-            Request::SendCard { addr, card, done } => {
-                let r = self.bus.queue_card(addr, card, Instant::now());
+            Request::SendCard {
+                addr,
+                card,
+                attempt,
+                done,
+            } => {
+                let r = self.bus.queue_attempt(addr, card, attempt, Instant::now());
                 let _ = done.send(r);
             }
             Request::Stats(done) => {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::{Pd, PdError, PdEvent};
+use super::{AttemptId, Pd, PdError, PdEvent};
 use crate::osdp::reply::{RawCard, Reply};
 
 /// Largest card (bytes of data) accepted for osdp_RAW.
@@ -19,6 +19,7 @@ pub enum DropReason {
 #[derive(Debug)]
 pub(super) struct Queued {
     pub(super) card: RawCard,
+    attempt: Option<AttemptId>,
     at: Instant,
 }
 
@@ -30,6 +31,17 @@ impl Pd {
 
     /// Queue a card for the next POLL. `now` starts its time-to-live.
     pub fn queue_card(&mut self, card: RawCard, now: Instant) -> Result<(), PdError> {
+        self.queue_attempt(card, None, now)
+    }
+
+    /// [`queue_card`](Self::queue_card) for `attempt`: its `CardSent` and `PanelVerdict`
+    /// events carry the id.
+    pub fn queue_attempt(
+        &mut self,
+        card: RawCard,
+        attempt: Option<AttemptId>,
+        now: Instant,
+    ) -> Result<(), PdError> {
         if card.bit_count == 0 {
             return Err(PdError::InvalidCard("zero bits"));
         }
@@ -45,7 +57,11 @@ impl Pd {
         if self.cards.len() >= self.cfg.card_queue_len {
             return Err(PdError::QueueFull(self.cards.len()));
         }
-        self.cards.push_back(Queued { card, at: now });
+        self.cards.push_back(Queued {
+            card,
+            attempt,
+            at: now,
+        });
         Ok(())
     }
 
@@ -61,10 +77,19 @@ impl Pd {
             let reply = Reply::Raw(q.card.clone());
             // The previous card's story ends (undecided) before this one's begins, so a
             // listener can tell a verdict on this card from a late one on the last.
-            if let Some((card, verdict)) = self.verdict.card_sent(q.card.clone(), now) {
-                self.emit(PdEvent::PanelVerdict { card, verdict });
+            if let Some(((card, attempt), verdict)) =
+                self.verdict.card_sent((q.card.clone(), q.attempt), now)
+            {
+                self.emit(PdEvent::PanelVerdict {
+                    card,
+                    verdict,
+                    attempt,
+                });
             }
-            self.emit(PdEvent::CardSent(q.card.clone()));
+            self.emit(PdEvent::CardSent {
+                card: q.card.clone(),
+                attempt: q.attempt,
+            });
             self.in_flight = Some(q);
             return reply;
         }
@@ -91,7 +116,13 @@ mod tests {
         assert_eq!(f.code, rc::RAW);
         // reader 0, Wiegand, 26 bits LE, then the 4 data bytes.
         assert_eq!(f.data, vec![0, 1, 26, 0, 0x12, 0x34, 0x56, 0x40]);
-        assert_eq!(events(&mut pd).last(), Some(&PdEvent::CardSent(card26())));
+        assert_eq!(
+            events(&mut pd).last(),
+            Some(&PdEvent::CardSent {
+                card: card26(),
+                attempt: None
+            })
+        );
         // The CP did not get it and retries with the same SQN: identical bytes, queue empty.
         let again = pd.handle_frame(&cmd(1, 0x60, &[]), now).unwrap();
         assert_eq!(first, again);
@@ -177,18 +208,77 @@ mod tests {
         assert_eq!(run(&mut pd, cmd(2, 0x60, &[]), now).code, rc::RAW);
         let evs: Vec<_> = events(&mut pd)
             .into_iter()
-            .filter(|e| matches!(e, PdEvent::PanelVerdict { .. } | PdEvent::CardSent(_)))
+            .filter(|e| matches!(e, PdEvent::PanelVerdict { .. } | PdEvent::CardSent { .. }))
             .collect();
         assert_eq!(
             evs,
             vec![
                 PdEvent::PanelVerdict {
                     card: first,
-                    verdict: Verdict::Unknown
+                    verdict: Verdict::Unknown,
+                    attempt: None
                 },
-                PdEvent::CardSent(second)
+                PdEvent::CardSent {
+                    card: second,
+                    attempt: None
+                }
             ]
         );
+    }
+
+    #[test]
+    fn each_verdict_names_the_attempt_of_its_card() {
+        // Two grants at one door in flight at once (say a BLE phone and an NFC tap): both
+        // cards are queued before the panel says anything; it refuses the first and grants
+        // the second. Each verdict must carry its own card's attempt.
+        let mut pd = Pd::new(PdConfig::new(ADDR)).unwrap();
+        let now = Instant::now();
+        run(&mut pd, cmd(0, 0x60, &[]), now);
+        let (a, mut b) = (card26(), card26());
+        b.data[3] ^= 0x40;
+        pd.queue_attempt(a.clone(), Some(11), now).unwrap();
+        pd.queue_attempt(b.clone(), Some(22), now).unwrap();
+        let verdicts = |evs: Vec<PdEvent>| -> Vec<(Option<AttemptId>, Verdict)> {
+            evs.into_iter()
+                .filter_map(|e| match e {
+                    PdEvent::PanelVerdict {
+                        attempt, verdict, ..
+                    } => Some((attempt, verdict)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(run(&mut pd, cmd(1, 0x60, &[]), now).code, rc::RAW);
+        assert!(events(&mut pd).contains(&PdEvent::CardSent {
+            card: a.clone(),
+            attempt: Some(11)
+        }));
+        let t = now + Duration::from_millis(200);
+        assert_eq!(
+            run(&mut pd, cmd(2, 0x69, &led_data(0, 0, 1, 1)), t).code,
+            rc::ACK
+        );
+        assert_eq!(verdicts(events(&mut pd)), vec![(Some(11), Verdict::Denied)]);
+        assert_eq!(run(&mut pd, cmd(3, 0x60, &[]), t).code, rc::RAW);
+        assert!(events(&mut pd).contains(&PdEvent::CardSent {
+            card: b.clone(),
+            attempt: Some(22)
+        }));
+        let green = [0, 0, 2, 5, 5, 2, 0, 30, 0, 0, 0, 0, 0, 0];
+        assert_eq!(run(&mut pd, cmd(1, 0x69, &green), t).code, rc::ACK);
+        assert_eq!(
+            verdicts(events(&mut pd)),
+            vec![(Some(22), Verdict::Granted)]
+        );
+        // A card resent after a link restart keeps its attempt.
+        pd.queue_attempt(a.clone(), Some(33), t).unwrap();
+        assert_eq!(run(&mut pd, cmd(2, 0x60, &[]), t).code, rc::RAW);
+        events(&mut pd);
+        assert_eq!(run(&mut pd, cmd(0, 0x60, &[]), t).code, rc::RAW);
+        assert!(events(&mut pd).contains(&PdEvent::CardSent {
+            card: a,
+            attempt: Some(33)
+        }));
     }
 
     #[test]
@@ -205,7 +295,8 @@ mod tests {
         let evs = events(&mut pd);
         assert!(evs.contains(&PdEvent::PanelVerdict {
             card: card26(),
-            verdict: Verdict::Granted
+            verdict: Verdict::Granted,
+            attempt: None
         }));
         // Next card: nothing conclusive → unknown when the window closes.
         pd.queue_card(card26(), t).unwrap();
@@ -218,7 +309,8 @@ mod tests {
             events(&mut pd),
             vec![PdEvent::PanelVerdict {
                 card: card26(),
-                verdict: Verdict::Unknown
+                verdict: Verdict::Unknown,
+                attempt: None
             }]
         );
         // Red permanent after a third card → denied.
@@ -230,7 +322,8 @@ mod tests {
         );
         assert!(events(&mut pd).contains(&PdEvent::PanelVerdict {
             card: card26(),
-            verdict: Verdict::Denied
+            verdict: Verdict::Denied,
+            attempt: None
         }));
     }
 }

@@ -152,8 +152,12 @@ pub enum PdEvent {
     Online,
     /// No valid command for `offline_after`.
     Offline,
-    /// The card is leaving as osdp_RAW in reply to this POLL (the tap-to-RAW moment).
-    CardSent(RawCard),
+    /// The card is leaving as osdp_RAW in reply to this POLL (the tap-to-RAW moment), with
+    /// the attempt it was queued for ([`Pd::queue_attempt`]).
+    CardSent {
+        card: RawCard,
+        attempt: Option<AttemptId>,
+    },
     /// The card went out as osdp_RAW and the CP moved on to its next sequence number, which
     /// it only does after receiving the reply.
     CardDelivered(RawCard),
@@ -201,8 +205,15 @@ pub enum PdEvent {
     PanelVerdict {
         card: RawCard,
         verdict: Verdict,
+        /// The attempt the card was queued for: whose event this verdict belongs to.
+        attempt: Option<AttemptId>,
     },
 }
+
+/// The caller's id for one card hand-off, carried with the card from [`Pd::queue_attempt`]
+/// to its [`PdEvent::CardSent`] and [`PdEvent::PanelVerdict`], so a verdict reaches the
+/// attempt it is about even when several cards of one door are in flight.
+pub type AttemptId = u64;
 
 /// One Peripheral Device.
 #[derive(Debug)]
@@ -225,7 +236,7 @@ pub struct Pd {
     install_mode: bool,
     /// A key ACKed in the reply being built; becomes current once the reply is out.
     pending_key: Option<Scbk>,
-    verdict: VerdictWindow<RawCard>,
+    verdict: VerdictWindow<(RawCard, Option<AttemptId>)>,
     /// Address the PD answers on (starts as `cfg.address`, changed by osdp_COMSET).
     /// `cfg.address` stays the PD's identity for the card API and events.
     bus_address: u8,
@@ -412,8 +423,12 @@ impl Pd {
 
     /// Advance timers: offline detection, end of temporary LED and output settings.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if let Some((card, verdict)) = self.verdict.expire(now) {
-            self.emit(PdEvent::PanelVerdict { card, verdict });
+        if let Some(((card, attempt), verdict)) = self.verdict.expire(now) {
+            self.emit(PdEvent::PanelVerdict {
+                card,
+                verdict,
+                attempt,
+            });
         }
         self.expire_session(now);
         if self.online {

@@ -112,8 +112,12 @@ impl Pd {
             let state = *led;
             self.emit(PdEvent::Led(state));
         }
-        if let Some((card, verdict)) = self.verdict.led(recs, now) {
-            self.emit(PdEvent::PanelVerdict { card, verdict });
+        if let Some(((card, attempt), verdict)) = self.verdict.led(recs, now) {
+            self.emit(PdEvent::PanelVerdict {
+                card,
+                verdict,
+                attempt,
+            });
         }
         Reply::Ack
     }
