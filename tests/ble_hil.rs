@@ -122,10 +122,11 @@ mod guest {
     use keyway::ble::BleVersions;
     use keyway::card::{self, CardFormat, WiegandBits};
     use keyway::config::{AuthPolicy, BleMode, Door, DoorBle};
+    use keyway::daemon::access::AttemptId;
+    use keyway::daemon::access::RateLimitConfig;
     use keyway::daemon::ble::{run_ble_door, BleDoorRuntime};
     use keyway::daemon::{shared_limiter, PanelSink, StoreHandle, VerdictWait};
     use keyway::events::{AccessEvent, EventDecision, Transport};
-    use keyway::nfc::ratelimit::RateLimitConfig;
     use keyway::osdp::Verdict;
     use keyway::sim::ble_phone::central::{self, CentralOptions, CentralReport};
     use keyway::sim::ble_phone::BlePhone;
@@ -148,7 +149,6 @@ mod guest {
     struct RecordingPanel {
         cards: Arc<Mutex<Vec<(WiegandBits, Duration)>>>,
         answer: Arc<Mutex<Option<Verdict>>>,
-        waiter: Arc<Mutex<Option<oneshot::Sender<Verdict>>>>,
     }
 
     impl RecordingPanel {
@@ -158,18 +158,17 @@ mod guest {
     }
 
     impl PanelSink for RecordingPanel {
-        fn send_card(&self, _door: &Door, bits: WiegandBits, started: Instant) {
+        fn send_card(
+            &self,
+            _door: &Door,
+            bits: WiegandBits,
+            _attempt: AttemptId,
+            started: Instant,
+        ) -> Option<VerdictWait> {
             self.cards.lock().unwrap().push((bits, started.elapsed()));
-            let answer = *self.answer.lock().unwrap();
-            if let (Some(v), Some(tx)) = (answer, self.waiter.lock().unwrap().take()) {
-                let _ = tx.send(v);
-            }
-        }
-
-        fn await_verdict(&self, _door: &Door) -> Option<VerdictWait> {
-            self.answer.lock().unwrap().as_ref()?;
+            let answer = (*self.answer.lock().unwrap())?;
             let (tx, rx) = oneshot::channel();
-            *self.waiter.lock().unwrap() = Some(tx);
+            let _ = tx.send(answer);
             Some(rx)
         }
     }
@@ -480,6 +479,8 @@ mod guest {
             fast: false,
             step_up: None,
             certificate: None,
+            osdp: Default::default(),
+            ble: None,
         };
         let ble = DoorBle {
             enabled: true,
@@ -492,7 +493,10 @@ mod guest {
             panel_verdict_wait_ms: Some(1000),
         };
         let (store, _thread) = StoreHandle::open(&rig.db).unwrap();
-        let door = Arc::new(door);
+        let door = Arc::new(Door {
+            ble: Some(ble.clone()),
+            ..door
+        });
         let rt = BleDoorRuntime {
             door: door.clone(),
             identity: Arc::new(ReaderIdentity::new(
@@ -501,7 +505,6 @@ mod guest {
                 rig.reader_key.clone(),
             )),
             store: store.clone(),
-            ble: ble.clone(),
             stats: rig.stats.clone(),
             limiter: shared_limiter(RateLimitConfig::default()),
         };
@@ -716,19 +719,21 @@ mod guest {
         // dual-mode controller answers HCI Read RSSI with a fixed -1 dBm). At a -70 dBm
         // threshold the phone is near enough and is granted.
         let walk = |threshold: i16, stats: &Arc<AdapterStats>| BleDoorRuntime {
-            door: door.clone(),
+            door: Arc::new(Door {
+                ble: Some(DoorBle {
+                    mode: BleMode::WalkUp,
+                    rssi_threshold_dbm: threshold,
+                    max_connections: 4,
+                    ..ble.clone()
+                }),
+                ..(*door).clone()
+            }),
             identity: Arc::new(ReaderIdentity::new(
                 rig.group_id,
                 sub_id,
                 rig.reader_key.clone(),
             )),
             store: store.clone(),
-            ble: DoorBle {
-                mode: BleMode::WalkUp,
-                rssi_threshold_dbm: threshold,
-                max_connections: 4,
-                ..ble.clone()
-            },
             stats: stats.clone(),
             limiter: shared_limiter(RateLimitConfig::default()),
         };

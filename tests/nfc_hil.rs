@@ -21,9 +21,10 @@ use keyway::acl::{ImportMode, Store};
 use keyway::aliro::reader::ReaderIdentity;
 use keyway::card::{self, CardFormat, WiegandBits};
 use keyway::config::{AuthPolicy, Door, NfcConfig};
-use keyway::daemon::{run_door, shared_limiter, DoorRuntime, PanelSink, StoreHandle};
+use keyway::daemon::access::AttemptId;
+use keyway::daemon::access::RateLimitConfig;
+use keyway::daemon::{run_door, shared_limiter, DoorRuntime, PanelSink, StoreHandle, VerdictWait};
 use keyway::events::{AccessEvent, EventDecision as Decision};
-use keyway::nfc::ratelimit::RateLimitConfig;
 use keyway::sim::vpcd::{self, TapOptions};
 use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
 use p256::SecretKey;
@@ -129,8 +130,15 @@ impl Drop for Pcscd {
 struct RecordingPanel(Arc<Mutex<Vec<(String, WiegandBits)>>>);
 
 impl PanelSink for RecordingPanel {
-    fn send_card(&self, door: &Door, bits: WiegandBits, _started: Instant) {
+    fn send_card(
+        &self,
+        door: &Door,
+        bits: WiegandBits,
+        _attempt: AttemptId,
+        _started: Instant,
+    ) -> Option<VerdictWait> {
         self.0.lock().unwrap().push((door.id.clone(), bits));
+        None
     }
 }
 
@@ -284,6 +292,8 @@ impl Bench {
                 fast: true,
                 step_up: spec.step_up.clone(),
                 certificate: None,
+                osdp: Default::default(),
+                ble: None,
             };
             let rt = DoorRuntime {
                 door: Arc::new(door),

@@ -151,12 +151,15 @@ impl PanelSink for Panel {
     }
 }
 
+/// An event as [`MemoryStore`] recorded it, with its attempt id.
+pub(crate) type Recorded = (AccessEvent, Option<AttemptId>);
+
 /// An in-memory store granting one key (person p-7, H10304 300/70000) and recording events:
 /// no thread, so tests on tokio's paused clock are not fooled by a wait on another thread.
 #[derive(Clone, Default)]
 pub(crate) struct MemoryStore {
     pub(crate) granted: Option<[u8; 65]>,
-    pub(crate) events: Arc<Mutex<Vec<(AccessEvent, Option<AttemptId>)>>>,
+    pub(crate) events: Arc<Mutex<Vec<Recorded>>>,
 }
 
 impl AccessStore for MemoryStore {
