@@ -176,7 +176,7 @@ mod tests {
     use crate::acl::{fingerprint, Decision, DenyReason};
     use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
     use crate::ble::Event;
-    use crate::daemon::access::testutil::{door, setup, Panel, Setup};
+    use crate::daemon::access::testutil::{door, sec1, setup, Panel, Setup};
     use crate::daemon::access::{shared_limiter, RateLimitConfig};
     use crate::osdp::Verdict;
     use crate::sim::ble_phone::{BlePhone, PhoneEvent};
@@ -335,13 +335,7 @@ mod tests {
         let h = handler_with(&r, true, panel.clone(), limit);
         // A failure (no user verification at a sensitive door), reported as the adapter does.
         let (_, v) = connect(&h, &r, 0).await;
-        let key: [u8; 65] = r
-            .enrolled
-            .public_key()
-            .to_sec1_bytes()
-            .as_ref()
-            .try_into()
-            .unwrap();
+        let key = sec1(&r.enrolled);
         let report = |v| ConnectionReport {
             peer: "00:00:00:00:00:01".into(),
             endpoint_key: Some(key),

@@ -410,7 +410,7 @@ async fn wait_for_signal() -> Result<(), DaemonError> {
 mod tests {
     use super::*;
     use crate::acl::Store;
-    use crate::daemon::access::testutil::{door, setup};
+    use crate::daemon::access::testutil::{door, sec1, setup};
     use crate::daemon::access::{Access, Attempt, SharedLimiter, Subject};
     use crate::events::Transport;
     use std::time::Duration;
@@ -459,13 +459,7 @@ mod tests {
             PendingPanel(pending.clone()),
             limiter,
         );
-        let key: [u8; 65] = s
-            .enrolled
-            .public_key()
-            .to_sec1_bytes()
-            .as_ref()
-            .try_into()
-            .unwrap();
+        let key = sec1(&s.enrolled);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let subject = || Subject::Endpoint {
             key,

@@ -355,7 +355,7 @@ mod tests {
     use crate::aliro::consts::SIGNALING_USER_VERIFIED_BIT;
     use crate::card::{CardFormat, WiegandBits};
     use crate::config::{Door, ReaderCert};
-    use crate::daemon::access::testutil::{door, setup, spec, MemoryStore, Panel, Setup};
+    use crate::daemon::access::testutil::{door, sec1, setup, spec, MemoryStore, Panel, Setup};
     use crate::daemon::access::{shared_limiter, RateLimitConfig, SharedLimiter, UNIDENTIFIED};
     use crate::osdp::Verdict;
     use crate::sim::{Endpoint, EndpointConfig, OsRandom, ReaderGroupCredential};
@@ -878,13 +878,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_late_grant_is_answered_and_recorded_as_a_grant() {
         let s = setup(None, None, "front");
-        let key: [u8; 65] = s
-            .enrolled
-            .public_key()
-            .to_sec1_bytes()
-            .as_ref()
-            .try_into()
-            .unwrap();
+        let key = sec1(&s.enrolled);
         for (slow_apdus, told) in [(3, true), (4, false)] {
             // In memory: no store thread for the paused clock to run past.
             let store = MemoryStore {

@@ -27,6 +27,15 @@ pub(crate) struct Setup {
     pub(crate) enrolled: SecretKey,
 }
 
+/// A phone key's public key as the 65-byte SEC1 point the ACL and events use.
+pub(crate) fn sec1(key: &SecretKey) -> [u8; 65] {
+    key.public_key()
+        .to_sec1_bytes()
+        .as_ref()
+        .try_into()
+        .unwrap()
+}
+
 /// The enrolled phone's credential.
 pub(crate) fn spec(
     key: &SecretKey,
@@ -36,12 +45,7 @@ pub(crate) fn spec(
 ) -> CredentialSpec {
     CredentialSpec {
         line: 1,
-        endpoint_key: key
-            .public_key()
-            .to_sec1_bytes()
-            .as_ref()
-            .try_into()
-            .unwrap(),
+        endpoint_key: sec1(key),
         person_id: "p-7".into(),
         card_format: CardFormat::H10304,
         facility_code: 300,
