@@ -87,6 +87,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::CheckConfig => {
             let cfg = config::load(&cli.config)?;
+            let problems = config::preflight::check(&cfg);
+            if !problems.is_empty() {
+                for p in &problems {
+                    eprintln!("keyway: config file {}: {p}", cli.config.display());
+                }
+                return Ok(ExitCode::FAILURE);
+            }
             println!(
                 "{}: ok ({} door{}, database {})",
                 cli.config.display(),

@@ -43,18 +43,24 @@ fn site(mode: u32) -> Site {
     std::fs::write(&key_path, key.to_pkcs8_pem(LineEnding::LF).unwrap()).unwrap();
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(mode)).unwrap();
     let config = dir.path().join("keyway.toml");
+    // check-config wants the serial port to exist; a plain file stands in for it.
+    let port = dir.path().join("ttyUSB0");
+    std::fs::write(&port, "").unwrap();
     std::fs::write(
         &config,
-        r#"
+        format!(
+            r#"
 [daemon]
 database = "keyway.db"
 
 [[door]]
 id = "front"
-osdp = { port = "/dev/ttyUSB0", address = 1 }
-nfc = { reader = "Virtual PCD 00 00" }
-aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }
+osdp = {{ port = "{}", address = 1 }}
+nfc = {{ reader = "Virtual PCD 00 00" }}
+aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
 "#,
+            port.display()
+        ),
     )
     .unwrap();
     Site { dir, config }
@@ -66,6 +72,27 @@ fn check_config_accepts_a_good_site() {
     let o = keyway(&s.config, &["check-config"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("ok (1 door"), "{}", text(&o));
+}
+
+#[test]
+fn check_config_refuses_a_missing_port_and_an_unwritable_database() {
+    let s = site(0o600);
+    let good = std::fs::read_to_string(&s.config).unwrap();
+    // A regular file where the database directory should be: unwritable for root too.
+    std::fs::write(s.dir.path().join("file"), "").unwrap();
+    let broken = good
+        .replace("ttyUSB0", "ttyUSB9")
+        .replace("\"keyway.db\"", "\"file/keyway.db\"");
+    std::fs::write(&s.config, broken).unwrap();
+    let o = keyway(&s.config, &["check-config"]);
+    no_panic(&o);
+    assert!(!o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("daemon.database"), "{t}");
+    assert!(t.contains("/var/lib/keyway"), "hint missing: {t}");
+    assert!(t.contains("door \"front\": osdp.port"), "{t}");
+    assert!(t.contains("ttyUSB9 does not exist"), "{t}");
+    assert!(t.contains("/dev/serial/by-id"), "hint missing: {t}");
 }
 
 #[test]

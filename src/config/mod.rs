@@ -6,6 +6,7 @@
 //! range (0..=126)`.
 
 mod keyfile;
+pub mod preflight;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -620,7 +621,10 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
     if raw.doors.is_empty() {
         return Err(invalid(
             "door".into(),
-            "no door configured; add at least one [[door]] table".into(),
+            "no door configured; add at least one [[door]] table (the packaged file has a \
+             commented example to copy; fields: /usr/share/doc/keyway/README.md), then run \
+             `keyway check-config` again"
+                .into(),
         ));
     }
     let mut ids = BTreeSet::new();

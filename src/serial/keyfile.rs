@@ -6,7 +6,7 @@
 //! or the new key, never half a key. Key bytes never appear in errors or logs.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::osdp::{KeyStore, Scbk};
@@ -74,6 +74,14 @@ pub fn store_scbk(path: &Path, key: &Scbk) -> Result<(), KeyFileError> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // The keys directory under the state directory may not exist yet on a fresh install.
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+    }
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
@@ -127,7 +135,8 @@ mod tests {
     #[test]
     fn store_then_load_round_trip_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("door.scbk");
+        // The keys directory is created on first KEYSET (fresh StateDirectory).
+        let path = dir.path().join("keys/door.scbk");
         assert!(load_scbk(&path).unwrap().is_none());
         let key = Scbk::new([0xA5; 16]);
         store_scbk(&path, &key).unwrap();
@@ -139,11 +148,13 @@ mod tests {
         );
         assert_eq!(load_scbk(&path).unwrap(), Some(key));
         // Overwrite (key rotation), a stale temporary does not get in the way.
-        std::fs::write(dir.path().join("door.scbk.tmp"), "junk").unwrap();
+        let keys_mode = std::fs::metadata(dir.path().join("keys")).unwrap().permissions().mode();
+        assert_eq!(keys_mode & 0o777, 0o700);
+        std::fs::write(dir.path().join("keys/door.scbk.tmp"), "junk").unwrap();
         let key2 = Scbk::new([0x01; 16]);
         store_scbk(&path, &key2).unwrap();
         assert_eq!(load_scbk(&path).unwrap(), Some(key2));
-        assert!(!dir.path().join("door.scbk.tmp").exists());
+        assert!(!dir.path().join("keys/door.scbk.tmp").exists());
     }
 
     #[test]
