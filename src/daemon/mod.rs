@@ -160,8 +160,14 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
         tasks.spawn(run_door(rt, panel, shutdown_rx.clone()));
     }
 
-    notify_ready();
-    log::info!(target: "keyway::daemon", doors = cfg.doors.len(); "keyway {} running with {} door(s)", env!("CARGO_PKG_VERSION"), cfg.doors.len());
+    let database = cfg.daemon.database.display().to_string();
+    let status = format!(
+        "serving {} door(s), database {database}",
+        cfg.doors.len()
+    );
+    notify_ready(&status);
+    log::info!(target: "keyway::daemon", doors = cfg.doors.len(), database = database.as_str();
+        "keyway {} {status}", env!("CARGO_PKG_VERSION"));
 
     wait_for_signal().await?;
     log::info!(target: "keyway::daemon", "stopping");
@@ -390,9 +396,16 @@ async fn on_bus_event(port: &str, event: &BusEvent, pending: &Pending, store: &S
     }
 }
 
-fn notify_ready() {
+fn notify_ready(status: &str) {
     // Only under systemd (Type=notify); elsewhere NOTIFY_SOCKET is unset and this is a no-op.
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    // STATUS= is what `systemctl status keyway` shows.
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ],
+    );
 }
 
 async fn wait_for_signal() -> Result<(), DaemonError> {
