@@ -26,19 +26,45 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway daemon (foreground; systemd supervises it).
+    #[command(after_help = "Example:\n  keyway --config /etc/keyway/keyway.toml run --log stderr")]
     Run {
         /// Where logs go: auto = journald under systemd, stderr otherwise.
         #[arg(long, value_enum, default_value = "auto")]
         log: LogTarget,
     },
-    /// Validate the configuration file and the key files it names; non-zero exit when invalid.
+    /// Validate the configuration file, the key files it names, the serial ports and that the
+    /// database and OSDP key directories can be written; non-zero exit when anything is wrong.
+    #[command(after_help = "Example:\n  keyway --config /etc/keyway/keyway.toml check-config")]
     CheckConfig,
+    /// Create a door's reader identity: a P-256 reader key (PKCS#8 PEM, mode 0600) and the
+    /// Aliro group_id/sub_id; prints the door's `aliro` line for keyway.toml and what the
+    /// credential issuer needs (docs/provisioning.md).
+    #[command(after_help = "Examples:\n  \
+        keyway keygen --door front --out /etc/keyway/keys/front.pem\n  \
+        # a second reader of the same group (same key and group_id, its own sub_id):\n  \
+        keyway keygen --door back --key /etc/keyway/keys/front.pem --group-id <32 hex>")]
+    Keygen {
+        /// The door id the snippet is for (as in keyway.toml and the ACL).
+        #[arg(long)]
+        door: String,
+        /// Write a new reader key here (refuses to overwrite an existing file).
+        #[arg(long, conflicts_with = "key", required_unless_present = "key")]
+        out: Option<PathBuf>,
+        /// Reuse this existing reader key (a reader of an existing group).
+        #[arg(long, requires = "group_id")]
+        key: Option<PathBuf>,
+        /// The reader group's id (32 hex digits); default: a new random one.
+        #[arg(long)]
+        group_id: Option<String>,
+    },
     /// Manage the local access-control list.
+    #[command(after_help = "Example:\n  keyway acl import credentials.json")]
     Acl {
         #[command(subcommand)]
         command: AclCommand,
     },
     /// Show the most recent access events from the local store.
+    #[command(after_help = "Examples:\n  keyway events --limit 50\n  keyway events --json | jq .event.decision")]
     Events {
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -47,12 +73,14 @@ enum Command {
         json: bool,
     },
     /// Print the version.
+    #[command(after_help = "Example:\n  keyway version")]
     Version,
 }
 
 #[derive(Subcommand)]
 enum AclCommand {
     /// Load credentials from a JSON or CSV file (see docs/acl-format.md), in one transaction.
+    #[command(after_help = "Examples:\n  keyway acl import credentials.json\n  keyway acl import --merge new-hires.csv")]
     Import {
         file: PathBuf,
         /// Add to / update the current ACL instead of replacing it.
@@ -85,6 +113,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("keyway {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keygen {
+            door,
+            out,
+            key,
+            group_id,
+        } => keygen(&door, out.as_deref(), key.as_deref(), group_id.as_deref()),
         Command::CheckConfig => {
             let cfg = config::load(&cli.config)?;
             let problems = config::preflight::check(&cfg);
@@ -171,6 +205,80 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `keyway keygen`: see docs/provisioning.md for what the ids mean and who needs them.
+fn keygen(
+    door: &str,
+    out: Option<&Path>,
+    key: Option<&Path>,
+    group_id: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !config::valid_door_id(door) {
+        anyhow::bail!(
+            "--door {door:?}: must be 1-64 characters of letters, digits, '-', '_', '.' or ':'"
+        );
+    }
+    let group_id = match group_id {
+        Some(g) => {
+            let bytes = hex::decode(g.trim())
+                .ok()
+                .filter(|b| b.len() == 16)
+                .ok_or_else(|| anyhow::anyhow!("--group-id: must be 32 hex digits"))?;
+            hex::encode(bytes)
+        }
+        None => hex::encode(random16()),
+    };
+    let sub_id = hex::encode(random16());
+    let (secret, path) = match (out, key) {
+        (_, Some(existing)) => (config::load_private_key(existing)?, existing),
+        (Some(out), None) => {
+            let secret = p256::SecretKey::random(&mut rand_core::OsRng);
+            let pem = secret
+                .to_pkcs8_pem(LineEnding::LF)
+                .map_err(|_| anyhow::anyhow!("encoding the new key failed"))?;
+            // create_new: never overwrite a reader key (phones trust it).
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(out)
+                .with_context(|| format!("--out {}: cannot create the key file", out.display()))?;
+            f.write_all(pem.as_bytes())
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("--out {}: writing the key", out.display()))?;
+            (secret, out)
+        }
+        (None, None) => anyhow::bail!("give --out FILE (new key) or --key FILE (existing key)"),
+    };
+    let public = hex::encode(
+        p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false)
+            .as_bytes(),
+    );
+    // stdout is the keyway.toml snippet; stderr says what goes to the credential issuer.
+    println!("[[door]]\nid = {door:?}");
+    println!(
+        "aliro = {{ group_id = \"{group_id}\", sub_id = \"{sub_id}\", private_key_file = {:?} }}",
+        path.display().to_string()
+    );
+    eprintln!(
+        "keyway: door {door:?}: reader group id {group_id}, reader public key {public}\n\
+         keyway: give both to the credential issuer: phones accept a reader that signs with \
+         this key for this group id (docs/provisioning.md). If keyway runs as user keyway: \
+         chown keyway {}",
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn random16() -> [u8; 16] {
+    use rand_core::RngCore;
+    let mut b = [0u8; 16];
+    rand_core::OsRng.fill_bytes(&mut b);
+    b
 }
 
 fn open_store(path: &Path) -> anyhow::Result<Store> {

@@ -262,3 +262,66 @@ fn run_stops_cleanly_on_sigterm() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// `keyway keygen` writes a usable 0600 key, never overwrites one, and prints a door snippet
+/// that check-config accepts plus the group id and public key for the credential issuer.
+#[test]
+fn keygen_makes_a_door_identity_that_check_config_accepts() {
+    let s = site(0o600);
+    let key = s.dir.path().join("front.pem");
+    let o = keyway(
+        &s.config,
+        &["keygen", "--door", "hq:front", "--out", key.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let snippet = String::from_utf8_lossy(&o.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(snippet.contains("id = \"hq:front\""), "{snippet}");
+    assert!(stderr.contains("reader public key 04"), "{stderr}");
+    // The snippet replaces the site's door identity; check-config accepts the result.
+    let port = s.dir.path().join("ttyUSB0");
+    std::fs::write(
+        &s.config,
+        format!(
+            "{snippet}osdp = {{ port = \"{}\", address = 1 }}\nnfc = {{ reader = \"r\" }}\n",
+            port.display()
+        ),
+    )
+    .unwrap();
+    let o = keyway(&s.config, &["check-config"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Never overwrites a reader key.
+    let before = std::fs::read(&key).unwrap();
+    let o = keyway(
+        &s.config,
+        &["keygen", "--door", "back", "--out", key.to_str().unwrap()],
+    );
+    no_panic(&o);
+    assert!(!o.status.success());
+    assert_eq!(std::fs::read(&key).unwrap(), before);
+    // Same group, existing key: a new sub id, the group id given.
+    let group = snippet
+        .split("group_id = \"")
+        .nth(1)
+        .and_then(|r| r.get(..32))
+        .unwrap()
+        .to_string();
+    let o = keyway(
+        &s.config,
+        &[
+            "keygen",
+            "--door",
+            "back",
+            "--key",
+            key.to_str().unwrap(),
+            "--group-id",
+            &group,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let second = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(second.contains(&group), "{second}");
+    assert_ne!(second, snippet);
+}

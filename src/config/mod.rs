@@ -638,10 +638,12 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             format!("door \"{}\"", d.id)
         };
         let field = |f: &str| format!("{name}: {f}");
-        if !valid_id(&d.id) {
+        if !valid_door_id(&d.id) {
             return Err(invalid(
                 field("id"),
-                "must be 1-64 characters of letters, digits, '-', '_' or '.'".into(),
+                "must be 1-64 characters of letters, digits, '-', '_', '.' or ':' (as in the \
+                 ACL's doors)"
+                    .into(),
             ));
         }
         if !ids.insert(d.id.clone()) {
@@ -864,11 +866,13 @@ fn invalid_empty(
     Err(invalid(field.into(), "must not be empty".into()))
 }
 
-fn valid_id(id: &str) -> bool {
+/// A door id: 1-64 of A-Z a-z 0-9 . _ - : — the same set the ACL accepts for its `doors`, so
+/// every configured door can be named in an ACL file (e.g. `site:front`).
+pub fn valid_door_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
 }
 
 /// Relative paths in the file are relative to the file, so a bench config can sit beside its keys.
@@ -967,6 +971,21 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
         assert_eq!(v.nfc.apdu_timeout(), Duration::from_millis(1000));
         // Door policy fields added later are optional, with safe defaults.
         assert!(!d.sensitive && !d.accept_cards && d.fast);
+    }
+
+    #[test]
+    fn door_ids_take_the_acl_character_set() {
+        // ACL files name doors like "site:front"; the config must be able to as well.
+        let v = parse(
+            &GOOD.replace("id = \"front\"", "id = \"hq:front-1.a_b\""),
+            Path::new("/etc/keyway/keyway.toml"),
+        )
+        .unwrap();
+        assert_eq!(v.doors[0].id, "hq:front-1.a_b");
+        for bad in ["front door", "front/1", "", "ü"] {
+            let e = err(&GOOD.replace("id = \"front\"", &format!("id = {bad:?}")));
+            assert!(e.contains(": id: must be 1-64 characters"), "{bad}: {e}");
+        }
     }
 
     #[test]
