@@ -64,7 +64,9 @@ enum Command {
         command: AclCommand,
     },
     /// Show the most recent access events from the local store.
-    #[command(after_help = "Examples:\n  keyway events --limit 50\n  keyway events --json | jq .event.decision")]
+    #[command(
+        after_help = "Examples:\n  keyway events --limit 50\n  keyway events --json | jq .event.decision"
+    )]
     Events {
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -80,7 +82,9 @@ enum Command {
 #[derive(Subcommand)]
 enum AclCommand {
     /// Load credentials from a JSON or CSV file (see docs/acl-format.md), in one transaction.
-    #[command(after_help = "Examples:\n  keyway acl import credentials.json\n  keyway acl import --merge new-hires.csv")]
+    #[command(
+        after_help = "Examples:\n  keyway acl import credentials.json\n  keyway acl import --merge new-hires.csv"
+    )]
     Import {
         file: PathBuf,
         /// Add to / update the current ACL instead of replacing it.
@@ -101,10 +105,28 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("keyway: {e:#}");
+            eprintln!("keyway: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: many library errors already print their source
+/// in their own message ("cannot read config file x: No such file (os error 2)"), and `{:#}`
+/// would repeat it.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -145,6 +145,8 @@ fn check_config_names_the_broken_field() {
     let o = keyway(&s.dir.path().join("nope.toml"), &["check-config"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("cannot read config file"), "{}", text(&o));
+    // The cause is said once, not once per error in the chain.
+    assert_eq!(text(&o).matches("(os error 2)").count(), 1, "{}", text(&o));
 }
 
 #[test]
@@ -261,6 +263,20 @@ fn run_stops_cleanly_on_sigterm() {
         "every task stops on shutdown:\n{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
+    // The missing serial port: said once per retry, with the catalog id, path unquoted.
+    let serial_id = format!(
+        "message_id={}",
+        keyway::logging::catalog::SERIAL_PORT_FAILED
+    );
+    let first = log
+        .lines()
+        .find(|l| l.contains("no-tty"))
+        .unwrap_or_else(|| panic!("no serial failure logged:\n{log}"));
+    assert!(first.contains(&serial_id), "{first}");
+    assert!(!first.contains("\"/"), "quoted path: {first}");
+    let retries = log.lines().filter(|l| l.contains("no-tty")).count();
+    let with_id = log.lines().filter(|l| l.contains(&serial_id)).count();
+    assert_eq!(retries, with_id, "a retry logged twice:\n{log}");
 }
 
 /// `keyway keygen` writes a usable 0600 key, never overwrites one, and prints a door snippet
@@ -271,7 +287,13 @@ fn keygen_makes_a_door_identity_that_check_config_accepts() {
     let key = s.dir.path().join("front.pem");
     let o = keyway(
         &s.config,
-        &["keygen", "--door", "hq:front", "--out", key.to_str().unwrap()],
+        &[
+            "keygen",
+            "--door",
+            "hq:front",
+            "--out",
+            key.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;

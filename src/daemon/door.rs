@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
 use crate::config::{Door, NfcConfig};
+use crate::logging::catalog;
 use crate::nfc::{ReaderEvent, ReaderLoop, ReaderLoopConfig};
 
 use super::access::{Access, PanelSink, SharedLimiter};
@@ -35,6 +36,7 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
         retry: rt.nfc.reader_retry(),
     };
     let door_id = rt.door.id.clone();
+    let reader_pattern = rt.door.reader_pattern.clone();
     let access = Access::new(rt.door.clone(), rt.store.clone(), panel, rt.limiter.clone());
     let ctx = TapContext {
         access: &access,
@@ -61,21 +63,30 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
                 let randomness = Randomness::generate(&mut rand_core::OsRng);
                 run_tap(ctx, &link, randomness, started).await;
             },
-            |ev| log_reader_event(&door_id, &ev),
+            |ev| log_reader_event(&door_id, &reader_pattern, &ev),
         )
         .await;
 }
 
-fn log_reader_event(door: &str, ev: &ReaderEvent) {
+fn log_reader_event(door: &str, pattern: &str, ev: &ReaderEvent) {
     match ev {
         ReaderEvent::ReaderFound(name) => {
             log::info!(target: "keyway::nfc", door = door, reader = name.as_str(); "door {door}: reader found: {name}")
         }
+        ReaderEvent::ReaderMissing(available) => {
+            let available = if available.is_empty() {
+                "none".to_string()
+            } else {
+                available.join(", ")
+            };
+            log::warn!(target: "keyway::nfc", door = door, message_id = catalog::READER_MISSING, available = available.as_str();
+                "door {door}: no reader matches nfc.reader \"{pattern}\"; readers present: {available}")
+        }
         ReaderEvent::ReaderLost(name) => {
-            log::warn!(target: "keyway::nfc", door = door, reader = name.as_str(); "door {door}: reader lost: {name}")
+            log::warn!(target: "keyway::nfc", door = door, reader = name.as_str(), message_id = catalog::READER_MISSING; "door {door}: reader lost: {name}")
         }
         ReaderEvent::ServiceDown(msg) => {
-            log::warn!(target: "keyway::nfc", door = door; "door {door}: PC/SC unavailable: {msg}")
+            log::warn!(target: "keyway::nfc", door = door, message_id = catalog::PCSC_UNAVAILABLE; "door {door}: PC/SC unavailable: {msg}")
         }
     }
 }

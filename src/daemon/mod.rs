@@ -161,10 +161,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     }
 
     let database = cfg.daemon.database.display().to_string();
-    let status = format!(
-        "serving {} door(s), database {database}",
-        cfg.doors.len()
-    );
+    let status = format!("serving {} door(s), database {database}", cfg.doors.len());
     notify_ready(&status);
     log::info!(target: "keyway::daemon", doors = cfg.doors.len(), database = database.as_str();
         "keyway {} {status}", env!("CARGO_PKG_VERSION"));
@@ -361,7 +358,7 @@ async fn on_bus_event(port: &str, event: &BusEvent, pending: &Pending, store: &S
         BusEvent::PortError {
             error, retry_in, ..
         } => {
-            log::warn!(target: "keyway::osdp", port = port;
+            log::warn!(target: "keyway::osdp", port = port, message_id = crate::logging::catalog::SERIAL_PORT_FAILED;
                 "osdp {port}: {error}; retrying in {retry_in:?}");
             return;
         }

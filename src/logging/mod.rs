@@ -4,6 +4,8 @@
 //! `journalctl -u keyway DOOR=front DECISION=denied` works. On stderr the same pairs are printed
 //! as `key=value` after the message, which is what the bench and the tests read.
 
+pub mod catalog;
+
 use std::io::Write;
 
 use log::kv::{Key, Value, VisitSource};

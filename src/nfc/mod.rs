@@ -112,6 +112,9 @@ pub struct ReaderLoopConfig {
 /// What the loop reports to the daemon besides taps (for logs and `keyway status`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReaderEvent {
+    /// No reader matches the configured name or pattern; the readers pcscd has (said once per
+    /// absence, not on every retry).
+    ReaderMissing(Vec<String>),
     ReaderFound(String),
     ReaderLost(String),
     ServiceDown(String),
@@ -199,14 +202,21 @@ impl ReaderLoop {
         F: FnMut(CardLink) -> Fut,
         Fut: Future<Output = ()>,
     {
+        let mut missing_said = false;
         loop {
             if *shutdown.borrow() {
                 return Ok(());
             }
-            let Some(name) = self.find_reader(ctx).await? else {
+            let (found, available) = self.find_reader(ctx).await?;
+            let Some(name) = found else {
+                if !missing_said {
+                    on_event(ReaderEvent::ReaderMissing(available));
+                    missing_said = true;
+                }
                 self.wait_for_pnp(ctx, shutdown).await?;
                 continue;
             };
+            missing_said = false;
             on_event(ReaderEvent::ReaderFound(
                 name.to_string_lossy().into_owned(),
             ));
@@ -273,16 +283,25 @@ impl ReaderLoop {
         }
     }
 
-    async fn find_reader(&self, ctx: &pcsc::Context) -> Result<Option<CString>, NfcError> {
+    /// The first reader matching the configured pattern, and the names of all readers.
+    async fn find_reader(
+        &self,
+        ctx: &pcsc::Context,
+    ) -> Result<(Option<CString>, Vec<String>), NfcError> {
         let c = ctx.clone();
         let names = match blocking(PCSC_SLACK, move || c.list_readers_owned()).await {
             Ok(n) => n,
             Err(NfcError::Pcsc(pcsc::Error::NoReadersAvailable)) => Vec::new(),
             Err(e) => return Err(e),
         };
-        Ok(names
+        let available: Vec<String> = names
+            .iter()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        let found = names
             .into_iter()
-            .find(|n| reader_matches(&self.cfg.pattern, &n.to_string_lossy())))
+            .find(|n| reader_matches(&self.cfg.pattern, &n.to_string_lossy()));
+        Ok((found, available))
     }
 
     /// Blocks (bounded) until the set of readers changes or the retry period passes.

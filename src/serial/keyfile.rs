@@ -148,7 +148,10 @@ mod tests {
         );
         assert_eq!(load_scbk(&path).unwrap(), Some(key));
         // Overwrite (key rotation), a stale temporary does not get in the way.
-        let keys_mode = std::fs::metadata(dir.path().join("keys")).unwrap().permissions().mode();
+        let keys_mode = std::fs::metadata(dir.path().join("keys"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(keys_mode & 0o777, 0o700);
         std::fs::write(dir.path().join("keys/door.scbk.tmp"), "junk").unwrap();
         let key2 = Scbk::new([0x01; 16]);

@@ -11,6 +11,8 @@
 //! the bus).
 
 mod comfile;
+
+use crate::logging::catalog;
 mod keyfile;
 
 use std::collections::BTreeMap;
@@ -286,8 +288,7 @@ impl BusTask {
                 }
                 Err(e) => e,
             };
-            log::warn!(path:? = self.path, error:% = failure, retry_ms = backoff.as_millis() as u64;
-                "OSDP serial port failed; retrying");
+            // Logged once, by whoever receives the event (the daemon names the port there).
             self.emit(BusEvent::PortError {
                 path: self.path.clone(),
                 error: failure.to_string(),
@@ -344,7 +345,13 @@ impl BusTask {
             }
             match &event {
                 PdEvent::Online => log::info!(addr; "OSDP PD online"),
-                PdEvent::Offline => log::warn!(addr; "OSDP PD offline"),
+                PdEvent::Offline => {
+                    log::warn!(addr, message_id = catalog::OSDP_OFFLINE; "OSDP PD offline")
+                }
+                PdEvent::NakSent { command, code } if refuses_secure_channel(*command, *code) => {
+                    log::warn!(addr, command, code:? = code, message_id = catalog::SECURE_CHANNEL_REFUSED;
+                        "OSDP secure channel refused (panel key does not match, or SCBK-D outside install mode)")
+                }
                 PdEvent::NakSent { command, code } => {
                     log::warn!(addr, command, code:? = code; "OSDP NAK sent")
                 }
@@ -368,7 +375,8 @@ impl BusTask {
                 // The daemon logs the verdict with its door and stores it with the event.
                 PdEvent::PanelVerdict { .. } => {}
                 PdEvent::KeyStoreFailed(e) => {
-                    log::error!(addr, error = e.as_str(); "OSDP KEYSET refused: key not stored")
+                    log::error!(addr, error = e.as_str(), message_id = catalog::SECURE_CHANNEL_REFUSED;
+                        "OSDP KEYSET refused: key not stored")
                 }
                 other => log::debug!(addr, event:? = other; "OSDP PD event"),
             }
@@ -500,6 +508,16 @@ impl BusTask {
             }
         }
     }
+}
+
+/// A NAK to the secure-channel handshake: the panel cannot open a secure session.
+fn refuses_secure_channel(command: u8, code: crate::osdp::NakCode) -> bool {
+    use crate::osdp::command::code;
+    matches!(command, code::CHLNG | code::SCRYPT)
+        && matches!(
+            code,
+            crate::osdp::NakCode::ScConditions | crate::osdp::NakCode::ScUnsupported
+        )
 }
 
 #[cfg(test)]
