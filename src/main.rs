@@ -81,6 +81,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AclCommand {
+    /// How many credentials are loaded, when and from what the ACL last changed, and the event
+    /// store's size.
+    #[command(after_help = "Example:\n  keyway acl show")]
+    Show,
     /// Load credentials from a JSON or CSV file (see docs/acl-format.md), in one transaction.
     #[command(
         after_help = "Examples:\n  keyway acl import credentials.json\n  keyway acl import --merge new-hires.csv"
@@ -183,10 +187,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Acl {
+            command: AclCommand::Show,
+        } => {
+            let cfg = config::load(&cli.config)?;
+            let store = open_existing_store(&cfg.daemon.database)?;
+            let st = store.stats()?;
+            println!("database     {}", cfg.daemon.database.display());
+            println!(
+                "credentials  {} ({} persons, {} door grants)",
+                st.credentials, st.persons, st.door_grants
+            );
+            match &st.last_import {
+                Some(li) => println!(
+                    "last import  {} from {} ({} mode, {} credentials)",
+                    format_ms(li.at.saturating_mul(1000)),
+                    li.source,
+                    li.mode,
+                    li.count
+                ),
+                None => println!("last import  never (keyway acl import FILE)"),
+            }
+            println!(
+                "events       {} stored, {} not yet delivered",
+                st.events_total, st.events_undelivered
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Events { limit, json } => {
             let cfg = config::load(&cli.config)?;
-            let store = open_store(&cfg.daemon.database)?;
+            let store = open_existing_store(&cfg.daemon.database)?;
             let events = store.recent_events(limit as usize)?;
+            if events.is_empty() {
+                // stderr: stdout stays empty for scripts reading --json.
+                eprintln!("keyway: no events yet in {}", cfg.daemon.database.display());
+            }
             // Oldest first, like a log.
             for stored in events.iter().rev() {
                 if json {
@@ -301,6 +336,18 @@ fn random16() -> [u8; 16] {
     let mut b = [0u8; 16];
     rand_core::OsRng.fill_bytes(&mut b);
     b
+}
+
+/// For read-only commands: a wrong path must not create a new, empty database.
+fn open_existing_store(path: &Path) -> anyhow::Result<Store> {
+    if !path.exists() {
+        anyhow::bail!(
+            "no database at {} (daemon.database in the config): keyway creates it on its first \
+             `run` or `acl import`; is --config the file the daemon uses?",
+            path.display()
+        );
+    }
+    open_store(path)
 }
 
 fn open_store(path: &Path) -> anyhow::Result<Store> {

@@ -201,9 +201,35 @@ fn version_and_events_on_an_empty_store() {
     let o = keyway(&s.config, &["version"]);
     assert!(o.status.success());
     assert!(text(&o).starts_with("keyway "), "{}", text(&o));
+    // A wrong database path is an error, and does not create a database.
+    let o = keyway(&s.config, &["events"]);
+    no_panic(&o);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("no database at"), "{}", text(&o));
+    assert!(!s.dir.path().join("keyway.db").exists());
+    let o = keyway(&s.config, &["acl", "show"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    // Once the database exists (an import), an empty event store says so, on stderr.
+    let acl = s.dir.path().join("acl.json");
+    std::fs::write(&acl, r#"{"version": 1, "credentials": []}"#).unwrap();
+    let o = keyway(&s.config, &["acl", "import", acl.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o));
     let o = keyway(&s.config, &["events", "--json"]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no events yet"),
+        "{}",
+        text(&o)
+    );
+    let o = keyway(&s.config, &["acl", "show"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("credentials  0"), "{}", text(&o));
+    assert!(
+        text(&o).contains("from acl.json (replace mode"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// `keyway run` stops promptly and cleanly on SIGTERM (what systemd sends), every task with
@@ -258,6 +284,8 @@ fn run_stops_cleanly_on_sigterm() {
     let log = read_log();
     assert!(status.success(), "exit {status}:\n{log}");
     assert!(log.contains("stopping"), "{log}");
+    // The start-up line says how big the ACL is (here: nothing imported yet).
+    assert!(log.contains("ACL empty (keyway acl import FILE)"), "{log}");
     assert!(
         !log.contains("did not stop"),
         "every task stops on shutdown:\n{log}"

@@ -161,7 +161,17 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     }
 
     let database = cfg.daemon.database.display().to_string();
-    let status = format!("serving {} door(s), database {database}", cfg.doors.len());
+    // A second, short-lived connection (the store thread owns the first): the ACL's size for
+    // the start-up line and STATUS=, so an empty ACL is visible at once.
+    let acl = match crate::acl::Store::open(&cfg.daemon.database).and_then(|s| s.stats()) {
+        Ok(st) if st.credentials == 0 => "ACL empty (keyway acl import FILE)".to_string(),
+        Ok(st) => format!("ACL {} credential(s)", st.credentials),
+        Err(e) => format!("ACL size unknown: {e}"),
+    };
+    let status = format!(
+        "serving {} door(s), database {database}, {acl}",
+        cfg.doors.len()
+    );
     notify_ready(&status);
     log::info!(target: "keyway::daemon", doors = cfg.doors.len(), database = database.as_str();
         "keyway {} {status}", env!("CARGO_PKG_VERSION"));
