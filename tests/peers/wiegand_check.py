@@ -2,6 +2,7 @@
 """Checks the card reads a control panel received: an independent Wiegand decoder.
 
 usage: wiegand_check.py PANEL_JSONL FORMAT FACILITY CARD COUNT
+       wiegand_check.py --show PANEL_JSONL   (each card read as a person reads it)
 
 PANEL_JSONL holds the panel peer's JSON lines; card reads look like
 {"event": "card", "bits": N, "data": "hex"}. Written apart from keyway's Rust encoder on purpose,
@@ -38,7 +39,33 @@ def decode(fmt, bits):
     return fc, cn
 
 
+def show(path):
+    """Prints each card read decoded: format, facility code, card number (raw bits if unknown)."""
+    seen = 0
+    with open(path) as f:
+        for line in f:
+            ev = json.loads(line)
+            if ev.get("event") != "card":
+                continue
+            seen += 1
+            bits, data = ev.get("bits", 0), ev.get("data", "")
+            fmt = next((k for k, v in FORMATS.items() if v[0] == bits), None)
+            where = f"PD {ev.get('pd', '?')}"
+            try:
+                if fmt is None:
+                    raise ValueError(f"no known format has {bits} bits")
+                fc, cn = decode(fmt, bits_of(data, bits))
+                print(f"{where}: {fmt.upper()} ({bits} bits) facility {fc} card {cn}, parity ok")
+            except ValueError as e:
+                print(f"{where}: {bits} bits {data} ({e})")
+    if seen == 0:
+        print("(no card reads)")
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--show":
+        show(sys.argv[2])
+        return
     path, fmt, fc, cn, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     seen = 0
     with open(path) as f:
