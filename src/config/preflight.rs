@@ -170,26 +170,23 @@ aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa
         // A regular file where a directory should be fails for root too.
         let file = dir.path().join("file");
         std::fs::write(&file, "").unwrap();
-        let cfg = config(
-            dir.path(),
-            &file.join("keyway.db"),
-            &file.join("keys/front.scbk"),
-            &dir.path().join("ttyUSB9"),
-        );
-        assert_problems(&check(&cfg), "not a directory");
+        let mut cases = vec![(file, "not a directory")];
         // Mode bits: root passes them (the read-only mount of the packaged unit is proven by
         // scripts/package-check).
         if unsafe { libc::geteuid() } != 0 {
             let ro = dir.path().join("ro");
             std::fs::create_dir(&ro).unwrap();
             std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o500)).unwrap();
+            cases.push((ro, "cannot be written"));
+        }
+        for (bad, why) in cases {
             let cfg = config(
                 dir.path(),
-                &ro.join("keyway.db"),
-                &ro.join("keys/front.scbk"),
+                &bad.join("keyway.db"),
+                &bad.join("keys/front.scbk"),
                 &dir.path().join("ttyUSB9"),
             );
-            assert_problems(&check(&cfg), "cannot be written");
+            assert_problems(&check(&cfg), why);
         }
     }
 

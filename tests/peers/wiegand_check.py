@@ -39,25 +39,30 @@ def decode(fmt, bits):
     return fc, cn
 
 
-def show(path):
-    """Prints each card read decoded: format, facility code, card number (raw bits if unknown)."""
-    seen = 0
+def card_reads(path):
+    """The panel peer's card events, in order."""
     with open(path) as f:
         for line in f:
             ev = json.loads(line)
-            if ev.get("event") != "card":
-                continue
-            seen += 1
-            bits, data = ev.get("bits", 0), ev.get("data", "")
-            fmt = next((k for k, v in FORMATS.items() if v[0] == bits), None)
-            where = f"PD {ev.get('pd', '?')}"
-            try:
-                if fmt is None:
-                    raise ValueError(f"no known format has {bits} bits")
-                fc, cn = decode(fmt, bits_of(data, bits))
-                print(f"{where}: {fmt.upper()} ({bits} bits) facility {fc} card {cn}, parity ok")
-            except ValueError as e:
-                print(f"{where}: {bits} bits {data} ({e})")
+            if ev.get("event") == "card":
+                yield ev
+
+
+def show(path):
+    """Prints each card read decoded: format, facility code, card number (raw bits if unknown)."""
+    seen = 0
+    for ev in card_reads(path):
+        seen += 1
+        bits, data = ev.get("bits", 0), ev.get("data", "")
+        fmt = next((k for k, v in FORMATS.items() if v[0] == bits), None)
+        where = f"PD {ev.get('pd', '?')}"
+        try:
+            if fmt is None:
+                raise ValueError(f"no known format has {bits} bits")
+            fc, cn = decode(fmt, bits_of(data, bits))
+            print(f"{where}: {fmt.upper()} ({bits} bits) facility {fc} card {cn}, parity ok")
+        except ValueError as e:
+            print(f"{where}: {bits} bits {data} ({e})")
     if seen == 0:
         print("(no card reads)")
 
@@ -68,15 +73,11 @@ def main():
         return
     path, fmt, fc, cn, count = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     seen = 0
-    with open(path) as f:
-        for line in f:
-            ev = json.loads(line)
-            if ev.get("event") != "card":
-                continue
-            got = decode(fmt, bits_of(ev["data"], ev["bits"]))
-            if got != (fc, cn):
-                sys.exit(f"wiegand_check: panel got facility/card {got}, expected {(fc, cn)}")
-            seen += 1
+    for ev in card_reads(path):
+        got = decode(fmt, bits_of(ev["data"], ev["bits"]))
+        if got != (fc, cn):
+            sys.exit(f"wiegand_check: panel got facility/card {got}, expected {(fc, cn)}")
+        seen += 1
     if seen != count:
         sys.exit(f"wiegand_check: {seen} card reads, expected {count}")
     print(f"wiegand_check: {seen} reads of {fmt} facility {fc} card {cn}, parity ok")
