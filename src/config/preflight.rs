@@ -34,11 +34,7 @@ pub fn check(cfg: &Validated) -> Vec<Problem> {
     }
     for door in &cfg.doors {
         let name = format!("door \"{}\"", door.id);
-        if let Some(path) = cfg
-            .osdp_options
-            .get(&door.id)
-            .and_then(|o| o.scbk_file.as_ref())
-        {
+        if let Some(path) = door.osdp.scbk_file.as_ref() {
             // The panel's osdp_KEYSET rewrites this file (install mode and key rotation).
             if let Err(m) = writable_file_dir(path).map_err(with_state_hint) {
                 problems.push(Problem {
