@@ -32,3 +32,4 @@ pub mod nfc;
 pub mod osdp;
 pub mod serial;
 pub mod sim;
+pub mod status;

@@ -74,6 +74,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask the running daemon for its live state (doors, ACL, outbox, problems); non-zero
+    /// exit when it is not running or reports a problem.
+    ///
+    /// Example: `keyway status` (human), `keyway status --json | jq .problems`
+    Status {
+        /// The snapshot as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Socket to ask (default: daemon.status_socket from the configuration).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Print the version.
     #[command(after_help = "Example:\n  keyway version")]
     Version,
@@ -244,6 +256,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json, socket } => {
+            let path = match socket {
+                Some(p) => p,
+                None => config::load(&cli.config)?.daemon.status_socket,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let snapshot = rt.block_on(keyway::status::server::query(
+                &path,
+                std::time::Duration::from_secs(5),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            } else {
+                print!("{}", snapshot.render());
+            }
+            // Scripts and monitoring: 2 = running but something stops a door.
+            Ok(if snapshot.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
         }
         Command::Run { log } => {
             let cfg = config::load(&cli.config)?;

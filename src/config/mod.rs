@@ -64,6 +64,12 @@ pub struct DaemonConfig {
     /// `error`, `warn`, `info`, `debug` or `trace`.
     #[serde(default = "default_log_level")]
     pub log_level: String,
+    /// The Unix socket `keyway status` asks (in systemd's RuntimeDirectory).
+    #[serde(default = "default_status_socket")]
+    pub status_socket: PathBuf,
+    /// Warn (ACL_STALE) when the ACL has not changed for this many hours; absent: never.
+    #[serde(default)]
+    pub acl_max_age_hours: Option<u32>,
 }
 
 impl Default for DaemonConfig {
@@ -71,8 +77,17 @@ impl Default for DaemonConfig {
         Self {
             database: default_database(),
             log_level: default_log_level(),
+            status_socket: default_status_socket(),
+            acl_max_age_hours: None,
         }
     }
+}
+
+/// Where `keyway status` finds the daemon by default.
+pub const DEFAULT_STATUS_SOCKET: &str = "/run/keyway/status.sock";
+
+fn default_status_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_STATUS_SOCKET)
 }
 
 fn default_database() -> PathBuf {
@@ -592,6 +607,15 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
     if raw.daemon.database.as_os_str().is_empty() {
         invalid_empty(&invalid, "daemon.database")?;
     }
+    if raw.daemon.status_socket.as_os_str().is_empty() {
+        invalid_empty(&invalid, "daemon.status_socket")?;
+    }
+    if raw.daemon.acl_max_age_hours == Some(0) {
+        return Err(invalid(
+            "daemon.acl_max_age_hours".into(),
+            "0 would always warn; leave it out to not check the ACL's age".into(),
+        ));
+    }
     for (field, value, min, max) in [
         ("nfc.apdu_timeout_ms", raw.nfc.apdu_timeout_ms, 50, 30_000),
         (
@@ -781,6 +805,8 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         daemon: DaemonConfig {
             database: resolve(path, &raw.daemon.database),
             log_level: raw.daemon.log_level,
+            status_socket: resolve(path, &raw.daemon.status_socket),
+            acl_max_age_hours: raw.daemon.acl_max_age_hours,
         },
         log_level,
         nfc: raw.nfc,

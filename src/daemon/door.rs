@@ -29,6 +29,16 @@ pub struct DoorRuntime {
 
 /// Serves the door until `shutdown` turns true.
 pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::Receiver<bool>) {
+    run_door_observed(rt, panel, shutdown, |_| {}).await
+}
+
+/// [`run_door`], telling `observe` about the reader too (for `keyway status`).
+pub async fn run_door_observed<P: PanelSink>(
+    rt: DoorRuntime,
+    panel: P,
+    shutdown: watch::Receiver<bool>,
+    observe: impl Fn(&ReaderEvent),
+) {
     let loop_cfg = ReaderLoopConfig {
         door: rt.door.id.clone(),
         pattern: rt.door.reader_pattern.clone(),
@@ -63,7 +73,10 @@ pub async fn run_door<P: PanelSink>(rt: DoorRuntime, panel: P, shutdown: watch::
                 let randomness = Randomness::generate(&mut rand_core::OsRng);
                 run_tap(ctx, &link, randomness, started).await;
             },
-            |ev| log_reader_event(&door_id, &reader_pattern, &ev),
+            |ev| {
+                log_reader_event(&door_id, &reader_pattern, &ev);
+                observe(&ev);
+            },
         )
         .await;
 }

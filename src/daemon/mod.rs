@@ -8,7 +8,9 @@
 pub mod access;
 pub mod ble;
 pub mod door;
+pub mod health;
 mod store;
+pub mod supervise;
 pub mod tap;
 
 use std::collections::HashMap;
@@ -24,7 +26,7 @@ use crate::osdp::{AttemptId, PdConfig, PdEvent, PdIdentity, RawCard, RawFormat, 
 use crate::serial::{self, BusConfig, BusEvent, BusHandle};
 
 pub use access::{shared_limiter, PanelSink, SharedLimiter, VerdictWait};
-pub use door::{run_door, DoorRuntime};
+pub use door::{run_door, run_door_observed, DoorRuntime};
 pub use store::{StoreError, StoreHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,8 @@ pub enum DaemonError {
     Bus { port: String, message: String },
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("{0}")]
+    TaskDied(#[from] supervise::Fatal),
 }
 
 /// Runs until SIGTERM or SIGINT, then stops every task and returns.
@@ -47,6 +51,21 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     let (store, store_thread) = StoreHandle::open(&cfg.daemon.database)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let registry = crate::status::Registry::new(&cfg);
+    let watchdog = health::watchdog_interval();
+    let mut supervisor = supervise::Supervisor::new(watchdog.is_some());
+    // The store thread is watched through a blocking-pool task that joins it.
+    let store_beat = supervise::Heartbeat::default();
+    let store_done = tokio::task::spawn_blocking(move || store_thread.join());
+    supervisor.watch(
+        "store",
+        tokio::spawn(async move {
+            let _ = store_done.await;
+        }),
+        store_beat.clone(),
+        Some(health::PROBE_STALL),
+    );
+    let mut probed_buses = Vec::new();
 
     // One bus per serial port; doors find their bus handle by port.
     let mut buses: Vec<(std::path::PathBuf, BusHandle, Pending)> = Vec::new();
@@ -86,17 +105,26 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
                 port: port.display().to_string(),
                 message: e.to_string(),
             })?;
-        tasks.spawn(async move {
-            let _ = task.await;
-        });
         let port_name = port.display().to_string();
+        let bus_beat = supervise::Heartbeat::default();
+        supervisor.watch(
+            &format!("osdp bus {port_name}"),
+            tokio::spawn(async move {
+                let _ = task.await;
+            }),
+            bus_beat.clone(),
+            Some(health::PROBE_STALL),
+        );
+        probed_buses.push((port_name.clone(), handle.clone(), bus_beat));
         let pending = Pending::default();
         let delivered = pending.clone();
         let verdicts = store.clone();
+        let seen = registry.clone();
         tasks.spawn(async move {
             loop {
                 match events.recv().await {
                     Ok(event) => {
+                        seen.bus_event(&port_name, &event);
                         on_bus_event(&port_name, &event, &delivered, &verdicts).await;
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -143,6 +171,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             pending: pending.clone(),
         };
         // The same door over BLE, when configured: same identity, store, panel and limiter.
+        // Its adapter task may idle for ever, so only its end is watched.
         if door.ble.is_some() {
             let ble_rt = ble::BleDoorRuntime {
                 door: rt.door.clone(),
@@ -151,13 +180,74 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
                 stats: Arc::default(),
                 limiter: rt.limiter.clone(),
             };
-            tasks.spawn(ble::run_ble_door(
-                ble_rt,
-                panel.clone(),
-                shutdown_rx.clone(),
-            ));
+            registry.ble_stats(&door.id, ble_rt.stats.clone());
+            let (panel, shutdown) = (panel.clone(), shutdown_rx.clone());
+            supervisor.spawn_restartable(
+                &format!("door {} ble", door.id),
+                None,
+                Box::new(move || {
+                    let rt = ble::BleDoorRuntime {
+                        door: ble_rt.door.clone(),
+                        identity: ble_rt.identity.clone(),
+                        store: ble_rt.store.clone(),
+                        stats: ble_rt.stats.clone(),
+                        limiter: ble_rt.limiter.clone(),
+                    };
+                    Box::pin(ble::run_ble_door(rt, panel.clone(), shutdown.clone()))
+                }),
+            );
         }
-        tasks.spawn(run_door(rt, panel, shutdown_rx.clone()));
+        let (shutdown, seen) = (shutdown_rx.clone(), registry.clone());
+        supervisor.spawn_restartable(
+            &format!("door {}", door.id),
+            Some(door_stall_limit(&cfg.nfc)),
+            Box::new(move || {
+                let rt = DoorRuntime {
+                    door: rt.door.clone(),
+                    identity: rt.identity.clone(),
+                    store: rt.store.clone(),
+                    nfc: rt.nfc.clone(),
+                    limiter: rt.limiter.clone(),
+                };
+                let seen = seen.clone();
+                let id = rt.door.id.clone();
+                Box::pin(run_door_observed(
+                    rt,
+                    panel.clone(),
+                    shutdown.clone(),
+                    move |ev| seen.reader_event(&id, ev),
+                ))
+            }),
+        );
+    }
+
+    let health_inputs = health::HealthInputs {
+        registry: registry.clone(),
+        buses: probed_buses,
+        store: store.clone(),
+        store_beat,
+        database: cfg.daemon.database.clone(),
+        limits: crate::status::health::Limits {
+            acl_max_age: cfg
+                .daemon
+                .acl_max_age_hours
+                .map(|h| std::time::Duration::from_secs(u64::from(h) * 3600)),
+        },
+    };
+    let shutdown = shutdown_rx.clone();
+    supervisor.spawn_restartable(
+        "health",
+        Some(health::PROBE_STALL),
+        Box::new(move || Box::pin(health::run(health_inputs.clone(), shutdown.clone()))),
+    );
+    if let Some(h) = health::spawn_status_socket(
+        cfg.daemon.status_socket.clone(),
+        registry.clone(),
+        shutdown_rx.clone(),
+    ) {
+        tasks.spawn(async move {
+            let _ = h.await;
+        });
     }
 
     let database = cfg.daemon.database.display().to_string();
@@ -176,12 +266,20 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     log::info!(target: "keyway::daemon", doors = cfg.doors.len(), database = database.as_str();
         "keyway {} {status}", env!("CARGO_PKG_VERSION"));
 
-    wait_for_signal().await?;
+    let outcome = supervise_until_signal(&mut supervisor, &registry, watchdog).await;
     log::info!(target: "keyway::daemon", "stopping");
     let _ = shutdown_tx.send(true);
     // Each bus's event logger ends when its broadcast channel closes: when the bus task and
     // every handle (these, and the doors' as they stop) are gone.
     drop(buses);
+    // The store thread's watcher ends only once the store handle is dropped (below).
+    let mut handles = supervisor.into_handles();
+    let store_watch = handles.remove(0);
+    for h in handles {
+        tasks.spawn(async move {
+            let _ = h.await;
+        });
+    }
     // Readers notice shutdown within one status poll; bound the wait anyway.
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(std::time::Duration::from_secs(5), drain)
@@ -193,8 +291,47 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
     }
     drop(store);
     // The store thread finishes queued writes, then ends.
-    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
-    Ok(())
+    let _ = store_watch.await;
+    outcome
+}
+
+/// The main loop: checks every task each second and pings systemd's watchdog while all are
+/// alive (this loop being wedged stops the pings too). Ends on SIGTERM/SIGINT, or with the
+/// error of a task that died for good.
+async fn supervise_until_signal(
+    supervisor: &mut supervise::Supervisor,
+    registry: &crate::status::Registry,
+    watchdog: Option<std::time::Duration>,
+) -> Result<(), DaemonError> {
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    let tick = watchdog
+        .unwrap_or(std::time::Duration::from_secs(1))
+        .min(std::time::Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            r = &mut signal => return r,
+            _ = ticks.tick() => {
+                let checked = supervisor.check();
+                registry.set_tasks(supervisor.statuses());
+                checked?;
+                if watchdog.is_some() && supervisor.healthy() {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+        }
+    }
+}
+
+/// How long a door's reader loop may go without being polled: its longest bounded wait (a
+/// whole tap, a reader retry, the failure pause) plus pcscd's slack, with a margin.
+fn door_stall_limit(nfc: &config::NfcConfig) -> std::time::Duration {
+    let longest = nfc
+        .transaction_timeout()
+        .max(nfc.reader_retry())
+        .max(access::RateLimitConfig::default().max_penalty);
+    longest + std::time::Duration::from_secs(20)
 }
 
 /// The door's secure-channel settings with its SCBK loaded (never logged). Install mode

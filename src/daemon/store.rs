@@ -57,6 +57,8 @@ enum Request {
         k_persistent: Option<SymmetricKey>,
         reply: oneshot::Sender<Result<bool, AclError>>,
     },
+    /// Liveness probe for the supervisor: answered in queue order.
+    Ping(oneshot::Sender<Result<(), AclError>>),
     /// The panel's verdict on the card of `attempt`.
     Verdict {
         attempt: i64,
@@ -132,6 +134,9 @@ impl StoreHandle {
                             }
                             let _ = reply.send(r);
                         }
+                        Request::Ping(reply) => {
+                            let _ = reply.send(Ok(()));
+                        }
                         Request::FastKeys { reader_id, reply } => {
                             let _ = reply.send(store.fast_keys(&reader_id));
                         }
@@ -168,6 +173,11 @@ impl StoreHandle {
             .await
             .map_err(|_| StoreError::Gone)?;
         Ok(rx.await.map_err(|_| StoreError::Gone)??)
+    }
+
+    /// Answers once the store thread has worked through what was queued before: it is alive.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.ask(Request::Ping).await
     }
 
     /// Records the panel's verdict on the event of `attempt` (or keeps it until that event

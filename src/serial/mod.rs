@@ -106,6 +106,17 @@ enum Request {
         done: oneshot::Sender<Result<(), PdError>>,
     },
     Stats(oneshot::Sender<DecoderStats>),
+    Health(oneshot::Sender<Vec<PdHealth>>),
+}
+
+/// One PD's live state, for `keyway status` (and a proof that the bus task answers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PdHealth {
+    pub address: u8,
+    pub online: bool,
+    /// Time since the last valid command addressed to this PD.
+    pub since_last_command: Option<Duration>,
+    pub secure_session: bool,
 }
 
 /// Handle to a running bus task.
@@ -120,6 +131,7 @@ impl std::fmt::Debug for Request {
         match self {
             Request::SendCard { addr, .. } => write!(f, "SendCard({addr})"),
             Request::Stats(_) => write!(f, "Stats"),
+            Request::Health(_) => write!(f, "Health"),
         }
     }
 }
@@ -160,6 +172,16 @@ impl BusHandle {
         let (done, rx) = oneshot::channel();
         self.requests
             .send(Request::Stats(done))
+            .await
+            .map_err(|_| SerialError::Stopped)?;
+        rx.await.map_err(|_| SerialError::Stopped)
+    }
+
+    /// Every PD's live state; answered between two reads of the line.
+    pub async fn health(&self) -> Result<Vec<PdHealth>, SerialError> {
+        let (done, rx) = oneshot::channel();
+        self.requests
+            .send(Request::Health(done))
             .await
             .map_err(|_| SerialError::Stopped)?;
         rx.await.map_err(|_| SerialError::Stopped)
@@ -411,6 +433,24 @@ impl BusTask {
             }
             Request::Stats(done) => {
                 let _ = done.send(self.bus.decoder_stats());
+            }
+            Request::Health(done) => {
+                let now = Instant::now();
+                let health = self
+                    .bus
+                    .addresses()
+                    .into_iter()
+                    .filter_map(|a| self.bus.pd(a))
+                    .map(|pd| PdHealth {
+                        address: pd.address(),
+                        online: pd.is_online(),
+                        since_last_command: pd
+                            .last_command_at()
+                            .map(|t| now.saturating_duration_since(t)),
+                        secure_session: pd.secure_session_active(),
+                    })
+                    .collect();
+                let _ = done.send(health);
             }
         }
     }

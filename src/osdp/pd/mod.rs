@@ -344,6 +344,16 @@ impl Pd {
         self.online
     }
 
+    /// When the last valid command for this PD arrived (for `keyway status`).
+    pub fn last_command_at(&self) -> Option<Instant> {
+        self.last_rx
+    }
+
+    /// A secure session is up.
+    pub fn secure_session_active(&self) -> bool {
+        matches!(self.sc, ScState::Active { .. })
+    }
+
     /// Events lost because nobody drained them.
     pub fn events_dropped(&self) -> u64 {
         self.events_dropped
