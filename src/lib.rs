@@ -26,6 +26,7 @@ pub mod ble;
 pub mod card;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod events;
 pub mod logging;
 pub mod nfc;

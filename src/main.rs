@@ -86,6 +86,19 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// An installer's checklist: config, keys, database, pcscd and readers, serial port and
+    /// panel polling, secure channel, Bluetooth, clock, disk. Non-zero exit when a check fails.
+    /// Stop keyway first: doctor listens on the serial port itself.
+    ///
+    /// Example: `systemctl stop keyway && keyway doctor; systemctl start keyway`
+    Doctor {
+        /// Seconds to listen for the panel's polls on each serial port.
+        #[arg(long, default_value_t = 3)]
+        sniff_secs: u64,
+        /// The checklist as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version.
     #[command(after_help = "Example:\n  keyway version")]
     Version,
@@ -280,6 +293,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(2)
+            })
+        }
+        Command::Doctor { sniff_secs, json } => {
+            // An invalid config is the first failure, with its own message and fix.
+            let cfg = match config::load(&cli.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("[FAIL] config: {e}");
+                    println!("       fix: correct the field named above, then keyway check-config");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let checks = rt.block_on(keyway::doctor::run(
+                &cfg,
+                std::time::Duration::from_secs(sniff_secs.clamp(1, 60)),
+            ));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                print!("{}", keyway::doctor::render(&checks));
+            }
+            let failed = checks
+                .iter()
+                .any(|c| c.outcome == keyway::doctor::Outcome::Fail);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
             })
         }
         Command::Run { log } => {

@@ -33,6 +33,10 @@ pub enum StatusError {
         "status socket {path} exists and is not a socket; remove it or change daemon.status_socket"
     )]
     NotASocket { path: PathBuf },
+    #[error(
+        "status socket {path} is in use by another keyway; stop it or change daemon.status_socket"
+    )]
+    InUse { path: PathBuf },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +64,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, StatusError> {
         source,
     };
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(m) if m.file_type().is_socket() => {
+            // A live socket is another keyway's: never take it over.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(StatusError::InUse {
+                    path: path.to_owned(),
+                });
+            }
+            std::fs::remove_file(path).map_err(err)?
+        }
         Ok(_) => {
             return Err(StatusError::NotASocket {
                 path: path.to_owned(),
@@ -219,6 +231,9 @@ mod tests {
         let path = dir.path().join("status.sock");
         drop(bind(&path).unwrap());
         assert!(path.exists());
+        let live = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(StatusError::InUse { .. })));
+        drop(live);
         drop(bind(&path).unwrap());
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();

@@ -1,0 +1,196 @@
+//! `keyway status` against a running `keyway run`, and systemd's notify protocol as the daemon
+//! speaks it (READY=1, STATUS=, WATCHDOG=1) read from a datagram socket standing in for
+//! systemd's. The door has no reader, no serial port: status must say so.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+struct Site {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    socket: PathBuf,
+}
+
+fn site() -> Site {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let dir = tempfile::tempdir().unwrap();
+    let key = p256::SecretKey::random(&mut rand_core::OsRng);
+    let key_path = dir.path().join("reader.pem");
+    std::fs::write(&key_path, key.to_pkcs8_pem(LineEnding::LF).unwrap()).unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = dir.path().join("keyway.toml");
+    let socket = dir.path().join("status.sock");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[daemon]
+database = "keyway.db"
+status_socket = "status.sock"
+
+[[door]]
+id = "front"
+osdp = {{ port = "{}", address = 1 }}
+nfc = {{ reader = "No Such Reader" }}
+aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
+"#,
+            dir.path().join("no-tty").display()
+        ),
+    )
+    .unwrap();
+    Site {
+        dir,
+        config,
+        socket,
+    }
+}
+
+fn keyway(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyway"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run keyway")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn status_with_no_daemon_says_so_and_fails() {
+    let s = site();
+    let o = keyway(&s.config, &["status"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("keyway is not running"), "{t}");
+    assert!(t.contains(&s.socket.display().to_string()), "{t}");
+    assert!(!t.contains("panicked"), "{t}");
+}
+
+#[test]
+fn running_daemon_answers_status_and_speaks_sd_notify() {
+    let s = site();
+    let notify_path = s.dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let log_path = s.dir.path().join("run.log");
+    let daemon = Daemon(
+        Command::new(env!("CARGO_BIN_EXE_keyway"))
+            .arg("--config")
+            .arg(&s.config)
+            .args(["run", "--log", "stderr"])
+            .env("NOTIFY_SOCKET", &notify_path)
+            // As systemd sets it for WatchdogSec=3s (no WATCHDOG_PID: any pid, per
+            // sd_watchdog_enabled(3)).
+            .env("WATCHDOG_USEC", "3000000")
+            .env_remove("WATCHDOG_PID")
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    // READY=1, then a STATUS= line naming the problems, then watchdog pings.
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = notify.recv(&mut buf) {
+            messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        let all = messages.join("\n");
+        if all.contains("READY=1") && all.contains("WATCHDOG=1") && all.contains("STATUS=") {
+            break;
+        }
+    }
+    let all = messages.join("\n");
+    assert!(all.contains("READY=1"), "{all}\n{}", log());
+    assert!(all.contains("WATCHDOG=1"), "{all}\n{}", log());
+    let status_line = messages
+        .iter()
+        .find(|m| m.starts_with("STATUS="))
+        .unwrap_or_else(|| panic!("no STATUS=: {all}"));
+    assert!(status_line.contains("1 door(s)"), "{status_line}");
+    assert!(status_line.contains("problem(s)"), "{status_line}");
+    assert!(
+        status_line.contains("serial port") || status_line.contains("not polling"),
+        "{status_line}"
+    );
+
+    // Human form: the missing reader and serial port are there, and the exit code is 2.
+    let o = keyway(&s.config, &["status"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}\n{}", log());
+    assert!(t.contains("door front"), "{t}");
+    assert!(
+        t.contains("MISSING (configured: No Such Reader)") || t.contains("pcscd unavailable"),
+        "{t}"
+    );
+    assert!(t.contains("OFFLINE"), "{t}");
+    assert!(t.contains("tasks        store ok"), "{t}");
+    assert!(t.contains("door front ok"), "{t}");
+
+    // JSON: the same, for scripts.
+    let o = keyway(&s.config, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["doors"][0]["id"], "front");
+    assert_eq!(v["doors"][0]["osdp"]["online"], false);
+    assert_eq!(v["acl"]["credentials"], 0);
+    assert_eq!(v["outbox"]["undelivered"], 0);
+    assert!(v["disk"]["free_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(v["cloud"], serde_json::Value::Null);
+    let codes: Vec<&str> = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["code"].as_str().unwrap())
+        .collect();
+    assert!(codes.contains(&"serial_port_failed"), "{codes:?}");
+    assert!(
+        codes.contains(&"reader_missing") || codes.contains(&"pcsc_unavailable"),
+        "{codes:?}"
+    );
+
+    // The socket is group-only, and goes away with the daemon.
+    let mode = std::fs::metadata(&s.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    // SAFETY: signals our own child, not yet reaped.
+    assert_eq!(
+        unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) },
+        0
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut daemon = daemon;
+    let st = loop {
+        if let Some(st) = daemon.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no exit on SIGTERM\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(st.success(), "{st}\n{}", log());
+    assert!(!s.socket.exists(), "socket removed at exit");
+    assert!(!log().contains("did not stop"), "{}", log());
+}
