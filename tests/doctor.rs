@@ -6,38 +6,13 @@
 
 mod support;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use support::{pty_pair, Cp};
 
 fn config(dir: &Path, port: &Path, address: u8) -> PathBuf {
-    use p256::pkcs8::{EncodePrivateKey, LineEnding};
-    let key = p256::SecretKey::random(&mut rand_core::OsRng);
-    let key_path = dir.join("reader.pem");
-    std::fs::write(&key_path, key.to_pkcs8_pem(LineEnding::LF).unwrap()).unwrap();
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let config = dir.join("keyway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[daemon]
-database = "keyway.db"
-status_socket = "status.sock"
-
-[[door]]
-id = "front"
-osdp = {{ port = "{}", address = {address} }}
-nfc = {{ reader = "No Such Reader" }}
-aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
-"#,
-            port.display()
-        ),
-    )
-    .unwrap();
-    config
+    support::one_door_site(dir, port, address)
 }
 
 fn doctor(config: &Path) -> (Output, String, serde_json::Value) {

@@ -4,6 +4,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -17,32 +19,9 @@ struct Site {
 }
 
 fn site() -> Site {
-    use p256::pkcs8::{EncodePrivateKey, LineEnding};
     let dir = tempfile::tempdir().unwrap();
-    let key = p256::SecretKey::random(&mut rand_core::OsRng);
-    let key_path = dir.path().join("reader.pem");
-    std::fs::write(&key_path, key.to_pkcs8_pem(LineEnding::LF).unwrap()).unwrap();
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let config = dir.path().join("keyway.toml");
+    let config = support::one_door_site(dir.path(), &dir.path().join("no-tty"), 1);
     let socket = dir.path().join("status.sock");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[daemon]
-database = "keyway.db"
-status_socket = "status.sock"
-
-[[door]]
-id = "front"
-osdp = {{ port = "{}", address = 1 }}
-nfc = {{ reader = "No Such Reader" }}
-aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
-"#,
-            dir.path().join("no-tty").display()
-        ),
-    )
-    .unwrap();
     Site {
         dir,
         config,

@@ -449,10 +449,8 @@ fn disk(database: &Path) -> Check {
             Some("create the database directory"),
         ),
         Ok(d) => {
-            let floor = crate::status::health::DISK_MIN_FREE_BYTES
-                .min(d.total_bytes / 100 * crate::status::health::DISK_MIN_FREE_PERCENT);
             let detail = format!("{} MiB free on {}", d.free_bytes >> 20, d.path);
-            if d.free_bytes < floor {
+            if crate::status::health::disk_nearly_full(&d) {
                 check(
                     "disk",
                     Outcome::Fail,

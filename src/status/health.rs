@@ -18,6 +18,11 @@ pub const CERT_WARN_DAYS: i64 = 30;
 pub const DISK_MIN_FREE_BYTES: u64 = 100 << 20;
 pub const DISK_MIN_FREE_PERCENT: u64 = 2;
 
+/// Free space below [`DISK_MIN_FREE_BYTES`] or [`DISK_MIN_FREE_PERCENT`], whichever is smaller.
+pub fn disk_nearly_full(disk: &super::model::DiskStatus) -> bool {
+    disk.free_bytes < DISK_MIN_FREE_BYTES.min(disk.total_bytes / 100 * DISK_MIN_FREE_PERCENT)
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Limits {
     /// `[daemon] acl_max_age_hours`; `None`: the ACL's age is not checked.
@@ -137,8 +142,7 @@ pub fn evaluate(s: &Snapshot, limits: Limits) -> Vec<Problem> {
         }
     }
     if let Some(disk) = &s.disk {
-        let floor = DISK_MIN_FREE_BYTES.min(disk.total_bytes / 100 * DISK_MIN_FREE_PERCENT);
-        if disk.free_bytes < floor {
+        if disk_nearly_full(disk) {
             out.push(problem(
                 "disk_nearly_full",
                 catalog::DISK_NEARLY_FULL,
