@@ -551,7 +551,7 @@ impl BusTask {
 }
 
 /// A NAK to the secure-channel handshake: the panel cannot open a secure session.
-fn refuses_secure_channel(command: u8, code: crate::osdp::NakCode) -> bool {
+pub fn refuses_secure_channel(command: u8, code: crate::osdp::NakCode) -> bool {
     use crate::osdp::command::code;
     matches!(command, code::CHLNG | code::SCRYPT)
         && matches!(

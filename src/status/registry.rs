@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use crate::ble::adapter::AdapterStats;
 use crate::config::Validated;
 use crate::nfc::ReaderEvent;
-use crate::osdp::{NakCode, PdEvent};
-use crate::serial::{BusEvent, PdHealth};
+use crate::osdp::PdEvent;
+use crate::serial::{refuses_secure_channel, BusEvent, PdHealth};
 
 use super::model::{
     BleStatus, CloudStatus, DiskStatus, DoorStatus, OsdpStatus, Problem, ReaderStatus,
@@ -41,13 +41,6 @@ struct Live {
     cloud: Option<CloudStatus>,
     tasks: Vec<TaskStatus>,
     problems: Vec<Problem>,
-}
-
-/// A NAK to the secure-channel handshake: the panel cannot open a secure session.
-pub fn refuses_secure_channel(command: u8, code: NakCode) -> bool {
-    use crate::osdp::command::code;
-    matches!(command, code::CHLNG | code::SCRYPT)
-        && matches!(code, NakCode::ScConditions | NakCode::ScUnsupported)
 }
 
 impl Registry {
@@ -128,6 +121,10 @@ impl Registry {
                 d.status.reader.pcsc_error = None;
             }
             ReaderEvent::ReaderLost(_) => d.status.reader.present = None,
+            ReaderEvent::ReaderMissing(_) => {
+                d.status.reader.present = None;
+                d.status.reader.pcsc_error = None;
+            }
             ReaderEvent::ServiceDown(e) => {
                 d.status.reader.present = None;
                 d.status.reader.pcsc_error = Some(e.clone());
@@ -269,6 +266,7 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::osdp::pd::ScEndReason;
+    use crate::osdp::NakCode;
     use std::path::PathBuf;
 
     fn cfg(scbk: bool) -> Validated {
