@@ -426,6 +426,11 @@ impl Store {
         }
     }
 
+    /// How long a write waits for another connection's lock before failing with "busy".
+    pub fn set_busy_timeout(&self, timeout: Duration) -> Result<(), AclError> {
+        Ok(self.conn.busy_timeout(timeout)?)
+    }
+
     /// The database path given to [`Store::open`].
     pub fn path(&self) -> &Path {
         &self.path
