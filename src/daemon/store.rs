@@ -88,7 +88,7 @@ fn record_retrying(
         match store.record_attempt(event, attempt) {
             Err(AclError::Sqlite(e)) if is_busy(&e) => {
                 attempts += 1;
-                if attempts == 1 || attempts % 10 == 0 {
+                if attempts == 1 || attempts.is_multiple_of(10) {
                     log::warn!(target: "keyway::daemon", door = event.door.as_str();
                         "event write waits for the database (busy, attempt {attempts}); retrying");
                 }
