@@ -71,8 +71,8 @@ fn which(db: &Path, keys: &[[u8; 65]; 3]) -> u64 {
         Decision::Deny(_) => None,
     };
     match (fc(&d[0]), fc(&d[1]), fc(&d[2])) {
-        (Some(_), Some(f), None) if f == 1 => 1,
-        (None, Some(f), Some(_)) if f == 2 => 2,
+        (Some(_), Some(1), None) => 1,
+        (None, Some(2), Some(_)) => 2,
         other => panic!("a mixed ACL: {other:?}"),
     }
 }
