@@ -77,9 +77,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function(&format!("acl_decide_{n}"), |b| {
         b.iter(|| {
             j += 1;
-            store
-                .decide(&keys[j % keys.len()], "front", now)
-                .unwrap()
+            store.decide(&keys[j % keys.len()], "front", now).unwrap()
         })
     });
 }

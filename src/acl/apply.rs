@@ -350,16 +350,7 @@ impl<'s> SnapshotApply<'s> {
                 if exists.exists([row.key.as_slice()])? {
                     common += 1;
                 }
-                insert.execute(rusqlite::params![
-                    row.key,
-                    row.person_id,
-                    row.format,
-                    row.fc,
-                    row.cn,
-                    row.valid_from,
-                    row.valid_until,
-                    row.doors
-                ])?;
+                row.execute(&mut insert)?;
                 rows += 1;
                 in_tx += 1;
                 if in_tx >= BATCH_ROWS {
@@ -626,6 +617,20 @@ impl StagedRow {
         })
     }
 
+    /// Runs an insert whose parameters are (key, person, format, fc, cn, from, until, doors).
+    fn execute(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<usize> {
+        stmt.execute(rusqlite::params![
+            self.key,
+            self.person_id,
+            self.format,
+            self.fc,
+            self.cn,
+            self.valid_from,
+            self.valid_until,
+            self.doors
+        ])
+    }
+
     /// A canonical, unambiguous encoding (lengths before variable fields).
     fn hash_into(&self, h: &mut Sha256) {
         h.update(&self.key);
@@ -670,17 +675,8 @@ fn upsert(conn: &Connection, row: &StagedRow) -> Result<bool, ApplyError> {
             format = excluded.format, fc = excluded.fc, cn = excluded.cn,
             valid_from = excluded.valid_from, valid_until = excluded.valid_until,
             state = 0, doors = excluded.doors",
-    )?
-    .execute(rusqlite::params![
-        row.key,
-        row.person_id,
-        row.format,
-        row.fc,
-        row.cn,
-        row.valid_from,
-        row.valid_until,
-        row.doors
-    ])?;
+    )
+    .and_then(|mut stmt| row.execute(&mut stmt))?;
     Ok(old.is_some())
 }
 
