@@ -2,6 +2,8 @@
 //! (criterion). The bench builds its own database: `KEYWAY_ACL_SCALE` credentials (default
 //! 20,000 so `cargo test --all-targets` stays fast; 5000000 for the documented numbers), the
 //! CSV cached in `target/acl-scale-<n>.csv`. See docs/benchmarks.md.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use keyway::acl::{ImportMode, Store};

@@ -1,6 +1,8 @@
 //! A power cut during an ACL import: the `keyway acl import` process is SIGKILLed at spread
 //! points of its run, 20 times; after each, the database passes `PRAGMA integrity_check` and
 //! holds exactly the old ACL or exactly the new one, never a mix, and the next import works.
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use keyway::acl::{Decision, Store};
 use std::os::unix::fs::PermissionsExt;

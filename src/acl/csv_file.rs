@@ -148,7 +148,9 @@ impl<R: Read> StrictGuard<R> {
         let utf8_ok = self.check_utf8(buf);
         let mut out = 0;
         for i in 0..buf.len() {
-            let b = buf[i];
+            let Some(b) = buf.get(i).copied() else {
+                break;
+            };
             if i >= utf8_ok {
                 self.pending = Some((self.line, "invalid UTF-8".into()));
                 return out;
@@ -161,7 +163,10 @@ impl<R: Read> StrictGuard<R> {
             if b == b'\r' && self.state == State::Cr && before != State::Quoted {
                 continue;
             }
-            buf[out] = b;
+            // `out <= i`: the byte moves down over a dropped CR, never past the end.
+            if let Some(slot) = buf.get_mut(out) {
+                *slot = b;
+            }
             out += 1;
         }
         out
