@@ -176,6 +176,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX fast_keys_reader_endpoint ON fast_keys (reader_id, endpoint_key);
     CREATE INDEX fast_keys_reader_used ON fast_keys (reader_id, used_at);
     CREATE INDEX fast_keys_key ON fast_keys (key);",
+    // v7: each event's stable unique id for the cloud outbox: 16 random bytes (SQLite's
+    // randomblob, seeded from the OS), so it stays unique across a rebuilt database, where
+    // the sequence (`id`) starts again. No index: nothing looks an event up by it locally.
+    "ALTER TABLE events ADD COLUMN uid BLOB CHECK (uid IS NULL OR length(uid) = 16);
+    UPDATE events SET uid = randomblob(16);",
 ];
 
 /// Bytes of WAL kept after a checkpoint.
@@ -251,6 +256,10 @@ pub struct StoreStats {
     pub door_grants: u64,
     pub events_total: u64,
     pub events_undelivered: u64,
+    /// Events deleted by retention before they were delivered, ever.
+    pub events_pruned_undelivered: u64,
+    /// Event writes that failed (disk full, I/O), as far as they were counted afterwards.
+    pub events_write_failed: u64,
     pub last_import: Option<LastImport>,
 }
 
@@ -548,6 +557,8 @@ impl Store {
             )?,
             events_total: count("SELECT count(*) FROM events")?,
             events_undelivered: count("SELECT count(*) FROM events WHERE delivered_at IS NULL")?,
+            events_pruned_undelivered: self.events_pruned_undelivered()?,
+            events_write_failed: self.events_write_failed()?,
             last_import,
         })
     }
@@ -859,7 +870,10 @@ mod tests {
             }
             conn.execute_batch(
                 "INSERT INTO credential_doors VALUES (1, 'front'), (1, 'back'), (2, '*');
-                 INSERT INTO card_uids VALUES (x'01020304', 2);",
+                 INSERT INTO card_uids VALUES (x'01020304', 2);
+                 INSERT INTO events (time_ms, door, transport, decision, reason, latency_ms)
+                 VALUES (1, 'front', 'nfc', 'granted', 'granted', 5),
+                        (2, 'front', 'nfc', 'granted', 'granted', 5);",
             )
             .unwrap();
             conn.execute(
@@ -871,6 +885,14 @@ mod tests {
         }
         let s = Store::open(&db).unwrap();
         assert_eq!(s.stats().unwrap().schema_version, SCHEMA_VERSION);
+        // Events written before v7 get their own uid.
+        let uids: Vec<String> = s
+            .recent_events(5)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.uid)
+            .collect();
+        assert!(uids.len() == 2 && uids[0].len() == 32 && uids[0] != uids[1]);
         match s.decide_at(&test_key(1), "back", 0).unwrap() {
             Decision::Grant(g) => {
                 assert_eq!(

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::acl::{AclError, Decision, Store};
 use crate::aliro::crypto::SymmetricKey;
 use crate::aliro::reader::FastCredential;
-use crate::events::AccessEvent;
+use crate::events::{unix_ms, AccessEvent, Retention};
 use crate::osdp::AttemptId;
 
 /// Requests queue here while a slow disk catches up; a full queue delays taps, never drops events.
@@ -69,7 +70,31 @@ struct PendingVerdicts(HashMap<i64, (&'static str, Instant)>);
 pub struct StoreHandle {
     tx: mpsc::Sender<Request>,
     reader: Arc<Mutex<Store>>,
+    /// Event writes that failed since start (disk full, I/O error, damage).
+    write_failures: Arc<AtomicU64>,
 }
+
+/// How the store thread runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// The writer's busy timeout (a busy event write is retried after it, never dropped).
+    pub busy_timeout: Duration,
+    /// How many events the outbox keeps.
+    pub retention: Retention,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            busy_timeout: crate::acl::BUSY_TIMEOUT,
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// Pruning steps run at start before serving writes (a lowered bound catches up over the
+/// next events after that, one step per event).
+const PRUNE_STEPS_AT_START: usize = 100;
 
 /// Longest pause between retries of an event write that found the database busy.
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -111,22 +136,35 @@ impl StoreHandle {
     /// Opens the database and starts the thread that owns it. The thread ends when every handle
     /// is dropped, after finishing what is queued.
     pub fn open(path: &Path) -> Result<(Self, std::thread::JoinHandle<()>), StoreError> {
-        Self::open_with(path, crate::acl::BUSY_TIMEOUT)
+        Self::open_with(path, StoreOptions::default())
     }
 
-    /// [`StoreHandle::open`] with the writer's busy timeout (tests shorten it).
+    /// [`StoreHandle::open`] with options (the configured retention; tests shorten the busy
+    /// timeout).
     pub fn open_with(
         path: &Path,
-        busy_timeout: Duration,
+        options: StoreOptions,
     ) -> Result<(Self, std::thread::JoinHandle<()>), StoreError> {
         let mut store = Store::open(path)?;
-        store.set_busy_timeout(busy_timeout)?;
+        store.set_busy_timeout(options.busy_timeout)?;
         let reader = Arc::new(Mutex::new(Store::open(path)?));
+        let write_failures = Arc::new(AtomicU64::new(0));
+        let failures = write_failures.clone();
         let (tx, mut rx) = mpsc::channel::<Request>(QUEUE);
         let thread = std::thread::Builder::new()
             .name("keyway-store".into())
             .spawn(move || {
                 let mut pending = PendingVerdicts::default();
+                let mut outbox = Outbox {
+                    retention: options.retention,
+                    failures,
+                    uncounted_failures: 0,
+                };
+                for _ in 0..PRUNE_STEPS_AT_START {
+                    if !outbox.prune(&mut store) {
+                        break;
+                    }
+                }
                 while let Some(req) = rx.blocking_recv() {
                     match req {
                         Request::Record {
@@ -135,8 +173,14 @@ impl StoreHandle {
                             reply,
                         } => {
                             let r = record_retrying(&mut store, &event, attempt);
-                            if let (Ok(_), Some(a)) = (&r, attempt) {
-                                pending.apply(&mut store, a, &event.door);
+                            match &r {
+                                Ok(_) => {
+                                    if let Some(a) = attempt {
+                                        pending.apply(&mut store, a, &event.door);
+                                    }
+                                    outbox.stored(&mut store);
+                                }
+                                Err(e) => outbox.failed(&event, e),
                             }
                             let _ = reply.send(r);
                         }
@@ -170,7 +214,19 @@ impl StoreHandle {
                 }
             })
             .map_err(StoreError::Thread)?;
-        Ok((Self { tx, reader }, thread))
+        Ok((
+            Self {
+                tx,
+                reader,
+                write_failures,
+            },
+            thread,
+        ))
+    }
+
+    /// Event writes that failed since this handle's store was opened.
+    pub fn event_write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
     }
 
     /// Runs a read on the read connection, off the async workers. Never queued behind a
@@ -282,6 +338,61 @@ fn attempt_column(a: AttemptId) -> i64 {
     i64::try_from(a).unwrap_or(i64::MAX)
 }
 
+/// The store thread's outbox bookkeeping: retention after each stored event, and failed
+/// writes counted (in memory at once, in the database when it takes writes again).
+struct Outbox {
+    retention: Retention,
+    failures: Arc<AtomicU64>,
+    uncounted_failures: u64,
+}
+
+impl Outbox {
+    /// An event was stored: the database takes writes, so failures not counted there yet
+    /// are added, and one retention step runs.
+    fn stored(&mut self, store: &mut Store) {
+        if self.uncounted_failures > 0 {
+            match store.add_events_write_failed(self.uncounted_failures) {
+                Ok(()) => self.uncounted_failures = 0,
+                Err(e) => log::warn!(target: "keyway::store",
+                    "failed event writes not counted in the database yet: {e}"),
+            }
+        }
+        self.prune(store);
+    }
+
+    /// An event could not be stored: loud (error log with the running count) and counted.
+    /// Its journald record still follows from the caller.
+    fn failed(&mut self, event: &AccessEvent, e: &AclError) {
+        let total = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        self.uncounted_failures += 1;
+        log::error!(target: "keyway::store", door = event.door.as_str(),
+            event_write_failures = total;
+            "EVENT NOT STORED (door {}, {}): {e}; {total} event write(s) failed since start; \
+             grants continue from the cached ACL", event.door, event.decision);
+    }
+
+    /// One retention step; whether more is over the bound.
+    fn prune(&mut self, store: &mut Store) -> bool {
+        let now = unix_ms(time::OffsetDateTime::now_utc());
+        match store.prune_events(&self.retention, now) {
+            Ok(p) => {
+                if p.undelivered > 0 {
+                    let total = store.events_pruned_undelivered().unwrap_or(0);
+                    log::warn!(target: "keyway::store", pruned_undelivered = total;
+                        "retention pruned {} event(s) before they were delivered \
+                         ({total} in all); raise [events] max_rows / max_age_days to keep more",
+                        p.undelivered);
+                }
+                p.more
+            }
+            Err(e) => {
+                log::warn!(target: "keyway::store", "event retention step failed: {e}");
+                false
+            }
+        }
+    }
+}
+
 impl PendingVerdicts {
     /// Keeps a verdict whose event row is not stored yet (bounded: stale ones go first, then
     /// the oldest).
@@ -357,7 +468,14 @@ mod tests {
             )
             .unwrap();
         }
-        let (h, _t) = StoreHandle::open_with(&db, Duration::from_millis(50)).unwrap();
+        let (h, _t) = StoreHandle::open_with(
+            &db,
+            StoreOptions {
+                busy_timeout: Duration::from_millis(50),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
         let locker = rusqlite::Connection::open(&db).unwrap();
         locker.execute_batch("BEGIN IMMEDIATE").unwrap();
         let h2 = h.clone();
