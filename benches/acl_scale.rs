@@ -20,12 +20,7 @@ fn scale() -> u64 {
 fn bench(c: &mut Criterion) {
     let n = scale();
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
-    let csv = target.join(format!("acl-scale-{n}.csv"));
-    if !csv.exists() {
-        let t = Instant::now();
-        keyway::sim::acl::write_csv(&csv, 1, n, "front").unwrap();
-        eprintln!("generated {n} credentials in {:?}", t.elapsed());
-    }
+    let csv = keyway::sim::acl::cached_csv(&target, n).unwrap();
     let dir = tempfile::tempdir_in(&target).unwrap();
     let db = dir.path().join("scale.db");
     let mut store = Store::open(&db).unwrap();

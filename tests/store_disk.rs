@@ -28,7 +28,13 @@ impl Tmpfs {
     fn mount(size: &str) -> Tmpfs {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(dir.path())
             .output()
             .expect("run mount");
@@ -47,7 +53,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -187,16 +196,25 @@ async fn disk_full_never_stops_grants_and_failed_event_writes_are_counted() {
     // Taps go on; event writes start failing once the WAL needs a page the disk lacks.
     let mut taps = 0;
     while store.event_write_failures() == 0 {
-        assert!(tap(&access).await, "tap {taps} on a full disk was not granted");
+        assert!(
+            tap(&access).await,
+            "tap {taps} on a full disk was not granted"
+        );
         taps += 1;
         assert!(taps < 5_000, "no event write failed on a full disk");
     }
     eprintln!("first failed event write after {taps} taps on the full disk");
     for i in 0..20 {
-        assert!(tap(&access).await, "tap {i} after a failed write was not granted");
+        assert!(
+            tap(&access).await,
+            "tap {i} after a failed write was not granted"
+        );
     }
     let failed = store.event_write_failures();
-    assert!(failed >= 20, "every tap on the full disk failed to store: {failed}");
+    assert!(
+        failed >= 20,
+        "every tap on the full disk failed to store: {failed}"
+    );
     // Loud: an error naming the lost event and the running count, from the store.
     let loud = ERRORS
         .0

@@ -40,3 +40,17 @@ pub fn write_csv(path: &std::path::Path, first: u64, n: u64, door: &str) -> std:
     err?;
     out.flush()
 }
+
+/// A CSV of `n` credentials (keys from 1, all at door `front`) kept as
+/// `<dir>/acl-scale-<n>.csv`, generated once (written aside and renamed, so an interrupted
+/// run leaves no truncated file): big ACLs take a while to generate and tests and benches
+/// share them.
+pub fn cached_csv(dir: &std::path::Path, n: u64) -> std::io::Result<std::path::PathBuf> {
+    let path = dir.join(format!("acl-scale-{n}.csv"));
+    if !path.exists() {
+        let tmp = dir.join(format!("acl-scale-{n}.csv.{}.tmp", std::process::id()));
+        write_csv(&tmp, 1, n, "front")?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(path)
+}
