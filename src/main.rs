@@ -198,9 +198,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ImportMode::Replace
             };
-            let summary = store.import_file(&file, mode).with_context(|| {
-                format!("ACL file {} rejected, nothing changed", file.display())
-            })?;
+            let summary = match store.import_file(&file, mode) {
+                Ok(s) => s,
+                Err(e) if e.is_file_problem() => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "ACL file {} rejected, nothing changed",
+                        file.display()
+                    )))
+                }
+                // The file was fine: the database is to blame (busy, damaged, full).
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context("the ACL was not applied, the previous one stays in force"))
+                }
+            };
             println!(
                 "{}: {} credentials ({} mode): {} added, {} updated, {} removed",
                 file.display(),

@@ -471,7 +471,8 @@ fn unreadable_and_oversized_files_are_rejected() {
     ));
     let p = write(dir.path(), "bin.csv", "endpoint_key\n\u{0}\n");
     assert!(store.import_file(&p, ImportMode::Replace).is_err());
-    std::fs::write(&p, b"a,b\n\xff\xfe\n").unwrap();
+    // Invalid UTF-8 is reported on its line (after a valid header: errors come in file order).
+    std::fs::write(&p, [CSV_HEADER.as_bytes(), b"\xff\xfe\n"].concat()).unwrap();
     let e = store.import_file(&p, ImportMode::Replace).unwrap_err();
     assert_eq!(e.line(), Some(2), "{e}");
     assert_base_acl(&store);

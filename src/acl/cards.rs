@@ -28,7 +28,7 @@ impl Store {
             return Ok(None);
         }
         self.query_credential(
-            "FROM card_uids u JOIN credentials c ON c.id = u.credential_id WHERE u.uid = ?1",
+            "FROM card_uids u JOIN acl a ON a.key = u.key WHERE u.uid = ?1",
             uid,
             door,
         )

@@ -3,6 +3,7 @@
 //! Kept apart from SQLite so every rule is unit-tested without a database; the store only
 //! fetches the row (one index hit on `endpoint_key`) and calls [`evaluate`].
 
+use super::CredentialState;
 use crate::card::CardFormat;
 use serde::Serialize;
 
@@ -23,6 +24,8 @@ pub struct CredentialRecord {
     pub valid_until: Option<i64>,
     /// Whether the credential lists the requested door or [`ALL_DOORS`].
     pub door_allowed: bool,
+    /// Suspended and revoked credentials are denied with their own reason.
+    pub state: CredentialState,
 }
 
 /// A granted access: what the panel needs (card data) plus ids for the event.
@@ -48,6 +51,10 @@ impl Grant {
 pub enum DenyReason {
     /// No credential has this endpoint key.
     UnknownKey,
+    /// The credential is suspended (a lost phone, until re-issued or reinstated).
+    Suspended,
+    /// The credential is revoked.
+    Revoked,
     /// `now >= valid_until`.
     Expired,
     /// `now < valid_from`.
@@ -72,6 +79,8 @@ impl DenyReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DenyReason::UnknownKey => "unknown_key",
+            DenyReason::Suspended => "suspended",
+            DenyReason::Revoked => "revoked",
             DenyReason::Expired => "expired",
             DenyReason::NotYetValid => "not_yet_valid",
             DenyReason::WrongDoor => "wrong_door",
@@ -104,12 +113,17 @@ impl Decision {
 
 /// Decides for one credential (or none) at `now` (unix seconds).
 ///
-/// Order: validity window first, then door, so a person whose badge expired learns
-/// "expired" at every door rather than "wrong door" at some.
+/// Order: state (revoked, suspended), then validity window, then door, so a person whose
+/// badge expired learns "expired" at every door rather than "wrong door" at some.
 pub fn evaluate(record: Option<&CredentialRecord>, now: i64) -> Decision {
     let Some(r) = record else {
         return Decision::Deny(DenyReason::UnknownKey);
     };
+    match r.state {
+        CredentialState::Active => {}
+        CredentialState::Suspended => return Decision::Deny(DenyReason::Suspended),
+        CredentialState::Revoked => return Decision::Deny(DenyReason::Revoked),
+    }
     if let Some(from) = r.valid_from {
         if now < from {
             return Decision::Deny(DenyReason::NotYetValid);
@@ -146,7 +160,19 @@ mod tests {
             valid_from: from,
             valid_until: until,
             door_allowed,
+            state: CredentialState::Active,
         }
+    }
+
+    #[test]
+    fn state_comes_first() {
+        let mut r = rec(Some(100), Some(200), false);
+        r.state = CredentialState::Suspended;
+        assert_eq!(evaluate(Some(&r), 0), Decision::Deny(DenyReason::Suspended));
+        r.state = CredentialState::Revoked;
+        assert_eq!(evaluate(Some(&r), 150), Decision::Deny(DenyReason::Revoked));
+        assert_eq!(DenyReason::Suspended.as_str(), "suspended");
+        assert_eq!(DenyReason::Revoked.as_str(), "revoked");
     }
 
     #[test]

@@ -2,16 +2,16 @@
 //! endpoint, kept per (reader identifier, endpoint key) so the next tap can use FAST.
 //!
 //! Bounded: at most [`MAX_FAST_KEYS_PER_READER`] per reader identifier, least recently used
-//! evicted first. A key is only stored for an endpoint that has a credential in the ACL (so a
-//! stranger cannot fill the table), and it goes with the credential: removed by cascade when an
-//! import drops the credential, by trigger when its validity changes (migration v2).
+//! evicted first. A key is only stored for an endpoint that has an active credential in the ACL
+//! (so a stranger cannot fill the table), and it goes with the credential: the apply engine
+//! (`apply`) removes it when the credential is removed or its validity or state changes.
 //!
 //! Kpersistent is a secret: it is never logged, and the database file is 0600 (see
 //! [`Store::open`]).
 
 use rusqlite::OptionalExtension;
 
-use super::{normalize_endpoint_key, AclError, Store, ENDPOINT_KEY_LEN};
+use super::{compress_key, normalize_endpoint_key, AclError, Store, ENDPOINT_KEY_LEN};
 use crate::aliro::crypto::SymmetricKey;
 use crate::aliro::reader::FastCredential;
 
@@ -70,27 +70,30 @@ impl Store {
         let Ok(key) = normalize_endpoint_key(endpoint_key) else {
             return Ok(false);
         };
-        let tx = self.conn.transaction()?;
+        let stored = compress_key(&key);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let credential: Option<i64> = tx
             .query_row(
-                "SELECT id FROM credentials WHERE endpoint_key = ?1",
-                [key.as_slice()],
+                "SELECT 1 FROM acl WHERE key = ?1 AND state = 0",
+                [stored.as_slice()],
                 |r| r.get(0),
             )
             .optional()?;
-        let Some(credential_id) = credential else {
+        if credential.is_none() {
             return Ok(false);
-        };
+        }
         tx.execute(
-            "INSERT INTO fast_keys (reader_id, credential_id, endpoint_key, k_persistent, used_at)
+            "INSERT INTO fast_keys (reader_id, key, endpoint_key, k_persistent, used_at)
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (reader_id, endpoint_key) DO UPDATE SET
-                credential_id = excluded.credential_id,
+                key = excluded.key,
                 k_persistent = excluded.k_persistent,
                 used_at = excluded.used_at",
             rusqlite::params![
                 reader_id.as_slice(),
-                credential_id,
+                stored.as_slice(),
                 key.as_slice(),
                 k_persistent.as_bytes().as_slice(),
                 now_ms

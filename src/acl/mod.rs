@@ -7,13 +7,20 @@
 //! A decision is one unique-index lookup on the endpoint key plus a primary-key probe of the
 //! door list; the rules themselves live in [`decision`] as a pure function.
 
+pub mod apply;
 pub mod cards;
+mod csv_file;
 pub mod decision;
 pub mod fast;
 pub mod import;
+mod json_file;
+pub mod record;
 
+pub use apply::BATCH_ROWS;
+pub use apply::{Applied, ApplyError, ApplySummary, CredentialState, DeltaOp, SnapshotApply};
 pub use decision::{evaluate, CredentialRecord, Decision, DenyReason, Grant, ALL_DOORS};
-pub use import::{load_file, CredentialSpec, FileKind, ImportError, ImportMode, ImportSummary};
+pub use import::{load_file, read_file};
+pub use record::{CredentialSpec, FileKind, ImportError, ImportMode, ImportSummary};
 
 use crate::card::CardFormat;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
@@ -25,6 +32,8 @@ use std::time::Duration;
 
 /// Length of an uncompressed SEC1 P-256 point (`04 || X || Y`).
 pub const ENDPOINT_KEY_LEN: usize = 65;
+/// Length of a compressed SEC1 P-256 point (`02/03 || X`): how the ACL stores keys.
+pub const COMPRESSED_KEY_LEN: usize = 33;
 
 /// How long a writer waits for another connection's lock before failing (the CLI may import
 /// while the daemon runs).
@@ -109,7 +118,73 @@ const MIGRATIONS: &[&str] = &[
     // is stored on the row with its attempt, never guessed by door and time.
     "ALTER TABLE events ADD COLUMN attempt_id INTEGER;
     CREATE UNIQUE INDEX events_attempt ON events (attempt_id) WHERE attempt_id IS NOT NULL;",
+    // v6: the compact ACL (see `apply`): one WITHOUT ROWID table keyed by the compressed key
+    // (240 -> under 100 bytes a credential), doors inline, a state; card UIDs and FAST keys
+    // refer to the key (the apply engine keeps them consistent: a swap by rename cannot carry
+    // foreign keys). A credential's id is now derived from its key (`credential_id`).
+    "CREATE TABLE acl (
+        key         BLOB    PRIMARY KEY CHECK (length(key) = 33),
+        person_id   TEXT    NOT NULL,
+        format      INTEGER NOT NULL,
+        fc          INTEGER NOT NULL,
+        cn          INTEGER NOT NULL,
+        valid_from  INTEGER,
+        valid_until INTEGER,
+        state       INTEGER NOT NULL DEFAULT 0,
+        doors       TEXT    NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO acl (key, person_id, format, fc, cn, valid_from, valid_until, state, doors)
+    SELECT unhex(CASE WHEN substr(hex(substr(c.endpoint_key, 65, 1)), 2, 1) IN
+                     ('1', '3', '5', '7', '9', 'B', 'D', 'F')
+                THEN '03' ELSE '02' END || hex(substr(c.endpoint_key, 2, 32))),
+           c.person_id, CASE c.card_format WHEN 'h10304' THEN 1 ELSE 0 END,
+           c.facility_code, c.card_number, c.valid_from, c.valid_until, 0,
+           coalesce((SELECT group_concat(d.door, ';') FROM credential_doors d
+                     WHERE d.credential_id = c.id), '')
+    FROM credentials c;
+    CREATE TABLE card_uids_v6 (
+        uid BLOB PRIMARY KEY CHECK (length(uid) IN (4, 7, 10)),
+        key BLOB NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    INSERT INTO card_uids_v6 (uid, key)
+    SELECT u.uid, a.key FROM card_uids u JOIN credentials c ON c.id = u.credential_id
+    JOIN acl a ON a.key = unhex(CASE WHEN substr(hex(substr(c.endpoint_key, 65, 1)), 2, 1) IN
+                     ('1', '3', '5', '7', '9', 'B', 'D', 'F')
+                THEN '03' ELSE '02' END || hex(substr(c.endpoint_key, 2, 32)));
+    CREATE TABLE fast_keys_v6 (
+        id            INTEGER PRIMARY KEY,
+        reader_id     BLOB    NOT NULL CHECK (length(reader_id) = 32),
+        key           BLOB    NOT NULL CHECK (length(key) = 33),
+        endpoint_key  BLOB    NOT NULL CHECK (length(endpoint_key) = 65),
+        k_persistent  BLOB    NOT NULL CHECK (length(k_persistent) = 32),
+        used_at       INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO fast_keys_v6 (id, reader_id, key, endpoint_key, k_persistent, used_at)
+    SELECT f.id, f.reader_id,
+           unhex(CASE WHEN substr(hex(substr(f.endpoint_key, 65, 1)), 2, 1) IN
+                     ('1', '3', '5', '7', '9', 'B', 'D', 'F')
+                THEN '03' ELSE '02' END || hex(substr(f.endpoint_key, 2, 32))),
+           f.endpoint_key, f.k_persistent, f.used_at
+    FROM fast_keys f;
+    DROP TABLE fast_keys;
+    DROP TABLE card_uids;
+    DROP TABLE credential_doors;
+    DROP TABLE credentials;
+    ALTER TABLE card_uids_v6 RENAME TO card_uids;
+    CREATE INDEX card_uids_key ON card_uids (key);
+    ALTER TABLE fast_keys_v6 RENAME TO fast_keys;
+    CREATE UNIQUE INDEX fast_keys_reader_endpoint ON fast_keys (reader_id, endpoint_key);
+    CREATE INDEX fast_keys_reader_used ON fast_keys (reader_id, used_at);
+    CREATE INDEX fast_keys_key ON fast_keys (key);",
+    // v7: each event's stable unique id for the cloud outbox: 16 random bytes (SQLite's
+    // randomblob, seeded from the OS), so it stays unique across a rebuilt database, where
+    // the sequence (`id`) starts again. No index: nothing looks an event up by it locally.
+    "ALTER TABLE events ADD COLUMN uid BLOB CHECK (uid IS NULL OR length(uid) = 16);
+    UPDATE events SET uid = randomblob(16);",
 ];
+
+/// Bytes of WAL kept after a checkpoint.
+pub const JOURNAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -181,6 +256,10 @@ pub struct StoreStats {
     pub door_grants: u64,
     pub events_total: u64,
     pub events_undelivered: u64,
+    /// Events deleted by retention before they were delivered, ever.
+    pub events_pruned_undelivered: u64,
+    /// Event writes that failed (disk full, I/O), as far as they were counted afterwards.
+    pub events_write_failed: u64,
     pub last_import: Option<LastImport>,
 }
 
@@ -269,6 +348,10 @@ impl Store {
         }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
+        // After a big apply the WAL is truncated to this (see `checkpoint`), so it does not
+        // keep the size of the largest transaction on a small SD card.
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
+            .map_err(open_err)?;
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
@@ -323,7 +406,38 @@ impl Store {
                 .map_err(mig_err)?;
             tx.commit().map_err(mig_err)?;
         }
+        self.drop_leftovers();
         Ok(())
+    }
+
+    /// Drops what an apply interrupted by a crash left behind (a half-built or an old
+    /// generation). Only writes when there is something to drop, so a read-only database
+    /// opens as before.
+    fn drop_leftovers(&self) {
+        let left: Result<i64, _> = self.conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'
+             AND name IN ('acl_next', 'acl_old', 'card_uids_next', 'card_uids_old')",
+            [],
+            |r| r.get(0),
+        );
+        if matches!(left, Ok(n) if n > 0) {
+            if let Err(e) = self.conn.execute_batch(
+                "BEGIN IMMEDIATE;
+                 DROP TABLE IF EXISTS acl_next; DROP TABLE IF EXISTS acl_old;
+                 DROP TABLE IF EXISTS card_uids_next; DROP TABLE IF EXISTS card_uids_old;
+                 COMMIT;",
+            ) {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                log::warn!(target: "keyway::acl",
+                    "{}: leftovers of an interrupted ACL apply not dropped: {e}",
+                    self.path.display());
+            }
+        }
+    }
+
+    /// How long a write waits for another connection's lock before failing with "busy".
+    pub fn set_busy_timeout(&self, timeout: Duration) -> Result<(), AclError> {
+        Ok(self.conn.busy_timeout(timeout)?)
     }
 
     /// The database path given to [`Store::open`].
@@ -356,24 +470,21 @@ impl Store {
     }
 
     /// Fetches the credential for `endpoint_key` with `door_allowed` computed for `door`.
+    ///
+    /// No curve check here: a key that is not a stored (validated) point simply is not found.
     pub fn lookup(
         &self,
         endpoint_key: &[u8],
         door: &str,
     ) -> Result<Option<CredentialRecord>, AclError> {
-        let key: [u8; ENDPOINT_KEY_LEN] = match normalize_endpoint_key(endpoint_key) {
-            Ok(k) => k,
-            Err(_) => return Ok(None),
+        let Some(key) = lookup_key(endpoint_key) else {
+            return Ok(None);
         };
-        self.query_credential(
-            "FROM credentials c WHERE c.endpoint_key = ?1",
-            key.as_slice(),
-            door,
-        )
+        self.query_credential("FROM acl a WHERE a.key = ?1", key.as_slice(), door)
     }
 
-    /// Runs `SELECT <credential columns> <from_where>` with `?1` = `value` and `?2` = `door`:
-    /// the one way a credential is read for a decision (by endpoint key or by card UID).
+    /// Runs `SELECT <credential columns> <from_where>` with `?1` = `value`: the one way a
+    /// credential is read for a decision (by endpoint key or by card UID).
     pub(crate) fn query_credential(
         &self,
         from_where: &str,
@@ -381,27 +492,38 @@ impl Store {
         door: &str,
     ) -> Result<Option<CredentialRecord>, AclError> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT c.id, c.person_id, c.card_format, c.facility_code, c.card_number,
-                    c.valid_from, c.valid_until,
-                    EXISTS (SELECT 1 FROM credential_doors d
-                            WHERE d.credential_id = c.id AND d.door IN (?2, '*'))
+            "SELECT a.key, a.person_id, a.format, a.fc, a.cn, a.valid_from, a.valid_until,
+                    a.state, a.doors
              {from_where}"
         ))?;
         let row = stmt
-            .query_row(rusqlite::params![value, door], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, i64>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, Option<i64>>(6)?,
-                    r.get::<_, bool>(7)?,
-                ))
+            .query_row([value], |r| {
+                Ok(CredentialRow {
+                    key: r.get(0)?,
+                    person_id: r.get(1)?,
+                    format: r.get(2)?,
+                    fc: r.get(3)?,
+                    cn: r.get(4)?,
+                    valid_from: r.get(5)?,
+                    valid_until: r.get(6)?,
+                    state: r.get(7)?,
+                    doors: r.get(8)?,
+                })
             })
             .optional()?;
-        row.map(credential_record).transpose()
+        row.map(|r| credential_record(r, door)).transpose()
+    }
+
+    /// Writes the WAL back into the database and truncates it (after a big apply), so the
+    /// WAL does not keep the size of the largest transaction. Best effort: a reader holding
+    /// an old snapshot only delays it to the next automatic checkpoint.
+    pub fn checkpoint(&self) {
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            log::debug!(target: "keyway::acl", "checkpoint skipped: {e}");
+        }
     }
 
     /// Counts for status output.
@@ -427,38 +549,60 @@ impl Store {
             schema_version: self
                 .conn
                 .query_row("PRAGMA user_version", [], |r| r.get(0))?,
-            credentials: count("SELECT count(*) FROM credentials")?,
-            persons: count("SELECT count(DISTINCT person_id) FROM credentials")?,
-            door_grants: count("SELECT count(*) FROM credential_doors")?,
+            credentials: credential_count(&self.conn)?,
+            persons: count("SELECT count(DISTINCT person_id) FROM acl")?,
+            door_grants: count(
+                "SELECT coalesce(sum(length(doors) - length(replace(doors, ';', '')) + 1), 0)
+                 FROM acl",
+            )?,
             events_total: count("SELECT count(*) FROM events")?,
             events_undelivered: count("SELECT count(*) FROM events WHERE delivered_at IS NULL")?,
+            events_pruned_undelivered: self.events_pruned_undelivered()?,
+            events_write_failed: self.events_write_failed()?,
             last_import,
         })
     }
 }
 
-/// One `credentials` row as selected by [`Store::lookup`] (id, person, format, facility code,
-/// card number, valid from, valid until, door allowed).
-pub(crate) type CredentialRow = (
-    i64,
-    String,
-    String,
-    i64,
-    i64,
-    Option<i64>,
-    Option<i64>,
-    bool,
-);
+/// One `acl` row as selected by [`Store::query_credential`].
+pub(crate) struct CredentialRow {
+    key: Vec<u8>,
+    person_id: String,
+    format: i64,
+    fc: i64,
+    cn: i64,
+    valid_from: Option<i64>,
+    valid_until: Option<i64>,
+    state: i64,
+    doors: String,
+}
 
-/// Checks a stored row and turns it into a [`CredentialRecord`].
-pub(crate) fn credential_record(row: CredentialRow) -> Result<CredentialRecord, AclError> {
-    let (id, person_id, format, fc, cn, valid_from, valid_until, door_allowed) = row;
+/// The stored code of a card format.
+pub(crate) fn format_code(f: CardFormat) -> i64 {
+    match f {
+        CardFormat::H10301 => 0,
+        CardFormat::H10304 => 1,
+    }
+}
+
+/// Checks a stored row and turns it into a [`CredentialRecord`] for `door`.
+pub(crate) fn credential_record(
+    row: CredentialRow,
+    door: &str,
+) -> Result<CredentialRecord, AclError> {
+    let credential_id = credential_id(&row.key);
     // The importer validated these; re-check so a hand-edited database cannot make us
     // send a truncated card number to the panel.
-    let corrupt = |what: String| AclError::Corrupt { id, what };
-    let card_format: CardFormat = format
-        .parse()
-        .map_err(|e: crate::card::CardError| corrupt(e.to_string()))?;
+    let corrupt = |what: String| AclError::Corrupt {
+        id: credential_id,
+        what,
+    };
+    let card_format = match row.format {
+        0 => CardFormat::H10301,
+        1 => CardFormat::H10304,
+        other => return Err(corrupt(format!("card format code {other}"))),
+    };
+    let (fc, cn) = (row.fc, row.cn);
     let facility_code =
         u32::try_from(fc).map_err(|_| corrupt(format!("facility_code {fc} out of range")))?;
     let card_number =
@@ -466,16 +610,60 @@ pub(crate) fn credential_record(row: CredentialRow) -> Result<CredentialRecord, 
     card_format
         .check_range(facility_code, card_number)
         .map_err(|e| corrupt(e.to_string()))?;
+    let state = CredentialState::from_code(row.state)
+        .ok_or_else(|| corrupt(format!("state code {}", row.state)))?;
+    let door_allowed = row.doors.split(';').any(|d| d == door || d == ALL_DOORS);
     Ok(CredentialRecord {
-        credential_id: id,
-        person_id,
+        credential_id,
+        person_id: row.person_id,
         card_format,
         facility_code,
         card_number,
-        valid_from,
-        valid_until,
+        valid_from: row.valid_from,
+        valid_until: row.valid_until,
         door_allowed,
+        state,
     })
+}
+
+/// A credential's id in events: the first 63 bits of SHA-256 of its compressed key. Stable
+/// across imports, rebuilt databases and gateways (the same phone key is the same id
+/// everywhere); 5 million keys collide with probability about 1e-6, and an id is only a
+/// label in events (decisions use the key itself).
+pub fn credential_id(compressed_key: &[u8]) -> i64 {
+    let d = Sha256::digest(compressed_key);
+    let mut b = [0u8; 8];
+    b.copy_from_slice(d.get(..8).unwrap_or(&[0; 8]));
+    (u64::from_be_bytes(b) >> 1) as i64
+}
+
+/// The compressed form (`02/03 || X`) of a validated uncompressed key.
+pub fn compress_key(key: &[u8; ENDPOINT_KEY_LEN]) -> [u8; COMPRESSED_KEY_LEN] {
+    let mut out = [0u8; COMPRESSED_KEY_LEN];
+    out[0] = 0x02 | (key[ENDPOINT_KEY_LEN - 1] & 1);
+    out[1..].copy_from_slice(&key[1..COMPRESSED_KEY_LEN]);
+    out
+}
+
+/// The stored form of a key presented at a door (uncompressed or compressed), without the
+/// curve check: only validated keys are stored, so anything else is simply not found.
+fn lookup_key(raw: &[u8]) -> Option<[u8; COMPRESSED_KEY_LEN]> {
+    match (raw.len(), raw.first()) {
+        (ENDPOINT_KEY_LEN, Some(0x04)) => {
+            let k: &[u8; ENDPOINT_KEY_LEN] = raw.try_into().ok()?;
+            Some(compress_key(k))
+        }
+        (COMPRESSED_KEY_LEN, Some(0x02 | 0x03)) => raw.try_into().ok(),
+        _ => None,
+    }
+}
+
+/// SQLite errors that mean the database file itself is damaged (not the input, not busy).
+pub fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
 }
 
 /// Validates a SEC1-encoded P-256 public key (compressed or uncompressed) and returns it
@@ -501,6 +689,13 @@ pub fn normalize_endpoint_key(raw: &[u8]) -> Result<[u8; ENDPOINT_KEY_LEN], Stri
         .as_bytes()
         .try_into()
         .map_err(|_| "could not re-encode the point".to_string())
+}
+
+/// How many credentials the ACL holds: the one query every reader of the store (stats, the
+/// status probe) uses, so a schema change cannot leave one of them counting a dropped table.
+pub fn credential_count(conn: &rusqlite::Connection) -> Result<u64, rusqlite::Error> {
+    let n: i64 = conn.query_row("SELECT count(*) FROM acl", [], |r| r.get(0))?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 /// Short stable id of an endpoint key for logs and events: the first 8 bytes of SHA-256 of
@@ -636,18 +831,113 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         let mut stmt = s
             .conn
-            .prepare("EXPLAIN QUERY PLAN SELECT c.id FROM credentials c WHERE c.endpoint_key = ?1")
+            .prepare("EXPLAIN QUERY PLAN SELECT a.person_id FROM acl a WHERE a.key = ?1")
             .unwrap();
         let plan: Vec<String> = stmt
-            .query_map([vec![4u8; 65]], |r| r.get::<_, String>(3))
+            .query_map([vec![2u8; 33]], |r| r.get::<_, String>(3))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
         let plan = plan.join(" | ");
         assert!(
-            plan.contains("SEARCH") && plan.contains("credentials_endpoint_key"),
+            plan.contains("SEARCH") && plan.contains("PRIMARY KEY"),
             "{plan}"
         );
+    }
+
+    /// A database written by the previous schema (v5) opens, keeps deciding the same, keeps
+    /// its card UIDs and FAST keys, and shrinks to the compact table.
+    #[test]
+    fn v5_database_migrates_to_the_compact_acl() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&db).unwrap();
+            for (i, sql) in MIGRATIONS.iter().take(5).enumerate() {
+                conn.execute_batch(sql).unwrap();
+                conn.pragma_update(None, "user_version", i as i64 + 1)
+                    .unwrap();
+            }
+            let ins = "INSERT INTO credentials (id, endpoint_key, person_id, card_format,
+                       facility_code, card_number, valid_from, valid_until, created_at, updated_at)
+                       VALUES (?1, ?2, ?3, ?4, 7, ?5, ?6, NULL, 0, 0)";
+            for (id, seed, fmt, from) in [(1, 1u16, "h10301", None), (2, 2, "h10304", Some(100))] {
+                conn.execute(
+                    ins,
+                    rusqlite::params![
+                        id,
+                        test_key(seed).as_slice(),
+                        format!("p{seed}"),
+                        fmt,
+                        i64::from(seed) * 10,
+                        from
+                    ],
+                )
+                .unwrap();
+            }
+            conn.execute_batch(
+                "INSERT INTO credential_doors VALUES (1, 'front'), (1, 'back'), (2, '*');
+                 INSERT INTO card_uids VALUES (x'01020304', 2);
+                 INSERT INTO events (time_ms, door, transport, decision, reason, latency_ms)
+                 VALUES (1, 'front', 'nfc', 'granted', 'granted', 5),
+                        (2, 'front', 'nfc', 'granted', 'granted', 5);",
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO fast_keys (reader_id, credential_id, endpoint_key, k_persistent, used_at)
+                 VALUES (?1, 1, ?2, ?3, 5)",
+                rusqlite::params![[9u8; 32].as_slice(), test_key(1).as_slice(), [7u8; 32].as_slice()],
+            )
+            .unwrap();
+        }
+        let s = Store::open(&db).unwrap();
+        assert_eq!(s.stats().unwrap().schema_version, SCHEMA_VERSION);
+        // Events written before v7 get their own uid.
+        let uids: Vec<String> = s
+            .recent_events(5)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.uid)
+            .collect();
+        assert!(uids.len() == 2 && uids[0].len() == 32 && uids[0] != uids[1]);
+        match s.decide_at(&test_key(1), "back", 0).unwrap() {
+            Decision::Grant(g) => {
+                assert_eq!(
+                    (g.person_id.as_str(), g.card_format, g.card_number),
+                    ("p1", CardFormat::H10301, 10)
+                );
+                assert_eq!(g.credential_id, credential_id(&compress_key(&test_key(1))));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            s.decide_at(&test_key(1), "side", 0).unwrap(),
+            Decision::Deny(DenyReason::WrongDoor)
+        );
+        assert_eq!(
+            s.decide_at(&test_key(2), "x", 50).unwrap(),
+            Decision::Deny(DenyReason::NotYetValid)
+        );
+        match s
+            .decide_card(
+                &[1, 2, 3, 4],
+                "x",
+                time::OffsetDateTime::from_unix_timestamp(200).unwrap(),
+            )
+            .unwrap()
+        {
+            Decision::Grant(g) => {
+                assert_eq!((g.card_format, g.card_number), (CardFormat::H10304, 20))
+            }
+            other => panic!("{other:?}"),
+        }
+        let fast = s.fast_keys(&[9u8; 32]).unwrap();
+        assert_eq!(fast.len(), 1);
+        assert_eq!(fast[0].endpoint_public_key, test_key(1));
+        let old_tables: i64 = s.conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('credentials', 'credential_doors')",
+            [], |r| r.get(0)).unwrap();
+        assert_eq!(old_tables, 0);
     }
 
     #[test]
@@ -655,18 +945,13 @@ mod tests {
         let mut s = Store::open_in_memory().unwrap();
         s.import_specs(&[spec(1, &["*"], None, None)], ImportMode::Replace, "t")
             .unwrap();
-        s.conn
-            .execute("UPDATE credentials SET card_number = 70000", [])
-            .unwrap();
+        s.conn.execute("UPDATE acl SET cn = 70000", []).unwrap();
         assert!(matches!(
             s.decide_at(&key(1), "x", 0),
             Err(AclError::Corrupt { .. })
         ));
         s.conn
-            .execute(
-                "UPDATE credentials SET card_number = 1, card_format = 'x'",
-                [],
-            )
+            .execute("UPDATE acl SET cn = 1, format = 7", [])
             .unwrap();
         assert!(matches!(
             s.decide_at(&key(1), "x", 0),

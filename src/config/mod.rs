@@ -51,9 +51,42 @@ pub struct Config {
     pub nfc: NfcConfig,
     #[serde(default)]
     pub osdp: OsdpConfig,
+    #[serde(default)]
+    pub events: EventsConfig,
     #[serde(default, rename = "door")]
     pub doors: Vec<DoorConfig>,
 }
+
+/// `[events]`: how many access events the outbox keeps (docs/events.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Most events kept; the oldest are pruned first, delivered or not (those not delivered
+    /// are counted). 10,000..=100,000,000.
+    #[serde(default = "default_max_events")]
+    pub max_rows: u64,
+    /// Events older than this many days are pruned; 0 = no age limit (the default).
+    #[serde(default)]
+    pub max_age_days: u32,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: default_max_events(),
+            max_age_days: 0,
+        }
+    }
+}
+
+fn default_max_events() -> u64 {
+    crate::events::DEFAULT_MAX_EVENTS
+}
+
+/// Bounds of `[events]`: below 10,000 rows an outage of a busy door loses events at once;
+/// above 100M the database outgrows an SD card.
+const MAX_EVENTS_RANGE: std::ops::RangeInclusive<u64> = 10_000..=100_000_000;
+const MAX_AGE_DAYS: u32 = 3650;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -513,6 +546,8 @@ pub struct Validated {
     pub vendor_code: [u8; 3],
     pub model: u8,
     pub serial_number: u32,
+    /// `[events]`, validated.
+    pub events: crate::events::Retention,
     pub doors: Vec<Door>,
 }
 
@@ -639,6 +674,31 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         "nfc.transaction_timeout_ms",
     )
     .map_err(|m| invalid("nfc.panel_verdict_wait_ms".into(), m))?;
+    if !MAX_EVENTS_RANGE.contains(&raw.events.max_rows) {
+        return Err(invalid(
+            "events.max_rows".into(),
+            format!(
+                "{} is out of range ({}..={})",
+                raw.events.max_rows,
+                MAX_EVENTS_RANGE.start(),
+                MAX_EVENTS_RANGE.end()
+            ),
+        ));
+    }
+    if raw.events.max_age_days > MAX_AGE_DAYS {
+        return Err(invalid(
+            "events.max_age_days".into(),
+            format!(
+                "{} is out of range (0..={MAX_AGE_DAYS}; 0 = no age limit)",
+                raw.events.max_age_days
+            ),
+        ));
+    }
+    let events = crate::events::Retention {
+        max_rows: raw.events.max_rows,
+        max_age_ms: (raw.events.max_age_days > 0)
+            .then(|| i64::from(raw.events.max_age_days) * 86_400_000),
+    };
     let vendor_code: [u8; 3] = decode_hex_array(&raw.osdp.vendor_code)
         .map_err(|m| invalid("osdp.vendor_code".into(), m))?;
 
@@ -813,6 +873,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         vendor_code,
         model: raw.osdp.model,
         serial_number: raw.osdp.serial_number,
+        events,
         doors,
     })
 }
@@ -1012,6 +1073,28 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
             let e = err(&GOOD.replace("id = \"front\"", &format!("id = {bad:?}")));
             assert!(e.contains(": id: must be 1-64 characters"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn events_retention_defaults_keep_a_million_and_are_bounded() {
+        let v = parse(GOOD, Path::new("/k.toml")).unwrap();
+        assert_eq!(v.events, crate::events::Retention::default());
+        assert!(v.events.max_rows >= 1_000_000 && v.events.max_age_ms.is_none());
+        let v = parse(
+            &format!("[events]\nmax_rows = 20000\nmax_age_days = 30\n{GOOD}"),
+            Path::new("/k.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            (v.events.max_rows, v.events.max_age_ms),
+            (20_000, Some(30 * 86_400_000))
+        );
+        let e = err(&format!("[events]\nmax_rows = 10\n{GOOD}"));
+        assert!(e.contains("events.max_rows: 10 is out of range"), "{e}");
+        let e = err(&format!("[events]\nmax_age_days = 99999\n{GOOD}"));
+        assert!(e.contains("events.max_age_days"), "{e}");
+        let e = err(&format!("[events]\nmax_bytes = 1\n{GOOD}"));
+        assert!(e.contains("unknown field `max_bytes`"), "{e}");
     }
 
     #[test]

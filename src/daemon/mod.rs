@@ -27,7 +27,7 @@ use crate::serial::{self, BusConfig, BusEvent, BusHandle};
 
 pub use access::{shared_limiter, PanelSink, SharedLimiter, VerdictWait};
 pub use door::{run_door, run_door_observed, DoorRuntime};
-pub use store::{StoreError, StoreHandle};
+pub use store::{StoreError, StoreHandle, StoreOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -48,7 +48,13 @@ pub enum DaemonError {
 
 /// Runs until SIGTERM or SIGINT, then stops every task and returns.
 pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
-    let (store, store_thread) = StoreHandle::open(&cfg.daemon.database)?;
+    let (store, store_thread) = StoreHandle::open_with(
+        &cfg.daemon.database,
+        store::StoreOptions {
+            retention: cfg.events,
+            ..store::StoreOptions::default()
+        },
+    )?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let registry = crate::status::Registry::new(&cfg);

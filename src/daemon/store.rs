@@ -1,10 +1,15 @@
-//! The store actor: one thread owns the SQLite connection and is the only writer.
+//! The store actor: one thread owns the writing SQLite connection; decisions read through a
+//! connection of their own.
 //!
-//! Taps ask it for decisions and hand it events over a channel; SQLite's blocking calls never
-//! run on the async workers, and writes are serialised without a lock around the connection.
+//! A tap never waits on a write: decisions and FAST-key reads go to the read connection (on
+//! tokio's blocking pool; WAL lets it read beside any writer, this one or a CLI import), while
+//! events and FAST-key writes queue to the writer thread. An event write that finds the
+//! database busy (an import holding the lock) is retried until it is stored, never dropped.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -12,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::acl::{AclError, Decision, Store};
 use crate::aliro::crypto::SymmetricKey;
 use crate::aliro::reader::FastCredential;
-use crate::events::AccessEvent;
+use crate::events::{unix_ms, AccessEvent, Retention};
 use crate::osdp::AttemptId;
 
 /// Requests queue here while a slow disk catches up; a full queue delays taps, never drops events.
@@ -29,26 +34,10 @@ pub enum StoreError {
 }
 
 enum Request {
-    Decide {
-        endpoint_key: Vec<u8>,
-        door: String,
-        now: time::OffsetDateTime,
-        reply: oneshot::Sender<Result<Decision, AclError>>,
-    },
-    DecideCard {
-        uid: Vec<u8>,
-        door: String,
-        now: time::OffsetDateTime,
-        reply: oneshot::Sender<Result<Decision, AclError>>,
-    },
     Record {
         event: Box<AccessEvent>,
         attempt: Option<i64>,
         reply: oneshot::Sender<Result<i64, AclError>>,
-    },
-    FastKeys {
-        reader_id: [u8; 32],
-        reply: oneshot::Sender<Result<Vec<FastCredential>, AclError>>,
     },
     SaveFastKey {
         reader_id: [u8; 32],
@@ -78,48 +67,122 @@ const MAX_PENDING_VERDICTS: usize = 256;
 #[derive(Default)]
 struct PendingVerdicts(HashMap<i64, (&'static str, Instant)>);
 
-/// Cheap handle to the store thread.
+/// Cheap handle to the store thread and the read connection.
 #[derive(Clone)]
 pub struct StoreHandle {
     tx: mpsc::Sender<Request>,
+    reader: Arc<Mutex<Store>>,
+    /// Event writes that failed since start (disk full, I/O error, damage).
+    write_failures: Arc<AtomicU64>,
+}
+
+/// How the store thread runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// The writer's busy timeout (a busy event write is retried after it, never dropped).
+    pub busy_timeout: Duration,
+    /// How many events the outbox keeps.
+    pub retention: Retention,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            busy_timeout: crate::acl::BUSY_TIMEOUT,
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// Pruning steps run at start before serving writes (a lowered bound catches up over the
+/// next events after that, one step per event).
+const PRUNE_STEPS_AT_START: usize = 100;
+
+/// Longest pause between retries of an event write that found the database busy.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Stores `event`, retrying for as long as the database is busy (another writer holds the
+/// lock past the busy timeout): an access event is an audit record and is never dropped for
+/// that. Other errors (disk full, damage) are returned at once.
+fn record_retrying(
+    store: &mut Store,
+    event: &AccessEvent,
+    attempt: Option<i64>,
+) -> Result<i64, AclError> {
+    let mut pause = Duration::from_millis(20);
+    let mut attempts = 0u32;
+    loop {
+        match store.record_attempt(event, attempt) {
+            Err(AclError::Sqlite(e)) if is_busy(&e) => {
+                attempts += 1;
+                if attempts == 1 || attempts.is_multiple_of(10) {
+                    log::warn!(target: "keyway::daemon", door = event.door.as_str();
+                        "event write waits for the database (busy, attempt {attempts}); retrying");
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 impl StoreHandle {
     /// Opens the database and starts the thread that owns it. The thread ends when every handle
     /// is dropped, after finishing what is queued.
     pub fn open(path: &Path) -> Result<(Self, std::thread::JoinHandle<()>), StoreError> {
+        Self::open_with(path, StoreOptions::default())
+    }
+
+    /// [`StoreHandle::open`] with options (the configured retention; tests shorten the busy
+    /// timeout).
+    pub fn open_with(
+        path: &Path,
+        options: StoreOptions,
+    ) -> Result<(Self, std::thread::JoinHandle<()>), StoreError> {
         let mut store = Store::open(path)?;
+        store.set_busy_timeout(options.busy_timeout)?;
+        let reader = Arc::new(Mutex::new(Store::open(path)?));
+        let write_failures = Arc::new(AtomicU64::new(0));
+        let failures = write_failures.clone();
         let (tx, mut rx) = mpsc::channel::<Request>(QUEUE);
         let thread = std::thread::Builder::new()
             .name("keyway-store".into())
             .spawn(move || {
                 let mut pending = PendingVerdicts::default();
+                let mut outbox = Outbox {
+                    retention: options.retention,
+                    failures,
+                    uncounted_failures: 0,
+                };
+                for _ in 0..PRUNE_STEPS_AT_START {
+                    if !outbox.prune(&mut store) {
+                        break;
+                    }
+                }
                 while let Some(req) = rx.blocking_recv() {
                     match req {
-                        Request::Decide {
-                            endpoint_key,
-                            door,
-                            now,
-                            reply,
-                        } => {
-                            let _ = reply.send(store.decide(&endpoint_key, &door, now));
-                        }
-                        Request::DecideCard {
-                            uid,
-                            door,
-                            now,
-                            reply,
-                        } => {
-                            let _ = reply.send(store.decide_card(&uid, &door, now));
-                        }
                         Request::Record {
                             event,
                             attempt,
                             reply,
                         } => {
-                            let r = store.record_attempt(&event, attempt);
-                            if let (Ok(_), Some(a)) = (&r, attempt) {
-                                pending.apply(&mut store, a, &event.door);
+                            let r = record_retrying(&mut store, &event, attempt);
+                            match &r {
+                                Ok(_) => {
+                                    if let Some(a) = attempt {
+                                        pending.apply(&mut store, a, &event.door);
+                                    }
+                                    outbox.stored(&mut store);
+                                }
+                                Err(e) => outbox.failed(&event, e),
                             }
                             let _ = reply.send(r);
                         }
@@ -136,9 +199,6 @@ impl StoreHandle {
                         }
                         Request::Ping(reply) => {
                             let _ = reply.send(Ok(()));
-                        }
-                        Request::FastKeys { reader_id, reply } => {
-                            let _ = reply.send(store.fast_keys(&reader_id));
                         }
                         Request::SaveFastKey {
                             reader_id,
@@ -159,7 +219,34 @@ impl StoreHandle {
                 }
             })
             .map_err(StoreError::Thread)?;
-        Ok((Self { tx }, thread))
+        Ok((
+            Self {
+                tx,
+                reader,
+                write_failures,
+            },
+            thread,
+        ))
+    }
+
+    /// Event writes that failed since this handle's store was opened.
+    pub fn event_write_failures(&self) -> u64 {
+        self.write_failures.load(Ordering::Relaxed)
+    }
+
+    /// Runs a read on the read connection, off the async workers. Never queued behind a
+    /// write: the only lock is this connection's own, held for one lookup.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, AclError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = reader.lock().map_err(|_| StoreError::Gone)?;
+            Ok(f(&store)?)
+        })
+        .await
+        .map_err(|_| StoreError::Gone)?
     }
 
     /// Sends a request and waits for the store thread's answer.
@@ -202,13 +289,8 @@ impl StoreHandle {
         door: &str,
         now: time::OffsetDateTime,
     ) -> Result<Decision, StoreError> {
-        self.ask(|reply| Request::Decide {
-            endpoint_key: endpoint_key.to_vec(),
-            door: door.to_owned(),
-            now,
-            reply,
-        })
-        .await
+        let (key, door) = (endpoint_key.to_vec(), door.to_owned());
+        self.read(move |s| s.decide(&key, &door, now)).await
     }
 
     /// Decides for a physical card by its UID.
@@ -218,13 +300,8 @@ impl StoreHandle {
         door: &str,
         now: time::OffsetDateTime,
     ) -> Result<Decision, StoreError> {
-        self.ask(|reply| Request::DecideCard {
-            uid: uid.to_vec(),
-            door: door.to_owned(),
-            now,
-            reply,
-        })
-        .await
+        let (uid, door) = (uid.to_vec(), door.to_owned());
+        self.read(move |s| s.decide_card(&uid, &door, now)).await
     }
 
     /// Durably records an event (with the attempt its card went to the panel under, if any);
@@ -244,8 +321,7 @@ impl StoreHandle {
 
     /// The FAST keys stored for a reader identifier (most recently used first).
     pub async fn fast_keys(&self, reader_id: [u8; 32]) -> Result<Vec<FastCredential>, StoreError> {
-        self.ask(|reply| Request::FastKeys { reader_id, reply })
-            .await
+        self.read(move |s| s.fast_keys(&reader_id)).await
     }
 
     /// Stores the Kpersistent of a STANDARD transaction, or (`None`) marks the stored one as
@@ -270,6 +346,61 @@ impl StoreHandle {
 /// integer holds them as they are.
 fn attempt_column(a: AttemptId) -> i64 {
     i64::try_from(a).unwrap_or(i64::MAX)
+}
+
+/// The store thread's outbox bookkeeping: retention after each stored event, and failed
+/// writes counted (in memory at once, in the database when it takes writes again).
+struct Outbox {
+    retention: Retention,
+    failures: Arc<AtomicU64>,
+    uncounted_failures: u64,
+}
+
+impl Outbox {
+    /// An event was stored: the database takes writes, so failures not counted there yet
+    /// are added, and one retention step runs.
+    fn stored(&mut self, store: &mut Store) {
+        if self.uncounted_failures > 0 {
+            match store.add_events_write_failed(self.uncounted_failures) {
+                Ok(()) => self.uncounted_failures = 0,
+                Err(e) => log::warn!(target: "keyway::store",
+                    "failed event writes not counted in the database yet: {e}"),
+            }
+        }
+        self.prune(store);
+    }
+
+    /// An event could not be stored: loud (error log with the running count) and counted.
+    /// Its journald record still follows from the caller.
+    fn failed(&mut self, event: &AccessEvent, e: &AclError) {
+        let total = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        self.uncounted_failures += 1;
+        log::error!(target: "keyway::store", door = event.door.as_str(),
+            event_write_failures = total;
+            "EVENT NOT STORED (door {}, {}): {e}; {total} event write(s) failed since start; \
+             grants continue from the cached ACL", event.door, event.decision);
+    }
+
+    /// One retention step; whether more is over the bound.
+    fn prune(&mut self, store: &mut Store) -> bool {
+        let now = unix_ms(time::OffsetDateTime::now_utc());
+        match store.prune_events(&self.retention, now) {
+            Ok(p) => {
+                if p.undelivered > 0 {
+                    let total = store.events_pruned_undelivered().unwrap_or(0);
+                    log::warn!(target: "keyway::store", pruned_undelivered = total;
+                        "retention pruned {} event(s) before they were delivered \
+                         ({total} in all); raise [events] max_rows / max_age_days to keep more",
+                        p.undelivered);
+                }
+                p.more
+            }
+            Err(e) => {
+                log::warn!(target: "keyway::store", "event retention step failed: {e}");
+                false
+            }
+        }
+    }
 }
 
 impl PendingVerdicts {
@@ -318,6 +449,77 @@ mod tests {
             reason: "granted".into(),
             latency_ms: 90,
         }
+    }
+
+    /// While another connection (a CLI import) holds the write lock longer than the busy
+    /// timeout, the event write waits and is stored afterwards (it used to fail and be lost),
+    /// and a decision does not queue behind it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_database_delays_events_never_drops_them_nor_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        {
+            let mut s = Store::open(&db).unwrap();
+            s.import_specs(
+                &[crate::acl::CredentialSpec {
+                    line: 1,
+                    endpoint_key: crate::acl::test_key(1),
+                    person_id: "p".into(),
+                    card_format: crate::card::CardFormat::H10301,
+                    facility_code: 1,
+                    card_number: 1,
+                    valid_from: None,
+                    valid_until: None,
+                    doors: vec!["*".into()],
+                    card_uids: vec![],
+                }],
+                crate::acl::ImportMode::Replace,
+                "t",
+            )
+            .unwrap();
+        }
+        let (h, _t) = StoreHandle::open_with(
+            &db,
+            StoreOptions {
+                busy_timeout: Duration::from_millis(50),
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap();
+        let locker = rusqlite::Connection::open(&db).unwrap();
+        locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let h2 = h.clone();
+        let write = tokio::spawn(async move { h2.record(granted("front"), Some(7)).await });
+        // The writer thread is now stuck on the lock; a decision still answers. The timeout
+        // only keeps a regression from hanging the test.
+        let d = tokio::time::timeout(
+            Duration::from_secs(20),
+            h.decide(
+                &crate::acl::test_key(1),
+                "front",
+                time::OffsetDateTime::now_utc(),
+            ),
+        )
+        .await
+        .expect("a decision must not wait for the writer")
+        .unwrap();
+        assert!(d.is_grant());
+        // Hold the lock well past the writer's busy timeout (SQLite's own real-time wait,
+        // which no test clock can advance): the write must still be pending, not failed.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(
+            !write.is_finished(),
+            "the event write gave up while the lock was held"
+        );
+        locker.execute_batch("COMMIT").unwrap();
+        let id = write
+            .await
+            .unwrap()
+            .expect("the event is stored once the lock is free");
+        drop(h);
+        let events = Store::open(&db).unwrap().recent_events(5).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].id, id);
     }
 
     #[tokio::test]

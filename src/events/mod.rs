@@ -206,8 +206,12 @@ pub fn unix_ms(t: time::OffsetDateTime) -> i64 {
 /// An event as stored in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoredEvent {
-    /// Strictly increasing; the delivery order.
+    /// The gateway's sequence number: strictly increasing, never reused (also after pruning),
+    /// so a gap is a pruned row; the delivery order.
     pub id: i64,
+    /// Stable unique id: 16 random bytes as 32 lowercase hex digits, unique across databases
+    /// (a rebuilt database starts `id` again, never this).
+    pub uid: String,
     #[serde(flatten)]
     pub event: AccessEvent,
     /// Unix milliseconds of delivery to the cloud; `None` = still to send.
@@ -223,7 +227,50 @@ pub const PANEL_VERDICTS: [&str; 3] = ["granted", "denied", "unknown"];
 
 const EVENT_COLUMNS: &str = "id, time_ms, door, transport, endpoint_fingerprint, person_id, \
                              credential_id, decision, reason, latency_ms, delivered_at, \
-                             panel_verdict";
+                             panel_verdict, lower(hex(uid))";
+
+/// `meta` key: events deleted by retention before they were delivered (a running total).
+const META_PRUNED_UNDELIVERED: &str = "events_pruned_undelivered";
+/// `meta` key: event writes that failed (disk full, I/O error), as far as they could be
+/// counted in the database afterwards.
+const META_WRITE_FAILED: &str = "events_write_failed";
+
+/// How many events the outbox keeps (`[events]` in the configuration). The oldest go first,
+/// delivered or not; undelivered ones pruned are counted ([`Store::events_pruned_undelivered`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most rows kept. Pruning starts above this and goes 1% below it, so it runs once per
+    /// 1% of new events rather than at every insert.
+    pub max_rows: u64,
+    /// Rows older than this (by `time_ms`) are pruned; `None`: no age limit.
+    pub max_age_ms: Option<i64>,
+}
+
+/// Default [`Retention::max_rows`]: at least a million events kept while offline.
+pub const DEFAULT_MAX_EVENTS: u64 = 1_000_000;
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_rows: DEFAULT_MAX_EVENTS,
+            max_age_ms: None,
+        }
+    }
+}
+
+/// Most rows one pruning step deletes: one short write transaction (tens of milliseconds), so
+/// a big backlog of pruning never holds the writer long.
+pub const PRUNE_BATCH: i64 = 10_000;
+
+/// What one [`Store::prune_events`] step deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub rows: u64,
+    /// Of those, rows not yet delivered.
+    pub undelivered: u64,
+    /// More is over the bound: call again.
+    pub more: bool,
+}
 
 fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     let id: i64 = r.get(0)?;
@@ -251,6 +298,7 @@ fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
         },
         delivered_at_ms: r.get(10)?,
         panel_verdict: r.get(11)?,
+        uid: r.get::<_, Option<String>>(12)?.unwrap_or_default(),
     })
 }
 
@@ -270,8 +318,8 @@ impl Store {
         event.validate()?;
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO events (time_ms, door, transport, endpoint_fingerprint, person_id, \
-             credential_id, decision, reason, latency_ms, attempt_id) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             credential_id, decision, reason, latency_ms, attempt_id, uid) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, randomblob(16))",
         )?;
         stmt.execute(rusqlite::params![
             event.time_ms,
@@ -347,13 +395,112 @@ impl Store {
         )?)
     }
 
-    /// Deletes delivered events older than `before_ms` (retention); undelivered ones are kept.
-    pub fn prune_delivered_events(&mut self, before_ms: i64) -> Result<usize, AclError> {
-        Ok(self.conn.execute(
-            "DELETE FROM events WHERE delivered_at IS NOT NULL AND time_ms < ?1",
-            [before_ms],
-        )?)
+    /// One step of retention: deletes the oldest rows (by id, so the ids left stay one
+    /// contiguous run) beyond `retention`, at most [`PRUNE_BATCH`] of them, in one transaction
+    /// that also adds the undelivered ones among them to the persistent counter. Cheap when
+    /// nothing is over the bound (three index probes).
+    pub fn prune_events(&mut self, retention: &Retention, now_ms: i64) -> Result<Pruned, AclError> {
+        let (first, last, oldest_ms): (Option<i64>, Option<i64>, Option<i64>) =
+            self.conn.query_row(
+                "SELECT (SELECT min(id) FROM events), (SELECT max(id) FROM events),
+                        (SELECT time_ms FROM events ORDER BY id LIMIT 1)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(Pruned::default());
+        };
+        let max_rows = i64::try_from(retention.max_rows).unwrap_or(i64::MAX);
+        // Ids are contiguous (only the oldest are ever deleted), so the row count is a span.
+        let rows = last - first + 1;
+        // The first id to keep; `first` = nothing to prune.
+        let mut keep_from = first;
+        if rows > max_rows {
+            keep_from = last - (max_rows - max_rows / 100) + 1;
+        }
+        if let (Some(age), Some(oldest)) = (retention.max_age_ms, oldest_ms) {
+            let cutoff = now_ms.saturating_sub(age);
+            if oldest < cutoff {
+                // 1% deeper, so the next age prune is due only after 1% of the age passed.
+                let deeper = cutoff.saturating_add(age / 100);
+                let until: i64 = self.conn.query_row(
+                    // None young enough within the batch: past it (the batch goes, more
+                    // may follow).
+                    "SELECT coalesce((SELECT id FROM events WHERE id >= ?1 AND id < ?2
+                                      AND time_ms >= ?3 ORDER BY id LIMIT 1), ?2 + 1)",
+                    [first, first.saturating_add(PRUNE_BATCH), deeper],
+                    |r| r.get(0),
+                )?;
+                keep_from = keep_from.max(until);
+            }
+        }
+        if keep_from <= first {
+            return Ok(Pruned::default());
+        }
+        let more = keep_from > first.saturating_add(PRUNE_BATCH);
+        let cut = keep_from.min(first.saturating_add(PRUNE_BATCH));
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let undelivered: i64 = tx.query_row(
+            "SELECT count(*) FROM events WHERE delivered_at IS NULL AND id < ?1",
+            [cut],
+            |r| r.get(0),
+        )?;
+        let rows = tx.execute("DELETE FROM events WHERE id < ?1", [cut])?;
+        if undelivered > 0 {
+            add_counter(&tx, META_PRUNED_UNDELIVERED, undelivered)?;
+        }
+        tx.commit()?;
+        Ok(Pruned {
+            rows: rows as u64,
+            undelivered: u64::try_from(undelivered).unwrap_or(0),
+            more,
+        })
     }
+
+    /// Events deleted by retention before delivery, ever (persistent).
+    pub fn events_pruned_undelivered(&self) -> Result<u64, AclError> {
+        self.counter(META_PRUNED_UNDELIVERED)
+    }
+
+    /// Event writes that failed, as far as they were counted afterwards (persistent; the
+    /// daemon adds its in-memory count at the next write that succeeds).
+    pub fn events_write_failed(&self) -> Result<u64, AclError> {
+        self.counter(META_WRITE_FAILED)
+    }
+
+    /// Adds `n` to the persistent count of failed event writes.
+    pub fn add_events_write_failed(&mut self, n: u64) -> Result<(), AclError> {
+        add_counter(
+            &self.conn,
+            META_WRITE_FAILED,
+            i64::try_from(n).unwrap_or(i64::MAX),
+        )?;
+        Ok(())
+    }
+
+    fn counter(&self, key: &str) -> Result<u64, AclError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(0))
+    }
+}
+
+/// Adds `n` to the integer kept in `meta` under `key`.
+fn add_counter(conn: &rusqlite::Connection, key: &str, n: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, CAST(?2 AS TEXT))
+         ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ?2 AS TEXT)",
+        rusqlite::params![key, n],
+    )?;
+    Ok(())
 }
 
 /// A key-value field of the access log record.
@@ -541,13 +688,146 @@ mod tests {
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].id, c);
         assert_eq!(s.stats().unwrap().events_undelivered, 1);
-        // Pruning delivered rows never lets a new event reuse an old id.
-        assert_eq!(s.prune_delivered_events(i64::MAX).unwrap(), 2);
+        // Pruning never lets a new event reuse an old id.
         s.conn.execute("DELETE FROM events", []).unwrap();
         let d = s
             .record_event(&ev(EventDecision::Granted, "granted"))
             .unwrap();
         assert!(d > c);
+    }
+
+    #[test]
+    fn every_event_has_its_own_random_uid() {
+        let mut s = Store::open_in_memory().unwrap();
+        for _ in 0..50 {
+            s.record_event(&ev(EventDecision::Granted, "granted"))
+                .unwrap();
+        }
+        let mut other = Store::open_in_memory().unwrap();
+        other
+            .record_event(&ev(EventDecision::Granted, "granted"))
+            .unwrap();
+        let mut uids: Vec<String> = s
+            .recent_events(100)
+            .unwrap()
+            .into_iter()
+            .chain(other.recent_events(1).unwrap())
+            .map(|e| e.uid)
+            .collect();
+        assert!(uids
+            .iter()
+            .all(|u| u.len() == 32 && u.bytes().all(|b| b.is_ascii_hexdigit())));
+        uids.sort();
+        uids.dedup();
+        // Unique within a database and across databases (the other one's id is also 1).
+        assert_eq!(uids.len(), 51);
+        let json = serde_json::to_value(&other.recent_events(1).unwrap()[0]).unwrap();
+        assert_eq!(json["uid"].as_str().map(str::len), Some(32));
+    }
+
+    fn events_at(s: &mut Store, times: impl IntoIterator<Item = i64>) -> Vec<i64> {
+        times
+            .into_iter()
+            .map(|t| {
+                s.record_event(&AccessEvent {
+                    time_ms: t,
+                    ..ev(EventDecision::Granted, "granted")
+                })
+                .unwrap()
+            })
+            .collect()
+    }
+
+    fn ids(s: &Store) -> Vec<i64> {
+        let mut v: Vec<i64> = s
+            .recent_events(usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        v.reverse();
+        v
+    }
+
+    #[test]
+    fn retention_by_rows_prunes_the_oldest_and_counts_the_undelivered() {
+        let mut s = Store::open_in_memory().unwrap();
+        let r = Retention {
+            max_rows: 200,
+            max_age_ms: None,
+        };
+        let all = events_at(&mut s, 0..200);
+        // At the bound: nothing to do.
+        assert_eq!(s.prune_events(&r, 0).unwrap(), Pruned::default());
+        s.mark_delivered(all[2], 9).unwrap();
+        events_at(&mut s, [200]);
+        // Over by one: down to 1% under the bound (198), the oldest first.
+        let p = s.prune_events(&r, 0).unwrap();
+        assert_eq!(
+            p,
+            Pruned {
+                rows: 3,
+                undelivered: 0,
+                more: false
+            }
+        );
+        assert_eq!(ids(&s).first(), Some(&all[3]));
+        assert_eq!(ids(&s).len(), 198);
+        // Two more fit; the next is over the bound again and takes undelivered rows.
+        events_at(&mut s, 201..203);
+        assert_eq!(s.prune_events(&r, 0).unwrap().rows, 0);
+        events_at(&mut s, [204]);
+        let p = s.prune_events(&r, 0).unwrap();
+        assert_eq!((p.rows, p.undelivered), (3, 3));
+        assert_eq!(s.events_pruned_undelivered().unwrap(), 3);
+        assert_eq!(s.stats().unwrap().events_pruned_undelivered, 3);
+        assert_eq!(s.stats().unwrap().events_total, 198);
+    }
+
+    #[test]
+    fn retention_prunes_in_bounded_steps() {
+        let mut s = Store::open_in_memory().unwrap();
+        let n = PRUNE_BATCH as usize * 2 + 10;
+        events_at(&mut s, (0..n).map(|t| t as i64));
+        let r = Retention {
+            max_rows: 5,
+            max_age_ms: None,
+        };
+        let mut steps = vec![];
+        loop {
+            let p = s.prune_events(&r, 0).unwrap();
+            steps.push(p.rows);
+            if !p.more {
+                break;
+            }
+        }
+        assert_eq!(
+            steps,
+            vec![PRUNE_BATCH as u64, PRUNE_BATCH as u64, 5],
+            "each step at most one batch"
+        );
+        assert_eq!(ids(&s).len(), 5);
+        assert_eq!(s.events_pruned_undelivered().unwrap(), n as u64 - 5);
+    }
+
+    #[test]
+    fn retention_by_age_prunes_older_rows_with_slack() {
+        let mut s = Store::open_in_memory().unwrap();
+        let day = 86_400_000;
+        let r = Retention {
+            max_rows: 1_000_000,
+            max_age_ms: Some(100 * day),
+        };
+        let kept = events_at(&mut s, [0, day, 2 * day, 50 * day, 120 * day]);
+        // At day 100 nothing is older than 100 days.
+        assert_eq!(s.prune_events(&r, 100 * day).unwrap().rows, 0);
+        // At day 101 the first row is: it goes with everything within 1% (a day) after it.
+        let p = s.prune_events(&r, 101 * day).unwrap();
+        assert_eq!((p.rows, p.undelivered, p.more), (2, 2, false));
+        assert_eq!(ids(&s), kept[2..].to_vec());
+        // The next one is due only a day later.
+        assert_eq!(s.prune_events(&r, 101 * day + 1).unwrap().rows, 0);
+        assert_eq!(s.prune_events(&r, 102 * day + 1).unwrap().rows, 1);
     }
 
     #[test]

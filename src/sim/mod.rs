@@ -8,6 +8,7 @@
 //! - [`vpcd`]: the async adapter that puts a [`vpcd::VirtualCard`] behind vsmartcard's virtual
 //!   reader, so the real pcscd (and keyway's PC/SC code) talks to it.
 
+pub mod acl;
 pub mod ble_phone;
 pub mod card;
 pub mod issuer;

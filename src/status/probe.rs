@@ -48,13 +48,13 @@ pub fn sample_db(
     since_event_id: i64,
     now_ms: i64,
 ) -> rusqlite::Result<DbSample> {
-    let credentials: i64 = conn.query_row("SELECT count(*) FROM credentials", [], |r| r.get(0))?;
+    let credentials = crate::acl::credential_count(conn)?;
     // Unix seconds, written by every import (and by cloud snapshots and deltas).
     let changed_ms = meta(conn, "last_import_at")?
         .and_then(|s| s.parse::<i64>().ok())
         .map(|s| s.saturating_mul(1000));
     let acl = AclStatus {
-        credentials: u64::try_from(credentials).unwrap_or(0),
+        credentials,
         version: meta(conn, "acl_version")?,
         hash: meta(conn, "acl_hash")?,
         changed_ms,

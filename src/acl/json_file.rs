@@ -1,0 +1,343 @@
+//! JSON ACL files (`{ "version": 1, "credentials": [ { ... }, ... ] }`), streamed: serde reads
+//! from the file through a line-counting reader and each credential object is validated and
+//! handed out as soon as it is parsed, so memory holds one object, never the document.
+
+use super::record::{
+    ferr, truncate, validate_row, CredentialSpec, FieldError, ImportError, RawRow,
+    JSON_FORMAT_VERSION, MAX_DOORS_PER_CREDENTIAL,
+};
+use serde::de::Error as _;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use std::cell::Cell;
+use std::io::Read;
+use std::path::Path;
+use std::rc::Rc;
+
+/// Counts the lines serde has read: serde_json pulls bytes one at a time, so when a credential
+/// object starts (its `{` just read) the count is that object's line.
+struct LineCounter<R> {
+    inner: R,
+    line: Rc<Cell<u64>>,
+    bom_checked: bool,
+}
+
+impl<R: Read> Read for LineCounter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut n = self.inner.read(buf)?;
+        if !self.bom_checked && n > 0 {
+            self.bom_checked = true;
+            // A UTF-8 byte order mark is not part of the content; serde reads byte by byte,
+            // so the first three reads show it.
+            if buf.get(..n) == Some(&b"\xEF"[..]) {
+                let mut rest = [0u8; 2];
+                self.inner.read_exact(&mut rest)?;
+                if rest == *b"\xBB\xBF" {
+                    n = self.inner.read(buf)?;
+                } else {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "invalid UTF-8",
+                    ));
+                }
+            }
+        }
+        let newlines = buf
+            .get(..n)
+            .unwrap_or_default()
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        self.line.set(self.line.get() + newlines as u64);
+        Ok(n)
+    }
+}
+
+/// Streams the credentials of a JSON file to `on_spec`, stopping at the first error.
+pub(crate) fn read_json<R: Read>(
+    input: R,
+    path: &Path,
+    on_spec: impl FnMut(CredentialSpec) -> Result<(), ImportError>,
+) -> Result<(), ImportError> {
+    let line = Rc::new(Cell::new(1));
+    let reader = LineCounter {
+        inner: input,
+        line: line.clone(),
+        bom_checked: false,
+    };
+    let element = Rc::new(Cell::new(0));
+    let mut ctx = JsonCtx {
+        path,
+        line,
+        element: element.clone(),
+        on_spec: Box::new(on_spec),
+        failure: None,
+        version_ok: false,
+    };
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    let parsed = TopSeed(&mut ctx)
+        .deserialize(&mut de)
+        .and_then(|()| de.end());
+    if let Err(e) = parsed {
+        // Our own (row or version) error wins over the placeholder serde carried out.
+        // A credential of the wrong shape (not an object, an unknown field) is reported on
+        // its first line; serde's own line can be one past it (it reads a byte ahead).
+        let line = match element.get() {
+            l if l > 0 && e.is_data() => l,
+            _ => (e.line() as u64).max(1),
+        };
+        return Err(ctx.failure.take().unwrap_or_else(|| ImportError::Syntax {
+            path: path.to_path_buf(),
+            line,
+            message: serde_message(&e),
+        }));
+    }
+    Ok(())
+}
+
+/// Every field is a raw value so type errors are reported by us, naming the field; serde
+/// still rejects unknown and duplicate fields (a typo like `valid_untill` must not be
+/// silently ignored).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonCredential {
+    endpoint_key: Option<serde_json::Value>,
+    person_id: Option<serde_json::Value>,
+    card_format: Option<serde_json::Value>,
+    facility_code: Option<serde_json::Value>,
+    card_number: Option<serde_json::Value>,
+    valid_from: Option<serde_json::Value>,
+    valid_until: Option<serde_json::Value>,
+    doors: Option<serde_json::Value>,
+    card_uids: Option<serde_json::Value>,
+}
+
+fn json_str<'a>(
+    v: &'a Option<serde_json::Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, FieldError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ferr(field, "expected a string")),
+    }
+}
+
+fn json_uint(
+    v: &Option<serde_json::Value>,
+    field: &'static str,
+) -> Result<Option<u64>, FieldError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ferr(field, format!("{n} is not a non-negative integer"))),
+        Some(_) => Err(ferr(field, "expected a number")),
+    }
+}
+
+fn json_row(c: &JsonCredential) -> Result<RawRow<'_>, FieldError> {
+    let doors = match &c.doors {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(items)) => {
+            if items.len() > MAX_DOORS_PER_CREDENTIAL {
+                return Err(ferr(
+                    "doors",
+                    format!("more than {MAX_DOORS_PER_CREDENTIAL} doors"),
+                ));
+            }
+            items
+                .iter()
+                .map(|d| d.as_str().ok_or_else(|| ferr("doors", "expected strings")))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        Some(_) => return Err(ferr("doors", "expected an array of door ids")),
+    };
+    let card_uids = match &c.card_uids {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(items)) => {
+            if items.len() > super::cards::MAX_UIDS_PER_CREDENTIAL {
+                return Err(ferr(
+                    "card_uids",
+                    format!(
+                        "more than {} card UIDs",
+                        super::cards::MAX_UIDS_PER_CREDENTIAL
+                    ),
+                ));
+            }
+            items
+                .iter()
+                .map(|d| {
+                    d.as_str()
+                        .ok_or_else(|| ferr("card_uids", "expected strings"))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        Some(_) => return Err(ferr("card_uids", "expected an array of hex UIDs")),
+    };
+    Ok(RawRow {
+        endpoint_key: json_str(&c.endpoint_key, "endpoint_key")?,
+        person_id: json_str(&c.person_id, "person_id")?,
+        card_format: json_str(&c.card_format, "card_format")?,
+        facility_code: json_uint(&c.facility_code, "facility_code")?,
+        card_number: json_uint(&c.card_number, "card_number")?,
+        valid_from: json_str(&c.valid_from, "valid_from")?,
+        valid_until: json_str(&c.valid_until, "valid_until")?,
+        doors,
+        card_uids,
+    })
+}
+
+/// State shared by the streaming JSON visitors.
+struct JsonCtx<'a> {
+    path: &'a Path,
+    /// Lines read so far (see [`LineCounter`]).
+    line: Rc<Cell<u64>>,
+    /// First line of the credential being parsed (0 between credentials).
+    element: Rc<Cell<u64>>,
+    on_spec: Box<dyn FnMut(CredentialSpec) -> Result<(), ImportError> + 'a>,
+    /// The real error when a visitor aborts serde with a placeholder.
+    failure: Option<ImportError>,
+    version_ok: bool,
+}
+
+impl JsonCtx<'_> {
+    /// Stashes `e` and returns the placeholder that makes serde stop.
+    fn fail<E: serde::de::Error>(&mut self, e: ImportError) -> E {
+        self.failure = Some(e);
+        E::custom("rejected")
+    }
+
+    fn check_version(&mut self, v: &serde_json::Value, line: u64) -> Result<(), ImportError> {
+        if v.as_u64() == Some(JSON_FORMAT_VERSION) {
+            self.version_ok = true;
+            return Ok(());
+        }
+        Err(ImportError::Field {
+            path: self.path.to_path_buf(),
+            line,
+            field: "version",
+            message: format!(
+                "unsupported version {} (this keyway reads {JSON_FORMAT_VERSION})",
+                truncate(&v.to_string())
+            ),
+        })
+    }
+}
+
+/// The top-level object: exactly `version` and `credentials`, each once.
+struct TopSeed<'c, 'a>(&'c mut JsonCtx<'a>);
+
+impl<'de> DeserializeSeed<'de> for TopSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TopSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object with \"version\" and \"credentials\"")
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        const FIELDS: &[&str] = &["version", "credentials"];
+        let (mut version_seen, mut credentials_seen) = (false, false);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "version" => {
+                    if std::mem::replace(&mut version_seen, true) {
+                        return Err(M::Error::duplicate_field("version"));
+                    }
+                    // The key has just been read: this is its line (a number value would make
+                    // serde read one byte past it).
+                    let line = self.0.line.get();
+                    let v: serde_json::Value = map.next_value()?;
+                    if let Err(e) = self.0.check_version(&v, line) {
+                        return Err(self.0.fail(e));
+                    }
+                }
+                "credentials" => {
+                    if std::mem::replace(&mut credentials_seen, true) {
+                        return Err(M::Error::duplicate_field("credentials"));
+                    }
+                    map.next_value_seed(CredentialsSeed(&mut *self.0))?;
+                }
+                other => return Err(M::Error::unknown_field(other, FIELDS)),
+            }
+        }
+        if !version_seen {
+            return Err(M::Error::missing_field("version"));
+        }
+        if !credentials_seen {
+            return Err(M::Error::missing_field("credentials"));
+        }
+        Ok(())
+    }
+}
+
+/// The `credentials` array: each element is validated as soon as it is parsed.
+struct CredentialsSeed<'c, 'a>(&'c mut JsonCtx<'a>);
+
+impl<'de> DeserializeSeed<'de> for CredentialsSeed<'_, '_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CredentialsSeed<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an array of credential objects")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        let ctx = self.0;
+        let start = LineSeed(ctx.line.clone(), ctx.element.clone());
+        while let Some((line, c)) = seq.next_element_seed(start.clone())? {
+            let result = json_row(&c)
+                .and_then(|raw| validate_row(raw, line))
+                .map_err(|e| ImportError::Field {
+                    path: ctx.path.to_path_buf(),
+                    line,
+                    field: e.field,
+                    message: e.message,
+                })
+                .and_then(|spec| (ctx.on_spec)(spec));
+            if let Err(e) = result {
+                return Err(ctx.fail(e));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses one credential object, noting the line of its first byte.
+#[derive(Clone)]
+struct LineSeed(Rc<Cell<u64>>, Rc<Cell<u64>>);
+
+impl<'de> DeserializeSeed<'de> for LineSeed {
+    type Value = (u64, JsonCredential);
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        // serde has read the value's first byte (to see what it is) and nothing more.
+        let line = self.0.get();
+        self.1.set(line);
+        let c = <JsonCredential as serde::Deserialize>::deserialize(d)?;
+        self.1.set(0);
+        Ok((line, c))
+    }
+}
+
+/// serde_json's message without its " at line L column C" suffix (we print the line ourselves).
+fn serde_message(e: &serde_json::Error) -> String {
+    let full = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    full.strip_suffix(&suffix).unwrap_or(&full).to_owned()
+}
