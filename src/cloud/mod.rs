@@ -1,0 +1,9 @@
+//! The cloud link: ACL down, events and health up, over MQTT to any standard broker.
+//!
+//! - [`msg`]: topics and JSON payloads (the contract in docs/mqtt-api.md) and their parsers.
+//! - [`sign`]: COSE_Sign1 ES256 signatures on ACL updates and commands, trusted backend keys.
+//!
+//! Standalone keyway (no `[cloud]` in the configuration) never touches this module.
+
+pub mod msg;
+pub mod sign;
