@@ -1213,8 +1213,23 @@ impl Store {
         mode: ImportMode,
         source: &str,
     ) -> Result<ImportSummary, rusqlite::Error> {
-        let now = OffsetDateTime::now_utc().unix_timestamp();
         let tx = self.conn.transaction()?;
+        let summary = write_specs(&tx, specs, mode, source)?;
+        tx.commit()?;
+        Ok(summary)
+    }
+}
+
+/// The body of [`Store::import_specs`] inside a caller's transaction, so a caller can commit
+/// other rows (the cloud sync's applied version) atomically with the ACL.
+pub(crate) fn write_specs(
+    tx: &rusqlite::Transaction<'_>,
+    specs: &[CredentialSpec],
+    mode: ImportMode,
+    source: &str,
+) -> Result<ImportSummary, rusqlite::Error> {
+    {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
         let mut existing: HashMap<Vec<u8>, i64> = HashMap::new();
         {
             let mut stmt = tx.prepare("SELECT endpoint_key, id FROM credentials")?;
@@ -1313,7 +1328,6 @@ impl Store {
                 specs.len().to_string()
             ])?;
         }
-        tx.commit()?;
         Ok(summary)
     }
 }
