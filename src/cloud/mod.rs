@@ -3,9 +3,12 @@
 //! - [`msg`]: topics and JSON payloads (the contract in docs/mqtt-api.md) and their parsers.
 //! - [`sign`]: COSE_Sign1 ES256 signatures on ACL updates and commands, trusted backend keys.
 //! - [`store`]: the `AclSink` / `Outbox` traits the core needs, over today's `acl::Store`.
+//! - [`core`]: the sans-IO sync core (connection, backoff, snapshot assembly, deltas, commands,
+//!   outbox cursor, birth/death, heartbeat).
 //!
 //! Standalone keyway (no `[cloud]` in the configuration) never touches this module.
 
+pub mod core;
 pub mod msg;
 pub mod sign;
 pub mod store;

@@ -119,6 +119,10 @@ impl RejectCode {
 pub struct Reject {
     pub code: RejectCode,
     pub detail: String,
+    /// The command's request id, when it was read from a verified payload.
+    pub request_id: Option<String>,
+    /// Already logged, counted and reported up (the core's bookkeeping).
+    pub reported: bool,
 }
 
 impl Reject {
@@ -131,7 +135,22 @@ impl Reject {
             }
             detail.truncate(cut);
         }
-        Reject { code, detail }
+        Reject {
+            code,
+            detail,
+            request_id: None,
+            reported: false,
+        }
+    }
+
+    pub fn with_request_id(mut self, request_id: Option<String>) -> Reject {
+        self.request_id = request_id;
+        self
+    }
+
+    pub fn reported(mut self) -> Reject {
+        self.reported = true;
+        self
     }
 }
 
