@@ -5,10 +5,13 @@
 //! - [`store`]: the `AclSink` / `Outbox` traits the core needs, over today's `acl::Store`.
 //! - [`core`]: the sans-IO sync core (connection, backoff, snapshot assembly, deltas, commands,
 //!   outbox cursor, birth/death, heartbeat).
+//! - [`link`]: the rumqttc adapter task (TLS, failover, backoff, manual acks); [`config`]: `[cloud]`.
 //!
 //! Standalone keyway (no `[cloud]` in the configuration) never touches this module.
 
+pub mod config;
 pub mod core;
+pub mod link;
 pub mod msg;
 pub mod sign;
 pub mod store;

@@ -53,6 +53,9 @@ pub struct Config {
     pub osdp: OsdpConfig,
     #[serde(default, rename = "door")]
     pub doors: Vec<DoorConfig>,
+    /// Optional MQTT cloud link; absent = standalone.
+    #[serde(default)]
+    pub cloud: Option<crate::cloud::config::CloudConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -514,6 +517,8 @@ pub struct Validated {
     pub model: u8,
     pub serial_number: u32,
     pub doors: Vec<Door>,
+    /// `[cloud]`, when configured.
+    pub cloud: Option<crate::cloud::config::CloudSettings>,
 }
 
 /// A door's optional OSDP settings, validated ([`Door::osdp`]).
@@ -576,6 +581,13 @@ pub fn load(path: &Path) -> Result<Validated, ConfigError> {
             message: e.to_string(),
         })?;
     }
+    if let Some(c) = &validated.cloud {
+        crate::cloud::config::check_files(c).map_err(|(field, e)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message: e.to_string(),
+        })?;
+    }
     Ok(validated)
 }
 
@@ -595,6 +607,12 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         message,
     };
 
+    let cloud = raw
+        .cloud
+        .clone()
+        .map(|c| crate::cloud::config::validate(c, |p| resolve(path, p)))
+        .transpose()
+        .map_err(|(field, message)| invalid(field, message))?;
     let log_level: log::LevelFilter = raw.daemon.log_level.parse().map_err(|_| {
         invalid(
             "daemon.log_level".into(),
@@ -814,6 +832,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         model: raw.osdp.model,
         serial_number: raw.osdp.serial_number,
         doors,
+        cloud,
     })
 }
 
