@@ -6,9 +6,11 @@
 //! - [`core`]: the sans-IO sync core (connection, backoff, snapshot assembly, deltas, commands,
 //!   outbox cursor, birth/death, heartbeat).
 //! - [`link`]: the rumqttc adapter task (TLS, failover, backoff, manual acks); [`config`]: `[cloud]`.
+//! - [`backend`]: the backend side shipped as `keyway cloud …` (signed messages, a small client).
 //!
 //! Standalone keyway (no `[cloud]` in the configuration) never touches this module.
 
+pub mod backend;
 pub mod config;
 pub mod core;
 pub mod link;
