@@ -105,7 +105,7 @@ enum Command {
     /// event tail with acks, fleet state (docs/mqtt-api.md).
     Cloud {
         #[command(subcommand)]
-        command: cloud_cli::CloudCommand,
+        command: Box<cloud_cli::CloudCommand>,
     },
     /// Print the version.
     #[command(after_help = "Example:\n  keyway version")]
@@ -183,7 +183,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            rt.block_on(cloud_cli::run(command))
+            rt.block_on(cloud_cli::run(*command))
         }
         Command::CheckConfig => {
             let cfg = config::load(&cli.config)?;

@@ -835,11 +835,8 @@ impl Core {
         let (_kid, body) = self.keys.verify(payload)?;
         let delta = msg::parse_delta(&body, &self.cfg.site, &self.cfg.gateway, now.unix_s())?;
         let Some(applied) = self.applied.clone() else {
-            self.request_snapshot("delta_gap", now, false);
-            return Err(Reject::new(
-                RejectCode::OutOfOrder,
-                "no ACL version applied yet",
-            ));
+            let r = Reject::new(RejectCode::OutOfOrder, "no ACL version applied yet");
+            return self.delta_gap(r, now);
         };
         if delta.version <= applied.version {
             return Err(Reject::new(
@@ -851,14 +848,14 @@ impl Core {
             ));
         }
         if delta.base_version != applied.version {
-            self.request_snapshot("delta_gap", now, false);
-            return Err(Reject::new(
+            let r = Reject::new(
                 RejectCode::OutOfOrder,
                 format!(
                     "delta on v{}, applied is v{}",
                     delta.base_version, applied.version
                 ),
-            ));
+            );
+            return self.delta_gap(r, now);
         }
         let report = AclReport {
             version: delta.version,
@@ -874,11 +871,21 @@ impl Core {
             Err(SinkError::VersionMismatch { .. }) => {
                 // The store moved (another writer): trust it and ask for a snapshot.
                 self.applied = store.applied().ok().flatten();
-                self.request_snapshot("delta_gap", now, false);
-                Err(Reject::new(RejectCode::OutOfOrder, "store version moved"))
+                self.delta_gap(
+                    Reject::new(RejectCode::OutOfOrder, "store version moved"),
+                    now,
+                )
             }
             Err(e) => Err(apply_failed(e)),
         }
+    }
+
+    /// Refuses a delta that does not fit the applied version and asks for a snapshot
+    /// (reported first, so the backend reads the reason before the request).
+    fn delta_gap(&mut self, r: Reject, now: Now) -> Result<(), Reject> {
+        self.reject(TopicKind::AclDelta, r.clone(), None, now);
+        self.request_snapshot("delta_gap", now, false);
+        Err(r.reported())
     }
 
     fn status(
