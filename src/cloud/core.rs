@@ -998,7 +998,7 @@ mod tests {
     use super::*;
     use crate::acl::{test_key, Store};
     use crate::cloud::msg::tests::{cred, env, key_hex, NOW};
-    use crate::cloud::msg::{TYPE_COMMAND, TYPE_DELTA, TYPE_SNAPSHOT};
+    use crate::cloud::msg::{SnapshotFormat, TYPE_COMMAND, TYPE_DELTA, TYPE_SNAPSHOT};
     use crate::cloud::sign::tests::{signer, trusted};
     use crate::cloud::sign::BackendSigner;
     use crate::cloud::store::StoreSync;
@@ -1717,5 +1717,172 @@ mod tests {
         assert_eq!(hb[0]["outbox"]["depth"], 2);
         assert_eq!(hb[0]["uptime_s"], 60);
         assert_eq!(hb[0]["boot"], 7);
+    }
+
+    fn schema(name: &str) -> jsonschema::Validator {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("docs/schemas")
+            .join(format!("{name}.json"));
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
+    }
+
+    fn check(v: &serde_json::Value) {
+        let name = v["type"].as_str().unwrap();
+        let errors: Vec<String> = schema(name)
+            .iter_errors(v)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(errors.is_empty(), "{name}: {errors:?}\n{v}");
+    }
+
+    /// Every message keyway sends (and the backend tool builds) matches its JSON Schema in
+    /// docs/schemas, and docs/asyncapi.yaml lists exactly the topics the code uses.
+    #[test]
+    fn every_message_matches_its_schema_and_asyncapi_lists_every_topic() {
+        use crate::cloud::backend;
+        let mut h = H::new();
+        let plan = h.core.poll_connect(h.now).unwrap();
+        let mut up: Vec<(String, serde_json::Value)> = vec![(
+            "state".into(),
+            serde_json::from_slice(&plan.will.payload).unwrap(),
+        )];
+        h.core.handle_connected(false, h.now, &mut h.store);
+        h.snapshot(1, &[1, 2]);
+        h.recv(
+            TopicKind::AclDelta,
+            &h.delta(1, 2, serde_json::json!({"revoke": [key_hex(1)]})),
+        )
+        .unwrap();
+        let _ = h.recv(
+            TopicKind::AclDelta,
+            &h.delta(5, 6, serde_json::json!({"revoke": [key_hex(1)]})),
+        );
+        h.record(3);
+        h.store
+            .store()
+            .set_panel_verdict("d1", "granted", 0)
+            .unwrap();
+        h.core.handle_events_recorded(h.now, &mut h.store);
+        for (id, name, args) in [
+            ("r1", "report_diagnostics", serde_json::json!({})),
+            ("r2", "resync", serde_json::json!({})),
+            ("r3", "nope", serde_json::json!({})),
+        ] {
+            let _ = h.recv(TopicKind::Command, &h.command(id, name, args));
+        }
+        h.advance(Duration::from_secs(60));
+        h.core.handle_timeout(h.now, &mut h.store);
+        up.extend(h.sent());
+        let kinds: std::collections::BTreeSet<&str> = up
+            .iter()
+            .map(|(_, v)| v["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            [
+                "acl_applied",
+                "acl_request",
+                "command_status",
+                "events",
+                "heartbeat",
+                "rejected",
+                "state"
+            ]
+        );
+        for (suffix, v) in &up {
+            check(v);
+            assert_eq!(
+                h.topics.classify(&format!("kw/s1/gw1/{suffix}")),
+                None,
+                "{suffix} is an up topic"
+            );
+        }
+        // Down messages as the backend tool builds them.
+        let t = backend::Target {
+            site: "s1".into(),
+            gateway: "gw1".into(),
+            ttl_s: 60,
+        };
+        let (m, chunks) =
+            backend::snapshot_messages(&h.signer, &t, 3, SnapshotFormat::Json, b"{}", 1, NOW)
+                .unwrap();
+        let keys = trusted(&[&h.signer]);
+        let signed = [
+            m,
+            backend::delta_message(
+                &h.signer,
+                &t,
+                1,
+                2,
+                vec![cred(1)],
+                vec![key_hex(2)],
+                vec![key_hex(3)],
+                NOW,
+            ),
+            backend::command_message(
+                &h.signer,
+                &t,
+                "r9",
+                "set_log_level",
+                serde_json::from_value(serde_json::json!({"level": "info"})).unwrap(),
+                NOW,
+            ),
+        ];
+        for s in signed {
+            check(&serde_json::from_slice(&keys.verify(&s).unwrap().1).unwrap());
+        }
+        check(&serde_json::from_slice(&chunks[0]).unwrap());
+        check(
+            &serde_json::to_value(msg::EventsAck {
+                kind: msg::TYPE_ACK.into(),
+                v: 1,
+                instance: "ab12".into(),
+                through_seq: 4,
+            })
+            .unwrap(),
+        );
+
+        let api = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/asyncapi.yaml"),
+        )
+        .unwrap();
+        let listed: std::collections::BTreeSet<String> = api
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("address: '{prefix}/{site}/{gateway}/")
+            })
+            .map(|a| a.trim_end_matches('\'').to_owned())
+            .collect();
+        let used: std::collections::BTreeSet<String> = TopicKind::UP
+            .iter()
+            .chain(TopicKind::DOWN.iter())
+            .map(|k| k.suffix().to_owned())
+            .collect();
+        assert_eq!(listed, used);
+        // The rejected schema lists every reason code and every down topic.
+        let rej: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas/rejected.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let reasons: Vec<&str> = rej["properties"]["reason"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(reasons, RejectCode::ALL.map(|c| c.as_str()).to_vec());
+        let topics: Vec<&str> = rej["properties"]["topic"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(topics, TopicKind::DOWN.map(|k| k.suffix()).to_vec());
     }
 }
