@@ -892,3 +892,107 @@ async fn backend_tool_binary_publishes_a_delta_and_runs_a_command() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim().len(), 130);
     gw.stop().await;
 }
+
+/// `keyway run` with `[cloud]` starts the link: birth on connect, a signed delta applied to the
+/// daemon's database, and a clean `offline` state on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyway_run_starts_the_link_from_config() {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let broker = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reader_key = p256::SecretKey::random(&mut rand_core::OsRng);
+    write_private(
+        &dir.path().join("reader.pem"),
+        &reader_key.to_pkcs8_pem(LineEnding::LF).unwrap(),
+    );
+    let config = dir.path().join("keyway.toml");
+    let tty = dir.path().join("no-tty");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[daemon]
+database = "keyway.db"
+
+[[door]]
+id = "front"
+osdp = {{ port = {tty:?}, address = 1 }}
+nfc = {{ reader = "No Such Reader" }}
+aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
+
+[cloud]
+brokers = ["{url}"]
+site = "{SITE}"
+gateway = "{GW}"
+
+[[cloud.trusted_keys]]
+kid = "backend-1"
+public_key = "{}"
+"#,
+            signer().public_hex(),
+            tty = tty.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let exe = env!("CARGO_BIN_EXE_keyway");
+    let out = Command::new(exe)
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cloud: s1/gw1 on 1 broker"));
+    let log_path = dir.path().join("run.log");
+    let child = Command::new(exe)
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "--log", "stderr"])
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Kill(child);
+    expect(&mut b, "state", |v| v["state"] == "online").await;
+    snapshot(&mut b, 1, &[1, 2]).await;
+    let db = dir.path().join("keyway.db");
+    let grants = |seed| {
+        Store::open(&db)
+            .unwrap()
+            .decide(&key(seed), "front", time::OffsetDateTime::now_utc())
+            .unwrap()
+            .is_grant()
+    };
+    assert!(grants(1));
+    delta(&b, 1, 2, &[1]).await;
+    expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
+    assert!(!grants(1) && grants(2));
+    // SAFETY: signals our own child, which has not been reaped yet.
+    assert_eq!(
+        unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    expect(&mut b, "state", |v| v["state"] == "offline").await;
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    assert!(
+        !log.contains("did not stop") && !log.contains("panicked"),
+        "{log}"
+    );
+}
