@@ -455,13 +455,19 @@ async fn sync_round(broker: &str, s: CloudSettings, backend_conn: Option<Connect
     expect(&mut b, "state", |v| v["state"] == "offline").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plain_sync_events_and_rejections() {
+/// A plain broker, the backend's client, and a gateway that has said it is online.
+async fn online(gateway_extra: &str) -> (Mosquitto, String, Peer, Gateway) {
     let broker = Mosquitto::start("allow_anonymous true");
     let url = format!("mqtt://127.0.0.1:{}", broker.port);
     let mut b = backend(&url, None).await;
-    let gw = Gateway::start(settings(&url, "outbox_batch = 10"));
+    let gw = Gateway::start(settings(&url, gateway_extra));
     expect(&mut b, "state", |v| v["state"] == "online").await;
+    (broker, url, b, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_sync_events_and_rejections() {
+    let (_broker, _url, mut b, gw) = online("outbox_batch = 10").await;
     snapshot(&mut b, 1, &[1, 2, 3]).await;
 
     // Every kind of bad message is refused and reported with its reason; nothing applies.
@@ -752,11 +758,7 @@ async fn mtls_client_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_mid_upload_loses_nothing() {
-    let mut broker = Mosquitto::start("allow_anonymous true");
-    let url = format!("mqtt://127.0.0.1:{}", broker.port);
-    let mut b = backend(&url, None).await;
-    let gw = Gateway::start(settings(&url, "outbox_batch = 20"));
-    expect(&mut b, "state", |v| v["state"] == "online").await;
+    let (mut broker, url, mut b, gw) = online("outbox_batch = 20").await;
     const N: usize = 400;
     gw.record(N);
     // Take a few batches (unacked), then kill the broker mid-upload.
@@ -818,11 +820,7 @@ async fn broker_killed_mid_upload_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_tool_binary_publishes_a_delta_and_runs_a_command() {
-    let broker = Mosquitto::start("allow_anonymous true");
-    let url = format!("mqtt://127.0.0.1:{}", broker.port);
-    let mut b = backend(&url, None).await;
-    let gw = Gateway::start(settings(&url, ""));
-    expect(&mut b, "state", |v| v["state"] == "online").await;
+    let (_broker, url, mut b, gw) = online("").await;
     snapshot(&mut b, 1, &[1, 2]).await;
     let dir = tempfile::tempdir().unwrap();
     let keyfile = dir.path().join("backend.key");

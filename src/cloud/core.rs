@@ -1002,7 +1002,6 @@ mod tests {
     use crate::cloud::sign::tests::{signer, trusted};
     use crate::cloud::sign::BackendSigner;
     use crate::cloud::store::StoreSync;
-    use crate::events::{AccessEvent, Transport};
 
     struct H {
         core: Core,
@@ -1122,19 +1121,7 @@ mod tests {
         }
 
         fn record(&mut self, n: usize) {
-            for _ in 0..n {
-                self.store
-                    .store()
-                    .record_event(&AccessEvent::error(
-                        1,
-                        "d1",
-                        Transport::Nfc,
-                        None,
-                        "timeout",
-                        1,
-                    ))
-                    .unwrap();
-            }
+            crate::cloud::store::record_test_events(self.store.store(), n, 1);
         }
 
         fn grants(&mut self, seed: u16) -> bool {

@@ -316,6 +316,24 @@ pub fn chain_hash(previous_hex: &str, payload: &[u8]) -> String {
     hex::encode(h.finalize())
 }
 
+/// Records `n` error events (unit tests of the cloud room).
+#[cfg(test)]
+pub(crate) fn record_test_events(store: &mut Store, n: usize, time_ms: i64) {
+    use crate::events::{AccessEvent, Transport};
+    for _ in 0..n {
+        store
+            .record_event(&AccessEvent::error(
+                time_ms,
+                "d1",
+                Transport::Nfc,
+                None,
+                "timeout",
+                1,
+            ))
+            .unwrap();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
