@@ -166,6 +166,13 @@ pub struct ConnArgs {
     password_file: Option<PathBuf>,
 }
 
+/// `v.a.b…`, or null when absent (received JSON is untrusted: no indexing).
+fn at<'a>(v: &'a serde_json::Value, path: &[&str]) -> &'a serde_json::Value {
+    path.iter()
+        .try_fold(v, |v, k| v.get(*k))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 fn now_s() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -230,10 +237,14 @@ async fn wait_applied(b: &mut Backend, version: u64, wait_s: u64) -> anyhow::Res
         };
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
         println!("{topic} {v}");
-        if v["type"] == "acl_applied" && v["version"].as_u64() == Some(version) {
+        if at(&v, &["type"]) == "acl_applied" && at(&v, &["version"]).as_u64() == Some(version) {
             return Ok(ExitCode::SUCCESS);
         }
-        if v["type"] == "rejected" && v["topic"].as_str().is_some_and(|t| t.starts_with("acl/")) {
+        if at(&v, &["type"]) == "rejected"
+            && at(&v, &["topic"])
+                .as_str()
+                .is_some_and(|t| t.starts_with("acl/"))
+        {
             return Ok(ExitCode::FAILURE);
         }
     }
@@ -289,8 +300,11 @@ async fn send_command(
             break;
         };
         let v: serde_json::Value = serde_json::from_slice(&payload).unwrap_or_default();
-        let ours = v["request_id"].as_str() == Some(request_id.as_str());
-        if v["type"] == "rejected" && v["topic"] == "cmd" && (ours || v["request_id"].is_null()) {
+        let ours = at(&v, &["request_id"]).as_str() == Some(request_id.as_str());
+        if at(&v, &["type"]) == "rejected"
+            && at(&v, &["topic"]) == "cmd"
+            && (ours || at(&v, &["request_id"]).is_null())
+        {
             println!("{topic} {v}");
             return Ok(ExitCode::FAILURE);
         }
@@ -298,7 +312,7 @@ async fn send_command(
             continue;
         }
         println!("{topic} {v}");
-        match v["status"].as_str() {
+        match at(&v, &["status"]).as_str() {
             Some("done") => return Ok(ExitCode::SUCCESS),
             Some("failed" | "rejected") => return Ok(ExitCode::FAILURE),
             _ => {}
@@ -469,9 +483,11 @@ pub async fn run(cmd: CloudCommand) -> anyhow::Result<ExitCode> {
                 };
                 for e in &batch.events {
                     let mut v = serde_json::to_value(e)?;
-                    v["site"] = site.clone().into();
-                    v["gateway"] = gw.clone().into();
-                    v["replay"] = batch.replay.into();
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("site".into(), site.clone().into());
+                        o.insert("gateway".into(), gw.clone().into());
+                        o.insert("replay".into(), batch.replay.into());
+                    }
                     println!("{v}");
                 }
                 if ack {
@@ -511,23 +527,25 @@ pub async fn run(cmd: CloudCommand) -> anyhow::Result<ExitCode> {
                 let entry = fleet
                     .entry((site, gw))
                     .or_insert_with(|| serde_json::json!({}));
-                entry[kind.suffix()] = v;
+                if let Some(o) = entry.as_object_mut() {
+                    o.insert(kind.suffix().into(), v);
+                }
             }
             for ((site, gw), v) in &fleet {
-                let state = &v["state"];
+                let state = at(v, &["state"]);
                 println!(
                     "{site}/{gw}: {} boot {} bd_seq {} acl v{} outbox {} rejected {}",
-                    state["state"].as_str().unwrap_or("?"),
-                    state["boot"],
-                    state["bd_seq"],
-                    v["heartbeat"]["acl"]["version"]
+                    at(state, &["state"]).as_str().unwrap_or("?"),
+                    at(state, &["boot"]),
+                    at(state, &["bd_seq"]),
+                    at(v, &["heartbeat", "acl", "version"])
                         .as_u64()
-                        .or(v["acl/applied"]["version"].as_u64())
-                        .or(state["acl_version"].as_u64())
+                        .or(at(v, &["acl/applied", "version"]).as_u64())
+                        .or(at(state, &["acl_version"]).as_u64())
                         .map(|x| x.to_string())
                         .unwrap_or_else(|| "-".into()),
-                    v["heartbeat"]["outbox"]["depth"],
-                    v["heartbeat"]["rejected"],
+                    at(v, &["heartbeat", "outbox", "depth"]),
+                    at(v, &["heartbeat", "rejected"]),
                 );
             }
             b.disconnect().await;
