@@ -892,22 +892,16 @@ async fn backend_tool_binary_publishes_a_delta_and_runs_a_command() {
     gw.stop().await;
 }
 
-/// `keyway run` with `[cloud]` starts the link: birth on connect, a signed delta applied to the
-/// daemon's database, and a clean `offline` state on SIGTERM.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keyway_run_starts_the_link_from_config() {
+/// A daemon configuration with one (unreachable) door and `[cloud]` on `url`, in `dir`.
+fn run_config(dir: &Path, url: &str) -> PathBuf {
     use p256::pkcs8::{EncodePrivateKey, LineEnding};
-    let broker = Mosquitto::start("allow_anonymous true");
-    let url = format!("mqtt://127.0.0.1:{}", broker.port);
-    let mut b = backend(&url, None).await;
-    let dir = tempfile::tempdir().unwrap();
     let reader_key = p256::SecretKey::random(&mut rand_core::OsRng);
     write_private(
-        &dir.path().join("reader.pem"),
+        &dir.join("reader.pem"),
         &reader_key.to_pkcs8_pem(LineEnding::LF).unwrap(),
     );
-    let config = dir.path().join("keyway.toml");
-    let tty = dir.path().join("no-tty");
+    let config = dir.join("keyway.toml");
+    let tty = dir.join("no-tty");
     std::fs::write(
         &config,
         format!(
@@ -935,8 +929,49 @@ public_key = "{}"
         ),
     )
     .unwrap();
-    let exe = env!("CARGO_BIN_EXE_keyway");
-    let out = Command::new(exe)
+    config
+}
+
+/// `keyway run`, killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_daemon(config: &Path, log: &Path) -> Daemon {
+    Daemon(
+        Command::new(env!("CARGO_BIN_EXE_keyway"))
+            .arg("--config")
+            .arg(config)
+            .args(["run", "--log", "stderr"])
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn grants_in(db: &Path, seed: u16) -> bool {
+    Store::open(db)
+        .unwrap()
+        .decide(&key(seed), "front", time::OffsetDateTime::now_utc())
+        .unwrap()
+        .is_grant()
+}
+
+/// `keyway run` with `[cloud]` starts the link: birth on connect, a signed delta applied to the
+/// daemon's database, and a clean `offline` state on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyway_run_starts_the_link_from_config() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_config(dir.path(), &url);
+    let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
         .arg("--config")
         .arg(&config)
         .arg("check-config")
@@ -949,35 +984,14 @@ public_key = "{}"
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("cloud: s1/gw1 on 1 broker"));
     let log_path = dir.path().join("run.log");
-    let child = Command::new(exe)
-        .arg("--config")
-        .arg(&config)
-        .args(["run", "--log", "stderr"])
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut child = Kill(child);
+    let mut child = run_daemon(&config, &log_path);
     expect(&mut b, "state", |v| v["state"] == "online").await;
     snapshot(&mut b, 1, &[1, 2]).await;
     let db = dir.path().join("keyway.db");
-    let grants = |seed| {
-        Store::open(&db)
-            .unwrap()
-            .decide(&key(seed), "front", time::OffsetDateTime::now_utc())
-            .unwrap()
-            .is_grant()
-    };
-    assert!(grants(1));
+    assert!(grants_in(&db, 1));
     delta(&b, 1, 2, &[1]).await;
     expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
-    assert!(!grants(1) && grants(2));
+    assert!(!grants_in(&db, 1) && grants_in(&db, 2));
     // SAFETY: signals our own child, which has not been reaped yet.
     assert_eq!(
         unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) },
@@ -994,4 +1008,70 @@ public_key = "{}"
         !log.contains("did not stop") && !log.contains("panicked"),
         "{log}"
     );
+}
+
+/// keyway SIGKILLed in the middle of a snapshot: the old ACL is intact and serving, the Will
+/// says offline, and after a restart (boot + 1) the next snapshot completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_snapshot_keeps_the_old_acl_and_the_next_sync_completes() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_config(dir.path(), &url);
+    let db = dir.path().join("keyway.db");
+    let log_path = dir.path().join("run.log");
+    let daemon = run_daemon(&config, &log_path);
+    let birth = expect(&mut b, "state", |v| v["state"] == "online").await;
+    snapshot(&mut b, 1, &[1, 2]).await;
+
+    let seeds: Vec<u16> = (3..60).collect();
+    let creds: Vec<Value> = seeds.iter().map(|s| cred(*s)).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
+    let (m, chunks) = backend::snapshot_messages(
+        &signer(),
+        &target(),
+        2,
+        SnapshotFormat::Json,
+        &content,
+        256,
+        now_s(),
+    )
+    .unwrap();
+    assert!(chunks.len() > 10);
+    b.publish(&topics().topic(TopicKind::AclSnapshot), m, false)
+        .await
+        .unwrap();
+    for c in &chunks[..chunks.len() / 2] {
+        b.publish(&topics().topic(TopicKind::AclChunk), c.clone(), false)
+            .await
+            .unwrap();
+    }
+    drop(daemon); // SIGKILL
+    expect(&mut b, "state", |v| {
+        v["state"] == "offline" && v["bd_seq"] == birth["bd_seq"]
+    })
+    .await;
+    assert!(grants_in(&db, 1) && grants_in(&db, 2) && !grants_in(&db, 3));
+
+    let _daemon = run_daemon(&config, &log_path);
+    let rebirth = expect(&mut b, "state", |v| v["state"] == "online").await;
+    assert_eq!(
+        rebirth["boot"].as_u64(),
+        birth["boot"].as_u64().map(|n| n + 1)
+    );
+    assert_eq!(rebirth["acl_version"], 1);
+    let (m, chunks) = backend::snapshot_messages(
+        &signer(),
+        &target(),
+        2,
+        SnapshotFormat::Json,
+        &content,
+        256,
+        now_s(),
+    )
+    .unwrap();
+    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
+    expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
+    assert!(!grants_in(&db, 1) && grants_in(&db, 3) && grants_in(&db, 59));
 }
