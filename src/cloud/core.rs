@@ -498,15 +498,25 @@ impl Core {
             let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
                 return;
             };
-            let (first, last) = (first.seq, last.seq);
-            let m = EventsMsg {
+            let first = first.seq;
+            let mut m = EventsMsg {
                 kind: "events".into(),
                 v: msg::VERSION,
                 instance: instance.clone(),
                 replay: first <= self.cursor.high_water,
                 events: batch,
             };
-            self.publish(TopicKind::Events, msg::to_json(&m));
+            // Long ids can make a batch too big for the broker: halve it until it fits (the
+            // rest goes in the next batch).
+            let mut payload = msg::to_json(&m);
+            while payload.len() > msg::MAX_MESSAGE_BYTES && m.events.len() > 1 {
+                m.events.truncate(m.events.len() / 2);
+                payload = msg::to_json(&m);
+            }
+            let Some(last) = m.events.last().map(|e| e.seq) else {
+                return;
+            };
+            self.publish(TopicKind::Events, payload);
             self.cursor.sent = last;
             self.cursor.high_water = self.cursor.high_water.max(last);
             self.cursor
@@ -1002,6 +1012,7 @@ mod tests {
     use crate::cloud::sign::tests::{signer, trusted};
     use crate::cloud::sign::BackendSigner;
     use crate::cloud::store::StoreSync;
+    use crate::events::{AccessEvent, Transport};
 
     struct H {
         core: Core,
@@ -1683,6 +1694,41 @@ mod tests {
         h.record(2);
         h.core.handle_events_recorded(h.now, &mut h.store);
         assert!(h.sent().is_empty());
+    }
+
+    #[test]
+    fn a_batch_too_big_for_the_broker_is_split() {
+        let mut h = H::with(|c| {
+            c.batch_size = 1000;
+            c.max_in_flight = 1;
+        });
+        // ~600 bytes per event with long ids: 1000 of them would be ~600 KB.
+        let long = "p".repeat(128);
+        for _ in 0..1000 {
+            let mut e =
+                AccessEvent::error(1, &"d".repeat(64), Transport::Nfc, None, &"r".repeat(64), 1);
+            e.person_id = Some(long.clone());
+            h.store.store().record_event(&e).unwrap();
+        }
+        h.connect(true);
+        let out: Vec<Transmit> = std::iter::from_fn(|| h.core.poll_transmit()).collect();
+        let batch = out.iter().find(|t| t.topic.ends_with("/events")).unwrap();
+        assert!(
+            batch.payload.len() <= msg::MAX_MESSAGE_BYTES,
+            "{}",
+            batch.payload.len()
+        );
+        let m: msg::EventsMsg = serde_json::from_slice(&batch.payload).unwrap();
+        assert!(
+            m.events.len() >= 100 && m.events.len() < 1000,
+            "{}",
+            m.events.len()
+        );
+        // The rest follows after the ack, from where this batch ended.
+        let last = m.events.last().unwrap().seq;
+        ack(&mut h, last).unwrap();
+        let next = h.sent_on("events");
+        assert_eq!(next[0]["events"][0]["seq"], last + 1);
     }
 
     #[test]
