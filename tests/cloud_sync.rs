@@ -396,20 +396,25 @@ impl Suffix for Topics {
     }
 }
 
-async fn snapshot(b: &mut Peer, version: u64, seeds: &[u16]) {
-    let creds: Vec<Value> = seeds.iter().map(|s| cred(*s)).collect();
-    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
-    // Small chunks so the test crosses chunk boundaries.
-    let (m, chunks) = backend::snapshot_messages(
+/// The signed manifest and 256-byte chunks of `content` as snapshot `version`.
+fn snapshot_of(version: u64, content: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    backend::snapshot_messages(
         &signer(),
         &target(),
         version,
         SnapshotFormat::Json,
-        &content,
+        content,
         256,
         now_s(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+async fn snapshot(b: &mut Peer, version: u64, seeds: &[u16]) {
+    let creds: Vec<Value> = seeds.iter().map(|s| cred(*s)).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
+    // Small chunks so the test crosses chunk boundaries.
+    let (m, chunks) = snapshot_of(version, &content);
     assert!(chunks.len() > 1);
     b.publish_snapshot(&topics(), m, chunks).await.unwrap();
     let v = expect(b, "acl/applied", |v| v["version"] == version).await;
@@ -1028,16 +1033,7 @@ async fn killed_mid_snapshot_keeps_the_old_acl_and_the_next_sync_completes() {
     let seeds: Vec<u16> = (3..60).collect();
     let creds: Vec<Value> = seeds.iter().map(|s| cred(*s)).collect();
     let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
-    let (m, chunks) = backend::snapshot_messages(
-        &signer(),
-        &target(),
-        2,
-        SnapshotFormat::Json,
-        &content,
-        256,
-        now_s(),
-    )
-    .unwrap();
+    let (m, chunks) = snapshot_of(2, &content);
     assert!(chunks.len() > 10);
     b.publish(&topics().topic(TopicKind::AclSnapshot), m, false)
         .await
@@ -1061,16 +1057,7 @@ async fn killed_mid_snapshot_keeps_the_old_acl_and_the_next_sync_completes() {
         birth["boot"].as_u64().map(|n| n + 1)
     );
     assert_eq!(rebirth["acl_version"], 1);
-    let (m, chunks) = backend::snapshot_messages(
-        &signer(),
-        &target(),
-        2,
-        SnapshotFormat::Json,
-        &content,
-        256,
-        now_s(),
-    )
-    .unwrap();
+    let (m, chunks) = snapshot_of(2, &content);
     b.publish_snapshot(&topics(), m, chunks).await.unwrap();
     expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
     assert!(!grants_in(&db, 1) && grants_in(&db, 3) && grants_in(&db, 59));
