@@ -495,7 +495,7 @@ impl Core {
                     return;
                 }
             };
-            let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            let Some(first) = batch.first() else {
                 return;
             };
             let first = first.seq;
@@ -1793,10 +1793,6 @@ mod tests {
             &h.delta(5, 6, serde_json::json!({"revoke": [key_hex(1)]})),
         );
         h.record(3);
-        h.store
-            .store()
-            .set_panel_verdict("d1", "granted", 0)
-            .unwrap();
         h.core.handle_events_recorded(h.now, &mut h.store);
         for (id, name, args) in [
             ("r1", "report_diagnostics", serde_json::json!({})),
