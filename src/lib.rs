@@ -13,6 +13,7 @@
 //! - [`acl`]: the credential store in SQLite and the access decision.
 //! - [`card`]: card-number encodings handed to the panel (Wiegand formats).
 //! - [`events`]: access events (SQLite outbox row + journald entry).
+//! - [`cloud`]: the MQTT cloud link (sans-IO sync core, signed formats, rumqttc adapter).
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`logging`]: journald (structured fields) or stderr.
 //! - [`daemon`]: wires the rooms together on tokio.
@@ -24,6 +25,7 @@ pub mod acl;
 pub mod aliro;
 pub mod ble;
 pub mod card;
+pub mod cloud;
 pub mod config;
 pub mod daemon;
 pub mod doctor;

@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keyway::acl::{ImportMode, Store};
 use keyway::{config, daemon, logging};
 
+mod cloud_cli;
+
 #[derive(Parser)]
 #[command(
     name = "keyway",
@@ -99,6 +101,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The backend tool: signing keys, signed ACL snapshots/deltas and commands over MQTT,
+    /// event tail with acks, fleet state (docs/mqtt-api.md).
+    Cloud {
+        #[command(subcommand)]
+        command: Box<cloud_cli::CloudCommand>,
+    },
     /// Print the version.
     #[command(after_help = "Example:\n  keyway version")]
     Version,
@@ -170,6 +178,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             key,
             group_id,
         } => keygen(&door, out.as_deref(), key.as_deref(), group_id.as_deref()),
+        Command::Cloud { command } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(cloud_cli::run(*command))
+        }
         Command::CheckConfig => {
             let cfg = config::load(&cli.config)?;
             let problems = config::preflight::check(&cfg);
@@ -186,6 +201,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if cfg.doors.len() == 1 { "" } else { "s" },
                 cfg.daemon.database.display()
             );
+            if let Some(c) = &cfg.cloud {
+                println!(
+                    "cloud: {}/{} on {} broker{} (prefix {})",
+                    c.site,
+                    c.gateway,
+                    c.brokers.len(),
+                    if c.brokers.len() == 1 { "" } else { "s" },
+                    c.prefix
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Acl {

@@ -100,17 +100,17 @@ fn running_daemon_answers_status_and_speaks_sd_notify() {
             messages.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
         let all = messages.join("\n");
-        if all.contains("READY=1") && all.contains("WATCHDOG=1") && all.contains("STATUS=") {
+        // READY=1 comes with the start-up STATUS= in one datagram; the line naming problems
+        // follows when the health loop has looked, so wait for that one.
+        if all.contains("READY=1") && all.contains("WATCHDOG=1") && problems_line(&all).is_some() {
             break;
         }
     }
     let all = messages.join("\n");
     assert!(all.contains("READY=1"), "{all}\n{}", log());
     assert!(all.contains("WATCHDOG=1"), "{all}\n{}", log());
-    let status_line = messages
-        .iter()
-        .find(|m| m.starts_with("STATUS="))
-        .unwrap_or_else(|| panic!("no STATUS=: {all}"));
+    let status_line =
+        problems_line(&all).unwrap_or_else(|| panic!("no STATUS= with problems: {all}"));
     assert!(status_line.contains("1 door(s)"), "{status_line}");
     assert!(status_line.contains("problem(s)"), "{status_line}");
     assert!(
@@ -172,4 +172,11 @@ fn running_daemon_answers_status_and_speaks_sd_notify() {
     assert!(st.success(), "{st}\n{}", log());
     assert!(!s.socket.exists(), "socket removed at exit");
     assert!(!log().contains("did not stop"), "{}", log());
+}
+
+/// The newest `STATUS=` line that reports problems, from sd_notify datagrams joined by newlines.
+fn problems_line(all: &str) -> Option<&str> {
+    all.lines()
+        .filter(|l| l.starts_with("STATUS=") && l.contains("problem(s)"))
+        .next_back()
 }

@@ -741,6 +741,21 @@ impl Store {
         read_applied(&self.conn)
     }
 
+    /// Revokes one credential now, outside the versioned history (a signed `revoke_now`
+    /// command: a lost phone cannot wait for the next delta). Whether it was active or
+    /// suspended before; the next snapshot or delta from the backend carries the same change.
+    pub fn revoke_now(
+        &mut self,
+        endpoint_key: &[u8; super::ENDPOINT_KEY_LEN],
+    ) -> Result<bool, ApplyError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let changed = set_state(&tx, &compress_key(endpoint_key), CredentialState::Revoked)?;
+        tx.commit()?;
+        Ok(changed)
+    }
+
     /// Applies a delta from `base_version` to `new_version` in one transaction. Refused unless
     /// `base_version` is the applied version (a replay, a gap or a delta for another history:
     /// the caller resyncs with a snapshot). Suspending or revoking an unknown key changes
@@ -811,21 +826,7 @@ impl Store {
                     let key = compress_key(k);
                     change.update([tag]);
                     change.update(key);
-                    // A revoked credential stays revoked: only an upsert re-issues it.
-                    let guard = if state == CredentialState::Active {
-                        " AND state = 1"
-                    } else {
-                        ""
-                    };
-                    let n = tx
-                        .prepare_cached(&format!(
-                            "UPDATE acl SET state = ?2 WHERE key = ?1 AND state != ?2{guard}"
-                        ))?
-                        .execute(rusqlite::params![key.as_slice(), state.code()])?;
-                    if n > 0 {
-                        tx.prepare_cached("DELETE FROM fast_keys WHERE key = ?1")?
-                            .execute([key.as_slice()])?;
-                    }
+                    set_state(&tx, &key, state)?;
                 }
                 DeltaOp::Remove(k) => {
                     let key = compress_key(k);
@@ -861,6 +862,30 @@ impl Store {
         name.push("-acl-stage");
         Some(PathBuf::from(name))
     }
+}
+
+/// Moves one credential to `state`; its FAST keys go with any change. A revoked credential
+/// stays revoked: only an upsert re-issues it.
+fn set_state(
+    tx: &rusqlite::Transaction<'_>,
+    key: &[u8],
+    state: CredentialState,
+) -> Result<bool, rusqlite::Error> {
+    let guard = if state == CredentialState::Active {
+        " AND state = 1"
+    } else {
+        ""
+    };
+    let n = tx
+        .prepare_cached(&format!(
+            "UPDATE acl SET state = ?2 WHERE key = ?1 AND state != ?2{guard}"
+        ))?
+        .execute(rusqlite::params![key, state.code()])?;
+    if n > 0 {
+        tx.prepare_cached("DELETE FROM fast_keys WHERE key = ?1")?
+            .execute([key])?;
+    }
+    Ok(n > 0)
 }
 
 #[cfg(test)]

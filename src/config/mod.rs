@@ -55,6 +55,9 @@ pub struct Config {
     pub events: EventsConfig,
     #[serde(default, rename = "door")]
     pub doors: Vec<DoorConfig>,
+    /// Optional MQTT cloud link; absent = standalone.
+    #[serde(default)]
+    pub cloud: Option<crate::cloud::config::CloudConfig>,
 }
 
 /// `[events]`: how many access events the outbox keeps (docs/events.md).
@@ -549,6 +552,8 @@ pub struct Validated {
     /// `[events]`, validated.
     pub events: crate::events::Retention,
     pub doors: Vec<Door>,
+    /// `[cloud]`, when configured.
+    pub cloud: Option<crate::cloud::config::CloudSettings>,
 }
 
 /// A door's optional OSDP settings, validated ([`Door::osdp`]).
@@ -611,6 +616,13 @@ pub fn load(path: &Path) -> Result<Validated, ConfigError> {
             message: e.to_string(),
         })?;
     }
+    if let Some(c) = &validated.cloud {
+        crate::cloud::config::check_files(c).map_err(|(field, e)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message: e.to_string(),
+        })?;
+    }
     Ok(validated)
 }
 
@@ -630,6 +642,12 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         message,
     };
 
+    let cloud = raw
+        .cloud
+        .clone()
+        .map(|c| crate::cloud::config::validate(c, |p| resolve(path, p)))
+        .transpose()
+        .map_err(|(field, message)| invalid(field, message))?;
     let log_level: log::LevelFilter = raw.daemon.log_level.parse().map_err(|_| {
         invalid(
             "daemon.log_level".into(),
@@ -875,6 +893,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         serial_number: raw.osdp.serial_number,
         events,
         doors,
+        cloud,
     })
 }
 

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod ble;
+mod cloud;
 pub mod door;
 pub mod health;
 mod store;
@@ -44,6 +45,8 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("{0}")]
     TaskDied(#[from] supervise::Fatal),
+    #[error("cloud link: {0}")]
+    Cloud(String),
 }
 
 /// Runs until SIGTERM or SIGINT, then stops every task and returns.
@@ -255,6 +258,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             let _ = h.await;
         });
     }
+    cloud::spawn(&cfg, &mut tasks, shutdown_rx.clone())?;
 
     let database = cfg.daemon.database.display().to_string();
     // A second, short-lived connection (the store thread owns the first): the ACL's size for

@@ -1,0 +1,394 @@
+//! The adapter: one tokio task that owns a rumqttc event loop and drives the sans-IO
+//! [`Core`] with it.
+//!
+//! What rumqttc does not do, this does (docs/mqtt-api.md, "The link"):
+//! - backoff: rumqttc reconnects at once on the next `poll()`; the event loop is dropped after
+//!   any error and a new one made when the core's jittered backoff says, on the next broker,
+//!   with that connection's Last Will;
+//! - resubscribe whenever CONNACK says the session is new;
+//! - manual acks: a down message is PUBACKed only after the core has handled it (applied and
+//!   committed, or refused for good);
+//! - publishing never awaits from the polling task (`try_publish`), so it cannot deadlock on a
+//!   full request channel;
+//! - max packet size fits the largest chunk; TCP_NODELAY (Nagle + delayed ACK stalls 64 KiB
+//!   publishes by ~40 ms each);
+//! - TLS with rustls and the ring provider only, server verified against the configured CA,
+//!   optional client certificate (mTLS), optional username + password (from a 0600 file).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, Transport,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::{watch, Notify};
+
+use super::config::{read_password, BrokerUrl, CloudFileError, CloudSettings};
+use super::core::{ConnectPlan, Core, CoreConfig, Effect, Now, Transmit};
+use super::msg::{self, Topics};
+use super::store::{AclSink, StoreSync};
+
+/// Requests rumqttc may queue (publishes, acks, subscribes). Above the core's window of
+/// event batches plus status replies; a full channel drops a publish, which the outbox or the
+/// backend's retry recovers.
+const REQUEST_CAPACITY: usize = 256;
+/// Room for MQTT framing around the largest payload.
+const PACKET_SLACK: usize = 4096;
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT_S: u64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{field}: {source}")]
+    File {
+        field: String,
+        #[source]
+        source: CloudFileError,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("invalid topic settings: {0}")]
+    Topics(#[from] super::msg::TopicError),
+    #[error("store: {0}")]
+    Store(#[from] super::store::SinkError),
+}
+
+/// Reads PEM certificates (at least one).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CloudFileError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(path, e, "certificate"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err(path, e, "certificate"))?;
+    if certs.is_empty() {
+        return Err(CloudFileError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key; the file must not be readable by group or others.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CloudFileError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|source| CloudFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(CloudFileError::Permissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_err(path, e, "private key"))
+}
+
+fn pem_err(path: &Path, e: rustls::pki_types::pem::Error, what: &'static str) -> CloudFileError {
+    match e {
+        rustls::pki_types::pem::Error::Io(source) => CloudFileError::Read {
+            path: path.to_owned(),
+            source,
+        },
+        _ => CloudFileError::Pem {
+            path: path.to_owned(),
+            what,
+        },
+    }
+}
+
+/// The rustls client configuration: ring provider, the configured CA only, optional client
+/// certificate.
+pub fn tls_config(
+    ca_file: &Path,
+    client: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, LinkError> {
+    let file = |field: &str| {
+        let field = field.to_owned();
+        move |source| LinkError::File { field, source }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca_file).map_err(file("cloud.ca_file"))? {
+        roots.add(c)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder.with_client_auth_cert(
+            load_certs(cert).map_err(file("cloud.client_cert_file"))?,
+            load_key(key).map_err(file("cloud.client_key_file"))?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// What a connection needs besides the broker: loaded once, reused for every attempt.
+#[derive(Clone)]
+pub struct Connector {
+    pub client_id: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub credentials: Option<(String, zeroize::Zeroizing<String>)>,
+}
+
+impl Connector {
+    pub fn from_settings(s: &CloudSettings) -> Result<Connector, LinkError> {
+        let tls = match &s.ca_file {
+            Some(ca) => Some(tls_config(
+                ca,
+                s.client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path())),
+            )?),
+            None => None,
+        };
+        let credentials = match (&s.username, &s.password_file) {
+            (Some(u), Some(p)) => Some((
+                u.clone(),
+                read_password(p).map_err(|source| LinkError::File {
+                    field: "cloud.password_file".into(),
+                    source,
+                })?,
+            )),
+            (Some(u), None) => Some((u.clone(), zeroize::Zeroizing::new(String::new()))),
+            _ => None,
+        };
+        Ok(Connector {
+            client_id: s.client_id.clone(),
+            tls,
+            credentials,
+        })
+    }
+
+    /// rumqttc options for one attempt on `broker`. `clean_session` false: the broker may
+    /// keep down messages while we reconnect (never relied on: resync covers a lost session).
+    pub fn options(&self, broker: &BrokerUrl, will: Option<&Transmit>, clean: bool) -> MqttOptions {
+        let mut o = MqttOptions::new(self.client_id.clone(), broker.host.clone(), broker.port);
+        o.set_keep_alive(KEEP_ALIVE);
+        o.set_clean_session(clean);
+        o.set_manual_acks(true);
+        o.set_max_packet_size(
+            msg::MAX_MESSAGE_BYTES + PACKET_SLACK,
+            msg::MAX_MESSAGE_BYTES + PACKET_SLACK,
+        );
+        o.set_request_channel_capacity(REQUEST_CAPACITY);
+        if let Some(w) = will {
+            o.set_last_will(LastWill::new(
+                w.topic.clone(),
+                w.payload.clone(),
+                QoS::AtLeastOnce,
+                w.retain,
+            ));
+        }
+        if let Some((u, p)) = &self.credentials {
+            o.set_credentials(u.clone(), p.as_str());
+        }
+        if broker.tls {
+            if let Some(tls) = &self.tls {
+                o.set_transport(Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(tls.clone()),
+                ));
+            }
+        }
+        o
+    }
+
+    /// A client and its event loop with TCP_NODELAY and a connect timeout.
+    pub fn connect(&self, opts: MqttOptions) -> (AsyncClient, EventLoop) {
+        let (client, mut el) = AsyncClient::new(opts, REQUEST_CAPACITY);
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(CONNECT_TIMEOUT_S);
+        el.set_network_options(net);
+        (client, el)
+    }
+}
+
+/// Runs `f` on the store without stalling the other tasks of a multi-threaded runtime (a big
+/// snapshot commit takes a while); plain call on a current-thread runtime.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn now(unix_base: (Instant, i64)) -> Now {
+    let mono = Instant::now();
+    let unix_ms = unix_base.1 + mono.saturating_duration_since(unix_base.0).as_millis() as i64;
+    Now { mono, unix_ms }
+}
+
+fn wall_ms() -> i64 {
+    crate::events::unix_ms(time::OffsetDateTime::now_utc())
+}
+
+/// The running link.
+pub struct Link {
+    settings: CloudSettings,
+    connector: Connector,
+    /// Poked by the daemon when events are recorded (optional: the outbox is polled anyway).
+    pub events_recorded: Arc<Notify>,
+}
+
+impl Link {
+    pub fn new(settings: CloudSettings) -> Result<Link, LinkError> {
+        let connector = Connector::from_settings(&settings)?;
+        Ok(Link {
+            settings,
+            connector,
+            events_recorded: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Runs until `shutdown` turns true. The store is this task's own connection to the
+    /// database (WAL: the daemon's writer and this one do not block each other's reads).
+    pub async fn run(
+        self,
+        mut store: StoreSync,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), LinkError> {
+        let s = &self.settings;
+        let topics = Topics::new(&s.prefix, &s.site, &s.gateway)?;
+        let mut cfg = CoreConfig::new(topics, &s.site, &s.gateway, s.brokers.len());
+        cfg.heartbeat = s.heartbeat;
+        cfg.batch_size = s.outbox_batch;
+        let boot = blocking(|| store.next_boot())?;
+        let applied = blocking(|| store.applied())?;
+        let mut seed = [0u8; 8];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+        let base = (Instant::now(), wall_ms());
+        let mut core = Core::new(
+            cfg,
+            s.trusted_keys.clone(),
+            boot,
+            applied,
+            u64::from_le_bytes(seed),
+            base.0,
+        );
+        log::info!(target: "keyway::cloud", "cloud link: {} broker(s), boot {boot}", s.brokers.len());
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            if let Some(plan) = core.poll_connect(now(base)) {
+                let stop = self
+                    .connection(&mut core, &mut store, plan, base, &mut shutdown)
+                    .await;
+                if stop {
+                    return Ok(());
+                }
+                continue;
+            }
+            let wake = core
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// One connection, from CONNECT to its loss; true when shutting down.
+    async fn connection(
+        &self,
+        core: &mut Core,
+        store: &mut StoreSync,
+        plan: ConnectPlan,
+        base: (Instant, i64),
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let Some(broker) = self.settings.brokers.get(plan.broker) else {
+            core.handle_connection_lost(now(base));
+            return false;
+        };
+        log::info!(target: "keyway::cloud", "connecting to {broker} (bd_seq {})", plan.bd_seq);
+        let opts = self.connector.options(broker, Some(&plan.will), false);
+        let (client, mut el) = self.connector.connect(opts);
+        loop {
+            let wake = core
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                ev = el.poll() => match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        if ack.code != ConnectReturnCode::Success {
+                            log::warn!(target: "keyway::cloud", "{broker} refused the connection: {:?}", ack.code);
+                            core.handle_connection_lost(now(base));
+                            return false;
+                        }
+                        log::info!(target: "keyway::cloud", "connected to {broker} (session present: {})", ack.session_present);
+                        blocking(|| core.handle_connected(ack.session_present, now(base), store));
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let r = blocking(|| core.handle_message(&p.topic, &p.payload, now(base), store));
+                        if let Err(r) = r {
+                            log::debug!(target: "keyway::cloud", "{}: {r}", p.topic);
+                        }
+                        // PUBACK only now: handled and committed (or refused for good).
+                        if let Err(e) = client.try_ack(&p) {
+                            log::warn!(target: "keyway::cloud", "ack: {e}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        log::warn!(target: "keyway::cloud", "{broker}: {e}");
+                        core.handle_connection_lost(now(base));
+                        return false;
+                    }
+                },
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    blocking(|| core.handle_timeout(now(base), store));
+                }
+                _ = self.events_recorded.notified() => {
+                    blocking(|| core.handle_events_recorded(now(base), store));
+                }
+                _ = shutdown.changed() => {
+                    // A clean disconnect does not fire the Will: say offline ourselves.
+                    let _ = client.try_publish(&plan.will.topic, QoS::AtLeastOnce, true, plan.will.payload.clone());
+                    let _ = client.try_disconnect();
+                    // Let the event loop flush both, briefly.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Ok(ev) = el.poll().await {
+                            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    return true;
+                }
+            }
+            // Subscriptions first: a birth or request answered at once must find them.
+            while let Some(effect) = core.poll_effect() {
+                match effect {
+                    Effect::Subscribe(filters) => {
+                        let subs = filters
+                            .into_iter()
+                            .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                        if let Err(e) = client.try_subscribe_many(subs) {
+                            log::warn!(target: "keyway::cloud", "subscribe: {e}");
+                        }
+                    }
+                    Effect::SetLogLevel(level) => {
+                        log::set_max_level(level);
+                        log::info!(target: "keyway::cloud", "log level set to {level}");
+                    }
+                }
+            }
+            while let Some(t) = core.poll_transmit() {
+                if let Err(e) = client.try_publish(t.topic, QoS::AtLeastOnce, t.retain, t.payload) {
+                    log::warn!(target: "keyway::cloud", "publish dropped: {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1067 @@
+//! The cloud link against a real mosquitto (started by each test on 127.0.0.1 with a free
+//! port, config in a tempdir): plain, password, TLS, mTLS; signed snapshot and delta applied to
+//! the store; events delivered and forgotten only on the backend's ack, also across a broker
+//! killed mid-upload; bad messages refused and reported with their reason.
+//!
+//! Needs `mosquitto`, `mosquitto_passwd` and `openssl` (scripts/setup installs them). A missing
+//! one FAILS the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyway::acl::Store;
+use keyway::cloud::backend::{self, Backend, Target};
+use keyway::cloud::config::{parse_broker, CloudSettings};
+use keyway::cloud::link::{Connector, Link, LinkError};
+use keyway::cloud::msg::{self, SnapshotFormat, TopicKind, Topics};
+use keyway::cloud::sign::BackendSigner;
+use keyway::cloud::store::StoreSync;
+use keyway::events::{AccessEvent, Transport};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+const STEP: Duration = Duration::from_secs(20);
+const SITE: &str = "s1";
+const GW: &str = "gw1";
+
+fn need(bin: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(bin);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{bin} not found: run scripts/setup (installs mosquitto mosquitto-clients openssl)");
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+struct Mosquitto {
+    child: Option<Child>,
+    port: u16,
+    conf: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// `listener_extra`: lines for the listener (TLS, auth).
+    fn start(listener_extra: &str) -> Mosquitto {
+        let mut m = Mosquitto::configure(listener_extra);
+        m.restart();
+        m
+    }
+
+    /// Writes the config without starting the broker (TLS files go in its dir first).
+    fn configure(listener_extra: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        // `user root`: started as root, mosquitto would drop to user mosquitto, which cannot
+        // read the tempdir. per_listener_settings so auth applies to this listener.
+        std::fs::write(
+            &conf,
+            format!(
+                "user root\npersistence false\nper_listener_settings true\n\
+                 log_dest stderr\nlistener {port} 127.0.0.1\n{}\n",
+                listener_extra.replace("{dir}", &dir.path().display().to_string())
+            ),
+        )
+        .unwrap();
+        Mosquitto {
+            child: None,
+            port,
+            conf,
+            dir,
+        }
+    }
+
+    fn restart(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("broker.log")).unwrap();
+        let child = Command::new(need("mosquitto"))
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + STEP;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("mosquitto exited ({status}): {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, in `dir`.
+fn make_certs(dir: &Path) {
+    let openssl = need("openssl");
+    let run = |args: &[&str]| {
+        let out = Command::new(&openssl)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "ca.key",
+    ]);
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "ca.key",
+        "-subj",
+        "/CN=keyway test CA",
+        "-days",
+        "2",
+        "-out",
+        "ca.pem",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    for name in ["server", "client"] {
+        run(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &format!("{name}.ec"),
+        ]);
+        run(&[
+            "pkcs8",
+            "-topk8",
+            "-nocrypt",
+            "-in",
+            &format!("{name}.ec"),
+            "-out",
+            &format!("{name}.key"),
+        ]);
+        run(&[
+            "req",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-subj",
+            &format!("/CN={name}"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            &format!("{name}.pem"),
+        ]);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join(format!("{name}.key")),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
+}
+
+fn signer() -> BackendSigner {
+    BackendSigner::from_hex("backend-1", &format!("{:064x}", 0x1234_5678u64)).unwrap()
+}
+
+fn settings(broker: &str, extra: &str) -> CloudSettings {
+    let text = format!(
+        "brokers = [{broker:?}]\nsite = \"{SITE}\"\ngateway = \"{GW}\"\nheartbeat_s = 5\n{extra}\n\
+         [[trusted_keys]]\nkid = \"backend-1\"\npublic_key = \"{}\"\n",
+        signer().public_hex()
+    );
+    let raw: keyway::cloud::config::CloudConfig = toml::from_str(&text).unwrap();
+    keyway::cloud::config::validate(raw, |p: &Path| p.to_path_buf()).unwrap()
+}
+
+struct Gateway {
+    db: PathBuf,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), LinkError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    fn start(s: CloudSettings) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keyway.db");
+        let store = StoreSync::open(&db).unwrap();
+        let (stop, rx) = watch::channel(false);
+        let link = Link::new(s).unwrap();
+        let task = tokio::spawn(link.run(store, rx));
+        Gateway {
+            db,
+            stop,
+            task,
+            _dir: dir,
+        }
+    }
+
+    fn store(&self) -> Store {
+        Store::open(&self.db).unwrap()
+    }
+
+    fn record(&self, n: usize) {
+        let mut s = self.store();
+        for i in 0..n {
+            s.record_event(&AccessEvent::error(
+                1_800_000_000_000 + i as i64,
+                "d1",
+                Transport::Nfc,
+                None,
+                "timeout",
+                1,
+            ))
+            .unwrap();
+        }
+    }
+
+    fn grants(&self, seed: u16) -> bool {
+        self.store()
+            .decide(&key(seed), "d1", time::OffsetDateTime::now_utc())
+            .unwrap()
+            .is_grant()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let r = tokio::time::timeout(STEP, self.task).await;
+        assert!(matches!(r, Ok(Ok(Ok(())))), "link ended badly: {r:?}");
+    }
+}
+
+fn key(seed: u16) -> [u8; 65] {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let mut scalar = [0u8; 32];
+    scalar[0] = 1;
+    scalar[30..].copy_from_slice(&seed.to_be_bytes());
+    let sk = p256::SecretKey::from_slice(&scalar).unwrap();
+    sk.public_key()
+        .to_encoded_point(false)
+        .as_bytes()
+        .try_into()
+        .unwrap()
+}
+
+fn cred(seed: u16) -> Value {
+    json!({"endpoint_key": hex::encode(key(seed)), "person_id": format!("p-{seed}"),
+        "card_format": "h10301", "facility_code": 1, "card_number": seed, "doors": ["*"]})
+}
+
+fn target() -> Target {
+    Target {
+        site: SITE.into(),
+        gateway: GW.into(),
+        ttl_s: 300,
+    }
+}
+
+fn topics() -> Topics {
+    Topics::new("keyway", SITE, GW).unwrap()
+}
+
+fn now_s() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+async fn backend(broker: &str, connector: Option<Connector>) -> Peer {
+    let connector = connector.unwrap_or(Connector {
+        client_id: format!("backend-{}", free_port()),
+        tls: None,
+        credentials: None,
+    });
+    let b = Backend::connect(&connector, &parse_broker(broker).unwrap(), STEP)
+        .await
+        .expect("backend connects");
+    for k in TopicKind::UP {
+        b.subscribe(&topics().topic(k)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Peer {
+        b,
+        backlog: Default::default(),
+    }
+}
+
+/// The backend's client with the messages a wait skipped, so a later wait still sees them.
+struct Peer {
+    b: Backend,
+    backlog: std::collections::VecDeque<(String, Value)>,
+}
+
+impl std::ops::Deref for Peer {
+    type Target = Backend;
+    fn deref(&self) -> &Backend {
+        &self.b
+    }
+}
+
+/// The next message on `suffix` matching `pred`, within STEP (earlier skipped ones first).
+async fn expect(p: &mut Peer, suffix: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let topic = topics().topic_suffix(suffix);
+    if let Some(i) = p.backlog.iter().position(|(t, v)| *t == topic && pred(v)) {
+        if let Some((_, v)) = p.backlog.remove(i) {
+            return v;
+        }
+    }
+    let deadline = Instant::now() + STEP;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Some((t, payload)) = p.b.recv(left).await else {
+            break;
+        };
+        let v: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+        if t == topic && pred(&v) {
+            return v;
+        }
+        // Bounded: heartbeats are dropped first when a test waits long.
+        if p.backlog.len() > 10_000 {
+            p.backlog.pop_front();
+        }
+        p.backlog.push_back((t, v));
+    }
+    let seen: Vec<String> = p.backlog.iter().map(|(t, v)| format!("{t} {v}")).collect();
+    panic!("no {suffix} message matching; saw:\n{}", seen.join("\n"));
+}
+
+trait Suffix {
+    fn topic_suffix(&self, s: &str) -> String;
+}
+impl Suffix for Topics {
+    fn topic_suffix(&self, s: &str) -> String {
+        format!("keyway/{SITE}/{GW}/{s}")
+    }
+}
+
+/// The signed manifest and 256-byte chunks of `content` as snapshot `version`.
+fn snapshot_of(version: u64, content: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    backend::snapshot_messages(
+        &signer(),
+        &target(),
+        version,
+        SnapshotFormat::Json,
+        content,
+        256,
+        now_s(),
+    )
+    .unwrap()
+}
+
+async fn snapshot(b: &mut Peer, version: u64, seeds: &[u16]) {
+    let creds: Vec<Value> = seeds.iter().map(|s| cred(*s)).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
+    // Small chunks so the test crosses chunk boundaries.
+    let (m, chunks) = snapshot_of(version, &content);
+    assert!(chunks.len() > 1);
+    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
+    let v = expect(b, "acl/applied", |v| v["version"] == version).await;
+    assert_eq!(v["source"], "snapshot");
+}
+
+async fn delta(b: &Peer, base: u64, version: u64, revoke: &[u16]) -> Vec<u8> {
+    let m = backend::delta_message(
+        &signer(),
+        &target(),
+        base,
+        version,
+        Vec::new(),
+        Vec::new(),
+        revoke.iter().map(|s| hex::encode(key(*s))).collect(),
+        now_s(),
+    );
+    b.publish(&topics().topic(TopicKind::AclDelta), m.clone(), false)
+        .await
+        .unwrap();
+    m
+}
+
+/// Birth, snapshot, delta applied to the store; the same delta replayed is refused.
+async fn sync_round(broker: &str, s: CloudSettings, backend_conn: Option<Connector>) {
+    let mut b = backend(broker, backend_conn).await;
+    let gw = Gateway::start(s);
+    let birth = expect(&mut b, "state", |v| v["state"] == "online").await;
+    assert_eq!(birth["bd_seq"], 1);
+    expect(&mut b, "acl/request", |v| v["reason"] == "startup").await;
+    snapshot(&mut b, 1, &[1, 2]).await;
+    assert!(gw.grants(1) && gw.grants(2));
+    let d = delta(&b, 1, 2, &[1]).await;
+    expect(&mut b, "acl/applied", |v| {
+        v["version"] == 2 && v["source"] == "delta"
+    })
+    .await;
+    assert!(!gw.grants(1) && gw.grants(2));
+    b.publish(&topics().topic(TopicKind::AclDelta), d, false)
+        .await
+        .unwrap();
+    expect(&mut b, "rejected", |v| v["reason"] == "replayed").await;
+    gw.stop().await;
+    expect(&mut b, "state", |v| v["state"] == "offline").await;
+}
+
+/// A plain broker, the backend's client, and a gateway that has said it is online.
+async fn online(gateway_extra: &str) -> (Mosquitto, String, Peer, Gateway) {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let gw = Gateway::start(settings(&url, gateway_extra));
+    expect(&mut b, "state", |v| v["state"] == "online").await;
+    (broker, url, b, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_sync_events_and_rejections() {
+    let (_broker, _url, mut b, gw) = online("outbox_batch = 10").await;
+    snapshot(&mut b, 1, &[1, 2, 3]).await;
+
+    // Every kind of bad message is refused and reported with its reason; nothing applies.
+    let body = serde_json::to_vec(
+        &json!({"type": "acl_delta", "v": 1, "site": SITE, "gateway": GW,
+        "issued_at": now_s(), "expires_at": now_s() + 60, "base_version": 1, "version": 2,
+        "revoke": [hex::encode(key(1))]}),
+    )
+    .unwrap();
+    let other = BackendSigner::from_hex("backend-1", &format!("{:064x}", 99)).unwrap();
+    let stranger = BackendSigner::from_hex("stranger", &format!("{:064x}", 99)).unwrap();
+    let expired = backend::delta_message(
+        &signer(),
+        &Target {
+            ttl_s: 1,
+            ..target()
+        },
+        1,
+        2,
+        Vec::new(),
+        Vec::new(),
+        vec![hex::encode(key(1))],
+        now_s() - 10,
+    );
+    let gap = backend::delta_message(
+        &signer(),
+        &target(),
+        5,
+        6,
+        Vec::new(),
+        Vec::new(),
+        vec![hex::encode(key(1))],
+        now_s(),
+    );
+    let wrong_gw = backend::delta_message(
+        &signer(),
+        &Target {
+            gateway: "gw9".into(),
+            ..target()
+        },
+        1,
+        2,
+        Vec::new(),
+        Vec::new(),
+        vec![hex::encode(key(1))],
+        now_s(),
+    );
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (body.clone(), "unsigned"),
+        (other.sign(&body), "bad_signature"),
+        (stranger.sign(&body), "unknown_key"),
+        (expired, "expired"),
+        (gap, "out_of_order"),
+        (wrong_gw, "wrong_target"),
+        (b"\x01\x02garbage".to_vec(), "malformed"),
+        (vec![b' '; msg::MAX_MESSAGE_BYTES + 1], "oversized"),
+    ];
+    for (payload, reason) in cases {
+        b.publish(&topics().topic(TopicKind::AclDelta), payload, false)
+            .await
+            .unwrap();
+        let r = expect(&mut b, "rejected", |v| v["topic"] == "acl/delta").await;
+        assert_eq!(r["reason"], reason, "{r}");
+    }
+    // The gap asked for a snapshot.
+    expect(&mut b, "acl/request", |v| v["reason"] == "delta_gap").await;
+    // A bad command: answered on cmd/status with the reason.
+    let cmd = backend::command_message(
+        &signer(),
+        &target(),
+        "r-1",
+        "open_door",
+        Default::default(),
+        now_s(),
+    );
+    b.publish(&topics().topic(TopicKind::Command), cmd, false)
+        .await
+        .unwrap();
+    let st = expect(&mut b, "cmd/status", |v| v["request_id"] == "r-1").await;
+    assert_eq!(
+        (st["status"].as_str(), st["reason"].as_str()),
+        (Some("rejected"), Some("unknown_command"))
+    );
+    // A bad chunk.
+    b.publish(&topics().topic(TopicKind::AclChunk), b"{}".to_vec(), false)
+        .await
+        .unwrap();
+    expect(&mut b, "rejected", |v| {
+        v["topic"] == "acl/chunk" && v["reason"] == "malformed"
+    })
+    .await;
+    assert!(gw.grants(1));
+    assert_eq!(gw.store().stats().unwrap().credentials, 3);
+
+    // Events: sent in order, kept until the application ack.
+    gw.record(25);
+    let mut seqs = Vec::new();
+    let mut instance = String::new();
+    while seqs.len() < 25 {
+        let batch = expect(&mut b, "events", |_| true).await;
+        instance = batch["instance"].as_str().unwrap().to_owned();
+        for e in batch["events"].as_array().unwrap() {
+            assert_eq!(e["uid"], format!("{instance}-{}", e["seq"]));
+            seqs.push(e["seq"].as_i64().unwrap());
+        }
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // Not acked yet: still in the outbox.
+    assert_eq!(gw.store().stats().unwrap().events_undelivered, 25);
+    b.ack_events(&topics(), &instance, seqs[9]).await.unwrap();
+    wait_for(|| gw.store().stats().unwrap().events_undelivered == 15).await;
+    b.ack_events(&topics(), &instance, *seqs.last().unwrap())
+        .await
+        .unwrap();
+    wait_for(|| gw.store().stats().unwrap().events_undelivered == 0).await;
+
+    // Heartbeat with the applied version and an empty outbox.
+    let hb = expect(&mut b, "heartbeat", |v| v["outbox"]["depth"] == 0).await;
+    assert_eq!(hb["acl"]["version"], 1);
+    assert_eq!(hb["rejected"].as_u64().map(|n| n >= 10), Some(true));
+    gw.stop().await;
+}
+
+async fn wait_for(mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + STEP;
+    while !f() {
+        assert!(Instant::now() < deadline, "condition not met in {STEP:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let pwfile = dir.path().join("passwd");
+    let out = Command::new(need("mosquitto_passwd"))
+        .args(["-b", "-c"])
+        .arg(&pwfile)
+        .args(["gw1", "s3cret-pw"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let users = pwfile.clone();
+    std::fs::write(dir.path().join("backend"), "").unwrap();
+    let out = Command::new(need("mosquitto_passwd"))
+        .args(["-b"])
+        .arg(&pwfile)
+        .args(["backend", "backend-pw"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let broker = Mosquitto::start(&format!(
+        "allow_anonymous false\npassword_file {}",
+        users.display()
+    ));
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let gw_pw = dir.path().join("gw-password");
+    write_private(&gw_pw, "s3cret-pw\n");
+    let backend_conn = Connector {
+        client_id: "backend-pw".into(),
+        tls: None,
+        credentials: Some((
+            "backend".into(),
+            zeroize::Zeroizing::new("backend-pw".into()),
+        )),
+    };
+    // Anonymous is refused (the test's broker really checks).
+    let anon = Backend::connect(
+        &Connector {
+            client_id: "anon".into(),
+            tls: None,
+            credentials: None,
+        },
+        &parse_broker(&url).unwrap(),
+        STEP,
+    )
+    .await;
+    assert!(anon.is_err());
+    sync_round(
+        &url,
+        settings(
+            &url,
+            &format!(
+                "username = \"gw1\"\npassword_file = {:?}",
+                gw_pw.display().to_string()
+            ),
+        ),
+        Some(backend_conn),
+    )
+    .await;
+}
+
+fn write_private(p: &Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+fn tls_broker(mtls: bool) -> Mosquitto {
+    let mut extra = "allow_anonymous true\ncafile {dir}/ca.pem\ncertfile {dir}/server.pem\nkeyfile {dir}/server.key\n".to_owned();
+    if mtls {
+        extra.push_str("require_certificate true\n");
+    }
+    let mut m = Mosquitto::configure(&extra);
+    make_certs(m.dir.path());
+    m.restart();
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_server_verified() {
+    let broker = tls_broker(false);
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let ca = broker.path("ca.pem");
+    let backend_conn = Connector {
+        client_id: "backend-tls".into(),
+        tls: Some(keyway::cloud::link::tls_config(&ca, None).unwrap()),
+        credentials: None,
+    };
+    sync_round(
+        &url,
+        settings(&url, &format!("ca_file = {:?}", ca.display().to_string())),
+        Some(backend_conn),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_an_unknown_server() {
+    let broker = tls_broker(false);
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    // Another CA: the server must not verify.
+    let other = tempfile::tempdir().unwrap();
+    make_certs(other.path());
+    let c = Connector {
+        client_id: "x".into(),
+        tls: Some(keyway::cloud::link::tls_config(&other.path().join("ca.pem"), None).unwrap()),
+        credentials: None,
+    };
+    assert!(Backend::connect(&c, &parse_broker(&url).unwrap(), STEP)
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_client_certificate() {
+    let broker = tls_broker(true);
+    let url = format!("mqtts://127.0.0.1:{}", broker.port);
+    let (ca, cert, key) = (
+        broker.path("ca.pem"),
+        broker.path("client.pem"),
+        broker.path("client.key"),
+    );
+    // Without a client certificate the broker refuses.
+    let no_cert = Connector {
+        client_id: "nocert".into(),
+        tls: Some(keyway::cloud::link::tls_config(&ca, None).unwrap()),
+        credentials: None,
+    };
+    assert!(
+        Backend::connect(&no_cert, &parse_broker(&url).unwrap(), STEP)
+            .await
+            .is_err()
+    );
+    let backend_conn = Connector {
+        client_id: "backend-mtls".into(),
+        tls: Some(keyway::cloud::link::tls_config(&ca, Some((&cert, &key))).unwrap()),
+        credentials: None,
+    };
+    let extra = format!(
+        "ca_file = {:?}\nclient_cert_file = {:?}\nclient_key_file = {:?}",
+        ca.display().to_string(),
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    sync_round(&url, settings(&url, &extra), Some(backend_conn)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_mid_upload_loses_nothing() {
+    let (mut broker, url, mut b, gw) = online("outbox_batch = 20").await;
+    const N: usize = 400;
+    gw.record(N);
+    // Take a few batches (unacked), then kill the broker mid-upload.
+    let mut got: std::collections::HashMap<String, Value> = Default::default();
+    let mut dups = 0;
+    let mut take = |batch: &Value, got: &mut std::collections::HashMap<String, Value>| {
+        for e in batch["events"].as_array().unwrap() {
+            let uid = e["uid"].as_str().unwrap().to_owned();
+            if let Some(prev) = got.insert(uid, e.clone()) {
+                assert_eq!(&prev, e, "a duplicate must be the same event");
+                dups += 1;
+            }
+        }
+    };
+    let first = expect(&mut b, "events", |_| true).await;
+    let instance = first["instance"].as_str().unwrap().to_owned();
+    take(&first, &mut got);
+    let second = expect(&mut b, "events", |_| true).await;
+    take(&second, &mut got);
+    b.ack_events(
+        &topics(),
+        &instance,
+        first["events"].as_array().unwrap().last().unwrap()["seq"]
+            .as_i64()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    broker.kill();
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    broker.restart();
+    let mut b = backend(&url, None).await;
+    // The gateway reconnects (backoff), replays what was not acked, and we ack as we go.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut replay_seen = false;
+    while got.len() < N {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} events arrived",
+            got.len()
+        );
+        let batch = expect(&mut b, "events", |_| true).await;
+        replay_seen |= batch["replay"] == true;
+        take(&batch, &mut got);
+        let last = batch["events"].as_array().unwrap().last().unwrap()["seq"]
+            .as_i64()
+            .unwrap();
+        b.ack_events(&topics(), &instance, last).await.unwrap();
+    }
+    assert!(replay_seen, "resent batches are flagged replay");
+    let seqs: std::collections::BTreeSet<i64> =
+        got.values().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs.len(), N);
+    wait_for(|| gw.store().stats().unwrap().events_undelivered == 0).await;
+    eprintln!("{N} events, {dups} duplicates (same uid, same content)");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_tool_binary_publishes_a_delta_and_runs_a_command() {
+    let (_broker, url, mut b, gw) = online("").await;
+    snapshot(&mut b, 1, &[1, 2]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keyfile = dir.path().join("backend.key");
+    write_private(&keyfile, &format!("{:064x}\n", 0x1234_5678u64));
+    let exe = env!("CARGO_BIN_EXE_keyway");
+    let common = |cmd: &mut Command| {
+        cmd.args([
+            "--broker",
+            &url,
+            "--site",
+            SITE,
+            "--gateway",
+            GW,
+            "--kid",
+            "backend-1",
+            "--key",
+        ])
+        .arg(&keyfile);
+    };
+    let mut c = Command::new(exe);
+    c.args([
+        "cloud",
+        "publish-delta",
+        "--base",
+        "1",
+        "--acl-version",
+        "2",
+        "--revoke",
+        &hex::encode(key(2)),
+    ]);
+    common(&mut c);
+    let out = tokio::task::spawn_blocking(move || c.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!gw.grants(2) && gw.grants(1));
+    let mut c = Command::new(exe);
+    c.args(["cloud", "command", "report_diagnostics", "--wait"]);
+    common(&mut c);
+    let out = tokio::task::spawn_blocking(move || c.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("\"done\""), "{stdout}");
+    // keygen writes a private key and prints the public one.
+    let k2 = dir.path().join("new.key");
+    let out = Command::new(exe)
+        .args(["cloud", "keygen", "--out"])
+        .arg(&k2)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&k2).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim().len(), 130);
+    gw.stop().await;
+}
+
+/// A daemon configuration with one (unreachable) door and `[cloud]` on `url`, in `dir`.
+fn run_config(dir: &Path, url: &str) -> PathBuf {
+    use p256::pkcs8::{EncodePrivateKey, LineEnding};
+    let reader_key = p256::SecretKey::random(&mut rand_core::OsRng);
+    write_private(
+        &dir.join("reader.pem"),
+        &reader_key.to_pkcs8_pem(LineEnding::LF).unwrap(),
+    );
+    let config = dir.join("keyway.toml");
+    // check-config wants the serial port to exist; a plain file stands in for it (the
+    // daemon's bus retries it in the background; the cloud link does not care).
+    let tty = dir.join("no-tty");
+    std::fs::write(&tty, "").unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[daemon]
+database = "keyway.db"
+
+[[door]]
+id = "front"
+osdp = {{ port = {tty:?}, address = 1 }}
+nfc = {{ reader = "No Such Reader" }}
+aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
+
+[cloud]
+brokers = ["{url}"]
+site = "{SITE}"
+gateway = "{GW}"
+
+[[cloud.trusted_keys]]
+kid = "backend-1"
+public_key = "{}"
+"#,
+            signer().public_hex(),
+            tty = tty.display().to_string(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `keyway run`, killed when dropped.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_daemon(config: &Path, log: &Path) -> Daemon {
+    Daemon(
+        Command::new(env!("CARGO_BIN_EXE_keyway"))
+            .arg("--config")
+            .arg(config)
+            .args(["run", "--log", "stderr"])
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn grants_in(db: &Path, seed: u16) -> bool {
+    Store::open(db)
+        .unwrap()
+        .decide(&key(seed), "front", time::OffsetDateTime::now_utc())
+        .unwrap()
+        .is_grant()
+}
+
+/// `keyway run` with `[cloud]` starts the link: birth on connect, a signed delta applied to the
+/// daemon's database, and a clean `offline` state on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyway_run_starts_the_link_from_config() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_config(dir.path(), &url);
+    let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
+        .arg("--config")
+        .arg(&config)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cloud: s1/gw1 on 1 broker"));
+    let log_path = dir.path().join("run.log");
+    let mut child = run_daemon(&config, &log_path);
+    expect(&mut b, "state", |v| v["state"] == "online").await;
+    snapshot(&mut b, 1, &[1, 2]).await;
+    let db = dir.path().join("keyway.db");
+    assert!(grants_in(&db, 1));
+    delta(&b, 1, 2, &[1]).await;
+    expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
+    assert!(!grants_in(&db, 1) && grants_in(&db, 2));
+    // SAFETY: signals our own child, which has not been reaped yet.
+    assert_eq!(
+        unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    expect(&mut b, "state", |v| v["state"] == "offline").await;
+    let status = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    assert!(
+        !log.contains("did not stop") && !log.contains("panicked"),
+        "{log}"
+    );
+}
+
+/// keyway SIGKILLed in the middle of a snapshot: the old ACL is intact and serving, the Will
+/// says offline, and after a restart (boot + 1) the next snapshot completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_mid_snapshot_keeps_the_old_acl_and_the_next_sync_completes() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_config(dir.path(), &url);
+    let db = dir.path().join("keyway.db");
+    let log_path = dir.path().join("run.log");
+    let daemon = run_daemon(&config, &log_path);
+    let birth = expect(&mut b, "state", |v| v["state"] == "online").await;
+    snapshot(&mut b, 1, &[1, 2]).await;
+
+    let seeds: Vec<u16> = (3..60).collect();
+    let creds: Vec<Value> = seeds.iter().map(|s| cred(*s)).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
+    let (m, chunks) = snapshot_of(2, &content);
+    assert!(chunks.len() > 10);
+    b.publish(&topics().topic(TopicKind::AclSnapshot), m, false)
+        .await
+        .unwrap();
+    for c in &chunks[..chunks.len() / 2] {
+        b.publish(&topics().topic(TopicKind::AclChunk), c.clone(), false)
+            .await
+            .unwrap();
+    }
+    drop(daemon); // SIGKILL
+    expect(&mut b, "state", |v| {
+        v["state"] == "offline" && v["bd_seq"] == birth["bd_seq"]
+    })
+    .await;
+    assert!(grants_in(&db, 1) && grants_in(&db, 2) && !grants_in(&db, 3));
+
+    let _daemon = run_daemon(&config, &log_path);
+    let rebirth = expect(&mut b, "state", |v| v["state"] == "online").await;
+    assert_eq!(
+        rebirth["boot"].as_u64(),
+        birth["boot"].as_u64().map(|n| n + 1)
+    );
+    assert_eq!(rebirth["acl_version"], 1);
+    let (m, chunks) = snapshot_of(2, &content);
+    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
+    expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
+    assert!(!grants_in(&db, 1) && grants_in(&db, 3) && grants_in(&db, 59));
+}
