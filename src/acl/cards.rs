@@ -27,11 +27,7 @@ impl Store {
         if !is_valid_uid(uid) {
             return Ok(None);
         }
-        self.query_credential(
-            "FROM card_uids u JOIN acl a ON a.key = u.key WHERE u.uid = ?1",
-            uid,
-            door,
-        )
+        self.query_credential(super::BY_CARD_UID, uid, door)
     }
 
     /// Decides whether card `uid` may open `door` at `now` (unknown UID: `unknown_key`).
