@@ -177,6 +177,5 @@ fn running_daemon_answers_status_and_speaks_sd_notify() {
 /// The newest `STATUS=` line that reports problems, from sd_notify datagrams joined by newlines.
 fn problems_line(all: &str) -> Option<&str> {
     all.lines()
-        .filter(|l| l.starts_with("STATUS=") && l.contains("problem(s)"))
-        .next_back()
+        .rfind(|l| l.starts_with("STATUS=") && l.contains("problem(s)"))
 }
