@@ -1,5 +1,5 @@
-//! The ACL at scale: apply time and bytes per credential (printed), and the lookup a tap makes
-//! (criterion). The bench builds its own database: `KEYWAY_ACL_SCALE` credentials (default
+//! The ACL at scale: apply time and bytes per credential (printed), the lookup a tap makes
+//! (criterion), and the decision latency at the door idle vs during a full apply (printed). The bench builds its own database: `KEYWAY_ACL_SCALE` credentials (default
 //! 20,000 so `cargo test --all-targets` stays fast; 5000000 for the documented numbers), the
 //! CSV cached in `target/acl-scale-<n>.csv`. See docs/benchmarks.md.
 // Test code: a failed unwrap is a failed test.
@@ -7,8 +7,10 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use keyway::acl::{ImportMode, Store};
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn scale() -> u64 {
     std::env::var("KEYWAY_ACL_SCALE")
@@ -70,6 +72,7 @@ fn bench(c: &mut Criterion) {
         pct(0.99),
         lat[lat.len() - 1]
     );
+    door_latency(&db, &csv, &keys, n);
     let mut j = 0usize;
     c.bench_function(&format!("acl_decide_{n}"), |b| {
         b.iter(|| {
@@ -77,6 +80,74 @@ fn bench(c: &mut Criterion) {
             store.decide(&keys[j % keys.len()], "front", now).unwrap()
         })
     });
+}
+
+/// Decision latency at the door (`StoreHandle::decide`: the read connection on tokio's
+/// blocking pool, as a tap calls it), one decision every millisecond like a busy door, idle
+/// and then while another connection applies the whole ACL again (a full replace of the same
+/// `n` credentials, as `keyway acl import` or a cloud snapshot does).
+fn door_latency(db: &Path, csv: &Path, keys: &[[u8; 65]], n: u64) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (handle, _thread) = keyway::daemon::StoreHandle::open(db).unwrap();
+    let sample = |until: &dyn Fn(usize) -> bool| -> Vec<Duration> {
+        rt.block_on(async {
+            let mut lat = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !until(lat.len()) {
+                tick.tick().await;
+                let k = &keys[lat.len() % keys.len()];
+                let t = Instant::now();
+                let d = handle
+                    .decide(k, "front", time::OffsetDateTime::now_utc())
+                    .await
+                    .unwrap();
+                lat.push(t.elapsed());
+                assert!(d.is_grant());
+            }
+            lat
+        })
+    };
+    let idle = sample(&|done| done >= 20_000);
+    let applying = Arc::new(AtomicBool::new(true));
+    let flag = applying.clone();
+    let (db2, csv2) = (db.to_path_buf(), csv.to_path_buf());
+    let apply = std::thread::spawn(move || {
+        // As `keyway acl import` and the daemon's cloud apply do.
+        keyway::acl::apply::background_priority();
+        let t = Instant::now();
+        let r = Store::open(&db2)
+            .unwrap()
+            .import_file(&csv2, ImportMode::Replace);
+        flag.store(false, Ordering::SeqCst);
+        r.unwrap();
+        t.elapsed()
+    });
+    let busy = sample(&|_| !applying.load(Ordering::SeqCst));
+    let took = apply.join().unwrap();
+    let line = |name: &str, mut lat: Vec<Duration>| {
+        lat.sort();
+        let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+        eprintln!(
+            "acl_scale n={n}: door decision {name}: {} samples, p50 {:?} p99 {:?} max {:?}",
+            lat.len(),
+            pct(0.5),
+            pct(0.99),
+            lat[lat.len() - 1]
+        );
+        (pct(0.5), pct(0.99))
+    };
+    let (i50, i99) = line("idle", idle);
+    let (b50, b99) = line(&format!("during a full apply ({:.1} s)", took.as_secs_f64()), busy);
+    eprintln!(
+        "acl_scale n={n}: during apply - idle: p50 {:+.3} ms, p99 {:+.3} ms",
+        (b50.as_secs_f64() - i50.as_secs_f64()) * 1e3,
+        (b99.as_secs_f64() - i99.as_secs_f64()) * 1e3
+    );
 }
 
 criterion_group!(benches, bench);

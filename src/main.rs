@@ -217,6 +217,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: AclCommand::Import { file, merge },
         } => {
             let cfg = config::load(&cli.config)?;
+            // Beside a running daemon the import yields the CPU to taps.
+            keyway::acl::apply::background_priority();
             let mut store = open_store(&cfg.daemon.database)?;
             let mode = if merge {
                 ImportMode::Merge

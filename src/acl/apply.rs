@@ -34,6 +34,26 @@ use std::path::PathBuf;
 /// tens of milliseconds.
 pub const BATCH_ROWS: usize = 5_000;
 
+/// Nice value an apply runs at ([`background_priority`]).
+pub const APPLY_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`APPLY_NICE`]: an apply is background work,
+/// a tap is not, and on a two-core box the scheduler must prefer the decision. Call it on a
+/// thread (or process, `keyway acl import`) that does only the apply: it cannot be raised back
+/// without CAP_SYS_NICE. Best effort: failing leaves the priority as it was.
+pub fn background_priority() {
+    // SAFETY: plain syscalls with no pointers; on Linux PRIO_PROCESS with `who` = the
+    // thread id sets that one thread's nice value.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, APPLY_NICE)
+    };
+    if r != 0 {
+        log::debug!(target: "keyway::acl", "apply priority unchanged: {}",
+            std::io::Error::last_os_error());
+    }
+}
+
 /// `meta` keys of the applied ACL.
 const META_VERSION: &str = "acl_version";
 const META_HASH: &str = "acl_hash";
