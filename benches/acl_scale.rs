@@ -142,7 +142,10 @@ fn door_latency(db: &Path, csv: &Path, keys: &[[u8; 65]], n: u64) {
         (pct(0.5), pct(0.99))
     };
     let (i50, i99) = line("idle", idle);
-    let (b50, b99) = line(&format!("during a full apply ({:.1} s)", took.as_secs_f64()), busy);
+    let (b50, b99) = line(
+        &format!("during a full apply ({:.1} s)", took.as_secs_f64()),
+        busy,
+    );
     eprintln!(
         "acl_scale n={n}: during apply - idle: p50 {:+.3} ms, p99 {:+.3} ms",
         (b50.as_secs_f64() - i50.as_secs_f64()) * 1e3,
