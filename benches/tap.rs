@@ -122,6 +122,7 @@ fn store_with(n: usize, phone: &[u8; 65], dir: &std::path::Path) -> Store {
                 .expect("65")
         };
         specs.push(CredentialSpec {
+            state: keyway::acl::CredentialState::Active,
             line: i as u64 + 1,
             endpoint_key: key,
             person_id: format!("p-{i}"),

@@ -376,7 +376,7 @@ pub async fn run(cmd: CloudCommand) -> anyhow::Result<ExitCode> {
             b.publish_snapshot(&topics, manifest, chunks).await?;
             println!(
                 "snapshot v{acl_version}: {} credentials, {} bytes in {n} chunks",
-                specs.len(),
+                specs.credentials.len(),
                 content.len()
             );
             finish(b, acl_version, t.wait_s).await

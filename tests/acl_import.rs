@@ -442,9 +442,9 @@ fn malformed_json_files_are_rejected_with_line_and_acl_untouched() {
     let p = write(
         dir.path(),
         "l.json",
-        &json_file(&[good(12)]).replace("\"version\": 1", "\"version\": 2"),
+        &json_file(&[good(12)]).replace("\"version\": 1", "\"version\": 3"),
     );
-    expect_reject(&mut store, &p, 2, Some("version"), "unsupported version 2");
+    expect_reject(&mut store, &p, 2, Some("version"), "unsupported version 3");
 }
 
 #[test]

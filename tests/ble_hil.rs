@@ -357,6 +357,7 @@ mod guest {
     /// Writes a one-credential ACL for `key` (H10301 card) at `door` into `db`.
     fn enroll(db: &Path, key: &SecretKey, person: &str, card: (u32, u32), door: &str) {
         let spec = CredentialSpec {
+            state: keyway::acl::CredentialState::Active,
             line: 1,
             endpoint_key: key
                 .public_key()

@@ -141,6 +141,7 @@ fn phone() -> [u8; 65] {
 fn enrolled_db(dir: &Path) -> PathBuf {
     let db = dir.join("keyway.db");
     let spec = CredentialSpec {
+        state: keyway::acl::CredentialState::Active,
         line: 1,
         endpoint_key: phone(),
         person_id: "p-1".into(),

@@ -23,7 +23,8 @@
 //! changed the ACL. A local file import carries none and keeps the applied version (its hash
 //! changes, so the cloud sees the ACL differs from what it sent).
 
-use super::record::{CredentialSpec, ImportMode, MAX_CREDENTIALS};
+use super::record::{CredentialSpec, Definitions, ImportMode, MAX_CREDENTIALS};
+use super::schedule::{self, Target};
 use super::{compress_key, format_code, AclError, Store};
 use rusqlite::{Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
@@ -220,6 +221,8 @@ pub struct SnapshotApply<'s> {
     source: String,
     pushed: usize,
     in_batch: usize,
+    /// The door groups, schedules and holidays the source carries.
+    definitions: Definitions,
 }
 
 impl<'s> SnapshotApply<'s> {
@@ -250,7 +253,7 @@ impl<'s> SnapshotApply<'s> {
              CREATE TABLE stage (key BLOB NOT NULL, line INTEGER NOT NULL,
                  person_id TEXT NOT NULL, format INTEGER NOT NULL, fc INTEGER NOT NULL,
                  cn INTEGER NOT NULL, valid_from INTEGER, valid_until INTEGER,
-                 doors TEXT NOT NULL);
+                 doors TEXT NOT NULL, state INTEGER NOT NULL);
              CREATE TABLE stage_uids (uid BLOB NOT NULL, key BLOB NOT NULL,
                  line INTEGER NOT NULL);
              BEGIN;",
@@ -264,7 +267,15 @@ impl<'s> SnapshotApply<'s> {
             source: source.to_owned(),
             pushed: 0,
             in_batch: 0,
+            definitions: Definitions::default(),
         })
+    }
+
+    /// The definitions the source carries (a section it carries replaces the stored one, a
+    /// merge updates it by id; one it does not carry stays). Checked and written at commit,
+    /// with the credentials.
+    pub fn define(&mut self, definitions: Definitions) {
+        self.definitions = definitions;
     }
 
     /// Stages one validated record.
@@ -274,23 +285,14 @@ impl<'s> SnapshotApply<'s> {
                 max: MAX_CREDENTIALS,
             });
         }
+        let row = StagedRow::from_spec(spec);
         let key = compress_key(&spec.endpoint_key);
         {
             let mut ins = self.stage.prepare_cached(
-                "INSERT INTO stage (key, line, person_id, format, fc, cn, valid_from,
-                 valid_until, doors) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO stage (key, person_id, format, fc, cn, valid_from, valid_until,
+                 doors, state, line) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
-            ins.execute(rusqlite::params![
-                key.as_slice(),
-                i64::try_from(spec.line).unwrap_or(i64::MAX),
-                spec.person_id,
-                format_code(spec.card_format),
-                spec.facility_code,
-                spec.card_number,
-                spec.valid_from,
-                spec.valid_until,
-                spec.doors.join(";"),
-            ])?;
+            row.execute_with_line(&mut ins)?;
             if !spec.card_uids.is_empty() {
                 let mut uid = self.stage.prepare_cached(
                     "INSERT INTO stage_uids (uid, key, line) VALUES (?1, ?2, ?3)",
@@ -349,15 +351,13 @@ impl<'s> SnapshotApply<'s> {
         let mut common = 0usize;
         let mut rows = 0usize;
         {
-            let mut sorted = self.stage.prepare(
-                "SELECT key, line, person_id, format, fc, cn, valid_from, valid_until, doors
-                 FROM stage ORDER BY key, line",
-            )?;
+            let mut sorted = self.stage.prepare(STAGE_SORTED)?;
             let mut it = sorted.query([])?;
             let mut insert = conn.prepare(
                 "INSERT INTO acl_next (key, person_id, format, fc, cn, valid_from, valid_until,
-                 state, doors) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8)",
+                 doors, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
+            let refs = References::of(conn, &self.definitions, ImportMode::Replace)?;
             let mut exists = conn.prepare("SELECT 1 FROM acl WHERE key = ?1")?;
             let mut prev: Option<(Vec<u8>, u64)> = None;
             let mut in_tx = 0usize;
@@ -371,6 +371,7 @@ impl<'s> SnapshotApply<'s> {
                 check_duplicate(&mut prev, &row.key, row.line, "endpoint_key", |first| {
                     format!("duplicate key, already listed on line {first}")
                 })?;
+                refs.check(&row.doors, row.line)?;
                 row.hash_into(&mut hasher);
                 if exists.exists([row.key.as_slice()])? {
                     common += 1;
@@ -387,6 +388,7 @@ impl<'s> SnapshotApply<'s> {
             conn.execute_batch("COMMIT")?;
         }
         self.copy_uids(&mut hasher, "card_uids_next", false)?;
+        hash_definitions(&self.definitions, &mut hasher);
         self.store.conn.execute_batch("PRAGMA synchronous = FULL")?;
         let old_count = self.store.count("SELECT count(*) FROM acl")? as usize;
         let hash = hex::encode(hasher.finalize());
@@ -469,6 +471,7 @@ impl<'s> SnapshotApply<'s> {
              ALTER TABLE card_uids_next RENAME TO card_uids;
              CREATE INDEX card_uids_key ON card_uids (key);",
         )?;
+        write_definitions(&tx, &self.definitions, ImportMode::Replace)?;
         let applied = Applied {
             version: self.version.or(current.version),
             hash: hash.to_owned(),
@@ -501,10 +504,8 @@ impl<'s> SnapshotApply<'s> {
             check_version(current.version, self.version)?;
             {
                 let conn = &self.store.conn;
-                let mut sorted = self.stage.prepare(
-                    "SELECT key, line, person_id, format, fc, cn, valid_from, valid_until, doors
-                     FROM stage ORDER BY key, line",
-                )?;
+                let refs = References::of(conn, &self.definitions, ImportMode::Merge)?;
+                let mut sorted = self.stage.prepare(STAGE_SORTED)?;
                 let mut it = sorted.query([])?;
                 let mut prev: Option<(Vec<u8>, u64)> = None;
                 while let Some(r) = it.next()? {
@@ -512,6 +513,7 @@ impl<'s> SnapshotApply<'s> {
                     check_duplicate(&mut prev, &row.key, row.line, "endpoint_key", |first| {
                         format!("duplicate key, already listed on line {first}")
                     })?;
+                    refs.check(&row.doors, row.line)?;
                     row.hash_into(&mut change);
                     match upsert(conn, &row)? {
                         true => updated += 1,
@@ -522,6 +524,8 @@ impl<'s> SnapshotApply<'s> {
                 }
             }
             self.copy_uids(&mut change, "card_uids", true)?;
+            hash_definitions(&self.definitions, &mut change);
+            write_definitions(&self.store.conn, &self.definitions, ImportMode::Merge)?;
             let applied = Applied {
                 version: self.version.or(current.version),
                 hash: chain(&current.hash, change),
@@ -636,6 +640,10 @@ fn check_duplicate(
     Ok(())
 }
 
+/// The staged rows in key order (duplicates adjacent), in [`StagedRow::read`]'s columns.
+const STAGE_SORTED: &str = "SELECT key, person_id, format, fc, cn, valid_from, valid_until,
+     doors, state, line FROM stage ORDER BY key, line";
+
 /// One staged credential, as stored.
 struct StagedRow {
     key: Vec<u8>,
@@ -647,24 +655,42 @@ struct StagedRow {
     valid_from: Option<i64>,
     valid_until: Option<i64>,
     doors: String,
+    state: i64,
 }
 
 impl StagedRow {
+    fn from_spec(spec: &CredentialSpec) -> StagedRow {
+        StagedRow {
+            key: compress_key(&spec.endpoint_key).to_vec(),
+            line: spec.line,
+            person_id: spec.person_id.clone(),
+            format: format_code(spec.card_format),
+            fc: i64::from(spec.facility_code),
+            cn: i64::from(spec.card_number),
+            valid_from: spec.valid_from,
+            valid_until: spec.valid_until,
+            doors: spec.doors.join(";"),
+            state: spec.state.code(),
+        }
+    }
+
     fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<StagedRow> {
         Ok(StagedRow {
             key: r.get(0)?,
-            line: r.get::<_, i64>(1)? as u64,
-            person_id: r.get(2)?,
-            format: r.get(3)?,
-            fc: r.get(4)?,
-            cn: r.get(5)?,
-            valid_from: r.get(6)?,
-            valid_until: r.get(7)?,
-            doors: r.get(8)?,
+            person_id: r.get(1)?,
+            format: r.get(2)?,
+            fc: r.get(3)?,
+            cn: r.get(4)?,
+            valid_from: r.get(5)?,
+            valid_until: r.get(6)?,
+            doors: r.get(7)?,
+            state: r.get(8)?,
+            line: r.get::<_, i64>(9)? as u64,
         })
     }
 
-    /// Runs an insert whose parameters are (key, person, format, fc, cn, from, until, doors).
+    /// Runs an insert whose parameters are (key, person, format, fc, cn, from, until, doors,
+    /// state).
     fn execute(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<usize> {
         stmt.execute(rusqlite::params![
             self.key,
@@ -674,7 +700,24 @@ impl StagedRow {
             self.cn,
             self.valid_from,
             self.valid_until,
-            self.doors
+            self.doors,
+            self.state
+        ])
+    }
+
+    /// [`execute`](Self::execute) with the line as the tenth parameter (the stage).
+    fn execute_with_line(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<usize> {
+        stmt.execute(rusqlite::params![
+            self.key,
+            self.person_id,
+            self.format,
+            self.fc,
+            self.cn,
+            self.valid_from,
+            self.valid_until,
+            self.doors,
+            self.state,
+            i64::try_from(self.line).unwrap_or(i64::MAX)
         ])
     }
 
@@ -697,11 +740,17 @@ impl StagedRow {
         }
         h.update((self.doors.len() as u32).to_be_bytes());
         h.update(self.doors.as_bytes());
+        // Active rows hash as before states existed.
+        if self.state != 0 {
+            h.update([0x5A]);
+            h.update(self.state.to_be_bytes());
+        }
     }
 }
 
-/// Inserts or replaces one credential (state active); `true` when the key was stored before.
-/// A credential whose validity or state changes loses its FAST keys.
+/// Inserts or replaces one credential (with the state it is given: an upsert without one
+/// re-issues it as active); `true` when the key was stored before. A credential whose validity
+/// or state changes loses its FAST keys.
 fn upsert(conn: &Connection, row: &StagedRow) -> Result<bool, ApplyError> {
     let old: Option<(Option<i64>, Option<i64>, i64)> = conn
         .prepare_cached("SELECT valid_from, valid_until, state FROM acl WHERE key = ?1")?
@@ -710,18 +759,18 @@ fn upsert(conn: &Connection, row: &StagedRow) -> Result<bool, ApplyError> {
         })
         .optional()?;
     if let Some((from, until, state)) = old {
-        if from != row.valid_from || until != row.valid_until || state != 0 {
+        if from != row.valid_from || until != row.valid_until || state != row.state {
             conn.prepare_cached("DELETE FROM fast_keys WHERE key = ?1")?
                 .execute([row.key.as_slice()])?;
         }
     }
     conn.prepare_cached(
-        "INSERT INTO acl (key, person_id, format, fc, cn, valid_from, valid_until, state, doors)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8)
+        "INSERT INTO acl (key, person_id, format, fc, cn, valid_from, valid_until, doors, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (key) DO UPDATE SET person_id = excluded.person_id,
             format = excluded.format, fc = excluded.fc, cn = excluded.cn,
             valid_from = excluded.valid_from, valid_until = excluded.valid_until,
-            state = 0, doors = excluded.doors",
+            doors = excluded.doors, state = excluded.state",
     )
     .and_then(|mut stmt| row.execute(&mut stmt))?;
     Ok(old.is_some())
@@ -835,21 +884,13 @@ impl Store {
         }
         let mut change = Sha256::new();
         change.update(new_version.to_be_bytes());
+        let refs = References::of(&tx, &Definitions::default(), ImportMode::Merge)?;
         for op in ops {
             match op {
                 DeltaOp::Upsert(spec) => {
                     let key = compress_key(&spec.endpoint_key);
-                    let row = StagedRow {
-                        key: key.to_vec(),
-                        line: spec.line,
-                        person_id: spec.person_id.clone(),
-                        format: format_code(spec.card_format),
-                        fc: i64::from(spec.facility_code),
-                        cn: i64::from(spec.card_number),
-                        valid_from: spec.valid_from,
-                        valid_until: spec.valid_until,
-                        doors: spec.doors.join(";"),
-                    };
+                    let row = StagedRow::from_spec(spec);
+                    refs.check(&row.doors, row.line)?;
                     change.update([b'U']);
                     row.hash_into(&mut change);
                     upsert(&tx, &row)?;
@@ -935,6 +976,137 @@ fn set_state(
     Ok(n > 0)
 }
 
+/// The door groups and schedules a credential may name once an apply is in force: those the
+/// source carries (replacing or, for a merge, joining the stored ones) or, for a section it
+/// does not carry, the stored ones. Small (bounded by the definition limits).
+struct References {
+    groups: std::collections::BTreeSet<String>,
+    schedules: std::collections::BTreeSet<String>,
+}
+
+impl References {
+    fn of(conn: &Connection, d: &Definitions, mode: ImportMode) -> Result<References, ApplyError> {
+        let stored = |sql: &str| -> rusqlite::Result<std::collections::BTreeSet<String>> {
+            let mut stmt = conn.prepare(sql)?;
+            let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            ids.collect()
+        };
+        let keep_stored = |carried: bool| !carried || mode == ImportMode::Merge;
+        let mut groups = std::collections::BTreeSet::new();
+        if keep_stored(d.door_groups.is_some()) {
+            groups = stored("SELECT DISTINCT grp FROM door_groups")?;
+        }
+        groups.extend(d.door_groups.iter().flat_map(|g| g.keys().cloned()));
+        let mut schedules = std::collections::BTreeSet::new();
+        if keep_stored(d.schedules.is_some()) {
+            schedules = stored("SELECT id FROM schedules")?;
+        }
+        schedules.extend(d.schedules.iter().flat_map(|g| g.keys().cloned()));
+        Ok(References { groups, schedules })
+    }
+
+    /// Every group and schedule `doors` names must be defined.
+    fn check(&self, doors: &str, line: u64) -> Result<(), ApplyError> {
+        for entry in doors.split(';') {
+            // Validated when staged; a stored row that does not parse names nothing here.
+            let Ok(e) = schedule::parse_entry(entry) else {
+                continue;
+            };
+            let missing = match (e.target, e.schedule) {
+                (Target::Group(g), _) if !self.groups.contains(g) => {
+                    Some(format!("door group '{g}' is not defined"))
+                }
+                (_, Some(s)) if !self.schedules.contains(s) => {
+                    Some(format!("schedule '{s}' is not defined"))
+                }
+                _ => None,
+            };
+            if let Some(message) = missing {
+                return Err(ApplyError::Record {
+                    line,
+                    field: "doors",
+                    message,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes the sections `d` carries: a replace swaps each whole section, a merge updates by id
+/// (a group's door list replaced, a schedule replaced, holidays added).
+fn write_definitions(conn: &Connection, d: &Definitions, mode: ImportMode) -> rusqlite::Result<()> {
+    let replace = mode == ImportMode::Replace;
+    if let Some(groups) = &d.door_groups {
+        if replace {
+            conn.execute("DELETE FROM door_groups", [])?;
+        }
+        let mut del = conn.prepare_cached("DELETE FROM door_groups WHERE grp = ?1")?;
+        let mut ins = conn.prepare_cached("INSERT INTO door_groups (grp, door) VALUES (?1, ?2)")?;
+        for (g, doors) in groups {
+            if !replace {
+                del.execute([g])?;
+            }
+            for door in doors {
+                ins.execute([g, door])?;
+            }
+        }
+    }
+    if let Some(schedules) = &d.schedules {
+        if replace {
+            conn.execute("DELETE FROM schedules", [])?;
+        }
+        let mut ins = conn.prepare_cached(
+            "INSERT INTO schedules (id, program) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET program = excluded.program",
+        )?;
+        for (id, sch) in schedules {
+            ins.execute([id, &sch.encode()])?;
+        }
+    }
+    if let Some(holidays) = &d.holidays {
+        if replace {
+            conn.execute("DELETE FROM holidays", [])?;
+        }
+        let mut ins = conn.prepare_cached("INSERT OR IGNORE INTO holidays (date) VALUES (?1)")?;
+        for date in holidays {
+            ins.execute([date])?;
+        }
+    }
+    Ok(())
+}
+
+/// The definitions in a canonical, unambiguous encoding (sorted maps; lengths first).
+fn hash_definitions(d: &Definitions, h: &mut Sha256) {
+    let text = |h: &mut Sha256, s: &str| {
+        h.update((s.len() as u32).to_be_bytes());
+        h.update(s.as_bytes());
+    };
+    if let Some(groups) = &d.door_groups {
+        h.update([0xD0]);
+        for (g, doors) in groups {
+            text(h, g);
+            h.update((doors.len() as u32).to_be_bytes());
+            for door in doors {
+                text(h, door);
+            }
+        }
+    }
+    if let Some(schedules) = &d.schedules {
+        h.update([0xD1]);
+        for (id, sch) in schedules {
+            text(h, id);
+            text(h, &sch.encode());
+        }
+    }
+    if let Some(holidays) = &d.holidays {
+        h.update([0xD2]);
+        for date in holidays {
+            text(h, date);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -943,6 +1115,7 @@ mod tests {
 
     fn spec(seed: u16, doors: &[&str]) -> CredentialSpec {
         CredentialSpec {
+            state: crate::acl::CredentialState::Active,
             line: u64::from(seed) + 1,
             endpoint_key: test_key(seed),
             person_id: format!("p{seed}"),

@@ -18,16 +18,17 @@ pub fn is_valid_uid(uid: &[u8]) -> bool {
 }
 
 impl Store {
-    /// Fetches the credential holding card `uid`, with `door_allowed` computed for `door`.
+    /// Fetches the credential holding card `uid`, with its access to `door` at `now_unix`.
     pub fn lookup_card(
         &self,
         uid: &[u8],
         door: &str,
+        now_unix: i64,
     ) -> Result<Option<CredentialRecord>, AclError> {
         if !is_valid_uid(uid) {
             return Ok(None);
         }
-        self.query_credential(super::BY_CARD_UID, uid, door)
+        self.query_credential(super::BY_CARD_UID, uid, door, now_unix)
     }
 
     /// Decides whether card `uid` may open `door` at `now` (unknown UID: `unknown_key`).
@@ -37,8 +38,9 @@ impl Store {
         door: &str,
         now: time::OffsetDateTime,
     ) -> Result<Decision, AclError> {
-        let record = self.lookup_card(uid, door)?;
-        Ok(evaluate(record.as_ref(), now.unix_timestamp()))
+        let now = now.unix_timestamp();
+        let record = self.lookup_card(uid, door, now)?;
+        Ok(evaluate(record.as_ref(), now))
     }
 
     /// Number of stored card UIDs.
@@ -59,6 +61,7 @@ mod tests {
 
     fn spec(seed: u8, uids: Vec<Vec<u8>>, doors: &[&str]) -> CredentialSpec {
         CredentialSpec {
+            state: crate::acl::CredentialState::Active,
             line: 1,
             endpoint_key: key(seed),
             person_id: format!("p{seed}"),

@@ -8,7 +8,7 @@
 //! invalid UTF-8, and rows or fields over the size bounds (so a row's memory is bounded too).
 
 use super::record::{
-    parse_decimal, truncate, validate_row, CredentialSpec, FieldError, ImportError, RawRow,
+    parse_decimal, truncate, validate_row, CredentialSpec, FieldError, ImportError, RawRow, Syntax,
     CSV_COLUMNS, CSV_OPTIONAL_COLUMNS, MAX_CSV_FIELDS, MAX_CSV_FIELD_BYTES,
 };
 use std::collections::HashMap;
@@ -423,6 +423,9 @@ fn csv_row(cols: &CsvColumns, rec: &CsvRecord, path: &Path) -> Result<Credential
         valid_until: non_empty("valid_until"),
         doors,
         card_uids,
+        state: non_empty("state"),
+        // CSV has no version: the newest grammar, a superset of version 1.
+        syntax: Syntax::V2,
     };
     validate_row(raw, line).map_err(to_import)
 }

@@ -22,10 +22,21 @@ pub struct CredentialRecord {
     pub valid_from: Option<i64>,
     /// Unix seconds, exclusive; `None` = never expires.
     pub valid_until: Option<i64>,
-    /// Whether the credential lists the requested door or [`ALL_DOORS`].
-    pub door_allowed: bool,
+    /// What the credential's door entries give at the requested door, now.
+    pub door: DoorAccess,
     /// Suspended and revoked credentials are denied with their own reason.
     pub state: CredentialState,
+}
+
+/// A credential's access to one door at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DoorAccess {
+    /// No entry names the door (itself, a group holding it, or `*`).
+    NotListed,
+    /// An entry names it with no schedule, or with one that is open now.
+    Open,
+    /// Named only on schedules that are closed now (or on a holiday).
+    OutsideSchedule,
 }
 
 /// A granted access: what the panel needs (card data) plus ids for the event.
@@ -59,8 +70,10 @@ pub enum DenyReason {
     Expired,
     /// `now < valid_from`.
     NotYetValid,
-    /// The credential does not list this door (nor `*`).
+    /// The credential does not list this door (nor a group holding it, nor `*`).
     WrongDoor,
+    /// The credential lists this door only on schedules that are closed now.
+    OutsideSchedule,
     /// The door is sensitive and the phone did not report user verification (biometric/PIN).
     /// Decided by the tap, after the ACL would have granted.
     UserVerificationRequired,
@@ -84,6 +97,7 @@ impl DenyReason {
             DenyReason::Expired => "expired",
             DenyReason::NotYetValid => "not_yet_valid",
             DenyReason::WrongDoor => "wrong_door",
+            DenyReason::OutsideSchedule => "outside_schedule",
             DenyReason::UserVerificationRequired => "user_verification_required",
             DenyReason::RateLimited => "rate_limited",
             DenyReason::AccessDocumentRequired => "access_document_required",
@@ -113,8 +127,8 @@ impl Decision {
 
 /// Decides for one credential (or none) at `now` (unix seconds).
 ///
-/// Order: state (revoked, suspended), then validity window, then door, so a person whose
-/// badge expired learns "expired" at every door rather than "wrong door" at some.
+/// Order: state (revoked, suspended), then validity window, then door, then schedule, so a
+/// person whose badge expired learns "expired" at every door rather than "wrong door" at some.
 pub fn evaluate(record: Option<&CredentialRecord>, now: i64) -> Decision {
     let Some(r) = record else {
         return Decision::Deny(DenyReason::UnknownKey);
@@ -134,8 +148,10 @@ pub fn evaluate(record: Option<&CredentialRecord>, now: i64) -> Decision {
             return Decision::Deny(DenyReason::Expired);
         }
     }
-    if !r.door_allowed {
-        return Decision::Deny(DenyReason::WrongDoor);
+    match r.door {
+        DoorAccess::Open => {}
+        DoorAccess::NotListed => return Decision::Deny(DenyReason::WrongDoor),
+        DoorAccess::OutsideSchedule => return Decision::Deny(DenyReason::OutsideSchedule),
     }
     Decision::Grant(Grant {
         credential_id: r.credential_id,
@@ -151,6 +167,11 @@ mod tests {
     use super::*;
 
     fn rec(from: Option<i64>, until: Option<i64>, door_allowed: bool) -> CredentialRecord {
+        let door = if door_allowed {
+            DoorAccess::Open
+        } else {
+            DoorAccess::NotListed
+        };
         CredentialRecord {
             credential_id: 7,
             person_id: "p-1".into(),
@@ -159,7 +180,7 @@ mod tests {
             card_number: 3456,
             valid_from: from,
             valid_until: until,
-            door_allowed,
+            door,
             state: CredentialState::Active,
         }
     }

@@ -142,6 +142,7 @@ mod tests {
 
     fn spec(seed: u16, until: Option<i64>) -> CredentialSpec {
         CredentialSpec {
+            state: crate::acl::CredentialState::Active,
             line: 1,
             endpoint_key: key(seed),
             person_id: format!("p{seed}"),

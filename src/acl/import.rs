@@ -14,11 +14,12 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 
-/// Streams the validated credentials of `path` (`.json` or `.csv`) to `on_spec`.
+/// Streams the validated credentials of `path` (`.json` or `.csv`) to `on_spec`; returns the
+/// definitions (door groups, schedules, holidays) the file carries.
 pub fn read_file(
     path: &Path,
     on_spec: impl FnMut(CredentialSpec) -> Result<(), ImportError>,
-) -> Result<(), ImportError> {
+) -> Result<Definitions, ImportError> {
     let kind = FileKind::from_path(path).ok_or_else(|| ImportError::UnsupportedExtension {
         path: path.to_path_buf(),
     })?;
@@ -42,7 +43,7 @@ pub fn read_file(
     };
     match kind {
         FileKind::Json => read_json(counted, path, on_spec),
-        FileKind::Csv => read_csv(counted, path, on_spec),
+        FileKind::Csv => read_csv(counted, path, on_spec).map(|()| Definitions::default()),
     }
 }
 
@@ -78,23 +79,32 @@ pub fn load_file(path: &Path) -> Result<Vec<CredentialSpec>, ImportError> {
     Ok(specs)
 }
 
+/// An ACL read into memory: its definitions and credentials.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParsedAcl {
+    pub definitions: Definitions,
+    pub credentials: Vec<CredentialSpec>,
+}
+
 /// Parses and validates ACL file contents in memory; `path` is only used in messages.
-pub fn parse_bytes(
-    bytes: &[u8],
-    kind: FileKind,
-    path: &Path,
-) -> Result<Vec<CredentialSpec>, ImportError> {
+pub fn parse_bytes(bytes: &[u8], kind: FileKind, path: &Path) -> Result<ParsedAcl, ImportError> {
     let mut specs = Vec::new();
     let push = |s| {
         specs.push(s);
         Ok(())
     };
-    match kind {
+    let definitions = match kind {
         FileKind::Json => read_json(bytes, path, push)?,
-        FileKind::Csv => read_csv(bytes, path, push)?,
-    }
+        FileKind::Csv => {
+            read_csv(bytes, path, push)?;
+            Definitions::default()
+        }
+    };
     check_duplicates(&specs, path)?;
-    Ok(specs)
+    Ok(ParsedAcl {
+        definitions,
+        credentials: specs,
+    })
 }
 
 fn check_duplicates(specs: &[CredentialSpec], path: &Path) -> Result<(), ImportError> {
@@ -183,9 +193,10 @@ impl Store {
             .unwrap_or_default();
         let mut apply =
             SnapshotApply::begin(self, None, mode, &source).map_err(|e| apply_error(e, path))?;
-        read_file(path, |spec| {
+        let definitions = read_file(path, |spec| {
             apply.push(&spec).map_err(|e| apply_error(e, path))
         })?;
+        apply.define(definitions);
         Ok(apply.commit().map_err(|e| apply_error(e, path))?.into())
     }
 
@@ -215,7 +226,7 @@ mod tests {
                          4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
 
     fn csv(text: &str) -> Result<Vec<CredentialSpec>, ImportError> {
-        parse_bytes(text.as_bytes(), FileKind::Csv, Path::new("t.csv"))
+        parse_bytes(text.as_bytes(), FileKind::Csv, Path::new("t.csv")).map(|p| p.credentials)
     }
 
     #[test]
@@ -275,7 +286,7 @@ mod tests {
     }
 
     fn json(text: &str) -> Result<Vec<CredentialSpec>, ImportError> {
-        parse_bytes(text.as_bytes(), FileKind::Json, Path::new(P))
+        parse_bytes(text.as_bytes(), FileKind::Json, Path::new(P)).map(|p| p.credentials)
     }
 
     fn row(key: &str) -> String {
@@ -342,6 +353,7 @@ mod tests {
                 FileKind::Csv,
                 Path::new("t.csv"),
             )
+            .map(|p| p.credentials)
         };
         let h = "endpoint_key,person_id,card_format,facility_code,card_number,valid_from,valid_until,doors";
         let specs = csv(
@@ -401,6 +413,7 @@ mod tests {
         assert_eq!(
             parse_bytes(h.as_bytes(), FileKind::Csv, Path::new("a.csv"))
                 .unwrap()
+                .credentials
                 .len(),
             0
         );
@@ -473,5 +486,175 @@ mod tests {
         );
         assert!(parse_time("valid_from", "2026-02-30T00:00:00Z").is_err());
         assert!(parse_time("valid_from", "2026-01-01").is_err());
+    }
+
+    fn parse(text: &str, kind: FileKind) -> Result<ParsedAcl, ImportError> {
+        parse_bytes(text.as_bytes(), kind, Path::new(P))
+    }
+
+    fn cred(doors: &str, extra: &str) -> String {
+        format!(
+            r#"{{"endpoint_key":"{G_HEX}","person_id":"p","card_format":"h10301","facility_code":1,"card_number":2,"doors":{doors}{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn version_2_carries_definitions_states_and_scheduled_doors() {
+        let text = format!(
+            r#"{{
+  "version": 2,
+  "door_groups": {{"lobby": ["side", "front"]}},
+  "schedules": {{"biz": {{"weekly": [{{"days": "mon-fri", "from": "08:00", "until": "18:00"}}],
+                         "holidays": [{{"from": "09:00", "until": "12:00"}}]}}}},
+  "holidays": ["2026-12-25", "2026-01-01"],
+  "credentials": [
+{}
+  ]
+}}"#,
+            cred(r#"["@lobby=biz", "dock"]"#, r#","state":"suspended""#)
+        );
+        let p = parse(&text, FileKind::Json).unwrap();
+        let d = &p.definitions;
+        assert_eq!(
+            d.door_groups.as_ref().unwrap()["lobby"],
+            vec!["front".to_string(), "side".to_string()]
+        );
+        assert!(d.schedules.as_ref().unwrap().contains_key("biz"));
+        assert_eq!(d.holidays.as_ref().unwrap().len(), 2);
+        let c = &p.credentials[0];
+        assert_eq!(c.doors, vec!["@lobby=biz".to_string(), "dock".to_string()]);
+        assert_eq!(c.state, crate::acl::CredentialState::Suspended);
+        assert_eq!(c.line, 8);
+        // A version-2 file may carry no definitions at all: then it changes none.
+        let p = parse(
+            &format!(
+                r#"{{"version":2,"credentials":[{}]}}"#,
+                cred(r#"["*"]"#, "")
+            ),
+            FileKind::Json,
+        )
+        .unwrap();
+        assert!(p.definitions.is_empty());
+    }
+
+    #[test]
+    fn version_1_stays_version_1() {
+        // The version-1 grammar: no groups, schedules or states...
+        for (doors, extra, field, why) in [
+            (r#"["@lobby"]"#, "", "doors", "may only contain"),
+            (r#"["front=biz"]"#, "", "doors", "may only contain"),
+            (
+                r#"["front"]"#,
+                r#","state":"revoked""#,
+                "state",
+                "needs version 2",
+            ),
+        ] {
+            let text = format!(r#"{{"version":1,"credentials":[{}]}}"#, cred(doors, extra));
+            let e = parse(&text, FileKind::Json).unwrap_err();
+            assert_eq!(e.field(), Some(field), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        // ...nor definitions, and a definition section must come after "version": 2.
+        for text in [
+            r#"{"version":1,"schedules":{},"credentials":[]}"#,
+            r#"{"schedules":{},"version":2,"credentials":[]}"#,
+        ] {
+            let e = parse(text, FileKind::Json).unwrap_err();
+            assert!(
+                e.to_string().contains("needs \"version\": 2 before it"),
+                "{e}"
+            );
+        }
+        let e = parse(r#"{"version":3,"credentials":[]}"#, FileKind::Json).unwrap_err();
+        assert!(e.to_string().contains("unsupported version 3"), "{e}");
+    }
+
+    #[test]
+    fn definition_errors_name_the_section_and_what_is_wrong() {
+        for (section, value, why) in [
+            ("door_groups", r#"{"a b": ["x"]}"#, "may only contain"),
+            ("door_groups", r#"{"g": []}"#, "list 1 to"),
+            ("door_groups", r#"{"g": ["x", "x"]}"#, "listed twice"),
+            (
+                "door_groups",
+                r#"{"g": ["x"], "g": ["y"]}"#,
+                "appears twice",
+            ),
+            (
+                "schedules",
+                r#"{"s": {"weekly": [{"days": "mon", "from": "8:00", "until": "18:00"}]}}"#,
+                "window 1: '8:00' is not a time of day",
+            ),
+            (
+                "schedules",
+                r#"{"s": {"weekly": [{"days": "moon", "from": "08:00", "until": "18:00"}]}}"#,
+                "not a day",
+            ),
+            (
+                "schedules",
+                r#"{"s": {"weekly": [{"days": "mon", "from": "08:00"}]}}"#,
+                "'until' missing",
+            ),
+            (
+                "schedules",
+                r#"{"s": {"weekly": [], "holiday": []}}"#,
+                "unknown field 'holiday'",
+            ),
+            (
+                "schedules",
+                r#"{"s": {"weekly": [{"days": "mon", "from": "08:00", "until": "18:00", "tz": "x"}]}}"#,
+                "unknown field 'tz'",
+            ),
+            (
+                "schedules",
+                r#"{"s": {"holidays": "open"}}"#,
+                "expected \"closed\"",
+            ),
+            ("holidays", r#"["2026-02-30"]"#, "not a date"),
+            ("holidays", r#"["2026-1-1"]"#, "not a date"),
+            (
+                "holidays",
+                r#"["2026-12-25", "2026-12-25"]"#,
+                "listed twice",
+            ),
+        ] {
+            let text = format!("{{\"version\": 2,\n\"{section}\": {value},\n\"credentials\": []}}");
+            let e = parse(&text, FileKind::Json).unwrap_err();
+            assert!(e.to_string().contains(why), "{section} {value}: {e}");
+            assert_eq!(e.line(), Some(2), "{e}");
+        }
+        // Too big to hold: refused while parsing, before it is in memory.
+        let huge = format!(
+            r#"{{"version":2,"holidays":[{}],"credentials":[]}}"#,
+            vec!["\"2026-01-01\""; 500_000].join(",")
+        );
+        let e = parse(&huge, FileKind::Json).unwrap_err();
+        assert!(e.to_string().contains("definitions too large"), "{e}");
+    }
+
+    #[test]
+    fn csv_reads_states_and_scheduled_doors() {
+        let h = "endpoint_key,person_id,card_format,facility_code,card_number,valid_from,valid_until,doors,state";
+        let p = parse(
+            &format!("{h}\n{G_HEX},p,h10301,1,2,,,@lobby=biz; front,revoked\n"),
+            FileKind::Csv,
+        )
+        .unwrap();
+        let c = &p.credentials[0];
+        assert_eq!(c.doors, vec!["@lobby=biz".to_string(), "front".to_string()]);
+        assert_eq!(c.state, crate::acl::CredentialState::Revoked);
+        for (doors, state, why) in [
+            ("front;front=biz", "", "listed twice"),
+            ("@a b", "", "may only contain"),
+            ("front", "gone", "not a state"),
+        ] {
+            let e = parse(
+                &format!("{h}\n{G_HEX},p,h10301,1,2,,,{doors},{state}\n"),
+                FileKind::Csv,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains(why), "{doors} {state}: {e}");
+        }
     }
 }

@@ -3,8 +3,9 @@
 //! handed out as soon as it is parsed, so memory holds one object, never the document.
 
 use super::record::{
-    ferr, truncate, validate_row, CredentialSpec, FieldError, ImportError, RawRow,
-    JSON_FORMAT_VERSION, MAX_DOORS_PER_CREDENTIAL,
+    ferr, parse_door_groups, parse_holidays, parse_schedules, truncate, validate_row,
+    CredentialSpec, Definitions, FieldError, ImportError, RawRow, Syntax, JSON_FORMAT_VERSION,
+    MAX_DOORS_PER_CREDENTIAL,
 };
 use serde::de::Error as _;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -52,12 +53,13 @@ impl<R: Read> Read for LineCounter<R> {
     }
 }
 
-/// Streams the credentials of a JSON file to `on_spec`, stopping at the first error.
+/// Streams the credentials of a JSON file to `on_spec`, stopping at the first error; returns
+/// the definitions the file carries (version 2).
 pub(crate) fn read_json<R: Read>(
     input: R,
     path: &Path,
     on_spec: impl FnMut(CredentialSpec) -> Result<(), ImportError>,
-) -> Result<(), ImportError> {
+) -> Result<Definitions, ImportError> {
     let line = Rc::new(Cell::new(1));
     let reader = LineCounter {
         inner: input,
@@ -71,7 +73,9 @@ pub(crate) fn read_json<R: Read>(
         element: element.clone(),
         on_spec: Box::new(on_spec),
         failure: None,
-        version_ok: false,
+        syntax: Syntax::V1,
+        definitions: Definitions::default(),
+        budget: DEFINITIONS_BUDGET,
     };
     let mut de = serde_json::Deserializer::from_reader(reader);
     let parsed = TopSeed(&mut ctx)
@@ -91,7 +95,20 @@ pub(crate) fn read_json<R: Read>(
             message: serde_message(&e),
         }));
     }
-    Ok(())
+    Ok(ctx.definitions)
+}
+
+/// Most JSON values (objects, arrays, strings, numbers, each counted) and string bytes of all
+/// definition sections together: they are held in memory until the apply commits.
+const DEFINITIONS_BUDGET: Budget = Budget {
+    values: 400_000,
+    bytes: 16 * 1024 * 1024,
+};
+
+#[derive(Clone, Copy)]
+struct Budget {
+    values: usize,
+    bytes: usize,
 }
 
 /// Every field is a raw value so type errors are reported by us, naming the field; serde
@@ -109,6 +126,7 @@ struct JsonCredential {
     valid_until: Option<serde_json::Value>,
     doors: Option<serde_json::Value>,
     card_uids: Option<serde_json::Value>,
+    state: Option<serde_json::Value>,
 }
 
 fn json_str<'a>(
@@ -136,7 +154,7 @@ fn json_uint(
     }
 }
 
-fn json_row(c: &JsonCredential) -> Result<RawRow<'_>, FieldError> {
+fn json_row(c: &JsonCredential, syntax: Syntax) -> Result<RawRow<'_>, FieldError> {
     let doors = match &c.doors {
         None | Some(serde_json::Value::Null) => Vec::new(),
         Some(serde_json::Value::Array(items)) => {
@@ -185,6 +203,8 @@ fn json_row(c: &JsonCredential) -> Result<RawRow<'_>, FieldError> {
         valid_until: json_str(&c.valid_until, "valid_until")?,
         doors,
         card_uids,
+        state: json_str(&c.state, "state")?,
+        syntax,
     })
 }
 
@@ -198,7 +218,11 @@ struct JsonCtx<'a> {
     on_spec: Box<dyn FnMut(CredentialSpec) -> Result<(), ImportError> + 'a>,
     /// The real error when a visitor aborts serde with a placeholder.
     failure: Option<ImportError>,
-    version_ok: bool,
+    /// Set by `version`; credentials before it are read as version 1.
+    syntax: Syntax,
+    definitions: Definitions,
+    /// What the definitions may still take.
+    budget: Budget,
 }
 
 impl JsonCtx<'_> {
@@ -209,16 +233,20 @@ impl JsonCtx<'_> {
     }
 
     fn check_version(&mut self, v: &serde_json::Value, line: u64) -> Result<(), ImportError> {
-        if v.as_u64() == Some(JSON_FORMAT_VERSION) {
-            self.version_ok = true;
-            return Ok(());
+        match v.as_u64() {
+            Some(1) => return Ok(()),
+            Some(2) => {
+                self.syntax = Syntax::V2;
+                return Ok(());
+            }
+            _ => {}
         }
         Err(ImportError::Field {
             path: self.path.to_path_buf(),
             line,
             field: "version",
             message: format!(
-                "unsupported version {} (this keyway reads {JSON_FORMAT_VERSION})",
+                "unsupported version {} (this keyway reads 1 to {JSON_FORMAT_VERSION})",
                 truncate(&v.to_string())
             ),
         })
@@ -244,10 +272,38 @@ impl<'de> Visitor<'de> for TopSeed<'_, '_> {
     }
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
-        const FIELDS: &[&str] = &["version", "credentials"];
+        const FIELDS: &[&str] = &[
+            "version",
+            "credentials",
+            "door_groups",
+            "schedules",
+            "holidays",
+        ];
         let (mut version_seen, mut credentials_seen) = (false, false);
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
+                section @ ("door_groups" | "schedules" | "holidays") => {
+                    let line = self.0.line.get();
+                    if self.0.syntax != Syntax::V2 {
+                        let e = ImportError::Field {
+                            path: self.0.path.to_path_buf(),
+                            line,
+                            field: field_name(section),
+                            message: "needs \"version\": 2 before it".into(),
+                        };
+                        return Err(self.0.fail(e));
+                    }
+                    let value = map.next_value_seed(BoundedValue(&mut self.0.budget))?;
+                    if let Err(e) = self.0.define(section, &value) {
+                        let e = ImportError::Field {
+                            path: self.0.path.to_path_buf(),
+                            line,
+                            field: e.field,
+                            message: e.message,
+                        };
+                        return Err(self.0.fail(e));
+                    }
+                }
                 "version" => {
                     if std::mem::replace(&mut version_seen, true) {
                         return Err(M::Error::duplicate_field("version"));
@@ -301,7 +357,7 @@ impl<'de> Visitor<'de> for CredentialsSeed<'_, '_> {
         let ctx = self.0;
         let start = LineSeed(ctx.line.clone(), ctx.element.clone());
         while let Some((line, c)) = seq.next_element_seed(start.clone())? {
-            let result = json_row(&c)
+            let result = json_row(&c, ctx.syntax)
                 .and_then(|raw| validate_row(raw, line))
                 .map_err(|e| ImportError::Field {
                     path: ctx.path.to_path_buf(),
@@ -340,4 +396,116 @@ fn serde_message(e: &serde_json::Error) -> String {
     let full = e.to_string();
     let suffix = format!(" at line {} column {}", e.line(), e.column());
     full.strip_suffix(&suffix).unwrap_or(&full).to_owned()
+}
+
+fn field_name(section: &str) -> &'static str {
+    match section {
+        "door_groups" => "door_groups",
+        "schedules" => "schedules",
+        _ => "holidays",
+    }
+}
+
+impl JsonCtx<'_> {
+    /// Validates one definitions section into [`Definitions`]; each may appear once.
+    fn define(&mut self, section: &str, v: &serde_json::Value) -> Result<(), FieldError> {
+        let d = &mut self.definitions;
+        let twice = || ferr(field_name(section), "appears twice");
+        match section {
+            "door_groups" if d.door_groups.is_none() => d.door_groups = Some(parse_door_groups(v)?),
+            "schedules" if d.schedules.is_none() => d.schedules = Some(parse_schedules(v)?),
+            "holidays" if d.holidays.is_none() => d.holidays = Some(parse_holidays(v)?),
+            _ => return Err(twice()),
+        }
+        Ok(())
+    }
+}
+
+/// A JSON value whose size is charged to a [`Budget`]: parsing stops as soon as a definitions
+/// section outgrows it, before it is held in memory.
+struct BoundedValue<'b>(&'b mut Budget);
+
+impl BoundedValue<'_> {
+    fn charge<E: serde::de::Error>(&mut self, bytes: usize) -> Result<(), E> {
+        let b = &mut *self.0;
+        if b.values == 0 || b.bytes < bytes {
+            return Err(E::custom(
+                "definitions too large (door_groups, schedules and holidays together)",
+            ));
+        }
+        b.values -= 1;
+        b.bytes -= bytes;
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for BoundedValue<'_> {
+    type Value = serde_json::Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BoundedValue<'_> {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(mut self, v: bool) -> Result<Self::Value, E> {
+        self.charge(0)?;
+        Ok(v.into())
+    }
+
+    fn visit_i64<E: serde::de::Error>(mut self, v: i64) -> Result<Self::Value, E> {
+        self.charge(0)?;
+        Ok(v.into())
+    }
+
+    fn visit_u64<E: serde::de::Error>(mut self, v: u64) -> Result<Self::Value, E> {
+        self.charge(0)?;
+        Ok(v.into())
+    }
+
+    fn visit_f64<E: serde::de::Error>(mut self, v: f64) -> Result<Self::Value, E> {
+        self.charge(0)?;
+        Ok(v.into())
+    }
+
+    fn visit_str<E: serde::de::Error>(mut self, v: &str) -> Result<Self::Value, E> {
+        self.charge(v.len())?;
+        Ok(v.into())
+    }
+
+    fn visit_unit<E: serde::de::Error>(mut self) -> Result<Self::Value, E> {
+        self.charge(0)?;
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(mut self, mut seq: S) -> Result<Self::Value, S::Error> {
+        self.charge(0)?;
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(BoundedValue(&mut *self.0))? {
+            out.push(v);
+        }
+        Ok(serde_json::Value::Array(out))
+    }
+
+    fn visit_map<M: MapAccess<'de>>(mut self, mut map: M) -> Result<Self::Value, M::Error> {
+        self.charge(0)?;
+        let mut out = serde_json::Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            self.charge(k.len())?;
+            let v = map.next_value_seed(BoundedValue(&mut *self.0))?;
+            if out.insert(k.clone(), v).is_some() {
+                return Err(M::Error::custom(format!(
+                    "'{}' appears twice",
+                    truncate(&k)
+                )));
+            }
+        }
+        Ok(serde_json::Value::Object(out))
+    }
 }

@@ -15,16 +15,20 @@ pub mod fast;
 pub mod import;
 mod json_file;
 pub mod record;
+pub mod schedule;
 
 pub use apply::BATCH_ROWS;
 pub use apply::{Applied, ApplyError, ApplySummary, CredentialState, DeltaOp, SnapshotApply};
-pub use decision::{evaluate, CredentialRecord, Decision, DenyReason, Grant, ALL_DOORS};
+pub use decision::{
+    evaluate, CredentialRecord, Decision, DenyReason, DoorAccess, Grant, ALL_DOORS,
+};
 pub use import::{load_file, read_file};
 pub use record::{CredentialSpec, FileKind, ImportError, ImportMode, ImportSummary};
 
 use crate::card::CardFormat;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use rusqlite::{Connection, OptionalExtension};
+use schedule::{Schedule, Target};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -181,6 +185,21 @@ const MIGRATIONS: &[&str] = &[
     // the sequence (`id`) starts again. No index: nothing looks an event up by it locally.
     "ALTER TABLE events ADD COLUMN uid BLOB CHECK (uid IS NULL OR length(uid) = 16);
     UPDATE events SET uid = randomblob(16);",
+    // v8: door groups, schedules (compiled day programs, see `schedule`) and holidays, named
+    // by credentials' door entries (`@group`, `door=schedule`); written with the ACL by the
+    // apply engine.
+    "CREATE TABLE door_groups (
+        grp  TEXT NOT NULL,
+        door TEXT NOT NULL,
+        PRIMARY KEY (grp, door)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE schedules (
+        id      TEXT PRIMARY KEY,
+        program TEXT NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE holidays (
+        date TEXT PRIMARY KEY CHECK (length(date) = 10)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// Bytes of WAL kept after a checkpoint.
@@ -243,6 +262,8 @@ pub enum AclError {
 pub struct Store {
     pub(crate) conn: Connection,
     path: PathBuf,
+    /// The site's time zone: schedules are its wall-clock times (default: the system's).
+    tz: jiff::tz::TimeZone,
 }
 
 /// Counts for `keyway status` and config checks.
@@ -355,6 +376,7 @@ impl Store {
         let mut store = Store {
             conn,
             path: path.to_path_buf(),
+            tz: jiff::tz::TimeZone::system(),
         };
         store.configure_and_migrate()?;
         Ok(store)
@@ -367,7 +389,11 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let mut store = Store { conn, path };
+        let mut store = Store {
+            conn,
+            path,
+            tz: jiff::tz::TimeZone::system(),
+        };
         store.configure_and_migrate()?;
         Ok(store)
     }
@@ -440,6 +466,16 @@ impl Store {
         Ok(self.conn.busy_timeout(timeout)?)
     }
 
+    /// Sets the site's time zone, in which schedules are read.
+    pub fn set_time_zone(&mut self, tz: jiff::tz::TimeZone) {
+        self.tz = tz;
+    }
+
+    /// The site's time zone.
+    pub fn time_zone(&self) -> &jiff::tz::TimeZone {
+        &self.tz
+    }
+
     /// The database path given to [`Store::open`].
     pub fn path(&self) -> &Path {
         &self.path
@@ -465,22 +501,23 @@ impl Store {
         door: &str,
         now_unix: i64,
     ) -> Result<Decision, AclError> {
-        let record = self.lookup(endpoint_key, door)?;
+        let record = self.lookup(endpoint_key, door, now_unix)?;
         Ok(evaluate(record.as_ref(), now_unix))
     }
 
-    /// Fetches the credential for `endpoint_key` with `door_allowed` computed for `door`.
+    /// Fetches the credential for `endpoint_key` with its access to `door` at `now_unix`.
     ///
     /// No curve check here: a key that is not a stored (validated) point simply is not found.
     pub fn lookup(
         &self,
         endpoint_key: &[u8],
         door: &str,
+        now_unix: i64,
     ) -> Result<Option<CredentialRecord>, AclError> {
         let Some(key) = lookup_key(endpoint_key) else {
             return Ok(None);
         };
-        self.query_credential(BY_KEY, key.as_slice(), door)
+        self.query_credential(BY_KEY, key.as_slice(), door, now_unix)
     }
 
     /// Runs `SELECT <credential columns> <from_where>` with `?1` = `value`: the one way a
@@ -491,6 +528,7 @@ impl Store {
         from_where: &str,
         value: &[u8],
         door: &str,
+        now_unix: i64,
     ) -> Result<Option<CredentialRecord>, AclError> {
         let mut stmt = self.conn.prepare_cached(&credential_sql(from_where))?;
         let row = stmt
@@ -508,7 +546,73 @@ impl Store {
                 })
             })
             .optional()?;
-        row.map(|r| credential_record(r, door)).transpose()
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let access = self.door_access(&row.doors, door, now_unix)?;
+        credential_record(row, access).map(Some)
+    }
+
+    /// What a credential's door entries give at `door` at `now_unix`: the first entry naming
+    /// the door (itself, a group holding it, or `*`) with no schedule or an open one opens
+    /// it; named only by closed schedules, it is outside its schedule. An undefined group or
+    /// schedule (the engine refuses them; a hand-edited database) names nothing / is closed.
+    fn door_access(&self, doors: &str, door: &str, now_unix: i64) -> Result<DoorAccess, AclError> {
+        let mut listed = false;
+        let mut local = None;
+        let mut holiday = None;
+        for entry in doors.split(';') {
+            let Ok(e) = schedule::parse_entry(entry) else {
+                continue;
+            };
+            let names_door = match e.target {
+                Target::All => true,
+                Target::Door(d) => d == door,
+                Target::Group(g) => self
+                    .conn
+                    .prepare_cached("SELECT 1 FROM door_groups WHERE grp = ?1 AND door = ?2")?
+                    .exists([g, door])?,
+            };
+            if !names_door {
+                continue;
+            }
+            listed = true;
+            let Some(id) = e.schedule else {
+                return Ok(DoorAccess::Open);
+            };
+            let program: Option<String> = self
+                .conn
+                .prepare_cached("SELECT program FROM schedules WHERE id = ?1")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            let Some(sch) = program.as_deref().and_then(Schedule::decode) else {
+                continue;
+            };
+            let Some(t) = *local.get_or_insert_with(|| schedule::local_time(now_unix, &self.tz))
+            else {
+                continue;
+            };
+            let on_holiday = match (sch.cares_about_holidays(), holiday) {
+                (false, _) => false,
+                (true, Some(h)) => h,
+                (true, None) => {
+                    let h = self
+                        .conn
+                        .prepare_cached("SELECT 1 FROM holidays WHERE date = ?1")?
+                        .exists([t.date.to_string()])?;
+                    holiday = Some(h);
+                    h
+                }
+            };
+            if sch.is_open(&t, on_holiday) {
+                return Ok(DoorAccess::Open);
+            }
+        }
+        Ok(if listed {
+            DoorAccess::OutsideSchedule
+        } else {
+            DoorAccess::NotListed
+        })
     }
 
     /// Writes the WAL back into the database and truncates it (after a big apply), so the
@@ -582,10 +686,10 @@ pub(crate) fn format_code(f: CardFormat) -> i64 {
     }
 }
 
-/// Checks a stored row and turns it into a [`CredentialRecord`] for `door`.
+/// Checks a stored row and turns it into a [`CredentialRecord`] with its `door` access.
 pub(crate) fn credential_record(
     row: CredentialRow,
-    door: &str,
+    door: DoorAccess,
 ) -> Result<CredentialRecord, AclError> {
     let credential_id = credential_id(&row.key);
     // The importer validated these; re-check so a hand-edited database cannot make us
@@ -609,7 +713,6 @@ pub(crate) fn credential_record(
         .map_err(|e| corrupt(e.to_string()))?;
     let state = CredentialState::from_code(row.state)
         .ok_or_else(|| corrupt(format!("state code {}", row.state)))?;
-    let door_allowed = row.doors.split(';').any(|d| d == door || d == ALL_DOORS);
     Ok(CredentialRecord {
         credential_id,
         person_id: row.person_id,
@@ -618,7 +721,7 @@ pub(crate) fn credential_record(
         card_number,
         valid_from: row.valid_from,
         valid_until: row.valid_until,
-        door_allowed,
+        door,
         state,
     })
 }
@@ -746,6 +849,7 @@ mod tests {
 
     fn spec(seed: u8, doors: &[&str], from: Option<i64>, until: Option<i64>) -> CredentialSpec {
         CredentialSpec {
+            state: crate::acl::CredentialState::Active,
             line: 1,
             endpoint_key: key(seed),
             person_id: format!("person-{seed}"),
@@ -757,6 +861,211 @@ mod tests {
             doors: doors.iter().map(|d| d.to_string()).collect(),
             card_uids: Vec::new(),
         }
+    }
+
+    /// A site: door groups, a weekday schedule with a holiday, in Berlin.
+    fn site() -> record::Definitions {
+        let defs = serde_json::json!({
+            "door_groups": {"lobby": ["front", "side"], "dock": ["loading-dock"]},
+            "schedules": {
+                "weekdays": {"weekly": [{"days": "mon-fri", "from": "07:00", "until": "19:00"}]},
+                "nights": {
+                    "weekly": [{"days": "daily", "from": "22:00", "until": "06:00"}],
+                    "holidays": "as_weekday"
+                }
+            },
+            "holidays": ["2026-12-25"]
+        });
+        record::Definitions {
+            door_groups: Some(
+                record::parse_door_groups(&defs["door_groups"])
+                    .ok()
+                    .unwrap(),
+            ),
+            schedules: Some(record::parse_schedules(&defs["schedules"]).ok().unwrap()),
+            holidays: Some(record::parse_holidays(&defs["holidays"]).ok().unwrap()),
+        }
+    }
+
+    fn apply_with(
+        s: &mut Store,
+        defs: record::Definitions,
+        specs: &[CredentialSpec],
+        mode: ImportMode,
+    ) -> Result<ApplySummary, ApplyError> {
+        let mut a = SnapshotApply::begin(s, None, mode, "t")?;
+        for spec in specs {
+            a.push(spec)?;
+        }
+        a.define(defs);
+        a.commit()
+    }
+
+    #[test]
+    fn groups_and_schedules_decide_in_the_site_time_zone() {
+        let mut s = Store::open_in_memory().unwrap();
+        let berlin = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
+        s.set_time_zone(berlin.clone());
+        let at = |m: i8, d: i8, h: i8, mi: i8| {
+            jiff::civil::date(2026, m, d)
+                .at(h, mi, 0, 0)
+                .to_zoned_datetime(berlin.clone())
+                .unwrap()
+                .timestamp()
+                .as_second()
+        };
+        apply_with(
+            &mut s,
+            site(),
+            &[
+                // A contractor: the dock on weekdays 07-19, the lobby any time.
+                spec(1, &["loading-dock=weekdays", "@lobby"], None, None),
+                // A guard: every door at night.
+                spec(2, &["*=nights"], None, None),
+            ],
+            ImportMode::Replace,
+        )
+        .unwrap();
+        let d = |s: &Store, seed, door: &str, t| s.decide_at(&key(seed), door, t).unwrap();
+        let wed_noon = at(6, 3, 12, 0);
+        assert!(d(&s, 1, "loading-dock", wed_noon).is_grant());
+        assert!(d(&s, 1, "side", wed_noon).is_grant(), "through the group");
+        assert_eq!(
+            d(&s, 1, "loading-dock", at(6, 3, 19, 0)),
+            Decision::Deny(DenyReason::OutsideSchedule)
+        );
+        assert_eq!(
+            d(&s, 1, "loading-dock", at(6, 6, 12, 0)),
+            Decision::Deny(DenyReason::OutsideSchedule),
+            "Saturday"
+        );
+        assert_eq!(
+            d(&s, 1, "loading-dock", at(12, 25, 12, 0)),
+            Decision::Deny(DenyReason::OutsideSchedule),
+            "a Friday that is a holiday"
+        );
+        assert!(
+            d(&s, 1, "front", at(12, 25, 12, 0)).is_grant(),
+            "no schedule"
+        );
+        assert_eq!(
+            d(&s, 1, "server-room", wed_noon),
+            Decision::Deny(DenyReason::WrongDoor)
+        );
+        assert!(d(&s, 2, "server-room", at(12, 25, 23, 0)).is_grant());
+        assert_eq!(
+            d(&s, 2, "front", wed_noon),
+            Decision::Deny(DenyReason::OutsideSchedule)
+        );
+        // The same instant is another wall-clock time elsewhere: 07:00 in Berlin (summer) is
+        // 05:00 in UTC, before the window.
+        assert!(d(&s, 1, "loading-dock", at(6, 3, 7, 0)).is_grant());
+        s.set_time_zone(jiff::tz::TimeZone::UTC);
+        assert_eq!(
+            d(&s, 1, "loading-dock", at(6, 3, 7, 0)),
+            Decision::Deny(DenyReason::OutsideSchedule)
+        );
+        // Expired comes before the schedule.
+        apply_with(
+            &mut s,
+            record::Definitions::default(),
+            &[spec(1, &["loading-dock=weekdays"], None, Some(10))],
+            ImportMode::Merge,
+        )
+        .unwrap();
+        assert_eq!(
+            d(&s, 1, "loading-dock", wed_noon),
+            Decision::Deny(DenyReason::Expired)
+        );
+    }
+
+    #[test]
+    fn undefined_groups_and_schedules_are_refused_with_the_line() {
+        let mut s = Store::open_in_memory().unwrap();
+        let mut bad = spec(1, &["@nowhere"], None, None);
+        bad.line = 7;
+        let e = apply_with(&mut s, site(), &[bad], ImportMode::Replace).unwrap_err();
+        assert!(
+            matches!(&e, ApplyError::Record { line: 7, field: "doors", message }
+                if message.contains("door group 'nowhere' is not defined")),
+            "{e}"
+        );
+        let e = apply_with(
+            &mut s,
+            site(),
+            &[spec(1, &["front=always"], None, None)],
+            ImportMode::Replace,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("schedule 'always' is not defined"),
+            "{e}"
+        );
+        assert_eq!(s.stats().unwrap().credentials, 0, "nothing applied");
+        // Definitions stay when a source without them (a CSV) replaces the credentials...
+        apply_with(&mut s, site(), &[], ImportMode::Replace).unwrap();
+        apply_with(
+            &mut s,
+            record::Definitions::default(),
+            &[spec(1, &["@lobby=weekdays"], None, None)],
+            ImportMode::Replace,
+        )
+        .unwrap();
+        // ...and a replace that carries them checks against what it carries.
+        let e = apply_with(
+            &mut s,
+            record::Definitions {
+                schedules: Some(Default::default()),
+                ..Default::default()
+            },
+            &[spec(1, &["@lobby=weekdays"], None, None)],
+            ImportMode::Replace,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("schedule 'weekdays'"), "{e}");
+        // A delta upsert is checked too.
+        let e = s
+            .apply_delta(
+                0,
+                1,
+                &[DeltaOp::Upsert(spec(3, &["@nowhere"], None, None))],
+                "cloud",
+            )
+            .unwrap_err();
+        assert!(
+            !matches!(e, ApplyError::Record { .. }),
+            "base mismatch first: {e}"
+        );
+    }
+
+    #[test]
+    fn merge_updates_definitions_by_id_and_states_come_from_the_file() {
+        let mut s = Store::open_in_memory().unwrap();
+        apply_with(&mut s, site(), &[], ImportMode::Replace).unwrap();
+        let mut suspended = spec(1, &["@lobby"], None, None);
+        suspended.state = CredentialState::Suspended;
+        let groups = serde_json::json!({"lobby": ["back"]});
+        apply_with(
+            &mut s,
+            record::Definitions {
+                door_groups: Some(record::parse_door_groups(&groups).ok().unwrap()),
+                ..Default::default()
+            },
+            &[suspended, spec(2, &["@lobby", "@dock"], None, None)],
+            ImportMode::Merge,
+        )
+        .unwrap();
+        assert_eq!(
+            s.decide_at(&key(1), "back", 0).unwrap(),
+            Decision::Deny(DenyReason::Suspended)
+        );
+        // lobby replaced (back only), dock kept.
+        assert!(s.decide_at(&key(2), "back", 0).unwrap().is_grant());
+        assert_eq!(
+            s.decide_at(&key(2), "front", 0).unwrap(),
+            Decision::Deny(DenyReason::WrongDoor)
+        );
+        assert!(s.decide_at(&key(2), "loading-dock", 0).unwrap().is_grant());
     }
 
     #[test]
@@ -988,7 +1297,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!((sum.inserted, sum.updated, sum.removed), (2, 0, 0));
-        let id1 = s.lookup(&key(1), "a").unwrap().unwrap().credential_id;
+        let id1 = s.lookup(&key(1), "a", 0).unwrap().unwrap().credential_id;
         let sum = s
             .import_specs(&[spec(3, &["a"], None, None)], ImportMode::Merge, "m.csv")
             .unwrap();
@@ -1002,11 +1311,14 @@ mod tests {
             )
             .unwrap();
         assert_eq!((sum.inserted, sum.updated, sum.removed), (1, 1, 2));
-        let r1 = s.lookup(&key(1), "b").unwrap().unwrap();
+        let r1 = s.lookup(&key(1), "b", 0).unwrap().unwrap();
         assert_eq!(r1.credential_id, id1);
-        assert!(r1.door_allowed);
-        assert!(!s.lookup(&key(1), "a").unwrap().unwrap().door_allowed);
-        assert!(s.lookup(&key(2), "a").unwrap().is_none());
+        assert_eq!(r1.door, DoorAccess::Open);
+        assert_eq!(
+            s.lookup(&key(1), "a", 0).unwrap().unwrap().door,
+            DoorAccess::NotListed
+        );
+        assert!(s.lookup(&key(2), "a", 0).unwrap().is_none());
         let st = s.stats().unwrap();
         assert_eq!(st.credentials, 2);
         assert_eq!(st.door_grants, 2);

@@ -2,8 +2,10 @@
 //! field validation shared by every source (CSV, JSON, cloud). Untrusted input: every field is
 //! length-checked and validated, and errors name the field (the reader adds the line).
 
-use super::{normalize_endpoint_key, ENDPOINT_KEY_LEN};
+use super::schedule::{self, HolidayRule, Schedule, Target};
+use super::{normalize_endpoint_key, CredentialState, ENDPOINT_KEY_LEN};
 use crate::card::CardFormat;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -24,8 +26,9 @@ pub const MAX_DOORS_PER_CREDENTIAL: usize = 256;
 pub const MAX_CSV_FIELDS: usize = 64;
 /// Longest accepted CSV field, in bytes (a full door list fits).
 pub const MAX_CSV_FIELD_BYTES: usize = 20 * 1024;
-/// The only JSON `version` this build reads.
-pub const JSON_FORMAT_VERSION: u64 = 1;
+/// The newest JSON `version` this build reads (1: credentials only; 2: adds door groups,
+/// schedules, holidays and credential states).
+pub const JSON_FORMAT_VERSION: u64 = 2;
 /// CSV columns, in the documented order (any order is accepted).
 pub const CSV_COLUMNS: [&str; 8] = [
     "endpoint_key",
@@ -38,7 +41,18 @@ pub const CSV_COLUMNS: [&str; 8] = [
     "doors",
 ];
 /// Optional CSV columns: accepted when present, empty when absent.
-pub const CSV_OPTIONAL_COLUMNS: [&str; 1] = ["card_uids"];
+pub const CSV_OPTIONAL_COLUMNS: [&str; 2] = ["card_uids", "state"];
+
+/// Which grammar a record is read with: a JSON file says (`version`); CSV, which has no
+/// version, always reads the newest (a superset: every version-1 row means what it did).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Syntax {
+    /// Doors are door ids or `*`; no state.
+    #[default]
+    V1,
+    /// Doors may also be `@group` and carry `=schedule`; an optional `state`.
+    V2,
+}
 /// How an import combines with the credentials already stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -111,6 +125,28 @@ pub struct CredentialSpec {
     /// UIDs of the person's physical cards (4, 7 or 10 bytes each; at most
     /// [`super::cards::MAX_UIDS_PER_CREDENTIAL`]), used at doors that accept cards. Optional.
     pub card_uids: Vec<Vec<u8>>,
+    /// Active unless the file says suspended or revoked.
+    pub state: CredentialState,
+}
+
+/// Site-wide definitions an ACL may carry (JSON version 2, cloud snapshots). A section the
+/// file carries (`Some`) replaces the stored one (a merge updates it by id); a section it does
+/// not carry leaves the stored one as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Definitions {
+    /// Door groups by id (`@id` in a credential's doors): their door ids.
+    pub door_groups: Option<BTreeMap<String, Vec<String>>>,
+    /// Schedules by id (`door=id` in a credential's doors).
+    pub schedules: Option<BTreeMap<String, Schedule>>,
+    /// Holiday dates (`YYYY-MM-DD`, in the site's time zone).
+    pub holidays: Option<BTreeSet<String>>,
+}
+
+impl Definitions {
+    /// Whether the file carried any section.
+    pub fn is_empty(&self) -> bool {
+        self.door_groups.is_none() && self.schedules.is_none() && self.holidays.is_none()
+    }
 }
 
 /// Why an ACL file was rejected. Every message names the file and, where one applies, the line.
@@ -313,6 +349,8 @@ pub(crate) struct RawRow<'a> {
     pub(crate) valid_until: Option<&'a str>,
     pub(crate) doors: Vec<&'a str>,
     pub(crate) card_uids: Vec<&'a str>,
+    pub(crate) state: Option<&'a str>,
+    pub(crate) syntax: Syntax,
 }
 
 pub(crate) fn required<T>(v: Option<T>, field: &'static str) -> Result<T, FieldError> {
@@ -371,13 +409,34 @@ pub(crate) fn validate_row(raw: RawRow<'_>, line: u64) -> Result<CredentialSpec,
         ));
     }
     let mut doors: Vec<String> = Vec::with_capacity(raw.doors.len());
-    for d in raw.doors {
-        let d = parse_door(d)?;
-        if doors.contains(&d) {
-            return Err(ferr("doors", format!("door '{d}' is listed twice")));
+    match raw.syntax {
+        Syntax::V1 => {
+            for d in raw.doors {
+                let d = parse_door(d)?;
+                if doors.contains(&d) {
+                    return Err(ferr("doors", format!("door '{d}' is listed twice")));
+                }
+                doors.push(d);
+            }
         }
-        doors.push(d);
+        Syntax::V2 => {
+            let mut targets: Vec<Target<'_>> = Vec::with_capacity(raw.doors.len());
+            for d in &raw.doors {
+                let e = schedule::parse_entry(d).map_err(|m| ferr("doors", m))?;
+                if targets.contains(&e.target) {
+                    let name = d.split('=').next().unwrap_or(d);
+                    return Err(ferr("doors", format!("'{name}' is listed twice")));
+                }
+                targets.push(e.target);
+                doors.push((*d).to_owned());
+            }
+        }
     }
+    let state = match (raw.syntax, raw.state) {
+        (_, None) => CredentialState::Active,
+        (Syntax::V1, Some(_)) => return Err(ferr("state", "needs version 2")),
+        (Syntax::V2, Some(s)) => parse_state(s)?,
+    };
     let card_uids = parse_card_uids(&raw.card_uids)?;
     Ok(CredentialSpec {
         line,
@@ -390,7 +449,213 @@ pub(crate) fn validate_row(raw: RawRow<'_>, line: u64) -> Result<CredentialSpec,
         valid_until,
         doors,
         card_uids,
+        state,
     })
+}
+
+pub(crate) fn parse_state(s: &str) -> Result<CredentialState, FieldError> {
+    match s {
+        "" | "active" => Ok(CredentialState::Active),
+        "suspended" => Ok(CredentialState::Suspended),
+        "revoked" => Ok(CredentialState::Revoked),
+        other => Err(ferr(
+            "state",
+            format!(
+                "'{}' is not a state (active, suspended, revoked)",
+                truncate(other)
+            ),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Definitions (JSON version 2), from already-parsed JSON values whose size the reader bounded.
+
+/// `"door_groups": { "lobby": ["front", "side"], ... }`.
+pub(crate) fn parse_door_groups(
+    v: &serde_json::Value,
+) -> Result<BTreeMap<String, Vec<String>>, FieldError> {
+    const F: &str = "door_groups";
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ferr(F, "expected an object of group id -> door ids"))?;
+    if obj.len() > schedule::MAX_DOOR_GROUPS {
+        return Err(ferr(
+            F,
+            format!("more than {} groups", schedule::MAX_DOOR_GROUPS),
+        ));
+    }
+    let mut out = BTreeMap::new();
+    let mut members = 0usize;
+    for (id, doors) in obj {
+        schedule::check_id("door group", id).map_err(|m| ferr(F, m))?;
+        let list = doors
+            .as_array()
+            .ok_or_else(|| ferr(F, format!("group '{id}': expected an array of door ids")))?;
+        if list.is_empty() || list.len() > schedule::MAX_DOORS_PER_GROUP {
+            return Err(ferr(
+                F,
+                format!(
+                    "group '{id}': list 1 to {} door ids",
+                    schedule::MAX_DOORS_PER_GROUP
+                ),
+            ));
+        }
+        members += list.len();
+        if members > schedule::MAX_GROUP_MEMBERS {
+            return Err(ferr(
+                F,
+                format!(
+                    "more than {} doors in all groups",
+                    schedule::MAX_GROUP_MEMBERS
+                ),
+            ));
+        }
+        let mut doors: Vec<String> = Vec::with_capacity(list.len());
+        for d in list {
+            let d = d
+                .as_str()
+                .ok_or_else(|| ferr(F, format!("group '{id}': expected door id strings")))?;
+            schedule::check_id("door", d).map_err(|m| ferr(F, format!("group '{id}': {m}")))?;
+            if doors.iter().any(|x| x == d) {
+                return Err(ferr(F, format!("group '{id}': door '{d}' is listed twice")));
+            }
+            doors.push(d.to_owned());
+        }
+        doors.sort();
+        out.insert(id.clone(), doors);
+    }
+    Ok(out)
+}
+
+/// `"schedules": { "id": { "weekly": [{"days", "from", "until"}...], "holidays": ... } }`;
+/// `holidays` is an array of `{"from", "until"}`, `"closed"` (the default) or `"as_weekday"`.
+pub(crate) fn parse_schedules(
+    v: &serde_json::Value,
+) -> Result<BTreeMap<String, Schedule>, FieldError> {
+    const F: &str = "schedules";
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ferr(F, "expected an object of schedule id -> schedule"))?;
+    if obj.len() > schedule::MAX_SCHEDULES {
+        return Err(ferr(
+            F,
+            format!("more than {} schedules", schedule::MAX_SCHEDULES),
+        ));
+    }
+    let mut out = BTreeMap::new();
+    for (id, def) in obj {
+        schedule::check_id("schedule", id).map_err(|m| ferr(F, m))?;
+        let e = |m: String| ferr(F, format!("schedule '{id}': {m}"));
+        let def = def
+            .as_object()
+            .ok_or_else(|| e("expected an object with \"weekly\"".into()))?;
+        if let Some(k) = def.keys().find(|k| *k != "weekly" && *k != "holidays") {
+            return Err(e(format!(
+                "unknown field '{}' (expected weekly, holidays)",
+                truncate(k)
+            )));
+        }
+        let str_field = |w: &serde_json::Map<String, serde_json::Value>, k: &str| {
+            w.get(k)
+                .and_then(|x| x.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("'{k}' missing or not a string"))
+        };
+        let windows = |v: Option<&serde_json::Value>,
+                       with_days: bool|
+         -> Result<Vec<schedule::Window>, String> {
+            let list = match v {
+                None => return Ok(Vec::new()),
+                Some(v) => v.as_array().ok_or("expected an array of windows")?,
+            };
+            if list.len() > schedule::MAX_WINDOWS {
+                return Err(format!("more than {} windows", schedule::MAX_WINDOWS));
+            }
+            let allowed: &[&str] = if with_days {
+                &["days", "from", "until"]
+            } else {
+                &["from", "until"]
+            };
+            let mut out = Vec::with_capacity(list.len());
+            for (i, w) in list.iter().enumerate() {
+                let n = i + 1;
+                let w = w
+                    .as_object()
+                    .ok_or_else(|| format!("window {n}: expected an object"))?;
+                if let Some(k) = w.keys().find(|k| !allowed.contains(&k.as_str())) {
+                    return Err(format!(
+                        "window {n}: unknown field '{}' (expected {})",
+                        truncate(k),
+                        allowed.join(", ")
+                    ));
+                }
+                let days = if with_days {
+                    str_field(w, "days").map_err(|m| format!("window {n}: {m}"))?
+                } else {
+                    "daily".into()
+                };
+                let from = str_field(w, "from").map_err(|m| format!("window {n}: {m}"))?;
+                let until = str_field(w, "until").map_err(|m| format!("window {n}: {m}"))?;
+                out.push(
+                    schedule::parse_window(&days, &from, &until)
+                        .map_err(|m| format!("window {n}: {m}"))?,
+                );
+            }
+            Ok(out)
+        };
+        let weekly = windows(def.get("weekly"), true).map_err(e)?;
+        let holidays = match def.get("holidays") {
+            None => HolidayRule::Closed,
+            Some(serde_json::Value::String(s)) if s == "closed" => HolidayRule::Closed,
+            Some(serde_json::Value::String(s)) if s == "as_weekday" => HolidayRule::AsWeekday,
+            Some(v @ serde_json::Value::Array(_)) => HolidayRule::Windows(
+                windows(Some(v), false)
+                    .map_err(|m| e(format!("holidays: {m}")))?
+                    .iter()
+                    .map(|w| (w.from, w.until))
+                    .collect(),
+            ),
+            Some(_) => {
+                return Err(e(
+                    "holidays: expected \"closed\", \"as_weekday\" or an array of windows".into(),
+                ))
+            }
+        };
+        out.insert(id.clone(), Schedule::new(&weekly, &holidays));
+    }
+    Ok(out)
+}
+
+/// `"holidays": ["2026-12-25", ...]`: calendar dates in the site's time zone.
+pub(crate) fn parse_holidays(v: &serde_json::Value) -> Result<BTreeSet<String>, FieldError> {
+    const F: &str = "holidays";
+    let list = v
+        .as_array()
+        .ok_or_else(|| ferr(F, "expected an array of dates like \"2026-12-25\""))?;
+    if list.len() > schedule::MAX_HOLIDAYS {
+        return Err(ferr(
+            F,
+            format!("more than {} dates", schedule::MAX_HOLIDAYS),
+        ));
+    }
+    let mut out = BTreeSet::new();
+    for d in list {
+        let s = d
+            .as_str()
+            .ok_or_else(|| ferr(F, "expected date strings like \"2026-12-25\""))?;
+        let date: jiff::civil::Date =
+            s.parse().ok().filter(|_| s.len() == 10).ok_or_else(|| {
+                ferr(
+                    F,
+                    format!("'{}' is not a date like 2026-12-25", truncate(s)),
+                )
+            })?;
+        if !out.insert(date.to_string()) {
+            return Err(ferr(F, format!("{s} is listed twice")));
+        }
+    }
+    Ok(out)
 }
 
 pub(crate) fn parse_card_uids(raw: &[&str]) -> Result<Vec<Vec<u8>>, FieldError> {

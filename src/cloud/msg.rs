@@ -572,6 +572,7 @@ pub fn parse_delta(payload: &[u8], site: &str, gateway: &str, now_s: i64) -> Res
         let bytes = serde_json::to_vec(&wrapped).map_err(|e| malformed(e.to_string()))?;
         import::parse_bytes(&bytes, FileKind::Json, Path::new("delta upsert"))
             .map_err(|e| malformed(e.to_string()))?
+            .credentials
     };
     let suspend = keys(&d.suspend, "suspend")?;
     let revoke = keys(&d.revoke, "revoke")?;

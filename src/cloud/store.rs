@@ -228,7 +228,7 @@ impl AclSink for StoreSync {
         if p.version != report.version {
             return Err(SinkError::NoSnapshot);
         }
-        let specs = import::parse_bytes(
+        let parsed = import::parse_bytes(
             &p.buf,
             p.format.file_kind(),
             Path::new(&format!("snapshot v{}", p.version)),
@@ -242,12 +242,13 @@ impl AclSink for StoreSync {
             &source,
         )
         .map_err(|e| version_error(e, report.version))?;
-        for spec in &specs {
+        for spec in &parsed.credentials {
             apply.push(spec)?;
         }
+        apply.define(parsed.definitions);
         apply.commit()?;
         record_applied(&self.store.conn, report)?;
-        Ok(specs.len())
+        Ok(parsed.credentials.len())
     }
 
     fn snapshot_abort(&mut self) {

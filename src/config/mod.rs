@@ -53,11 +53,23 @@ pub struct Config {
     pub osdp: OsdpConfig,
     #[serde(default)]
     pub events: EventsConfig,
+    #[serde(default)]
+    pub site: SiteConfig,
     #[serde(default, rename = "door")]
     pub doors: Vec<DoorConfig>,
     /// Optional MQTT cloud link; absent = standalone.
     #[serde(default)]
     pub cloud: Option<crate::cloud::config::CloudConfig>,
+}
+
+/// `[site]`: where the gateway is.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// IANA time zone (`Europe/Berlin`) whose wall clock ACL schedules and holidays follow.
+    /// Default: the system's (`/etc/localtime`).
+    #[serde(default)]
+    pub time_zone: Option<String>,
 }
 
 /// `[events]`: how many access events the outbox keeps (docs/events.md).
@@ -551,6 +563,8 @@ pub struct Validated {
     pub serial_number: u32,
     /// `[events]`, validated.
     pub events: crate::events::Retention,
+    /// `[site] time_zone`, resolved (the system's when not set).
+    pub time_zone: jiff::tz::TimeZone,
     pub doors: Vec<Door>,
     /// `[cloud]`, when configured.
     pub cloud: Option<crate::cloud::config::CloudSettings>,
@@ -712,6 +726,15 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             ),
         ));
     }
+    let time_zone = match &raw.site.time_zone {
+        None => jiff::tz::TimeZone::system(),
+        Some(name) => jiff::tz::TimeZone::get(name).map_err(|e| {
+            invalid(
+                "site.time_zone".into(),
+                format!("{name:?} is not a known IANA time zone (like Europe/Berlin): {e}"),
+            )
+        })?,
+    };
     let events = crate::events::Retention {
         max_rows: raw.events.max_rows,
         max_age_ms: (raw.events.max_age_days > 0)
@@ -892,6 +915,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
         model: raw.osdp.model,
         serial_number: raw.osdp.serial_number,
         events,
+        time_zone,
         doors,
         cloud,
     })

@@ -55,6 +55,7 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
         &cfg.daemon.database,
         store::StoreOptions {
             retention: cfg.events,
+            time_zone: Some(cfg.time_zone.clone()),
             ..store::StoreOptions::default()
         },
     )?;

@@ -77,12 +77,14 @@ pub struct StoreHandle {
 }
 
 /// How the store thread runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// The writer's busy timeout (a busy event write is retried after it, never dropped).
     pub busy_timeout: Duration,
     /// How many events the outbox keeps.
     pub retention: Retention,
+    /// The site's time zone for schedules; `None`: the system's.
+    pub time_zone: Option<jiff::tz::TimeZone>,
 }
 
 impl Default for StoreOptions {
@@ -90,6 +92,7 @@ impl Default for StoreOptions {
         StoreOptions {
             busy_timeout: crate::acl::BUSY_TIMEOUT,
             retention: Retention::default(),
+            time_zone: None,
         }
     }
 }
@@ -149,7 +152,11 @@ impl StoreHandle {
     ) -> Result<(Self, std::thread::JoinHandle<()>), StoreError> {
         let mut store = Store::open(path)?;
         store.set_busy_timeout(options.busy_timeout)?;
-        let reader = Arc::new(Mutex::new(Store::open(path)?));
+        let mut reader = Store::open(path)?;
+        if let Some(tz) = &options.time_zone {
+            reader.set_time_zone(tz.clone());
+        }
+        let reader = Arc::new(Mutex::new(reader));
         let write_failures = Arc::new(AtomicU64::new(0));
         let failures = write_failures.clone();
         let (tx, mut rx) = mpsc::channel::<Request>(QUEUE);
@@ -462,6 +469,7 @@ mod tests {
             let mut s = Store::open(&db).unwrap();
             s.import_specs(
                 &[crate::acl::CredentialSpec {
+                    state: crate::acl::CredentialState::Active,
                     line: 1,
                     endpoint_key: crate::acl::test_key(1),
                     person_id: "p".into(),

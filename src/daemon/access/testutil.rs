@@ -44,6 +44,7 @@ pub(crate) fn spec(
     card_uids: Vec<Vec<u8>>,
 ) -> CredentialSpec {
     CredentialSpec {
+        state: crate::acl::CredentialState::Active,
         line: 1,
         endpoint_key: sec1(key),
         person_id: "p-7".into(),
