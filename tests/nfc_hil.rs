@@ -23,7 +23,9 @@ use keyway::card::{self, CardFormat, WiegandBits};
 use keyway::config::{AuthPolicy, Door, NfcConfig};
 use keyway::daemon::access::AttemptId;
 use keyway::daemon::access::RateLimitConfig;
-use keyway::daemon::{run_door, shared_limiter, DoorRuntime, PanelSink, StoreHandle, VerdictWait};
+use keyway::daemon::{
+    run_door, shared_limiter, DoorRuntime, PanelSink, StoreHandle, StoreOptions, VerdictWait,
+};
 use keyway::events::{AccessEvent, EventDecision as Decision};
 use keyway::sim::vpcd::{self, TapOptions};
 use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
@@ -176,6 +178,12 @@ struct BenchOpts {
     rate_limit: RateLimitConfig,
     /// Extra ACL entries (JSON objects, already formatted).
     extra_acl: Vec<String>,
+    /// Version-2 definitions (`"door_groups": {..}, "schedules": {..}`), already formatted.
+    definitions: Option<String>,
+    /// The enrolled phone's door entries (default: every bench door).
+    enrolled_doors: Option<Vec<String>>,
+    /// The site's time zone (default: the system's).
+    time_zone: Option<&'static str>,
 }
 
 impl Default for BenchOpts {
@@ -184,6 +192,9 @@ impl Default for BenchOpts {
             doors: vec![DoorSpec::new("hil", 0)],
             rate_limit: RateLimitConfig::default(),
             extra_acl: Vec::new(),
+            definitions: None,
+            enrolled_doors: None,
+            time_zone: None,
         }
     }
 }
@@ -225,7 +236,10 @@ impl Bench {
         let db = dir.path().join("keyway.db");
         let enrolled = SecretKey::random(&mut rand_core::OsRng);
         let acl = dir.path().join("acl.json");
-        let doors: Vec<String> = opts.doors.iter().map(|d| format!("\"{}\"", d.id)).collect();
+        let doors: Vec<String> = match &opts.enrolled_doors {
+            Some(entries) => entries.iter().map(|d| format!("\"{d}\"")).collect(),
+            None => opts.doors.iter().map(|d| format!("\"{}\"", d.id)).collect(),
+        };
         let mut entries = vec![format!(
             r#"{{"endpoint_key": "{}", "person_id": "p-1", "card_format": "h10301",
     "facility_code": 42, "card_number": 1234, "doors": [{}]}}"#,
@@ -234,11 +248,18 @@ impl Bench {
         )];
         entries.extend(opts.extra_acl.iter().cloned());
         let mut f = std::fs::File::create(&acl).unwrap();
-        write!(
-            f,
-            r#"{{"version": 1, "credentials": [{}]}}"#,
-            entries.join(",\n")
-        )
+        match &opts.definitions {
+            None => write!(
+                f,
+                r#"{{"version": 1, "credentials": [{}]}}"#,
+                entries.join(",\n")
+            ),
+            Some(defs) => write!(
+                f,
+                r#"{{"version": 2, {defs}, "credentials": [{}]}}"#,
+                entries.join(",\n")
+            ),
+        }
         .unwrap();
         drop(f);
         Store::open(&db)
@@ -264,7 +285,14 @@ impl Bench {
     }
 
     fn spawn_doors(&mut self) {
-        let (store, _thread) = StoreHandle::open(&self.db).unwrap();
+        let options = StoreOptions {
+            time_zone: self
+                .opts
+                .time_zone
+                .map(|tz| jiff::tz::TimeZone::get(tz).unwrap()),
+            ..StoreOptions::default()
+        };
+        let (store, _thread) = StoreHandle::open_with(&self.db, options).unwrap();
         let nfc = NfcConfig {
             apdu_timeout_ms: 1500,
             transaction_timeout_ms: 8000,
@@ -735,6 +763,75 @@ async fn sensitive_door_denies_a_phone_without_user_verification() {
         "{ev:?}"
     );
     assert_eq!(b.panel.cards().len(), 1);
+    b.stop().await;
+}
+
+/// A door group and a schedule decide real taps: the phone may use the group "staff" (the
+/// lobby) on a window open now, and the dock only on a window that is closed now, both on the
+/// wall clock of St. John's (UTC-3:30, a half-hour zone, so a UTC slip would show).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn door_group_and_schedule_decide_taps() {
+    let zone = "America/St_Johns";
+    let now = jiff::Timestamp::now().to_zoned_datetime(jiff::tz::TimeZone::get(zone).unwrap());
+    let minute = i32::from(now.hour()) * 60 + i32::from(now.minute());
+    // Daily windows around now and three hours away (an overnight one where midnight is in
+    // between); a tap takes seconds.
+    let hhmm = |m: i32| format!("{:02}:{:02}", m.rem_euclid(1440) / 60, m.rem_euclid(60));
+    let definitions = format!(
+        r#""door_groups": {{"staff": ["lobby"]}},
+           "schedules": {{
+             "open-now": {{"weekly": [{{"days": "daily", "from": "{}", "until": "{}"}}],
+                          "holidays": "as_weekday"}},
+             "closed-now": {{"weekly": [{{"days": "daily", "from": "{}", "until": "{}"}}],
+                            "holidays": "as_weekday"}}
+           }}"#,
+        hhmm(minute - 60),
+        hhmm(minute + 60),
+        hhmm(minute + 180),
+        hhmm(minute + 240)
+    );
+    let b = Bench::start_with(BenchOpts {
+        doors: vec![DoorSpec::new("lobby", 0), DoorSpec::new("dock", 1)],
+        definitions: Some(definitions),
+        enrolled_doors: Some(vec!["@staff=open-now".into(), "dock=closed-now".into()]),
+        time_zone: Some(zone),
+        ..BenchOpts::default()
+    })
+    .await;
+    let mut at_lobby = b.phone(&b.enrolled.clone());
+    assert!(
+        b.tap_on(0, &mut at_lobby, Duration::from_millis(200))
+            .await
+            .finished
+    );
+    let mut at_dock = b.phone(&b.enrolled.clone());
+    assert!(
+        b.tap_on(1, &mut at_dock, Duration::from_millis(200))
+            .await
+            .finished
+    );
+    assert_eq!(
+        reader_status(&at_dock),
+        Some(keyway::aliro::ReaderStatus::AccessDenied.code()),
+        "the phone is told it was denied"
+    );
+    assert_ne!(reader_status(&at_lobby), reader_status(&at_dock));
+    let ev = b.wait_events(2).await;
+    let got: Vec<(String, Decision, String)> = ev
+        .iter()
+        .map(|e| (e.door.clone(), e.decision, e.reason.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("lobby".into(), Decision::Granted, "granted".into()),
+            ("dock".into(), Decision::Denied, "outside_schedule".into()),
+        ],
+        "{ev:?}"
+    );
+    let cards = b.panel.cards();
+    assert_eq!(cards.len(), 1, "only the grant reaches the panel");
+    assert_eq!(cards[0].0, "lobby");
     b.stop().await;
 }
 
