@@ -60,6 +60,8 @@ const META_VERSION: &str = "acl_version";
 const META_HASH: &str = "acl_hash";
 const META_APPLIED_AT: &str = "acl_applied_at";
 const META_SOURCE: &str = "acl_source";
+/// How many credentials the ACL holds ([`super::credential_count`]), kept with every change.
+const META_COUNT: &str = "acl_credentials";
 
 /// The credential table's definition; `{name}` is `acl` or `acl_next`. Keys are compressed
 /// SEC1 points (33 bytes, the row's primary key: WITHOUT ROWID, so a lookup is one B-tree
@@ -392,7 +394,7 @@ impl<'s> SnapshotApply<'s> {
         self.store.conn.execute_batch("PRAGMA synchronous = FULL")?;
         let old_count = self.store.count("SELECT count(*) FROM acl")? as usize;
         let hash = hex::encode(hasher.finalize());
-        let applied = self.swap(&hash)?;
+        let applied = self.swap(&hash, rows)?;
         Ok(ApplySummary {
             mode: ImportMode::Replace,
             credentials: rows,
@@ -448,7 +450,7 @@ impl<'s> SnapshotApply<'s> {
     }
 
     /// The short transaction that makes `acl_next` the ACL.
-    fn swap(&mut self, hash: &str) -> Result<Applied, ApplyError> {
+    fn swap(&mut self, hash: &str, rows: usize) -> Result<Applied, ApplyError> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let tx = self
             .store
@@ -472,6 +474,7 @@ impl<'s> SnapshotApply<'s> {
              CREATE INDEX card_uids_key ON card_uids (key);",
         )?;
         write_definitions(&tx, &self.definitions, ImportMode::Replace)?;
+        meta_set(&tx, META_COUNT, &rows.to_string())?;
         let applied = Applied {
             version: self.version.or(current.version),
             hash: hash.to_owned(),
@@ -524,6 +527,7 @@ impl<'s> SnapshotApply<'s> {
                 }
             }
             self.copy_uids(&mut change, "card_uids", true)?;
+            add_count(&self.store.conn, inserted as i64)?;
             hash_definitions(&self.definitions, &mut change);
             write_definitions(&self.store.conn, &self.definitions, ImportMode::Merge)?;
             let applied = Applied {
@@ -798,6 +802,16 @@ fn meta_set(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Moves the stored credential count by `delta` (set from the table if it was never kept).
+fn add_count(conn: &Connection, delta: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, (SELECT CAST(count(*) AS TEXT) FROM acl))
+         ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + ?2 AS TEXT)",
+    )?
+    .execute(rusqlite::params![META_COUNT, delta])?;
+    Ok(())
+}
+
 fn read_applied(conn: &Connection) -> Result<Applied, ApplyError> {
     Ok(Applied {
         version: meta_get(conn, META_VERSION)?.and_then(|v| v.parse().ok()),
@@ -885,6 +899,7 @@ impl Store {
         let mut change = Sha256::new();
         change.update(new_version.to_be_bytes());
         let refs = References::of(&tx, &Definitions::default(), ImportMode::Merge)?;
+        let mut count_change = 0i64;
         for op in ops {
             match op {
                 DeltaOp::Upsert(spec) => {
@@ -893,7 +908,9 @@ impl Store {
                     refs.check(&row.doors, row.line)?;
                     change.update([b'U']);
                     row.hash_into(&mut change);
-                    upsert(&tx, &row)?;
+                    if !upsert(&tx, &row)? {
+                        count_change += 1;
+                    }
                     tx.prepare_cached("DELETE FROM card_uids WHERE key = ?1")?
                         .execute([key.as_slice()])?;
                     for u in &spec.card_uids {
@@ -920,8 +937,10 @@ impl Store {
                     let key = compress_key(k);
                     change.update([b'D']);
                     change.update(key);
+                    count_change -= tx
+                        .prepare_cached("DELETE FROM acl WHERE key = ?1")?
+                        .execute([key.as_slice()])? as i64;
                     for sql in [
-                        "DELETE FROM acl WHERE key = ?1",
                         "DELETE FROM card_uids WHERE key = ?1",
                         "DELETE FROM fast_keys WHERE key = ?1",
                     ] {
@@ -930,6 +949,7 @@ impl Store {
                 }
             }
         }
+        add_count(&tx, count_change)?;
         let applied = Applied {
             version: Some(new_version),
             hash: chain(&current.hash, change),
@@ -1162,6 +1182,10 @@ mod tests {
         }
         assert!(reason(&s, 1).is_grant());
         assert_eq!(reason(&s, 9), Decision::Deny(DenyReason::UnknownKey));
+        assert_eq!(s.stats().unwrap().credentials, 3);
+        s.import_specs(&[spec(1, &["x"]), spec(8, &["x"])], ImportMode::Merge, "m")
+            .unwrap();
+        assert_eq!(s.stats().unwrap().credentials, 4, "merge: one new");
         // A file import keeps the version, changes the hash.
         s.import_specs(&[spec(9, &["front"])], ImportMode::Replace, "f.csv")
             .unwrap();
@@ -1169,6 +1193,11 @@ mod tests {
         assert_eq!((a.version, a.source.as_str()), (Some(6), "f.csv"));
         assert_ne!(a.hash, hash5);
         assert_eq!(reason(&s, 1), Decision::Deny(DenyReason::UnknownKey));
+        assert_eq!(
+            s.stats().unwrap().credentials,
+            1,
+            "replace: what the file holds"
+        );
     }
 
     #[test]
@@ -1222,6 +1251,9 @@ mod tests {
         assert_eq!(reason(&s, 3), Decision::Deny(DenyReason::UnknownKey));
         assert!(reason(&s, 4).is_grant());
         assert_eq!(s.fast_key_count().unwrap(), 0, "suspension wipes FAST keys");
+        // The kept count follows: 3 - removed 3 + new 4.
+        assert_eq!(s.stats().unwrap().credentials, 3);
+        assert_eq!(s.count("SELECT count(*) FROM acl").unwrap(), 3);
         // Replayed, or on another base: refused, nothing changes.
         assert!(matches!(
             s.apply_delta(10, 11, &ops, "cloud"),

@@ -318,15 +318,8 @@ impl Outbox for StoreSync {
     }
 
     fn depth(&mut self) -> Result<OutboxReport, SinkError> {
-        let (depth, oldest): (i64, Option<i64>) = self.store.conn.query_row(
-            "SELECT count(*), min(time_ms) FROM events WHERE delivered_at IS NULL",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        Ok(OutboxReport {
-            depth: u64::try_from(depth).unwrap_or(0),
-            oldest_ms: oldest,
-        })
+        let (depth, oldest_ms) = crate::events::outbox_depth(&self.store.conn)?;
+        Ok(OutboxReport { depth, oldest_ms })
     }
 }
 

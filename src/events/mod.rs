@@ -493,6 +493,40 @@ impl Store {
     }
 }
 
+/// The outbox in three index probes, whatever its size: how many events are not delivered yet
+/// and the time of the oldest. Delivery (`mark_delivered`) and retention both act on a prefix
+/// of the ids, so the undelivered rows are the ids from the first undelivered one to the last.
+pub fn outbox_depth(conn: &rusqlite::Connection) -> rusqlite::Result<(u64, Option<i64>)> {
+    let first: Option<(i64, i64)> = conn
+        .query_row(
+            "SELECT id, time_ms FROM events WHERE delivered_at IS NULL ORDER BY id LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((first, oldest_ms)) = first else {
+        return Ok((0, None));
+    };
+    let last: i64 = conn.query_row("SELECT max(id) FROM events", [], |r| r.get(0))?;
+    Ok((
+        u64::try_from(last.saturating_sub(first).saturating_add(1)).unwrap_or(0),
+        Some(oldest_ms),
+    ))
+}
+
+/// Rows in the outbox in two index probes (ids are one contiguous run, see [`outbox_depth`]).
+pub fn event_count(conn: &rusqlite::Connection) -> rusqlite::Result<u64> {
+    let (first, last): (Option<i64>, Option<i64>) = conn.query_row(
+        "SELECT (SELECT min(id) FROM events), (SELECT max(id) FROM events)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    Ok(match (first, last) {
+        (Some(a), Some(b)) => u64::try_from(b.saturating_sub(a).saturating_add(1)).unwrap_or(0),
+        _ => 0,
+    })
+}
+
 /// Adds `n` to the integer kept in `meta` under `key`.
 fn add_counter(conn: &rusqlite::Connection, key: &str, n: i64) -> rusqlite::Result<()> {
     conn.execute(
