@@ -127,6 +127,11 @@ enum AclCommand {
         /// Add to / update the current ACL instead of replacing it.
         #[arg(long)]
         merge: bool,
+        /// Import even if the file names doors this configuration does not have (an ACL
+        /// shared by several gateways); they are listed as a warning. Without it such a file
+        /// is refused.
+        #[arg(long)]
+        allow_unknown_doors: bool,
     },
 }
 
@@ -214,7 +219,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Acl {
-            command: AclCommand::Import { file, merge },
+            command:
+                AclCommand::Import {
+                    file,
+                    merge,
+                    allow_unknown_doors,
+                },
         } => {
             let cfg = config::load(&cli.config)?;
             // Beside a running daemon the import yields the CPU to taps.
@@ -225,7 +235,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ImportMode::Replace
             };
-            let summary = match store.import_file(&file, mode) {
+            let options = keyway::acl::import::ImportOptions {
+                known_doors: Some(cfg.doors.iter().map(|d| d.id.clone()).collect()),
+                allow_unknown_doors,
+            };
+            let summary = match store.import_file_with(&file, mode, &options) {
                 Ok(s) => s,
                 Err(e) if e.is_file_problem() => {
                     return Err(anyhow::Error::new(e).context(format!(
@@ -248,6 +262,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 summary.updated,
                 summary.removed
             );
+            if !summary.unknown_doors.is_empty() {
+                eprintln!(
+                    "keyway: warning: {} names doors that are not in {}: {} (imported: \
+                     --allow-unknown-doors; those entries never match a tap here)",
+                    file.display(),
+                    cli.config.display(),
+                    summary.unknown_doors
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Acl {

@@ -195,6 +195,69 @@ fn acl_import_bad_file_names_the_line_and_keeps_the_old_acl() {
     assert!(d.is_grant(), "{d:?}");
 }
 
+/// A file naming a door the configuration does not have is refused with the ids, counts and
+/// lines, and the flag that imports it anyway (with the same list as a warning).
+#[test]
+fn acl_import_reports_doors_not_in_the_configuration() {
+    let s = site(0o600);
+    let keys: Vec<String> = (0..3)
+        .map(|_| {
+            hex::encode(
+                p256::SecretKey::random(&mut rand_core::OsRng)
+                    .public_key()
+                    .to_sec1_bytes(),
+            )
+        })
+        .collect();
+    let file = s.dir.path().join("typo.csv");
+    std::fs::write(
+        &file,
+        format!(
+            "endpoint_key,person_id,card_format,facility_code,card_number,valid_from,valid_until,doors\n\
+             {},p-1,h10301,1,100,,,front\n\
+             {},p-2,h10301,1,101,,,frnt;front\n\
+             {},p-3,h10301,1,102,,,frnt;lab-9\n",
+            keys[0], keys[1], keys[2]
+        ),
+    )
+    .unwrap();
+    let o = keyway(&s.config, &["acl", "import", file.to_str().unwrap()]);
+    no_panic(&o);
+    assert!(!o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("'frnt' (2, first on line 3), 'lab-9' (1, first on line 4)"),
+        "{t}"
+    );
+    assert!(
+        t.contains("--allow-unknown-doors") && t.contains("nothing changed"),
+        "{t}"
+    );
+    assert!(
+        !s.dir.path().join("keyway.db").exists() || {
+            let st = keyway::acl::Store::open(&s.dir.path().join("keyway.db")).unwrap();
+            st.stats().unwrap().credentials == 0
+        }
+    );
+    let o = keyway(
+        &s.config,
+        &[
+            "acl",
+            "import",
+            "--allow-unknown-doors",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning") && err.contains("'frnt' (2"),
+        "{err}"
+    );
+    let st = keyway::acl::Store::open(&s.dir.path().join("keyway.db")).unwrap();
+    assert_eq!(st.stats().unwrap().credentials, 3);
+}
+
 #[test]
 fn version_and_events_on_an_empty_store() {
     let s = site(0o600);

@@ -148,6 +148,9 @@ pub enum ApplyError {
     },
     #[error("more than {max} credentials")]
     TooMany { max: usize },
+    /// Door ids the configuration does not have, and the caller asked to refuse them.
+    #[error("names doors that are not configured: {0}")]
+    UnknownDoors(UnknownDoors),
     #[error("the staging file {}: {source}", path.display())]
     Stage {
         path: PathBuf,
@@ -195,6 +198,104 @@ pub struct ApplySummary {
     /// Stored keys the snapshot did not list (replace only).
     pub removed: usize,
     pub applied: Applied,
+    /// Door ids the source names that the configuration does not have (when the caller gave
+    /// the configured doors, see [`SnapshotApply::check_doors`]).
+    pub unknown_doors: UnknownDoors,
+}
+
+/// Door ids an ACL names that are not configured: such an entry can never match a tap (a
+/// typo, or a site-wide ACL naming other gateways' doors).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct UnknownDoors {
+    /// Door id -> (how many credentials or groups name it, the first line naming it). At most
+    /// [`MAX_UNKNOWN_DOORS_LISTED`] ids; the rest are counted in `more`.
+    pub doors: std::collections::BTreeMap<String, (u64, u64)>,
+    /// Entries naming further unknown ids.
+    pub more: u64,
+}
+
+/// Unknown door ids listed one by one.
+pub const MAX_UNKNOWN_DOORS_LISTED: usize = 100;
+
+impl UnknownDoors {
+    pub fn is_empty(&self) -> bool {
+        self.doors.is_empty() && self.more == 0
+    }
+
+    fn note(&mut self, door: &str, line: u64) {
+        if let Some((n, _)) = self.doors.get_mut(door) {
+            *n += 1;
+        } else if self.doors.len() < MAX_UNKNOWN_DOORS_LISTED {
+            self.doors.insert(door.to_owned(), (1, line));
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+impl std::fmt::Display for UnknownDoors {
+    /// `'frnt' (3, first on line 7), 'lab-9' (1, first on line 12)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (door, (n, line)) in &self.doors {
+            if !first {
+                f.write_str(", ")?;
+            }
+            first = false;
+            if *line == 0 {
+                write!(f, "'{door}' ({n}, in door_groups)")?;
+            } else {
+                write!(f, "'{door}' ({n}, first on line {line})")?;
+            }
+        }
+        if self.more > 0 {
+            write!(f, " and {} more", self.more)?;
+        }
+        Ok(())
+    }
+}
+
+/// Which doors exist, for [`SnapshotApply::check_doors`].
+struct DoorCheck {
+    known: std::collections::BTreeSet<String>,
+    refuse: bool,
+    found: UnknownDoors,
+}
+
+impl DoorCheck {
+    /// Notes the door ids `doors` (a credential's entries) names that are not known.
+    fn row(&mut self, doors: &str, line: u64) {
+        for entry in doors.split(';') {
+            if let Ok(schedule::DoorEntry {
+                target: Target::Door(d),
+                ..
+            }) = schedule::parse_entry(entry)
+            {
+                if !self.known.contains(d) {
+                    self.found.note(d, line);
+                }
+            }
+        }
+    }
+
+    fn definitions(&mut self, d: &Definitions) {
+        for doors in d.door_groups.iter().flat_map(|g| g.values()) {
+            for door in doors {
+                if !self.known.contains(door) {
+                    // A group has no line of its own in the source.
+                    self.found.note(door, 0);
+                }
+            }
+        }
+    }
+
+    /// Refused before anything is written, when asked to.
+    fn verdict(&self) -> Result<(), ApplyError> {
+        if self.refuse && !self.found.is_empty() {
+            return Err(ApplyError::UnknownDoors(self.found.clone()));
+        }
+        Ok(())
+    }
 }
 
 /// A change to single credentials, applied in place by [`Store::apply_delta`].
@@ -225,6 +326,7 @@ pub struct SnapshotApply<'s> {
     in_batch: usize,
     /// The door groups, schedules and holidays the source carries.
     definitions: Definitions,
+    doors: Option<DoorCheck>,
 }
 
 impl<'s> SnapshotApply<'s> {
@@ -270,7 +372,26 @@ impl<'s> SnapshotApply<'s> {
             pushed: 0,
             in_batch: 0,
             definitions: Definitions::default(),
+            doors: None,
         })
+    }
+
+    /// Checks the door ids the source names against `known` (the configured doors): unknown
+    /// ones are reported in the summary, or with `refuse` the apply fails before anything is
+    /// written ([`ApplyError::UnknownDoors`]).
+    pub fn check_doors(&mut self, known: std::collections::BTreeSet<String>, refuse: bool) {
+        self.doors = Some(DoorCheck {
+            known,
+            refuse,
+            found: UnknownDoors::default(),
+        });
+    }
+
+    fn unknown_doors(&self) -> UnknownDoors {
+        self.doors
+            .as_ref()
+            .map(|c| c.found.clone())
+            .unwrap_or_default()
     }
 
     /// The definitions the source carries (a section it carries replaces the stored one, a
@@ -374,6 +495,9 @@ impl<'s> SnapshotApply<'s> {
                     format!("duplicate key, already listed on line {first}")
                 })?;
                 refs.check(&row.doors, row.line)?;
+                if let Some(c) = &mut self.doors {
+                    c.row(&row.doors, row.line);
+                }
                 row.hash_into(&mut hasher);
                 if exists.exists([row.key.as_slice()])? {
                     common += 1;
@@ -389,6 +513,10 @@ impl<'s> SnapshotApply<'s> {
             }
             conn.execute_batch("COMMIT")?;
         }
+        if let Some(c) = &mut self.doors {
+            c.definitions(&self.definitions);
+            c.verdict()?;
+        }
         self.copy_uids(&mut hasher, "card_uids_next", false)?;
         hash_definitions(&self.definitions, &mut hasher);
         self.store.conn.execute_batch("PRAGMA synchronous = FULL")?;
@@ -402,6 +530,7 @@ impl<'s> SnapshotApply<'s> {
             updated: common,
             removed: old_count.saturating_sub(common),
             applied,
+            unknown_doors: self.unknown_doors(),
         })
     }
 
@@ -517,6 +646,9 @@ impl<'s> SnapshotApply<'s> {
                         format!("duplicate key, already listed on line {first}")
                     })?;
                     refs.check(&row.doors, row.line)?;
+                    if let Some(c) = &mut self.doors {
+                        c.row(&row.doors, row.line);
+                    }
                     row.hash_into(&mut change);
                     match upsert(conn, &row)? {
                         true => updated += 1,
@@ -525,6 +657,10 @@ impl<'s> SnapshotApply<'s> {
                     conn.prepare_cached("DELETE FROM card_uids WHERE key = ?1")?
                         .execute([row.key.as_slice()])?;
                 }
+            }
+            if let Some(c) = &mut self.doors {
+                c.definitions(&self.definitions);
+                c.verdict()?;
             }
             self.copy_uids(&mut change, "card_uids", true)?;
             add_count(&self.store.conn, inserted as i64)?;
@@ -557,6 +693,7 @@ impl<'s> SnapshotApply<'s> {
                     updated,
                     removed: 0,
                     applied,
+                    unknown_doors: self.unknown_doors(),
                 })
             }
             Err(e) => {
@@ -1228,6 +1365,40 @@ mod tests {
         assert!(reason(&s, 1).is_grant() && reason(&s, 2).is_grant());
         assert_eq!(reason(&s, 3), Decision::Deny(DenyReason::UnknownKey));
         assert_eq!(s.stats().unwrap().credentials, 2);
+    }
+
+    #[test]
+    fn doors_not_configured_are_reported_or_refused() {
+        let mut s = Store::open_in_memory().unwrap();
+        let known: std::collections::BTreeSet<String> =
+            ["front", "back"].iter().map(|d| d.to_string()).collect();
+        let groups = serde_json::json!({"g": ["back", "attic"]});
+        let defs = Definitions {
+            door_groups: Some(crate::acl::record::parse_door_groups(&groups).ok().unwrap()),
+            ..Default::default()
+        };
+        let run = |s: &mut Store, refuse: bool, mode: ImportMode| {
+            let mut a = SnapshotApply::begin(s, None, mode, "f").unwrap();
+            a.check_doors(known.clone(), refuse);
+            a.define(defs.clone());
+            let mut c = spec(1, &["front", "frnt", "@g"]);
+            c.line = 3;
+            a.push(&c).unwrap();
+            a.push(&spec(2, &["*", "frnt"])).unwrap();
+            a.commit()
+        };
+        for mode in [ImportMode::Replace, ImportMode::Merge] {
+            let e = run(&mut s, true, mode).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "names doors that are not configured: 'attic' (1, in door_groups), \
+                 'frnt' (2, first on line 3)"
+            );
+            assert_eq!(s.stats().unwrap().credentials, 0, "refused before writing");
+        }
+        let sum = run(&mut s, false, ImportMode::Replace).unwrap();
+        assert_eq!(sum.unknown_doors.doors.len(), 2);
+        assert!(reason(&s, 1).is_grant());
     }
 
     #[test]

@@ -160,6 +160,10 @@ fn apply_error(e: ApplyError, path: &Path) -> ImportError {
             path: path.to_path_buf(),
             max,
         },
+        ApplyError::UnknownDoors(found) => ImportError::UnknownDoors {
+            path: path.to_path_buf(),
+            found,
+        },
         other => ImportError::Apply {
             path: path.to_path_buf(),
             source: other,
@@ -175,6 +179,7 @@ impl From<ApplySummary> for ImportSummary {
             inserted: s.inserted,
             updated: s.updated,
             removed: s.removed,
+            unknown_doors: s.unknown_doors,
         }
     }
 }
@@ -187,12 +192,25 @@ impl Store {
         path: &Path,
         mode: ImportMode,
     ) -> Result<ImportSummary, ImportError> {
+        self.import_file_with(path, mode, &ImportOptions::default())
+    }
+
+    /// [`Store::import_file`] with the door check of `options`.
+    pub fn import_file_with(
+        &mut self,
+        path: &Path,
+        mode: ImportMode,
+        options: &ImportOptions,
+    ) -> Result<ImportSummary, ImportError> {
         let source = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let mut apply =
             SnapshotApply::begin(self, None, mode, &source).map_err(|e| apply_error(e, path))?;
+        if let Some(known) = &options.known_doors {
+            apply.check_doors(known.clone(), !options.allow_unknown_doors);
+        }
         let definitions = read_file(path, |spec| {
             apply.push(&spec).map_err(|e| apply_error(e, path))
         })?;

@@ -103,6 +103,20 @@ pub struct ImportSummary {
     pub updated: usize,
     /// Stored credentials removed because the file (Replace mode) did not list them.
     pub removed: usize,
+    /// Door ids the file names that are not configured (when the import was given the
+    /// configured doors).
+    pub unknown_doors: super::apply::UnknownDoors,
+}
+
+/// What an import checks beyond the file itself.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// The configured door ids: a file naming others is refused (an entry that can never match
+    /// a tap is most likely a typo), unless `allow_unknown_doors`.
+    pub known_doors: Option<std::collections::BTreeSet<String>>,
+    /// Import a file naming unknown doors anyway (an ACL shared by several gateways); they are
+    /// reported in [`ImportSummary::unknown_doors`].
+    pub allow_unknown_doors: bool,
 }
 
 /// One validated credential from a file.
@@ -178,6 +192,16 @@ pub enum ImportError {
         line: u64,
         field: &'static str,
         message: String,
+    },
+    /// The file names door ids the configuration does not have.
+    #[error(
+        "{}: names doors that are not in the configuration: {found}; fix the door ids, or \
+         import with --allow-unknown-doors (an ACL shared by several gateways)",
+        path.display()
+    )]
+    UnknownDoors {
+        path: PathBuf,
+        found: super::apply::UnknownDoors,
     },
     /// The file was fine but applying it failed (database busy, damaged, disk full...).
     #[error("{}: the ACL was not applied, nothing was changed: {source}", path.display())]
