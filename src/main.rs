@@ -193,10 +193,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckConfig => {
             let cfg = config::load(&cli.config)?;
             let problems = config::preflight::check(&cfg);
-            if !problems.is_empty() {
-                for p in &problems {
-                    eprintln!("keyway: config file {}: {p}", cli.config.display());
-                }
+            for p in &problems {
+                let what = if p.fatal { "" } else { "warning: " };
+                eprintln!("keyway: {what}config file {}: {p}", cli.config.display());
+            }
+            if problems.iter().any(|p| p.fatal) {
                 return Ok(ExitCode::FAILURE);
             }
             println!(

@@ -256,7 +256,67 @@ pub enum AclError {
     Corrupt { id: i64, what: String },
     #[error("invalid event: {0}")]
     InvalidEvent(String),
+    #[error("cannot start the integrity check's watchdog thread: {0}")]
+    CheckThread(std::io::Error),
+    /// The database is served read-only (its disk takes no writes): nothing can be stored.
+    #[error("{}: the database is read-only ({reason}); nothing can be stored", path.display())]
+    ReadOnly { path: PathBuf, reason: String },
+    #[error(
+        "{}: database schema version {found} needs migrating to {supported}, which a read-only \
+         database cannot",
+        path.display()
+    )]
+    ReadOnlyNeedsMigration {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
 }
+
+impl AclError {
+    /// An error that says the database cannot be written here (read-only file system,
+    /// permissions, a full disk), as opposed to a damaged, busy or unreadable one: the store
+    /// can still serve decisions read-only.
+    pub fn is_unwritable(&self) -> bool {
+        let io = |e: &std::io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EROFS | libc::EACCES | libc::EPERM | libc::ENOSPC)
+            )
+        };
+        let sql = |e: &rusqlite::Error| {
+            matches!(
+                e.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::ReadOnly
+                        | rusqlite::ErrorCode::CannotOpen
+                        | rusqlite::ErrorCode::PermissionDenied
+                        | rusqlite::ErrorCode::DiskFull
+                )
+            )
+        };
+        match self {
+            AclError::CreateDir { source, .. } | AclError::CreateFile { source, .. } => io(source),
+            AclError::Open { source, .. } | AclError::Migration { source, .. } => sql(source),
+            AclError::Sqlite(e) => sql(e),
+            AclError::ReadOnly { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// What [`Store::quick_check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuickCheck {
+    Ok,
+    /// SQLite's own words for each problem (at most [`QUICK_CHECK_LINES`]).
+    Damaged(Vec<String>),
+    /// The time budget ran out first.
+    Unfinished,
+}
+
+/// Problems a quick check lists at most.
+pub const QUICK_CHECK_LINES: u32 = 20;
 
 /// The SQLite-backed credential store and event outbox. Not `Sync`: the daemon keeps it
 /// behind a mutex or on a dedicated thread.
@@ -382,6 +442,78 @@ impl Store {
         };
         store.configure_and_migrate()?;
         Ok(store)
+    }
+
+    /// Opens an existing database for reading only, on a disk that takes no writes: no file is
+    /// created and nothing migrated (see [`open_read_only_connection`]).
+    pub fn open_read_only(path: &Path) -> Result<Store, AclError> {
+        let open_err = |source| AclError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = open_read_only_connection(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let found: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if found > SCHEMA_VERSION {
+            return Err(AclError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if found < SCHEMA_VERSION {
+            return Err(AclError::ReadOnlyNeedsMigration {
+                path: path.to_path_buf(),
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            tz: jiff::tz::TimeZone::system(),
+        })
+    }
+
+    /// `PRAGMA quick_check`, stopped when `budget` runs out: every page of a large database is
+    /// read, which takes seconds on an SD card.
+    pub fn quick_check(&self, budget: Duration) -> Result<QuickCheck, AclError> {
+        // A watchdog interrupts the check when the budget runs out; told to stand down when
+        // it finishes first.
+        let interrupt = self.conn.get_interrupt_handle();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::Builder::new()
+            .name("keyway-check".into())
+            .spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    finished.recv_timeout(budget)
+                {
+                    interrupt.interrupt();
+                }
+            })
+            .map_err(AclError::CheckThread)?;
+        let lines: Result<Vec<String>, rusqlite::Error> = self
+            .conn
+            .prepare(&format!("PRAGMA quick_check({QUICK_CHECK_LINES})"))
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()
+            });
+        let _ = done.send(());
+        let _ = watchdog.join();
+        match lines {
+            Ok(l) if l.len() == 1 && l.first().map(String::as_str) == Some("ok") => {
+                Ok(QuickCheck::Ok)
+            }
+            Ok(l) => Ok(QuickCheck::Damaged(l)),
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) => {
+                Ok(QuickCheck::Unfinished)
+            }
+            Err(e) if is_damage(&e) => Ok(QuickCheck::Damaged(vec![e.to_string()])),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A private in-memory store (tests, dry runs). Same schema, no file.
@@ -758,6 +890,46 @@ fn lookup_key(raw: &[u8]) -> Option<[u8; COMPRESSED_KEY_LEN]> {
         (COMPRESSED_KEY_LEN, Some(0x02 | 0x03)) => raw.try_into().ok(),
         _ => None,
     }
+}
+
+/// A read-only connection to an existing database, also on a disk that takes no writes.
+/// `mode=ro` first (it sees what a writer left in the WAL); where SQLite cannot read a WAL
+/// database that way (no `-shm` file and no way to create one on a read-only file system),
+/// `immutable=1`, which takes no locks: right because nothing can write a read-only file
+/// system. Such a connection does not see later writes: reopen it once the disk takes writes.
+pub fn open_read_only_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
+    use rusqlite::OpenFlags;
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let uri = |extra: &str| {
+        let mut u = String::from("file:");
+        for b in path.as_os_str().as_encoded_bytes() {
+            // The path as a URI: everything but unreserved characters and '/' escaped.
+            if b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.' | b'~') {
+                u.push(char::from(*b));
+            } else {
+                u.push_str(&format!("%{b:02X}"));
+            }
+        }
+        u.push_str("?mode=ro");
+        u.push_str(extra);
+        u
+    };
+    let try_open = |extra: &str| -> Result<Connection, rusqlite::Error> {
+        let conn = Connection::open_with_flags(uri(extra), flags)?;
+        // A read that needs the WAL index fails here, not at the first decision.
+        conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?;
+        Ok(conn)
+    };
+    // Only where the file system is the reason: a busy or damaged database is not opened
+    // immutable (it would never see the writer's changes).
+    try_open("").or_else(|e| match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly) => {
+            try_open("&immutable=1")
+        }
+        _ => Err(e),
+    })
 }
 
 /// SQLite errors that mean the database file itself is damaged (not the input, not busy).

@@ -9,6 +9,7 @@
 //! keyway-phone-emu tap --vpcd 127.0.0.1:35963 --endpoint-key phone.pem \
 //!     --reader-group-id 00112233445566778899aabbccddeeff --reader-group-key 04ab... --json
 //! keyway-phone-emu card --vpcd 127.0.0.1:35963 --uid 04A1B2C3D4E5F6   # UID-only card
+//! keyway-phone-emu acl-file --count 5000000 --out acl.json   # synthetic ACL (benchmarks)
 //! ```
 //!
 //! `tap --user-verified` reports biometric/PIN verification (sensitive doors).
@@ -70,6 +71,18 @@ enum Command {
     },
     /// Put the phone on the reader once and report how the reader's transaction ended.
     Tap(Box<TapArgs>),
+    /// Write a synthetic ACL file (benchmarks): `count` distinct valid keys `k·G` from
+    /// `first`, all at `door`; `.csv` or `.json` (version 1) by the file name, streamed.
+    AclFile {
+        #[arg(long)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        first: u64,
+        #[arg(long, default_value = "front")]
+        door: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Present a physical card without Aliro (UID only, for cutover doors): it refuses the
     /// Aliro SELECT and answers GET DATA with its UID. Exit 0 when the reader read the UID.
     Card {
@@ -159,6 +172,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::AclFile {
+            count,
+            first,
+            door,
+            out,
+        } => {
+            let ext = out.extension().and_then(|e| e.to_str()).unwrap_or_default();
+            let write = match ext.to_ascii_lowercase().as_str() {
+                "csv" => keyway::sim::acl::write_csv,
+                "json" => keyway::sim::acl::write_json,
+                _ => bail!("{}: the name must end in .csv or .json", out.display()),
+            };
+            write(&out, first, count, &door).with_context(|| format!("{}", out.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Keygen { out, force } => {
             keygen(&out, force)?;
             Ok(ExitCode::SUCCESS)

@@ -15,6 +15,8 @@ pub const STATE_DIR: &str = "/var/lib/keyway";
 pub struct Problem {
     pub field: String,
     pub message: String,
+    /// keyway cannot run with it; otherwise a warning (it runs, with less).
+    pub fatal: bool,
 }
 
 impl std::fmt::Display for Problem {
@@ -27,9 +29,20 @@ impl std::fmt::Display for Problem {
 pub fn check(cfg: &Validated) -> Vec<Problem> {
     let mut problems = Vec::new();
     if let Err(m) = writable_file_dir(&cfg.daemon.database).map_err(with_state_hint) {
+        // An existing database on a disk that takes no writes is still served (read-only, so
+        // grants go on): refusing to start would stop every door.
+        let readable = std::fs::File::open(&cfg.daemon.database).is_ok();
         problems.push(Problem {
             field: "daemon.database".into(),
-            message: m,
+            message: if readable {
+                format!(
+                    "{m}; keyway will serve grants READ-ONLY from it and store no events until \
+                     it can write"
+                )
+            } else {
+                m
+            },
+            fatal: !readable,
         });
     }
     for door in &cfg.doors {
@@ -40,6 +53,7 @@ pub fn check(cfg: &Validated) -> Vec<Problem> {
                 problems.push(Problem {
                     field: format!("{name}: osdp.scbk_file"),
                     message: m,
+                    fatal: true,
                 });
             }
         }
@@ -47,6 +61,7 @@ pub fn check(cfg: &Validated) -> Vec<Problem> {
             problems.push(Problem {
                 field: format!("{name}: osdp.port"),
                 message: m,
+                fatal: true,
             });
         }
     }

@@ -23,8 +23,16 @@ pub fn spawn(
         return Ok(());
     };
     let link = Link::new(settings).map_err(|e| DaemonError::Cloud(e.to_string()))?;
-    let store =
-        StoreSync::open(&cfg.daemon.database).map_err(|e| DaemonError::Cloud(e.to_string()))?;
+    let store = match StoreSync::open(&cfg.daemon.database) {
+        Ok(s) => s,
+        // The doors are served read-only; the cloud link needs to write (ACL, outbox acks).
+        Err(e) if e.is_unwritable() => {
+            log::error!(target: "keyway::cloud",
+                "cloud link not started: the database takes no writes ({e})");
+            return Ok(());
+        }
+        Err(e) => return Err(DaemonError::Cloud(e.to_string())),
+    };
     tasks.spawn(async move {
         if let Err(e) = link.run(store, shutdown).await {
             log::error!(target: "keyway::cloud", "cloud link stopped: {e}");

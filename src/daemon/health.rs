@@ -60,6 +60,7 @@ pub async fn run(inputs: HealthInputs, mut shutdown: watch::Receiver<bool>) {
     let mut tracker = Tracker::default();
     let mut last_status = String::new();
     let mut conn: Option<rusqlite::Connection> = None;
+    let mut read_only = store.health().read_only.is_some();
     loop {
         for (port, bus, beat) in &buses {
             if let Ok(Ok(h)) = tokio::time::timeout(PROBE_TIMEOUT, bus.health()).await {
@@ -70,6 +71,14 @@ pub async fn run(inputs: HealthInputs, mut shutdown: watch::Receiver<bool>) {
         if let Ok(Ok(())) = tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await {
             store_beat.beat();
         }
+        let database_status = store.status();
+        if database_status.read_only.is_some() != read_only {
+            // Opened while the disk took no writes, the sample connection may be immutable
+            // (blind to writes): a fresh one when that changes.
+            read_only = database_status.read_only.is_some();
+            conn = None;
+        }
+        registry.database(database_status);
         // The database sample on the blocking pool, with one read connection kept between
         // samples (reopened after an error).
         let (doors2, db) = (doors.clone(), database.clone());

@@ -263,10 +263,13 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
 
     let database = cfg.daemon.database.display().to_string();
     // A second, short-lived connection (the store thread owns the first): the ACL's size for
-    // the start-up line and STATUS=, so an empty ACL is visible at once.
-    let acl = match crate::acl::Store::open(&cfg.daemon.database).and_then(|s| s.stats()) {
-        Ok(st) if st.credentials == 0 => "ACL empty (keyway acl import FILE)".to_string(),
-        Ok(st) => format!("ACL {} credential(s)", st.credentials),
+    // the start-up line and STATUS=, so an empty ACL is visible at once. Read-only (the disk
+    // may take no writes) and the kept count (not a count of millions of rows).
+    let acl = match crate::acl::Store::open_read_only(&cfg.daemon.database)
+        .and_then(|s| Ok(crate::acl::credential_count(&s.conn)?))
+    {
+        Ok(0) => "ACL empty (keyway acl import FILE)".to_string(),
+        Ok(n) => format!("ACL {n} credential(s)"),
         Err(e) => format!("ACL size unknown: {e}"),
     };
     let status = format!(

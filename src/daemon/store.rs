@@ -5,6 +5,12 @@
 //! tokio's blocking pool; WAL lets it read beside any writer, this one or a CLI import), while
 //! events and FAST-key writes queue to the writer thread. An event write that finds the
 //! database busy (an import holding the lock) is retried until it is stored, never dropped.
+//!
+//! At start the database is checked (`PRAGMA quick_check`, a bounded part at once, the rest in
+//! the background) and a damaged one is reported loudly. A database that takes no writes (a
+//! read-only file system, wrong permissions, a full disk) is served read-only: grants go on
+//! from the cached ACL, every write fails loudly and is counted, and the writer tries again
+//! every [`WRITABLE_RETRY`] until the database takes writes.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::acl::{AclError, Decision, Store};
+use crate::acl::{AclError, Decision, QuickCheck, Store};
 use crate::aliro::crypto::SymmetricKey;
 use crate::aliro::reader::FastCredential;
 use crate::events::{unix_ms, AccessEvent, Retention};
+use crate::logging::catalog;
 use crate::osdp::AttemptId;
 
 /// Requests queue here while a slow disk catches up; a full queue delays taps, never drops events.
@@ -74,7 +81,36 @@ pub struct StoreHandle {
     reader: Arc<Mutex<Store>>,
     /// Event writes that failed since start (disk full, I/O error, damage).
     write_failures: Arc<AtomicU64>,
+    health: Arc<Mutex<StoreHealth>>,
 }
+
+/// What the store knows about the database's state, for status and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Why the database takes no writes now; `None`: it does.
+    pub read_only: Option<String>,
+    pub integrity: Integrity,
+}
+
+/// The start-up integrity check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Integrity {
+    /// Still running (in the background, past the start-up budget).
+    #[default]
+    Checking,
+    Ok,
+    /// What `quick_check` found.
+    Damaged(Vec<String>),
+    /// The check itself failed (or was cut short by its budget); not known to be damaged.
+    Unknown(String),
+}
+
+/// The part of the integrity check done before the store starts serving.
+pub const START_CHECK_BUDGET: Duration = Duration::from_secs(2);
+/// The rest, in the background.
+const BACKGROUND_CHECK_BUDGET: Duration = Duration::from_secs(600);
+/// How often a read-only store tries to open the database for writing again.
+pub const WRITABLE_RETRY: Duration = Duration::from_secs(30);
 
 /// How the store thread runs.
 #[derive(Debug, Clone)]
@@ -85,6 +121,10 @@ pub struct StoreOptions {
     pub retention: Retention,
     /// The site's time zone for schedules; `None`: the system's.
     pub time_zone: Option<jiff::tz::TimeZone>,
+    /// The part of the integrity check done before serving ([`START_CHECK_BUDGET`]).
+    pub start_check_budget: Duration,
+    /// How often a read-only store tries to write again ([`WRITABLE_RETRY`]).
+    pub writable_retry: Duration,
 }
 
 impl Default for StoreOptions {
@@ -93,6 +133,8 @@ impl Default for StoreOptions {
             busy_timeout: crate::acl::BUSY_TIMEOUT,
             retention: Retention::default(),
             time_zone: None,
+            start_check_budget: START_CHECK_BUDGET,
+            writable_retry: WRITABLE_RETRY,
         }
     }
 }
@@ -150,16 +192,45 @@ impl StoreHandle {
         path: &Path,
         options: StoreOptions,
     ) -> Result<(Self, std::thread::JoinHandle<()>), StoreError> {
-        let mut store = Store::open(path)?;
-        store.set_busy_timeout(options.busy_timeout)?;
-        let mut reader = Store::open(path)?;
+        let health = Arc::new(Mutex::new(StoreHealth::default()));
+        let (store, mut reader) = match Store::open(path) {
+            Ok(w) => {
+                w.set_busy_timeout(options.busy_timeout)?;
+                (Some(w), Store::open(path)?)
+            }
+            // Grants must not depend on the disk taking writes.
+            Err(e) if e.is_unwritable() => {
+                let r = match Store::open_read_only(path) {
+                    Ok(r) => r,
+                    Err(ro) => {
+                        log::error!(target: "keyway::store",
+                            "{}: cannot open for writing ({e}) nor read-only: {ro}",
+                            path.display());
+                        return Err(e.into());
+                    }
+                };
+                announce_read_only(path, &e.to_string());
+                set(&health, |h| h.read_only = Some(e.to_string()));
+                (None, r)
+            }
+            Err(e) => return Err(e.into()),
+        };
         if let Some(tz) = &options.time_zone {
             reader.set_time_zone(tz.clone());
         }
+        check_integrity(path, &reader, &health, options.start_check_budget);
         let reader = Arc::new(Mutex::new(reader));
         let write_failures = Arc::new(AtomicU64::new(0));
         let failures = write_failures.clone();
         let (tx, mut rx) = mpsc::channel::<Request>(QUEUE);
+        let mut writer = Writer {
+            store,
+            path: path.to_path_buf(),
+            options: options.clone(),
+            retry_at: Instant::now() + options.writable_retry,
+            reader: reader.clone(),
+            health: health.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("keyway-store".into())
             .spawn(move || {
@@ -169,9 +240,11 @@ impl StoreHandle {
                     failures,
                     uncounted_failures: 0,
                 };
-                for _ in 0..PRUNE_STEPS_AT_START {
-                    if !outbox.prune(&mut store) {
-                        break;
+                if let Some(store) = writer.store.as_mut() {
+                    for _ in 0..PRUNE_STEPS_AT_START {
+                        if !outbox.prune(store) {
+                            break;
+                        }
                     }
                 }
                 while let Some(req) = rx.blocking_recv() {
@@ -181,15 +254,18 @@ impl StoreHandle {
                             attempt,
                             reply,
                         } => {
-                            let r = record_retrying(&mut store, &event, attempt);
-                            match &r {
-                                Ok(_) => {
+                            let r = writer
+                                .get()
+                                .and_then(|store| record_retrying(store, &event, attempt));
+                            match (&r, writer.store.as_mut()) {
+                                (Ok(_), Some(store)) => {
                                     if let Some(a) = attempt {
-                                        pending.apply(&mut store, a, &event.door);
+                                        pending.apply(store, a, &event.door);
                                     }
-                                    outbox.stored(&mut store);
+                                    outbox.stored(store);
                                 }
-                                Err(e) => outbox.failed(&event, e),
+                                (Err(e), _) => outbox.failed(&event, e),
+                                (Ok(_), None) => {}
                             }
                             let _ = reply.send(r);
                         }
@@ -198,13 +274,18 @@ impl StoreHandle {
                             verdict,
                             reply,
                         } => {
-                            let r = store.set_panel_verdict(attempt, verdict);
+                            let r = writer
+                                .get()
+                                .and_then(|store| store.set_panel_verdict(attempt, verdict));
                             if let Ok(None) = r {
                                 pending.hold(attempt, verdict);
                             }
                             let _ = reply.send(r);
                         }
                         Request::Ping(reply) => {
+                            // The health task pings every 2 s: a read-only store finds out
+                            // that it can write again without waiting for a tap.
+                            writer.retry_if_due();
                             let _ = reply.send(Ok(()));
                         }
                         Request::SaveFastKey {
@@ -214,12 +295,12 @@ impl StoreHandle {
                             reply,
                         } => {
                             let now = crate::events::unix_ms(time::OffsetDateTime::now_utc());
-                            let r = match &k_persistent {
+                            let r = writer.get().and_then(|store| match &k_persistent {
                                 None => store
                                     .touch_fast_key(&reader_id, &endpoint_key, now)
                                     .map(|()| true),
                                 Some(k) => store.save_fast_key(&reader_id, &endpoint_key, k, now),
-                            };
+                            });
                             let _ = reply.send(r);
                         }
                     }
@@ -231,9 +312,32 @@ impl StoreHandle {
                 tx,
                 reader,
                 write_failures,
+                health,
             },
             thread,
         ))
+    }
+
+    /// The database's state: read-only or not, and what the integrity check found.
+    pub fn health(&self) -> StoreHealth {
+        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// [`health`](Self::health) and the failed event writes, as `keyway status` shows them.
+    pub fn status(&self) -> crate::status::model::DatabaseStatus {
+        let h = self.health();
+        let (integrity, detail) = match h.integrity {
+            Integrity::Checking => ("checking", Vec::new()),
+            Integrity::Ok => ("ok", Vec::new()),
+            Integrity::Damaged(lines) => ("damaged", lines),
+            Integrity::Unknown(why) => ("unknown", vec![why]),
+        };
+        crate::status::model::DatabaseStatus {
+            read_only: h.read_only,
+            integrity: integrity.into(),
+            integrity_detail: detail,
+            events_not_stored: self.event_write_failures(),
+        }
     }
 
     /// Event writes that failed since this handle's store was opened.
@@ -355,6 +459,145 @@ fn attempt_column(a: AttemptId) -> i64 {
     i64::try_from(a).unwrap_or(i64::MAX)
 }
 
+fn set(health: &Mutex<StoreHealth>, f: impl FnOnce(&mut StoreHealth)) {
+    if let Ok(mut h) = health.lock() {
+        f(&mut h);
+    }
+}
+
+fn announce_read_only(path: &Path, why: &str) {
+    log::error!(target: "keyway::store", message_id = catalog::DATABASE_READ_ONLY;
+        "DATABASE READ-ONLY: {}: {why}. Serving grants from the cached ACL; events are NOT \
+         stored (journald only), FAST keys and panel verdicts are not kept. Retrying every {} s.",
+        path.display(), WRITABLE_RETRY.as_secs());
+}
+
+/// The start-up check: a bounded part now, on the read connection; the rest in the
+/// background on a connection of its own, at the apply's background priority.
+fn check_integrity(
+    path: &Path,
+    reader: &Store,
+    health: &Arc<Mutex<StoreHealth>>,
+    budget: Duration,
+) {
+    let started = Instant::now();
+    match reader.quick_check(budget) {
+        Ok(QuickCheck::Unfinished) => {
+            log::info!(target: "keyway::store",
+                "{}: integrity check goes on in the background (large database)",
+                path.display());
+            let (path, shared) = (path.to_path_buf(), health.clone());
+            let spawned = std::thread::Builder::new()
+                .name("keyway-integrity".into())
+                .spawn(move || {
+                    crate::acl::apply::background_priority();
+                    let r = Store::open_read_only(&path)
+                        .and_then(|s| s.quick_check(BACKGROUND_CHECK_BUDGET));
+                    report_integrity(&path, r, &shared, started);
+                });
+            if let Err(e) = spawned {
+                set(health, |h| h.integrity = Integrity::Unknown(e.to_string()));
+            }
+        }
+        r => report_integrity(path, r, health, started),
+    }
+}
+
+fn report_integrity(
+    path: &Path,
+    r: Result<QuickCheck, AclError>,
+    health: &Mutex<StoreHealth>,
+    started: Instant,
+) {
+    let took = started.elapsed().as_millis();
+    let integrity = match r {
+        Ok(QuickCheck::Ok) => {
+            log::info!(target: "keyway::store",
+                "{}: integrity check ok ({took} ms)", path.display());
+            Integrity::Ok
+        }
+        Ok(QuickCheck::Damaged(lines)) => {
+            log::error!(target: "keyway::store", message_id = catalog::DATABASE_DAMAGED;
+                "DATABASE DAMAGED: {}: {}. Credentials on damaged pages cannot be read (denied \
+                 or refused with store_error). Fix: stop keyway, move the file aside, start it \
+                 and import the ACL again (events not yet delivered in it are lost); \
+                 `keyway doctor` checks it again.",
+                path.display(), lines.join("; "));
+            Integrity::Damaged(lines)
+        }
+        Ok(QuickCheck::Unfinished) => {
+            log::warn!(target: "keyway::store",
+                "{}: integrity check did not finish in {took} ms", path.display());
+            Integrity::Unknown("not finished".into())
+        }
+        Err(e) => {
+            log::warn!(target: "keyway::store",
+                "{}: integrity check failed: {e}", path.display());
+            Integrity::Unknown(e.to_string())
+        }
+    };
+    set(health, |h| h.integrity = integrity);
+}
+
+/// The writing connection, absent while the database takes no writes.
+struct Writer {
+    store: Option<Store>,
+    path: std::path::PathBuf,
+    options: StoreOptions,
+    /// When a read-only store next tries to write again.
+    retry_at: Instant,
+    reader: Arc<Mutex<Store>>,
+    health: Arc<Mutex<StoreHealth>>,
+}
+
+impl Writer {
+    /// The writing connection, or why there is none. A read-only store tries to open the
+    /// database for writing again every [`WRITABLE_RETRY`]; when it can, the read connection
+    /// is reopened normally too (a read-only one may have been opened `immutable`, which
+    /// would not see the writes).
+    fn get(&mut self) -> Result<&mut Store, AclError> {
+        self.retry_if_due();
+        let reason = self
+            .health
+            .lock()
+            .ok()
+            .and_then(|h| h.read_only.clone())
+            .unwrap_or_default();
+        self.store.as_mut().ok_or_else(|| AclError::ReadOnly {
+            path: self.path.clone(),
+            reason,
+        })
+    }
+
+    /// A read-only store tries to open the database for writing, at most every
+    /// `writable_retry`.
+    fn retry_if_due(&mut self) {
+        if self.store.is_none() && Instant::now() >= self.retry_at {
+            self.retry_at = Instant::now() + self.options.writable_retry;
+            if let Ok(w) = self.reopen() {
+                self.store = Some(w);
+                set(&self.health, |h| h.read_only = None);
+                log::warn!(target: "keyway::store",
+                    "{}: the database takes writes again: events are stored from now on",
+                    self.path.display());
+            }
+        }
+    }
+
+    fn reopen(&self) -> Result<Store, AclError> {
+        let w = Store::open(&self.path)?;
+        w.set_busy_timeout(self.options.busy_timeout)?;
+        let mut r = Store::open(&self.path)?;
+        if let Some(tz) = &self.options.time_zone {
+            r.set_time_zone(tz.clone());
+        }
+        if let Ok(mut reader) = self.reader.lock() {
+            *reader = r;
+        }
+        Ok(w)
+    }
+}
+
 /// The store thread's outbox bookkeeping: retention after each stored event, and failed
 /// writes counted (in memory at once, in the database when it takes writes again).
 struct Outbox {
@@ -382,8 +625,8 @@ impl Outbox {
     fn failed(&mut self, event: &AccessEvent, e: &AclError) {
         let total = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         self.uncounted_failures += 1;
-        log::error!(target: "keyway::store", door = event.door.as_str(),
-            event_write_failures = total;
+        log::error!(target: "keyway::store", message_id = catalog::EVENT_NOT_STORED,
+            door = event.door.as_str(), event_write_failures = total;
             "EVENT NOT STORED (door {}, {}): {e}; {total} event write(s) failed since start; \
              grants continue from the cached ACL", event.door, event.decision);
     }

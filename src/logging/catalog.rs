@@ -30,9 +30,16 @@ pub const CLOCK_UNSET: &str = "acabffd82457414189e6d28a0ef4fedc";
 pub const DISK_NEARLY_FULL: &str = "a4792670bed04ef99286fceedbf6ab8a";
 /// A door, bus or store task ended unexpectedly.
 pub const TASK_DIED: &str = "1456c92b1b2d490a8105eb38e7b7eb1d";
+/// The database failed its integrity check at start: some credentials cannot be read.
+pub const DATABASE_DAMAGED: &str = "de2db234a59a418291d5b65490cc51f2";
+/// The database takes no writes (read-only file system, permissions, full disk): grants go
+/// on, events are not stored.
+pub const DATABASE_READ_ONLY: &str = "7be3eefd22e64729ab3f685bd68fdcd2";
+/// An access event could not be stored.
+pub const EVENT_NOT_STORED: &str = "0ca8bc80d4cb4e8cbe68d95d1c7fac9a";
 
 /// Every id with its constant's name, for the catalog check.
-pub const ALL: [(&str, &str); 11] = [
+pub const ALL: [(&str, &str); 14] = [
     ("READER_MISSING", READER_MISSING),
     ("PCSC_UNAVAILABLE", PCSC_UNAVAILABLE),
     ("SERIAL_PORT_FAILED", SERIAL_PORT_FAILED),
@@ -44,6 +51,9 @@ pub const ALL: [(&str, &str); 11] = [
     ("CLOCK_UNSET", CLOCK_UNSET),
     ("DISK_NEARLY_FULL", DISK_NEARLY_FULL),
     ("TASK_DIED", TASK_DIED),
+    ("DATABASE_DAMAGED", DATABASE_DAMAGED),
+    ("DATABASE_READ_ONLY", DATABASE_READ_ONLY),
+    ("EVENT_NOT_STORED", EVENT_NOT_STORED),
 ];
 
 #[cfg(test)]

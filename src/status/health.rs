@@ -156,6 +156,41 @@ pub fn evaluate(s: &Snapshot, limits: Limits) -> Vec<Problem> {
             ));
         }
     }
+    if let Some(db) = &s.database {
+        if let Some(why) = &db.read_only {
+            out.push(problem(
+                "database_read_only",
+                catalog::DATABASE_READ_ONLY,
+                Error,
+                None,
+                format!("database takes no writes ({why}): grants go on, events are not stored"),
+            ));
+        }
+        if db.integrity == "damaged" {
+            out.push(problem(
+                "database_damaged",
+                catalog::DATABASE_DAMAGED,
+                Error,
+                None,
+                format!(
+                    "database failed its integrity check: {}",
+                    db.integrity_detail.join("; ")
+                ),
+            ));
+        }
+        if db.events_not_stored > 0 {
+            out.push(problem(
+                "events_not_stored",
+                catalog::EVENT_NOT_STORED,
+                Warning,
+                None,
+                format!(
+                    "{} access event(s) could not be stored since start",
+                    db.events_not_stored
+                ),
+            ));
+        }
+    }
     for t in &s.tasks {
         let what = match t.state {
             TaskState::Running => continue,
@@ -326,7 +361,7 @@ mod tests {
     #[test]
     fn each_state_that_stops_a_door_is_a_problem_with_its_message_id() {
         type Breaker = fn(&mut Snapshot);
-        let cases: [(&str, &str, Breaker); 11] = [
+        let cases: [(&str, &str, Breaker); 14] = [
             ("reader_missing", catalog::READER_MISSING, |s| {
                 s.doors[0].reader.present = None
             }),
@@ -360,6 +395,27 @@ mod tests {
             }),
             ("task_died", catalog::TASK_DIED, |s| {
                 s.tasks[0].state = TaskState::Stalled
+            }),
+            ("database_read_only", catalog::DATABASE_READ_ONLY, |s| {
+                s.database = Some(DatabaseStatus {
+                    read_only: Some("read-only file system".into()),
+                    integrity: "ok".into(),
+                    ..DatabaseStatus::default()
+                })
+            }),
+            ("database_damaged", catalog::DATABASE_DAMAGED, |s| {
+                s.database = Some(DatabaseStatus {
+                    integrity: "damaged".into(),
+                    integrity_detail: vec!["page 7: btreeInitPage() returns error code 11".into()],
+                    ..DatabaseStatus::default()
+                })
+            }),
+            ("events_not_stored", catalog::EVENT_NOT_STORED, |s| {
+                s.database = Some(DatabaseStatus {
+                    integrity: "ok".into(),
+                    events_not_stored: 3,
+                    ..DatabaseStatus::default()
+                })
             }),
         ];
         let limits = Limits {

@@ -16,6 +16,9 @@ pub struct Snapshot {
     pub acl: Option<AclStatus>,
     pub outbox: Option<OutboxStatus>,
     pub disk: Option<DiskStatus>,
+    /// The database's own state (writable, integrity, failed event writes).
+    #[serde(default)]
+    pub database: Option<DatabaseStatus>,
     /// The MQTT link; `None` while keyway has no cloud link configured.
     pub cloud: Option<CloudStatus>,
     pub tasks: Vec<TaskStatus>,
@@ -118,6 +121,18 @@ pub struct OutboxStatus {
     pub undelivered: u64,
     /// Time of the oldest of them (Unix ms).
     pub oldest_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DatabaseStatus {
+    /// Why the database takes no writes (served read-only); `None`: writable.
+    pub read_only: Option<String>,
+    /// The start-up check: `checking`, `ok`, `damaged`, `unknown`.
+    pub integrity: String,
+    /// What the check found (damaged) or why it could not tell (unknown).
+    pub integrity_detail: Vec<String>,
+    /// Access events not stored since the daemon started.
+    pub events_not_stored: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -270,6 +285,23 @@ impl Snapshot {
                 let _ = writeln!(o, "acl          unknown (database not readable)");
             }
         }
+        if let Some(db) = &self.database {
+            let _ = writeln!(
+                o,
+                "database     {}, integrity {}{}, {} event(s) not stored since start",
+                match &db.read_only {
+                    Some(why) => format!("READ-ONLY ({why})"),
+                    None => "writable".into(),
+                },
+                db.integrity,
+                if db.integrity_detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", db.integrity_detail.join("; "))
+                },
+                db.events_not_stored
+            );
+        }
         if let Some(ob) = &self.outbox {
             let oldest = ob
                 .oldest_ms
@@ -395,6 +427,12 @@ mod tests {
                 path: "/var/lib/keyway".into(),
                 free_bytes: 512 << 20,
                 total_bytes: 1024 << 20,
+            }),
+            database: Some(DatabaseStatus {
+                read_only: None,
+                integrity: "ok".into(),
+                integrity_detail: Vec::new(),
+                events_not_stored: 0,
             }),
             cloud: None,
             tasks: vec![TaskStatus {

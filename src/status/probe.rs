@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 
 use super::model::{AclStatus, DecisionSummary, DiskStatus, OutboxStatus};
 
@@ -23,10 +23,8 @@ pub struct DbSample {
 
 /// A read-only connection beside the store thread's (WAL lets it read while that one writes).
 pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    // Also on a read-only file system (the daemon then serves read-only and says so).
+    let conn = crate::acl::open_read_only_connection(path)?;
     // Never wait long on a writer: a status answer is better late by a sample than stuck.
     conn.busy_timeout(Duration::from_millis(500))?;
     Ok(conn)

@@ -13,8 +13,8 @@ use crate::osdp::PdEvent;
 use crate::serial::{refuses_secure_channel, BusEvent, PdHealth};
 
 use super::model::{
-    BleStatus, CloudStatus, DiskStatus, DoorStatus, OsdpStatus, Problem, ReaderStatus,
-    SecureChannel, Snapshot, TaskStatus,
+    BleStatus, CloudStatus, DatabaseStatus, DiskStatus, DoorStatus, OsdpStatus, Problem,
+    ReaderStatus, SecureChannel, Snapshot, TaskStatus,
 };
 use super::probe::{self, DbSample};
 
@@ -38,6 +38,7 @@ struct Live {
     doors: Vec<DoorLive>,
     db: Option<DbSample>,
     disk: Option<DiskStatus>,
+    database: Option<DatabaseStatus>,
     cloud: Option<CloudStatus>,
     tasks: Vec<TaskStatus>,
     problems: Vec<Problem>,
@@ -202,6 +203,11 @@ impl Registry {
         self.live().disk = disk;
     }
 
+    /// The store's own view of the database.
+    pub fn database(&self, database: DatabaseStatus) {
+        self.live().database = Some(database);
+    }
+
     /// The cloud link's state: for the MQTT task to call when keyway has one.
     pub fn set_cloud(&self, cloud: Option<CloudStatus>) {
         self.live().cloud = cloud;
@@ -255,6 +261,7 @@ impl Registry {
             acl: live.db.as_ref().map(|db| db.acl.clone()),
             outbox: live.db.as_ref().map(|db| db.outbox.clone()),
             disk: live.disk.clone(),
+            database: live.database.clone(),
             cloud: live.cloud.clone(),
             tasks: live.tasks.clone(),
             problems: live.problems.clone(),
