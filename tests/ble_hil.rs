@@ -121,16 +121,16 @@ mod guest {
     use keyway::ble::adapter::AdapterStats;
     use keyway::ble::BleVersions;
     use keyway::card::{self, CardFormat, WiegandBits};
-    use keyway::config::{AuthPolicy, BleMode, Door, DoorBle};
+    use keyway::config::{BleMode, Door, DoorBle};
     use keyway::daemon::access::AttemptId;
     use keyway::daemon::access::RateLimitConfig;
     use keyway::daemon::ble::{run_ble_door, BleDoorRuntime};
     use keyway::daemon::{shared_limiter, PanelSink, StoreHandle, VerdictWait};
     use keyway::events::{AccessEvent, EventDecision, Transport};
     use keyway::osdp::Verdict;
-    use keyway::sim::ble_phone::central::{self, CentralOptions, CentralReport};
-    use keyway::sim::ble_phone::BlePhone;
-    use keyway::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
+    use keyway_sim::ble_phone::central::{self, CentralOptions, CentralReport};
+    use keyway_sim::ble_phone::BlePhone;
+    use keyway_sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
     use p256::SecretKey;
     use rand_core::{OsRng, RngCore};
     use tokio::sync::{oneshot, watch};
@@ -465,22 +465,9 @@ mod guest {
         let sub_id = rand16();
         let door = Door {
             id: DOOR.into(),
-            port: PathBuf::from("/dev/null"),
-            baud: 9600,
-            address: 0,
-            outputs: 0,
-            reader_pattern: "*".into(),
             group_id: rig.group_id,
             sub_id,
-            private_key_file: PathBuf::new(),
-            auth_policy: AuthPolicy::UserDeviceSetting,
-            sensitive: false,
-            accept_cards: false,
-            fast: false,
-            step_up: None,
-            certificate: None,
-            osdp: Default::default(),
-            ble: None,
+            ..keyway_sim::door::door()
         };
         let ble = DoorBle {
             enabled: true,

@@ -25,8 +25,8 @@ use keyway::daemon::access::AttemptId;
 use keyway::daemon::access::RateLimitConfig;
 use keyway::daemon::{run_door, shared_limiter, DoorRuntime, PanelSink, StoreHandle, VerdictWait};
 use keyway::events::{AccessEvent, EventDecision as Decision};
-use keyway::sim::vpcd::{self, TapOptions};
-use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
+use keyway_sim::vpcd::{self, TapOptions};
+use keyway_sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
 use p256::SecretKey;
 use tokio::sync::watch;
 
@@ -517,7 +517,7 @@ async fn partial_tap(phone: &mut Endpoint, n: usize, silence: Option<Duration>) 
                 0x04 => vpcd::write_frame(&mut stream, &[0x3B, 0x80, 0x80, 0x01, 0x01])
                     .await
                     .unwrap(),
-                code => keyway::sim::vpcd::VirtualCard::power_event(phone, code),
+                code => keyway_sim::vpcd::VirtualCard::power_event(phone, code),
             }
             continue;
         }
@@ -527,7 +527,7 @@ async fn partial_tap(phone: &mut Endpoint, n: usize, silence: Option<Duration>) 
             }
             return; // dropping the stream = the card leaves the field mid-APDU
         }
-        let r = keyway::sim::vpcd::VirtualCard::transmit(phone, &frame);
+        let r = keyway_sim::vpcd::VirtualCard::transmit(phone, &frame);
         vpcd::write_frame(&mut stream, &r).await.unwrap();
         apdus += 1;
     }
@@ -859,17 +859,17 @@ async fn physical_card_by_uid_at_a_door_that_accepts_cards() {
     })
     .await;
     let opts = TapOptions {
-        atr: keyway::sim::card::MIFARE_1K_ATR.to_vec(),
+        atr: keyway_sim::card::MIFARE_1K_ATR.to_vec(),
         hold: Duration::ZERO,
         ..TapOptions::default()
     };
     // Known card at the door that accepts cards: granted, its card number to the panel.
-    let mut card = keyway::sim::UidCard::new(&uid);
+    let mut card = keyway_sim::UidCard::new(&uid);
     let s = vpcd::tap(addr(0), &mut card, &opts).await.unwrap();
     assert!(s.finished, "UID read: {s:?}\n{}", b.pcscd_log());
     // Unknown card there: denied.
     wait_reader_empty(0).await;
-    let mut unknown = keyway::sim::UidCard::new(&[1, 2, 3, 4]);
+    let mut unknown = keyway_sim::UidCard::new(&[1, 2, 3, 4]);
     assert!(
         vpcd::tap(addr(0), &mut unknown, &opts)
             .await
@@ -877,7 +877,7 @@ async fn physical_card_by_uid_at_a_door_that_accepts_cards() {
             .finished
     );
     // The same known card at a door that does not accept cards: its UID is never read.
-    let mut card2 = keyway::sim::UidCard::new(&uid);
+    let mut card2 = keyway_sim::UidCard::new(&uid);
     let opts_short = TapOptions {
         timeout: Duration::from_secs(4),
         ..opts.clone()
@@ -926,7 +926,7 @@ async fn step_up_access_document_through_pcscd() {
         ..BenchOpts::default()
     })
     .await;
-    let spec = |random| keyway::sim::issuer::AccessDocumentSpec {
+    let spec = |random| keyway_sim::issuer::AccessDocumentSpec {
         element: "floor1".into(),
         access_id: vec![0x28, 0x90, 0x82, 0xCC],
         signed: "2026-01-01T00:00:00Z".into(),
@@ -938,7 +938,7 @@ async fn step_up_access_document_through_pcscd() {
         let mut cfg = b.phone(&b.enrolled.clone()).config().clone();
         cfg.signaling_bitmap = 0x0005; // document retrievable, step-up SELECT required
         cfg.access_document = Some(
-            keyway::sim::issuer::issue_access_document(
+            keyway_sim::issuer::issue_access_document(
                 signer,
                 &b.enrolled.public_key(),
                 &spec(random),

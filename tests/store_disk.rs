@@ -133,7 +133,7 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
 
 fn phone() -> [u8; 65] {
     let mut key = [0u8; 65];
-    keyway::sim::acl::for_each_key(7, 1, |_, k| key = k);
+    keyway_sim::acl::for_each_key(7, 1, |_, k| key = k);
     key
 }
 

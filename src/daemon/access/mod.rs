@@ -17,8 +17,6 @@
 //! that decision, never as an error.
 
 pub mod ratelimit;
-#[cfg(test)]
-pub(crate) mod testutil;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

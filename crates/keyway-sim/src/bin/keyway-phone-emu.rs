@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use keyway::sim::vpcd::{self, ServeEnd, TapOptions, VirtualCard};
-use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
+use keyway_sim::vpcd::{self, ServeEnd, TapOptions, VirtualCard};
+use keyway_sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
 use p256::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, LineEnding};
 use p256::{PublicKey, SecretKey};
 use serde_json::json;
@@ -182,11 +182,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let mut card = keyway::sim::UidCard::new(&uid);
+            let mut card = keyway_sim::UidCard::new(&uid);
             let opts = TapOptions {
                 timeout: Duration::from_secs(timeout_s),
                 hold: Duration::from_millis(200),
-                atr: keyway::sim::card::MIFARE_1K_ATR.to_vec(),
+                atr: keyway_sim::card::MIFARE_1K_ATR.to_vec(),
                 ..TapOptions::default()
             };
             let summary = runtime
