@@ -7,9 +7,8 @@
 //! one FAILS the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use keyway::acl::Store;
@@ -23,206 +22,12 @@ use keyway::events::{AccessEvent, Transport};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+mod support;
+use support::mqtt::{free_port, make_certs, password_file, tls_broker, write_private, Mosquitto};
+
 const STEP: Duration = Duration::from_secs(20);
 const SITE: &str = "s1";
 const GW: &str = "gw1";
-
-fn need(bin: &str) -> PathBuf {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
-        let p = Path::new(dir).join(bin);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("{bin} not found: run scripts/setup (installs mosquitto mosquitto-clients openssl)");
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-struct Mosquitto {
-    child: Option<Child>,
-    port: u16,
-    conf: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    /// `listener_extra`: lines for the listener (TLS, auth).
-    fn start(listener_extra: &str) -> Mosquitto {
-        let mut m = Mosquitto::configure(listener_extra);
-        m.restart();
-        m
-    }
-
-    /// Writes the config without starting the broker (TLS files go in its dir first).
-    fn configure(listener_extra: &str) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        // `user root`: started as root, mosquitto would drop to user mosquitto, which cannot
-        // read the tempdir. per_listener_settings so auth applies to this listener.
-        std::fs::write(
-            &conf,
-            format!(
-                "user root\npersistence false\nper_listener_settings true\n\
-                 log_dest stderr\nlistener {port} 127.0.0.1\n{}\n",
-                listener_extra.replace("{dir}", &dir.path().display().to_string())
-            ),
-        )
-        .unwrap();
-        Mosquitto {
-            child: None,
-            port,
-            conf,
-            dir,
-        }
-    }
-
-    fn restart(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("broker.log")).unwrap();
-        let child = Command::new(need("mosquitto"))
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting mosquitto");
-        self.child = Some(child);
-        let deadline = Instant::now() + STEP;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("mosquitto exited ({status}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, in `dir`.
-fn make_certs(dir: &Path) {
-    let openssl = need("openssl");
-    let run = |args: &[&str]| {
-        let out = Command::new(&openssl)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "ca.key",
-    ]);
-    run(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "ca.key",
-        "-subj",
-        "/CN=keyway test CA",
-        "-days",
-        "2",
-        "-out",
-        "ca.pem",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    for name in ["server", "client"] {
-        run(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &format!("{name}.ec"),
-        ]);
-        run(&[
-            "pkcs8",
-            "-topk8",
-            "-nocrypt",
-            "-in",
-            &format!("{name}.ec"),
-            "-out",
-            &format!("{name}.key"),
-        ]);
-        run(&[
-            "req",
-            "-new",
-            "-key",
-            &format!("{name}.key"),
-            "-subj",
-            &format!("/CN={name}"),
-            "-out",
-            &format!("{name}.csr"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            &format!("{name}.pem"),
-        ]);
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dir.join(format!("{name}.key")),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-    }
-}
 
 fn signer() -> BackendSigner {
     BackendSigner::from_hex("backend-1", &format!("{:064x}", 0x1234_5678u64)).unwrap()
@@ -608,27 +413,8 @@ async fn wait_for(mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_auth() {
     let dir = tempfile::tempdir().unwrap();
-    let pwfile = dir.path().join("passwd");
-    let out = Command::new(need("mosquitto_passwd"))
-        .args(["-b", "-c"])
-        .arg(&pwfile)
-        .args(["gw1", "s3cret-pw"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let users = pwfile.clone();
-    std::fs::write(dir.path().join("backend"), "").unwrap();
-    let out = Command::new(need("mosquitto_passwd"))
-        .args(["-b"])
-        .arg(&pwfile)
-        .args(["backend", "backend-pw"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let users = dir.path().join("passwd");
+    password_file(&users, &[("gw1", "s3cret-pw"), ("backend", "backend-pw")]);
     let broker = Mosquitto::start(&format!(
         "allow_anonymous false\npassword_file {}",
         users.display()
@@ -668,29 +454,6 @@ async fn password_auth() {
         Some(backend_conn),
     )
     .await;
-}
-
-fn write_private(p: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
-
-fn tls_broker(mtls: bool) -> Mosquitto {
-    let mut extra = "allow_anonymous true\ncafile {dir}/ca.pem\ncertfile {dir}/server.pem\nkeyfile {dir}/server.key\n".to_owned();
-    if mtls {
-        extra.push_str("require_certificate true\n");
-    }
-    let mut m = Mosquitto::configure(&extra);
-    make_certs(m.dir.path());
-    m.restart();
-    m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

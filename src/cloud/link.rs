@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, Transport,
+    AsyncClient, ConnAck, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    Transport,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -209,6 +210,165 @@ impl Connector {
         el.set_network_options(net);
         (client, el)
     }
+
+    /// Connects to `broker` with `opts` (from [`Connector::options`]) and waits for a CONNACK
+    /// that accepts: the host name resolved, TCP, TLS when configured, MQTT CONNECT, all
+    /// within `timeout` (rumqttc's own connect timeout applies too).
+    pub async fn handshake(
+        &self,
+        broker: &BrokerUrl,
+        opts: MqttOptions,
+        timeout: Duration,
+    ) -> Result<(AsyncClient, EventLoop, ConnAck), ConnectError> {
+        let limit = timeout.min(CONNECT_TIMEOUT);
+        let attempt = async {
+            // Resolved here first so that a wrong name is told apart from a host that does
+            // not answer (rumqttc resolves it again when it connects).
+            let resolved = tokio::net::lookup_host((broker.host.as_str(), broker.port))
+                .await
+                .map(|mut a| a.next().is_some());
+            match resolved {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(ConnectError::Resolve {
+                        host: broker.host.clone(),
+                        reason: "no address".into(),
+                    })
+                }
+                Err(e) => {
+                    return Err(ConnectError::Resolve {
+                        host: broker.host.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+            let (client, mut el) = self.connect(opts);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => return Ok((client, el, ack)),
+                    Ok(_) => {}
+                    Err(e) => return Err(ConnectError::classify(&e, limit)),
+                }
+            }
+        };
+        tokio::time::timeout(limit, attempt)
+            .await
+            .unwrap_or(Err(ConnectError::Timeout(limit)))
+    }
+
+    /// `keyway doctor`'s broker check: connects to `broker` as the link does (same client id,
+    /// TLS and credentials, session kept: a clean session would discard the daemon's on the
+    /// broker; no Will, so nothing is announced) and disconnects. Returns the time to CONNACK.
+    pub async fn probe(
+        &self,
+        broker: &BrokerUrl,
+        timeout: Duration,
+    ) -> Result<Duration, ConnectError> {
+        let t0 = Instant::now();
+        let (client, mut el, _) = self
+            .handshake(broker, self.options(broker, None, false), timeout)
+            .await?;
+        let took = t0.elapsed();
+        disconnect(&client, &mut el).await;
+        Ok(took)
+    }
+}
+
+/// The longest a connection attempt waits (TCP, TLS and CONNACK together).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(CONNECT_TIMEOUT_S);
+
+/// Why a connection to a broker failed, in the terms an installer fixes it by.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {host}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("connection refused (nothing listens on that port, or a firewall rejects it)")]
+    Refused,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("TLS: the broker's certificate does not verify against cloud.ca_file ({0})")]
+    TlsVerify(String),
+    #[error("TLS: the broker refused the handshake ({0})")]
+    TlsRejected(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("the broker refused the credentials (CONNACK {0})")]
+    BadCredentials(String),
+    #[error("the broker refused the connection (CONNACK {0})")]
+    Rejected(String),
+    #[error("the broker closed the connection ({0})")]
+    Closed(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ConnectError {
+    /// What a rumqttc connection error means; `timeout` is the limit the attempt ran under.
+    pub fn classify(e: &rumqttc::ConnectionError, timeout: Duration) -> ConnectError {
+        use rumqttc::ConnectionError as C;
+        match e {
+            C::NetworkTimeout | C::FlushTimeout => return ConnectError::Timeout(timeout),
+            C::ConnectionRefused(code) => {
+                let c = format!("{code:?}");
+                return match code {
+                    ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
+                        ConnectError::BadCredentials(c)
+                    }
+                    _ => ConnectError::Rejected(c),
+                };
+            }
+            C::MqttState(rumqttc::StateError::ConnectionAborted) => {
+                return ConnectError::Closed("before its CONNACK".into())
+            }
+            _ => {}
+        }
+        // The cause is nested (TLS in I/O in rumqttc's layers): walk the chain. An io::Error's
+        // `source()` skips its own payload, so that is looked at explicitly.
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(t) = err.downcast_ref::<rustls::Error>() {
+                return Self::from_tls(t);
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    return Self::from_tls(t);
+                }
+                use std::io::ErrorKind as K;
+                match io.kind() {
+                    K::ConnectionRefused => return ConnectError::Refused,
+                    K::TimedOut => return ConnectError::Timeout(timeout),
+                    K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::UnexpectedEof
+                    | K::BrokenPipe => return ConnectError::Closed(io.to_string()),
+                    _ => {}
+                }
+            }
+            cur = err.source();
+        }
+        ConnectError::Other(e.to_string())
+    }
+
+    fn from_tls(e: &rustls::Error) -> ConnectError {
+        match e {
+            rustls::Error::InvalidCertificate(c) => ConnectError::TlsVerify(format!("{c:?}")),
+            rustls::Error::AlertReceived(a) => ConnectError::TlsRejected(format!("{a:?}")),
+            other => ConnectError::Tls(other.to_string()),
+        }
+    }
+}
+
+/// Sends DISCONNECT and lets the event loop flush it, briefly.
+pub async fn disconnect(client: &AsyncClient, el: &mut EventLoop) {
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(ev) = el.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Runs `f` on the store without stalling the other tasks of a multi-threaded runtime (a big
@@ -354,16 +514,7 @@ impl Link {
                 _ = shutdown.changed() => {
                     // A clean disconnect does not fire the Will: say offline ourselves.
                     let _ = client.try_publish(&plan.will.topic, QoS::AtLeastOnce, true, plan.will.payload.clone());
-                    let _ = client.try_disconnect();
-                    // Let the event loop flush both, briefly.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Ok(ev) = el.poll().await {
-                            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                                break;
-                            }
-                        }
-                    })
-                    .await;
+                    disconnect(&client, &mut el).await;
                     return true;
                 }
             }
@@ -390,5 +541,107 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::ConnectionError as C;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn tls_in_io(e: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn connection_errors_are_told_apart_as_an_installer_fixes_them() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            ConnectError::classify(&C::Io(refused), T),
+            ConnectError::Refused
+        );
+        assert_eq!(
+            ConnectError::classify(&C::NetworkTimeout, T),
+            ConnectError::Timeout(T)
+        );
+        assert!(matches!(
+            ConnectError::classify(
+                &C::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
+                T
+            ),
+            ConnectError::BadCredentials(_)
+        ));
+        assert!(matches!(
+            ConnectError::classify(&C::ConnectionRefused(ConnectReturnCode::NotAuthorized), T),
+            ConnectError::BadCredentials(_)
+        ));
+        assert!(matches!(
+            ConnectError::classify(&C::ConnectionRefused(ConnectReturnCode::BadClientId), T),
+            ConnectError::Rejected(_)
+        ));
+        // Where tokio-rustls puts a verification failure: in an io::Error inside rumqttc's
+        // TLS error.
+        let unknown_ca = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let e = C::Tls(rumqttc::TlsError::Io(tls_in_io(unknown_ca)));
+        assert_eq!(
+            ConnectError::classify(&e, T),
+            ConnectError::TlsVerify("UnknownIssuer".into())
+        );
+        // A TLS 1.3 client-certificate refusal arrives on the first read (the CONNACK's).
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        let e = C::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::Io(tls_in_io(alert)),
+        ));
+        assert!(matches!(
+            ConnectError::classify(&e, T),
+            ConnectError::TlsRejected(_)
+        ));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            ConnectError::classify(&C::Io(reset), T),
+            ConnectError::Closed(_)
+        ));
+    }
+
+    fn connector() -> Connector {
+        Connector {
+            client_id: "keyway-test".into(),
+            tls: None,
+            credentials: None,
+        }
+    }
+
+    /// A listener that takes the connection (the kernel's backlog) and never answers: the probe
+    /// gives up at its limit and says so. The paused clock jumps there as soon as all is idle.
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_never_answers_is_a_timeout() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let broker = BrokerUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: silent.local_addr().unwrap().port(),
+        };
+        let limit = Duration::from_secs(5);
+        let r = connector().probe(&broker, limit).await;
+        assert_eq!(r, Err(ConnectError::Timeout(limit)));
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_refused() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let broker = BrokerUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port,
+        };
+        assert_eq!(
+            connector().probe(&broker, T).await,
+            Err(ConnectError::Refused)
+        );
     }
 }
