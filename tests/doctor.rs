@@ -232,3 +232,53 @@ fn doctor_presents_the_client_certificate_to_a_mutual_tls_broker() {
     );
     assert!(hint.contains("client certificate"), "{text}");
 }
+
+/// With keyway running, its brokers are not probed: the probe's client id is the daemon's,
+/// and the broker would drop the daemon's connection for it.
+#[test]
+fn doctor_leaves_a_running_daemons_broker_session_alone() {
+    let m = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", m.port);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cloud_site(dir.path(), &[&url], "");
+    let daemon = support::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_keyway"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["run", "--log", "stderr"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // Running once its status socket answers (2: with problems, no reader or serial port).
+    let deadline = std::time::Instant::now() + support::STEP_TIMEOUT;
+    while Command::new(env!("CARGO_BIN_EXE_keyway"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("status")
+        .output()
+        .unwrap()
+        .status
+        .code()
+        != Some(2)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keyway run never answered status"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // ... and its link is connected.
+    let as_keyway = "as keyway-s1-gw1";
+    while !m.log().contains(as_keyway) {
+        assert!(std::time::Instant::now() < deadline, "no link: {}", m.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (_, text, v) = doctor(&cfg);
+    assert_eq!(outcome(&v, "cloud"), "skip", "{text}");
+    assert!(text.contains("keyway is running"), "{text}");
+    assert!(!text.contains(&format!("broker {url}")), "{text}");
+    // The daemon's own connection is the only one the broker saw with its client id.
+    assert_eq!(m.log().matches(as_keyway).count(), 1, "{}", m.log());
+    drop(daemon);
+}
