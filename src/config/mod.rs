@@ -594,21 +594,7 @@ impl Validated {
 /// Reads, parses and validates `path`. Key files are checked too (mode and contents), so a
 /// config that passes here will not fail at start-up for a key.
 pub fn load(path: &Path) -> Result<Validated, ConfigError> {
-    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(ConfigError::TooLarge {
-            path: path.to_owned(),
-            size: meta.len(),
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let validated = parse(&text, path)?;
+    let validated = read(path)?;
     for door in &validated.doors {
         load_private_key(&door.private_key_file).map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),
@@ -624,6 +610,27 @@ pub fn load(path: &Path) -> Result<Validated, ConfigError> {
         })?;
     }
     Ok(validated)
+}
+
+/// Reads, parses and validates `path` without opening the key files it names: for the
+/// commands a member of group keyway runs (`keyway status`), who cannot read the daemon's
+/// private keys (0600, user keyway).
+pub fn read(path: &Path) -> Result<Validated, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            size: meta.len(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
 }
 
 /// Parses and validates config text; does not touch key files (see [`load`]).
