@@ -10,6 +10,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod support;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -979,4 +981,42 @@ async fn step_up_access_document_through_pcscd() {
     );
     assert_eq!(b.panel.cards().len(), 1);
     b.stop().await;
+}
+
+/// `keyway doctor`'s NFC checks pass against the real pcscd with vpcd's readers: pcscd is
+/// reachable and lists them, and the door's reader is found by its exact name and by a `*`
+/// pattern; a reader that is not there fails (with pcscd up) and its hint lists the readers.
+#[test]
+fn doctor_finds_pcscd_and_the_configured_reader() {
+    let _guard = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let _pcscd = Pcscd::start(dir.path());
+    for (pattern, expect) in [
+        (READERS[0], "pass"),
+        ("Virtual PCD 00 0*", "pass"),
+        ("No Such Reader", "fail"),
+    ] {
+        let site = tempfile::tempdir().unwrap();
+        let no_tty = site.path().join("no-tty");
+        let config = support::one_door_site_with_reader(site.path(), &no_tty, 1, pattern);
+        let (_, text, v) = support::doctor(&config);
+        let pcscd = support::doctor_check(&v, "pcscd");
+        assert_eq!(pcscd["outcome"], "pass", "{text}");
+        for r in READERS {
+            assert!(pcscd["detail"].as_str().unwrap().contains(r), "{text}");
+        }
+        let reader = support::doctor_check(&v, "door front: reader");
+        assert_eq!(reader["outcome"], expect, "{pattern}: {text}");
+        if expect == "pass" {
+            assert!(
+                reader["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("Virtual PCD 00 0"),
+                "{text}"
+            );
+        } else {
+            assert!(reader["hint"].is_string(), "{text}");
+        }
+    }
 }
