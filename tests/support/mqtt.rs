@@ -125,15 +125,18 @@ pub fn make_certs(dir: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "ca.key",
-    ]);
+    let p256_key = |out: &str| {
+        run(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            out,
+        ])
+    };
+    p256_key("ca.key");
     run(&[
         "req",
         "-x509",
@@ -153,15 +156,7 @@ pub fn make_certs(dir: &Path) {
     )
     .unwrap();
     for name in ["server", "client"] {
-        run(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &format!("{name}.ec"),
-        ]);
+        p256_key(&format!("{name}.ec"));
         run(&[
             "pkcs8",
             "-topk8",
