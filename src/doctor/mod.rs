@@ -4,7 +4,9 @@
 //! The serial check listens to the line as the panel drives it: [`PollSniffer`] (sans-IO, the
 //! OSDP frame decoder) counts the panel's commands addressed to each door's PD. Run it with
 //! the daemon stopped (it owns the port while it runs); the secure channel can only be seen
-//! by the running daemon, so that check asks its status socket.
+//! by the running daemon, so that check asks its status socket. The broker check connects to
+//! each `[cloud]` broker with the link's own setup ([`Connector::probe`]); with the daemon
+//! running it is skipped, as the probe's client id would take over the daemon's session.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -413,7 +415,7 @@ async fn bluetooth(cfg: &Validated) -> Vec<Check> {
     }
 }
 
-/// The broker check: every configured broker, probed at once, as the daemon's link connects
+/// The broker check: every configured broker, probed concurrently, as the daemon's link connects
 /// (its own TLS and MQTT setup, [`Connector::probe`]).
 async fn cloud(cfg: &Validated, daemon: &Result<Snapshot, ClientError>) -> Vec<Check> {
     let Some(s) = &cfg.cloud else {
