@@ -461,6 +461,8 @@ pub async fn run(cmd: CloudCommand) -> anyhow::Result<ExitCode> {
             let mut b = connect(&conn).await?;
             b.subscribe(&Topics::fleet_filter(&scope.prefix, TopicKind::Events))
                 .await?;
+            b.subscribe(&Topics::fleet_filter(&scope.prefix, TopicKind::Notes))
+                .await?;
             let idle = Duration::from_secs(idle.max(1));
             loop {
                 let got = if follow {
@@ -474,9 +476,29 @@ pub async fn run(cmd: CloudCommand) -> anyhow::Result<ExitCode> {
                     }
                     break;
                 };
-                let Some((site, gw, _)) = Topics::parse_fleet(&scope.prefix, &topic) else {
+                let Some((site, gw, kind)) = Topics::parse_fleet(&scope.prefix, &topic) else {
                     continue;
                 };
+                if kind == TopicKind::Notes {
+                    let Ok(batch) = serde_json::from_slice::<msg::NotesMsg>(&payload) else {
+                        eprintln!("{topic}: not a notes batch");
+                        continue;
+                    };
+                    for n in &batch.notes {
+                        let mut v = serde_json::to_value(n)?;
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("site".into(), site.clone().into());
+                            o.insert("gateway".into(), gw.clone().into());
+                            o.insert("note".into(), true.into());
+                        }
+                        println!("{v}");
+                    }
+                    if let (true, Some(last)) = (ack, batch.notes.last()) {
+                        let topics = Topics::new(&scope.prefix, &site, &gw)?;
+                        b.ack_notes(&topics, &batch.instance, last.seq).await?;
+                    }
+                    continue;
+                }
                 let Ok(batch) = serde_json::from_slice::<msg::EventsMsg>(&payload) else {
                     eprintln!("{topic}: not an events batch");
                     continue;

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use super::msg::{
     self, AclReport, AclRequestMsg, AppliedMsg, CommandKind, CommandStatusMsg, EventsMsg,
-    Heartbeat, Reject, RejectCode, RejectedMsg, StateMsg, TopicKind, Topics,
+    Heartbeat, NotesMsg, Reject, RejectCode, RejectedMsg, StateMsg, TopicKind, Topics,
 };
 use super::sign::TrustedKeys;
 use super::store::{chain_hash, AclSink, Outbox, SinkError};
@@ -152,6 +152,47 @@ struct Cursor {
     in_flight: VecDeque<(i64, Instant)>,
 }
 
+/// The two upward streams kept until the backend acks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Events,
+    Notes,
+}
+
+impl Stream {
+    fn topic(self) -> TopicKind {
+        match self {
+            Stream::Events => TopicKind::Events,
+            Stream::Notes => TopicKind::Notes,
+        }
+    }
+
+    fn ack_type(self) -> &'static str {
+        match self {
+            Stream::Events => msg::TYPE_ACK,
+            Stream::Notes => msg::TYPE_NOTES_ACK,
+        }
+    }
+}
+
+/// The message for `items` (oldest first) and its last seq; `None` when there are none. Long
+/// ids can make a batch too big for the broker: it is halved until it fits (the rest goes in
+/// the next batch). `replay`: the batch starts at or below what this process sent before.
+fn fit<T>(
+    mut items: Vec<T>,
+    high_water: i64,
+    seq: impl Fn(&T) -> i64,
+    make: impl Fn(&[T], bool) -> Vec<u8>,
+) -> Option<(Vec<u8>, i64)> {
+    let replay = seq(items.first()?) <= high_water;
+    let mut payload = make(&items, replay);
+    while payload.len() > msg::MAX_MESSAGE_BYTES && items.len() > 1 {
+        items.truncate(items.len() / 2);
+        payload = make(&items, replay);
+    }
+    Some((payload, seq(items.last()?)))
+}
+
 /// Most command request ids remembered for replay refusal (each until its expiry).
 const MAX_SEEN_COMMANDS: usize = 4096;
 /// Most queued transmits; the rest are dropped (the outbox and the backend's retries recover).
@@ -183,6 +224,8 @@ pub struct Core {
     applied: Option<AclReport>,
     assembly: Option<Assembly>,
     cursor: Cursor,
+    /// The notes on events (late panel verdicts, first uses): their own sequence and acks.
+    notes_cursor: Cursor,
     instance: Option<String>,
     /// A `resync` command waiting for its snapshot: (request id, expires at unix s).
     pending_resync: Option<(String, i64)>,
@@ -191,6 +234,9 @@ pub struct Core {
     next_heartbeat: Option<Instant>,
     next_outbox_poll: Option<Instant>,
     counters: Counters,
+    local: msg::LocalHealth,
+    /// Unix ms of the backend's last events ack (this process).
+    last_ack_ms: Option<i64>,
 }
 
 impl Core {
@@ -221,6 +267,7 @@ impl Core {
             applied,
             assembly: None,
             cursor: Cursor::default(),
+            notes_cursor: Cursor::default(),
             instance: None,
             pending_resync: None,
             last_resync_request: None,
@@ -228,7 +275,19 @@ impl Core {
             next_heartbeat: None,
             next_outbox_poll: None,
             counters: Counters::default(),
+            local: msg::LocalHealth::default(),
+            last_ack_ms: None,
         }
+    }
+
+    /// The gateway's own state for the next heartbeat (doors, disk), from the adapter.
+    pub fn set_local_health(&mut self, local: msg::LocalHealth) {
+        self.local = local;
+    }
+
+    /// Unix ms of the backend's last application-level events ack since this start.
+    pub fn last_ack_ms(&self) -> Option<i64> {
+        self.last_ack_ms
     }
 
     pub fn counters(&self) -> &Counters {
@@ -371,6 +430,7 @@ impl Core {
         t.extend(self.next_outbox_poll);
         t.extend(self.assembly.as_ref().map(|a| a.deadline));
         t.extend(self.cursor.in_flight.front().map(|f| f.1));
+        t.extend(self.notes_cursor.in_flight.front().map(|f| f.1));
         t.into_iter().min()
     }
 
@@ -414,12 +474,8 @@ impl Core {
                 self.status(&id, "failed", Some("expired"), None, now);
             }
         }
-        if self
-            .cursor
-            .in_flight
-            .front()
-            .is_some_and(|f| now.mono >= f.1)
-        {
+        let late = |c: &Cursor| c.in_flight.front().is_some_and(|f| now.mono >= f.1);
+        if late(&self.cursor) || late(&self.notes_cursor) {
             // The backend did not ack in time: send again from the last ack, as replays.
             self.rewind();
         }
@@ -439,10 +495,7 @@ impl Core {
     fn heartbeat<S: SyncStore>(&mut self, now: Now, store: &mut S) -> Heartbeat {
         let outbox = store.depth().unwrap_or_else(|e| {
             log::warn!(target: "keyway::cloud", "outbox depth: {e}");
-            msg::OutboxReport {
-                depth: 0,
-                oldest_ms: None,
-            }
+            msg::OutboxReport::default()
         });
         Heartbeat {
             kind: "heartbeat".into(),
@@ -458,6 +511,8 @@ impl Core {
             acl: self.applied.clone(),
             outbox,
             rejected: self.counters.rejected,
+            doors: self.local.doors.clone(),
+            disk: self.local.disk.clone(),
         }
     }
 
@@ -465,8 +520,27 @@ impl Core {
     // Events up.
 
     fn rewind(&mut self) {
-        self.cursor.sent = self.cursor.acked;
-        self.cursor.in_flight.clear();
+        for c in [&mut self.cursor, &mut self.notes_cursor] {
+            c.sent = c.acked;
+            c.in_flight.clear();
+        }
+    }
+
+    fn cursor_mut(&mut self, stream: Stream) -> &mut Cursor {
+        match stream {
+            Stream::Events => &mut self.cursor,
+            Stream::Notes => &mut self.notes_cursor,
+        }
+    }
+
+    fn instance<S: SyncStore>(&mut self, store: &mut S) -> Option<String> {
+        if self.instance.is_none() {
+            match store.instance() {
+                Ok(i) => self.instance = Some(i),
+                Err(e) => log::warn!(target: "keyway::cloud", "outbox instance: {e}"),
+            }
+        }
+        self.instance.clone()
     }
 
     fn pump_outbox<S: SyncStore>(&mut self, now: Now, store: &mut S) {
@@ -474,95 +548,110 @@ impl Core {
             return;
         }
         self.next_outbox_poll = Some(now.mono + self.cfg.outbox_poll);
-        let instance = match &self.instance {
-            Some(i) => i.clone(),
-            None => match store.instance() {
-                Ok(i) => {
-                    self.instance = Some(i.clone());
-                    i
-                }
-                Err(e) => {
-                    log::warn!(target: "keyway::cloud", "outbox instance: {e}");
-                    return;
-                }
-            },
+        let Some(instance) = self.instance(store) else {
+            return;
         };
-        while self.cursor.in_flight.len() < self.cfg.max_in_flight.max(1) {
-            let batch = match store.batch(self.cursor.sent, self.cfg.batch_size.max(1)) {
-                Ok(b) => b,
+        self.pump(Stream::Events, &instance, now, store);
+        self.pump(Stream::Notes, &instance, now, store);
+    }
+
+    /// Sends the next batches of `stream` while its window has room.
+    fn pump<S: SyncStore>(&mut self, stream: Stream, instance: &str, now: Now, store: &mut S) {
+        let (limit, window) = (self.cfg.batch_size.max(1), self.cfg.max_in_flight.max(1));
+        while self.cursor_mut(stream).in_flight.len() < window {
+            let c = self.cursor_mut(stream);
+            let (after, high_water) = (c.sent, c.high_water);
+            let built = match stream {
+                Stream::Events => store.batch(after, limit).map(|b| {
+                    fit(
+                        b,
+                        high_water,
+                        |e| e.seq,
+                        |events, replay| {
+                            msg::to_json(&EventsMsg {
+                                kind: "events".into(),
+                                v: msg::VERSION,
+                                instance: instance.to_owned(),
+                                replay,
+                                events: events.to_vec(),
+                            })
+                        },
+                    )
+                }),
+                Stream::Notes => store.notes(after, limit).map(|b| {
+                    fit(
+                        b,
+                        high_water,
+                        |n| n.seq,
+                        |notes, replay| {
+                            msg::to_json(&NotesMsg {
+                                kind: msg::TYPE_NOTES.into(),
+                                v: msg::VERSION,
+                                instance: instance.to_owned(),
+                                replay,
+                                notes: notes.to_vec(),
+                            })
+                        },
+                    )
+                }),
+            };
+            let (payload, last) = match built {
+                Ok(Some(b)) => b,
+                Ok(None) => return,
                 Err(e) => {
                     log::warn!(target: "keyway::cloud", "reading the outbox: {e}");
                     return;
                 }
             };
-            let Some(first) = batch.first() else {
-                return;
-            };
-            let first = first.seq;
-            let mut m = EventsMsg {
-                kind: "events".into(),
-                v: msg::VERSION,
-                instance: instance.clone(),
-                replay: first <= self.cursor.high_water,
-                events: batch,
-            };
-            // Long ids can make a batch too big for the broker: halve it until it fits (the
-            // rest goes in the next batch).
-            let mut payload = msg::to_json(&m);
-            while payload.len() > msg::MAX_MESSAGE_BYTES && m.events.len() > 1 {
-                m.events.truncate(m.events.len() / 2);
-                payload = msg::to_json(&m);
-            }
-            let Some(last) = m.events.last().map(|e| e.seq) else {
-                return;
-            };
-            self.publish(TopicKind::Events, payload);
-            self.cursor.sent = last;
-            self.cursor.high_water = self.cursor.high_water.max(last);
-            self.cursor
-                .in_flight
-                .push_back((last, now.mono + self.cfg.ack_timeout));
+            self.publish(stream.topic(), payload);
+            let deadline = now.mono + self.cfg.ack_timeout;
+            let c = self.cursor_mut(stream);
+            c.sent = last;
+            c.high_water = c.high_water.max(last);
+            c.in_flight.push_back((last, deadline));
         }
     }
 
     fn handle_ack<S: SyncStore>(
         &mut self,
+        stream: Stream,
         payload: &[u8],
         now: Now,
         store: &mut S,
     ) -> Result<(), Reject> {
-        let ack = msg::parse_ack(payload)?;
-        if self.instance.is_none() {
-            self.instance = store.instance().ok();
-        }
-        if self.instance.as_deref() != Some(ack.instance.as_str()) {
+        let ack = msg::parse_ack(payload, stream.ack_type())?;
+        let instance = self.instance(store);
+        if instance.as_deref() != Some(ack.instance.as_str()) {
             return Err(Reject::new(
                 RejectCode::WrongTarget,
                 "ack for another outbox instance",
             ));
         }
+        let c = self.cursor_mut(stream);
         // Never forget rows this process has not sent: they would be lost if the ack is
         // wrong. Rows acked beyond that are simply sent again.
-        let through = ack.through_seq.min(self.cursor.high_water);
-        if through <= self.cursor.acked {
+        let through = ack.through_seq.min(c.high_water);
+        if through <= c.acked {
             return Ok(());
         }
-        let n = store
-            .ack_through(through, now.unix_ms)
-            .map_err(|e| Reject::new(RejectCode::ApplyFailed, e.to_string()))?;
-        self.counters.events_acked += n as u64;
-        self.cursor.acked = through;
-        if self.cursor.sent < through {
-            self.cursor.sent = through;
+        let n = match stream {
+            Stream::Events => store.ack_through(through, now.unix_ms),
+            Stream::Notes => store.ack_notes_through(through, now.unix_ms),
         }
-        while self
-            .cursor
-            .in_flight
-            .front()
-            .is_some_and(|f| f.0 <= through)
-        {
-            self.cursor.in_flight.pop_front();
+        .map_err(|e| Reject::new(RejectCode::ApplyFailed, e.to_string()))?;
+        if stream == Stream::Events {
+            self.counters.events_acked += n as u64;
+            self.last_ack_ms = Some(now.unix_ms);
         }
+        let c = self.cursor_mut(stream);
+        c.acked = through;
+        if c.sent < through {
+            c.sent = through;
+        }
+        while c.in_flight.front().is_some_and(|f| f.0 <= through) {
+            c.in_flight.pop_front();
+        }
+        // Acked events may release their notes.
         self.pump_outbox(now, store);
         Ok(())
     }
@@ -594,7 +683,8 @@ impl Core {
             TopicKind::AclChunk => self.on_chunk(payload, now, store),
             TopicKind::AclDelta => self.on_delta(payload, now, store),
             TopicKind::Command => return self.on_command(payload, now, store).map(|_| kind),
-            TopicKind::EventsAck => self.handle_ack(payload, now, store),
+            TopicKind::EventsAck => self.handle_ack(Stream::Events, payload, now, store),
+            TopicKind::NotesAck => self.handle_ack(Stream::Notes, payload, now, store),
             _ => Err(Reject::new(RejectCode::WrongTarget, "not a down topic")),
         };
         match result {
@@ -1135,6 +1225,18 @@ mod tests {
             crate::cloud::store::record_test_events(self.store.store(), n, 1);
         }
 
+        /// Records a grant of credential `cred` (its card under `attempt`); its id.
+        fn grant(&mut self, cred: i64, attempt: Option<i64>) -> i64 {
+            let e = AccessEvent {
+                credential_id: Some(cred),
+                person_id: Some(format!("p{cred}")),
+                decision: crate::events::EventDecision::Granted,
+                reason: "granted".into(),
+                ..AccessEvent::error(2, "d1", Transport::Nfc, None, "x", 1)
+            };
+            self.store.store().record_attempt(&e, attempt).unwrap()
+        }
+
         fn grants(&mut self, seed: u16) -> bool {
             let t = time::OffsetDateTime::from_unix_timestamp(NOW + 1).unwrap();
             self.store
@@ -1631,10 +1733,8 @@ mod tests {
         // Window of 2 batches of 2.
         assert_eq!(seqs(&b), vec![vec![1, 2], vec![3, 4]]);
         assert!(b.iter().all(|b| b["replay"] == false));
-        assert_eq!(
-            b[0]["events"][0]["uid"],
-            format!("{}-1", h.store.instance().unwrap())
-        );
+        let rows = h.store.store().recent_events(5).unwrap();
+        assert_eq!(b[0]["events"][0]["uid"], rows[4].uid.as_str());
         // Nothing more until an ack; the outbox keeps every row.
         h.advance(Duration::from_secs(2));
         h.core.handle_timeout(h.now, &mut h.store);
@@ -1752,6 +1852,105 @@ mod tests {
         assert_eq!(hb[0]["boot"], 7);
     }
 
+    fn local_health() -> msg::LocalHealth {
+        msg::LocalHealth {
+            doors: vec![msg::DoorHealth {
+                id: "front".into(),
+                reader: "present".into(),
+                osdp: "online".into(),
+                secure_channel: "up".into(),
+                ble: Some("registered".into()),
+                certificate_days: Some(200),
+                offline_policy: Some(msg::OfflinePolicyReport {
+                    limit_s: 3600,
+                    fail_secure: true,
+                }),
+            }],
+            disk: Some(msg::DiskReport {
+                free_bytes: 1 << 30,
+                total_bytes: 8 << 30,
+            }),
+        }
+    }
+
+    /// Notes (a first use, a late verdict) go up on their own topic once their event is
+    /// acked, never by resending the event changed; they are kept until their own ack, and
+    /// resent as replays after a reconnect.
+    #[test]
+    fn notes_follow_their_acked_events_and_wait_for_their_own_ack() {
+        let mut h = H::new();
+        let first = h.grant(9, Some(1));
+        h.grant(9, Some(2));
+        h.connect(true);
+        let b = h.sent_on("events");
+        assert_eq!(seqs(&b), vec![vec![first, first + 1]]);
+        assert!(b[0]["events"][1].get("panel_verdict").is_none());
+        // The panel answers after the event went up: the event row is not touched.
+        h.store.store().set_panel_verdict(2, "denied").unwrap();
+        h.advance(Duration::from_secs(1));
+        h.core.handle_timeout(h.now, &mut h.store);
+        assert!(h.sent_on("notes").is_empty(), "its event is not acked yet");
+        ack(&mut h, first + 1).unwrap();
+        let n = h.sent_on("notes");
+        assert_eq!(n.len(), 1);
+        let notes = n[0]["notes"].as_array().unwrap();
+        let kinds: Vec<&str> = notes.iter().map(|n| n["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["first_use", "panel_verdict"]);
+        let rows = h.store.store().recent_events(2).unwrap();
+        assert_eq!(notes[0]["event_uid"], rows[1].uid.as_str());
+        assert_eq!(notes[1]["event_uid"], rows[0].uid.as_str());
+        assert_eq!(notes[1]["panel_verdict"], "denied");
+        assert_eq!(n[0]["replay"], false);
+        // Unacked: resent as a replay after a reconnect; acked: gone.
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(120));
+        h.connect(true);
+        let again = h.sent_on("notes");
+        assert_eq!(again[0]["replay"], true);
+        assert_eq!(again[0]["notes"], n[0]["notes"]);
+        let inst = h.store.instance().unwrap();
+        let last = notes[1]["seq"].as_i64().unwrap();
+        let a =
+            serde_json::json!({"type": "notes_ack", "v": 1, "instance": inst, "through_seq": last});
+        h.recv(TopicKind::NotesAck, &serde_json::to_vec(&a).unwrap())
+            .unwrap();
+        assert_eq!(h.store.store().notes_undelivered().unwrap(), 0);
+        // An events ack on the notes topic is refused.
+        let wrong = serde_json::json!({"type": "events_ack", "v": 1, "instance": inst, "through_seq": last});
+        assert_eq!(
+            h.recv(TopicKind::NotesAck, &serde_json::to_vec(&wrong).unwrap())
+                .unwrap_err()
+                .code,
+            RejectCode::Malformed
+        );
+    }
+
+    #[test]
+    fn heartbeat_reports_doors_disk_and_dropped_events() {
+        let mut h = H::with(|c| c.heartbeat = Duration::from_secs(5));
+        h.core.set_local_health(local_health());
+        h.connect(true);
+        h.record(3);
+        // Retention pruned undelivered events: counted, and reported.
+        let r = crate::events::Retention {
+            max_rows: 1,
+            max_age_ms: None,
+        };
+        h.store.store().prune_events(&r, 0).unwrap();
+        h.sent();
+        h.advance(Duration::from_secs(5));
+        h.core.handle_timeout(h.now, &mut h.store);
+        let hb = h.sent_on("heartbeat");
+        // Pruned down to 1% under one row: the newest stays, two are dropped.
+        assert_eq!(hb[0]["outbox"]["dropped"], 2, "{}", hb[0]);
+        assert_eq!(hb[0]["outbox"]["depth"], 1);
+        assert_eq!(hb[0]["doors"][0]["reader"], "present");
+        assert_eq!(hb[0]["doors"][0]["certificate_days"], 200);
+        assert_eq!(hb[0]["doors"][0]["offline_policy"]["limit_s"], 3600);
+        assert_eq!(hb[0]["disk"]["free_bytes"], 1u64 << 30);
+        check(&hb[0]);
+    }
+
     fn schema(name: &str) -> jsonschema::Validator {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("docs/schemas")
@@ -1794,6 +1993,11 @@ mod tests {
         );
         h.record(3);
         h.core.handle_events_recorded(h.now, &mut h.store);
+        // A first use and a late verdict, released by the ack of their events.
+        let id = h.grant(5, Some(77));
+        h.store.store().set_panel_verdict(77, "denied").unwrap();
+        h.store.store().mark_delivered(id, 1).unwrap();
+        h.core.set_local_health(local_health());
         for (id, name, args) in [
             ("r1", "report_diagnostics", serde_json::json!({})),
             ("r2", "resync", serde_json::json!({})),
@@ -1816,10 +2020,20 @@ mod tests {
                 "command_status",
                 "events",
                 "heartbeat",
+                "notes",
                 "rejected",
                 "state"
             ]
         );
+        let notes: Vec<&serde_json::Value> = up
+            .iter()
+            .filter(|(s, _)| s == "notes")
+            .flat_map(|(_, v)| v["notes"].as_array().unwrap())
+            .collect();
+        assert_eq!(notes.len(), 2, "first use and late verdict: {notes:?}");
+        assert!(up.iter().any(
+            |(s, v)| s == "heartbeat" && v["doors"][0]["offline_policy"]["fail_secure"] == true
+        ));
         for (suffix, v) in &up {
             check(v);
             assert_eq!(
@@ -1863,15 +2077,17 @@ mod tests {
             check(&serde_json::from_slice(&keys.verify(&s).unwrap().1).unwrap());
         }
         check(&serde_json::from_slice(&chunks[0]).unwrap());
-        check(
-            &serde_json::to_value(msg::EventsAck {
-                kind: msg::TYPE_ACK.into(),
-                v: 1,
-                instance: "ab12".into(),
-                through_seq: 4,
-            })
-            .unwrap(),
-        );
+        for kind in [msg::TYPE_ACK, msg::TYPE_NOTES_ACK] {
+            check(
+                &serde_json::to_value(msg::EventsAck {
+                    kind: kind.into(),
+                    v: 1,
+                    instance: "ab12".into(),
+                    through_seq: 4,
+                })
+                .unwrap(),
+            );
+        }
 
         let api = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/asyncapi.yaml"),

@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod contact;
 pub mod core;
 pub mod link;
 pub mod msg;

@@ -18,6 +18,7 @@ use super::msg::{AclReport, Delta, EventOut, OutboxReport, SnapshotFormat};
 use crate::acl::apply::{ApplyError, DeltaOp, SnapshotApply};
 use crate::acl::import::{self, ImportMode};
 use crate::acl::{AclError, Store, ENDPOINT_KEY_LEN};
+use crate::events::notes::StoredNote;
 use crate::events::StoredEvent;
 
 /// Errors of the storage side. The core reports them up as `apply_failed`.
@@ -74,6 +75,10 @@ pub trait Outbox {
     /// The backend stored everything up to `seq`: forget those rows' pending state.
     fn ack_through(&mut self, seq: i64, now_ms: i64) -> Result<usize, SinkError>;
     fn depth(&mut self) -> Result<OutboxReport, SinkError>;
+    /// Up to `limit` unacked notes with `seq > after` whose events were acked, oldest first.
+    fn notes(&mut self, after: i64, limit: usize) -> Result<Vec<StoredNote>, SinkError>;
+    /// The backend stored every note up to `seq`.
+    fn ack_notes_through(&mut self, seq: i64, now_ms: i64) -> Result<usize, SinkError>;
 }
 
 const META_VERSION: &str = "cloud_acl_version";
@@ -81,6 +86,8 @@ const META_HASH: &str = "cloud_acl_hash";
 const META_APPLIED_AT: &str = "cloud_acl_applied_at_ms";
 const META_INSTANCE: &str = "cloud_outbox_instance";
 const META_BOOT: &str = "cloud_boot";
+/// Unix ms when the link was last connected (the offline policy's clock across restarts).
+const META_LAST_CONTACT: &str = "cloud_last_contact_ms";
 
 /// [`AclSink`] + [`Outbox`] over [`Store`].
 ///
@@ -190,6 +197,21 @@ impl StoreSync {
     }
 }
 
+impl StoreSync {
+    /// When the link was last connected to a broker (unix ms), if ever.
+    pub fn last_contact_ms(&mut self) -> Result<Option<i64>, SinkError> {
+        Ok(meta_get(&self.store.conn, META_LAST_CONTACT)?.and_then(|v| v.parse().ok()))
+    }
+
+    pub fn set_last_contact_ms(&mut self, ms: i64) -> Result<(), SinkError> {
+        Ok(meta_set(
+            &self.store.conn,
+            META_LAST_CONTACT,
+            &ms.to_string(),
+        )?)
+    }
+}
+
 impl AclSink for StoreSync {
     fn applied(&mut self) -> Result<Option<AclReport>, SinkError> {
         read_applied(&self.store)
@@ -283,6 +305,14 @@ impl AclSink for StoreSync {
 }
 
 impl Outbox for StoreSync {
+    fn notes(&mut self, after: i64, limit: usize) -> Result<Vec<StoredNote>, SinkError> {
+        Ok(self.store.undelivered_notes(after, limit)?)
+    }
+
+    fn ack_notes_through(&mut self, seq: i64, now_ms: i64) -> Result<usize, SinkError> {
+        Ok(self.store.mark_notes_delivered(seq, now_ms)?)
+    }
+
     fn instance(&mut self) -> Result<String, SinkError> {
         if let Some(i) = meta_get(&self.store.conn, META_INSTANCE)? {
             return Ok(i);
@@ -299,15 +329,18 @@ impl Outbox for StoreSync {
     }
 
     fn batch(&mut self, after: i64, limit: usize) -> Result<Vec<EventOut>, SinkError> {
-        let instance = self.instance()?;
         let rows = self.store.undelivered_events(after, limit)?;
         Ok(rows
             .into_iter()
             .map(|r: StoredEvent| EventOut {
-                uid: format!("{instance}-{}", r.id),
+                // The row's own random uid: unique across a rebuilt database, where the
+                // instance and seq alone could repeat if the instance was copied with a backup.
+                uid: r.uid,
                 seq: r.id,
                 event: r.event,
-                panel_verdict: r.panel_verdict,
+                // Only what the row had when written: a later verdict is a note, so a replay
+                // of this event is always identical to the first send.
+                panel_verdict: r.recorded_verdict,
             })
             .collect())
     }
@@ -322,9 +355,18 @@ impl Outbox for StoreSync {
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
+        // One mechanism bounds the outbox: the events retention ([events] max_rows /
+        // max_age_days) prunes the oldest rows (and their notes) and counts the undelivered
+        // ones; failed writes are counted beside it. Their sum is what the backend never got.
+        let dropped = self
+            .store
+            .events_pruned_undelivered()?
+            .saturating_add(self.store.notes_pruned_undelivered()?)
+            .saturating_add(self.store.events_write_failed()?);
         Ok(OutboxReport {
             depth: u64::try_from(depth).unwrap_or(0),
             oldest_ms: oldest,
+            dropped,
         })
     }
 }
@@ -474,14 +516,19 @@ mod tests {
         }
         let b = s.batch(0, 2).unwrap();
         assert_eq!(b.len(), 2);
-        assert_eq!(b[0].uid, format!("{inst}-{}", b[0].seq));
+        // The row's stable uid, not derived from the sequence.
+        let stored = s.store().recent_events(3).unwrap();
+        assert_eq!(b[0].uid, stored[2].uid);
+        assert_eq!(b[0].uid.len(), 32);
+        assert_ne!(b[0].uid, b[1].uid);
         assert_eq!(s.depth().unwrap().depth, 3);
         assert_eq!(s.ack_through(b[1].seq, 9).unwrap(), 2);
         assert_eq!(
             s.depth().unwrap(),
             OutboxReport {
                 depth: 1,
-                oldest_ms: Some(5)
+                oldest_ms: Some(5),
+                dropped: 0,
             }
         );
         assert_eq!(s.batch(0, 10).unwrap().len(), 1);
