@@ -14,7 +14,7 @@
 //! Storage is reached through [`AclSink`] and [`Outbox`]; time comes in as [`Now`] (a monotonic
 //! instant for schedules and unix milliseconds for expiry and reports).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -137,7 +137,13 @@ struct Assembly {
     received: u64,
     hasher: Sha256,
     deadline: Instant,
+    /// Chunks that came ahead of `next`, by index (bounded).
+    early: BTreeMap<u32, Vec<u8>>,
 }
+
+/// Chunks kept ahead of their turn at most, and their bytes: past either, a gap.
+const MAX_EARLY_CHUNKS: usize = 16;
+const MAX_EARLY_BYTES: usize = 1024 * 1024;
 
 /// Where the event upload stands.
 #[derive(Default)]
@@ -791,6 +797,7 @@ impl Core {
             received: 0,
             hasher: Sha256::new(),
             deadline: now.mono + self.cfg.chunk_timeout,
+            early: BTreeMap::new(),
         });
         Ok(())
     }
@@ -847,49 +854,91 @@ impl Core {
                 "chunk of a snapshot without a manifest",
             ));
         }
-        if chunk.index < a.next {
+        if chunk.index < a.next || a.early.contains_key(&chunk.index) {
             return Ok(()); // QoS 1 redelivery
         }
-        if chunk.index > a.next || chunk.index >= a.chunks {
+        if chunk.index >= a.chunks {
             let r = Reject::new(
                 RejectCode::ChunkGap,
-                format!("chunk {} where {} belongs", chunk.index, a.next),
+                format!("chunk {} of {}", chunk.index, a.chunks),
             );
             return self.fail_snapshot(store, r, now);
         }
-        let expected = if chunk.index + 1 == a.chunks {
+        a.deadline = now.mono + self.cfg.chunk_timeout;
+        if chunk.index > a.next {
+            // Ahead of its turn (a broker may reorder across a reconnect): kept, bounded, until
+            // the missing ones come; more than that is a gap.
+            let early_bytes: usize = a.early.values().map(Vec::len).sum();
+            if a.early.len() >= MAX_EARLY_CHUNKS || early_bytes + chunk.data.len() > MAX_EARLY_BYTES
+            {
+                let r = Reject::new(
+                    RejectCode::ChunkGap,
+                    format!(
+                        "chunk {} where {} belongs, {} already held",
+                        chunk.index,
+                        a.next,
+                        a.early.len()
+                    ),
+                );
+                return self.fail_snapshot(store, r, now);
+            }
+            a.early.insert(chunk.index, chunk.data);
+            return Ok(());
+        }
+        let mut data = chunk.data;
+        loop {
+            if let Err(r) = self.take_chunk(data, store) {
+                return self.fail_snapshot(store, r, now);
+            }
+            let Some(a) = self.assembly.as_mut() else {
+                return Ok(());
+            };
+            if a.next == a.chunks {
+                return self.finish_snapshot(now, store);
+            }
+            match a.early.remove(&a.next) {
+                Some(d) => data = d,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The next chunk in order: length, hash, into the apply engine.
+    fn take_chunk<S: SyncStore>(&mut self, data: Vec<u8>, store: &mut S) -> Result<(), Reject> {
+        let Some(a) = self.assembly.as_mut() else {
+            return Ok(());
+        };
+        let expected = if a.next + 1 == a.chunks {
             a.size - a.received
         } else {
             u64::from(a.chunk_size)
         };
-        if chunk.data.len() as u64 != expected {
-            let r = Reject::new(
+        if data.len() as u64 != expected {
+            return Err(Reject::new(
                 RejectCode::HashMismatch,
                 format!(
                     "chunk {} has {} bytes, {expected} expected",
-                    chunk.index,
-                    chunk.data.len()
+                    a.next,
+                    data.len()
                 ),
-            );
-            return self.fail_snapshot(store, r, now);
+            ));
         }
-        a.hasher.update(&chunk.data);
+        a.hasher.update(&data);
         a.received += expected;
         a.next += 1;
-        a.deadline = now.mono + self.cfg.chunk_timeout;
-        let done = a.next == a.chunks;
-        if let Err(e) = store.snapshot_push(&chunk.data) {
-            let r = Reject::new(RejectCode::ApplyFailed, e.to_string());
-            return self.fail_snapshot(store, r, now);
-        }
-        if !done {
-            return Ok(());
-        }
+        store
+            .snapshot_push(&data)
+            .map_err(|e| Reject::new(RejectCode::ApplyFailed, e.to_string()))
+    }
+
+    /// Every chunk is in: check the hash against the signed manifest, then commit.
+    fn finish_snapshot<S: SyncStore>(&mut self, now: Now, store: &mut S) -> Result<(), Reject> {
         let Some(a) = self.assembly.take() else {
             return Ok(());
         };
         let digest: [u8; 32] = a.hasher.finalize().into();
         if digest != a.sha256 {
+            // The staged apply is dropped: the old ACL stays, unchanged and serving.
             store.snapshot_abort();
             let r = Reject::new(
                 RejectCode::HashMismatch,
@@ -1096,7 +1145,7 @@ fn apply_failed(e: SinkError) -> Reject {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acl::{test_key, Store};
+    use crate::acl::test_key;
     use crate::cloud::msg::tests::{cred, env, key_hex, NOW};
     use crate::cloud::msg::{SnapshotFormat, TYPE_COMMAND, TYPE_DELTA, TYPE_SNAPSHOT};
     use crate::cloud::sign::tests::{signer, trusted};
@@ -1107,6 +1156,8 @@ mod tests {
     struct H {
         core: Core,
         store: StoreSync,
+        /// Snapshots stream into the apply engine on a second connection: a file database.
+        _dir: tempfile::TempDir,
         signer: BackendSigner,
         t0: Instant,
         now: Now,
@@ -1134,9 +1185,11 @@ mod tests {
             let s = signer(1, "k1");
             let t0 = Instant::now();
             let core = Core::new(cfg, trusted(&[&s]), 7, None, 42, t0);
+            let dir = tempfile::tempdir().unwrap();
             H {
                 core,
-                store: StoreSync::new(Store::open_in_memory().unwrap()),
+                store: StoreSync::open(&dir.path().join("k.db")).unwrap(),
+                _dir: dir,
                 signer: s,
                 t0,
                 now: Now {
@@ -1390,6 +1443,66 @@ mod tests {
         assert!(!h.grants(9));
     }
 
+    /// Chunks ahead of their turn are held (bounded) and applied in order once the missing
+    /// one comes; more than the bound held is a gap. A bad hash at the end drops the staged
+    /// apply: the old ACL stays, serving.
+    #[test]
+    fn chunks_out_of_order_are_held_in_a_bound_and_a_bad_hash_keeps_the_old_acl() {
+        let mut h = H::new();
+        h.connect(false);
+        h.snapshot(1, &[7]);
+        let seeds: Vec<u16> = (10..=40).collect();
+        let content = snapshot_content(&seeds);
+        let chunks: Vec<&[u8]> = content.chunks(100).collect();
+        assert!(chunks.len() > MAX_EARLY_CHUNKS + 2);
+        h.sent();
+        h.recv(TopicKind::AclSnapshot, &h.manifest(2, &content, 100))
+            .unwrap();
+        // 0, then 3, 2, 1 (each held until its turn), then the rest in order.
+        for i in [0usize, 3, 2, 3, 1] {
+            h.recv(
+                TopicKind::AclChunk,
+                &msg::chunk_json(2, i as u32, chunks[i]),
+            )
+            .unwrap();
+        }
+        for (i, c) in chunks.iter().enumerate().skip(4) {
+            h.recv(TopicKind::AclChunk, &msg::chunk_json(2, i as u32, c))
+                .unwrap();
+        }
+        assert_eq!(h.store.applied().unwrap().unwrap().version, 2);
+        assert!(h.grants(40), "the new ACL serves");
+        assert!(!h.grants(7), "the old ACL is gone");
+        assert!(h.sent_on("rejected").is_empty());
+
+        // Too many ahead of a missing chunk: a gap.
+        h.recv(TopicKind::AclSnapshot, &h.manifest(3, &content, 100))
+            .unwrap();
+        let mut last = Ok(TopicKind::AclChunk);
+        for (i, c) in chunks.iter().enumerate().skip(1).take(MAX_EARLY_CHUNKS + 1) {
+            last = h.recv(TopicKind::AclChunk, &msg::chunk_json(3, i as u32, c));
+        }
+        assert_eq!(last.unwrap_err().code, RejectCode::ChunkGap);
+        assert_eq!(h.store.applied().unwrap().unwrap().version, 2);
+
+        // Every chunk in, the content changed on the way: nothing applied.
+        let mut evil = content.clone();
+        let at = evil.len() - 3;
+        evil[at] ^= 1;
+        h.recv(TopicKind::AclSnapshot, &h.manifest(3, &content, 100))
+            .unwrap();
+        let mut result = Ok(TopicKind::AclChunk);
+        for (i, c) in evil.chunks(100).enumerate() {
+            result = h.recv(TopicKind::AclChunk, &msg::chunk_json(3, i as u32, c));
+        }
+        assert_eq!(result.unwrap_err().code, RejectCode::HashMismatch);
+        assert_eq!(h.store.applied().unwrap().unwrap().version, 2);
+        assert!(h.grants(40));
+        // And the next good one applies (the abandoned stage is gone).
+        h.snapshot(3, &[8]);
+        assert!(h.grants(8) && !h.grants(40));
+    }
+
     #[test]
     fn snapshot_duplicates_gap_hash_and_timeout() {
         let mut h = H::new();
@@ -1405,9 +1518,9 @@ mod tests {
             .unwrap();
         h.recv(TopicKind::AclChunk, &msg::chunk_json(2, 0, chunks[0]))
             .unwrap();
-        // Gap: abandoned, reported, a snapshot requested.
+        // An index past the end is a gap: abandoned, reported, a snapshot requested.
         let e = h
-            .recv(TopicKind::AclChunk, &msg::chunk_json(2, 2, chunks[2]))
+            .recv(TopicKind::AclChunk, &msg::chunk_json(2, 99, chunks[2]))
             .unwrap_err();
         assert_eq!(e.code, RejectCode::ChunkGap);
         let out = h.sent();

@@ -60,7 +60,8 @@ pub enum RejectCode {
     WrongTarget,
     /// `v` is not a version this build reads.
     UnsupportedVersion,
-    /// A snapshot chunk went missing (index jumped); the snapshot is abandoned.
+    /// A snapshot chunk went missing (more chunks came ahead of it than are held, or an index
+    /// past the end); the snapshot is abandoned.
     ChunkGap,
     /// The assembled snapshot's size or SHA-256 differs from its manifest.
     HashMismatch,

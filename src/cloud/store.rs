@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 
 use super::msg::{AclReport, Delta, EventOut, OutboxReport, SnapshotFormat};
-use crate::acl::apply::{ApplyError, DeltaOp, SnapshotApply};
-use crate::acl::import::{self, ImportMode};
+use super::stream::{version_error, SnapshotStream};
+use crate::acl::apply::{ApplyError, DeltaOp};
+use crate::acl::import;
 use crate::acl::{AclError, Store, ENDPOINT_KEY_LEN};
 use crate::events::notes::StoredNote;
 use crate::events::StoredEvent;
@@ -89,11 +90,8 @@ const META_BOOT: &str = "cloud_boot";
 /// Unix ms when the link was last connected (the offline policy's clock across restarts).
 const META_LAST_CONTACT: &str = "cloud_last_contact_ms";
 
-/// [`AclSink`] + [`Outbox`] over [`Store`].
-///
-/// Today's importer parses a whole file in memory, so the snapshot is buffered here up to its
-/// announced size (at most the file import's 64 MiB limit); a streaming apply engine can take
-/// the chunks as they come.
+/// [`AclSink`] + [`Outbox`] over [`Store`]. A snapshot is streamed into the apply engine as
+/// its chunks come ([`SnapshotStream`]): memory does not grow with its size.
 pub struct StoreSync {
     store: Store,
     pending: Option<Pending>,
@@ -101,9 +99,9 @@ pub struct StoreSync {
 
 struct Pending {
     version: u64,
-    format: SnapshotFormat,
     size: u64,
-    buf: Vec<u8>,
+    received: u64,
+    stream: SnapshotStream,
 }
 
 fn meta_get(conn: &rusqlite::Connection, key: &str) -> Result<Option<String>, rusqlite::Error> {
@@ -151,21 +149,6 @@ fn record_applied(conn: &rusqlite::Connection, r: &AclReport) -> Result<(), rusq
     meta_set(&tx, META_HASH, &r.hash)?;
     meta_set(&tx, META_APPLIED_AT, &r.applied_at_ms.to_string())?;
     tx.commit()
-}
-
-/// The engine refuses replays and gaps itself; the core gets them as version mismatches.
-fn version_error(e: ApplyError, need: u64) -> SinkError {
-    match e {
-        ApplyError::Replay { applied, .. } => SinkError::VersionMismatch {
-            have: Some(applied),
-            need,
-        },
-        ApplyError::BaseMismatch { applied, .. } => SinkError::VersionMismatch {
-            have: applied,
-            need,
-        },
-        other => SinkError::Apply(other),
-    }
 }
 
 impl StoreSync {
@@ -226,50 +209,40 @@ impl AclSink for StoreSync {
         if size > import::MAX_FILE_BYTES {
             return Err(SinkError::TooLong);
         }
-        // Grown as chunks arrive, never preallocated from an announced size.
+        // An unfinished earlier one goes first (its stage is dropped before the next starts).
+        self.pending = None;
+        if self.store.path() == Path::new(":memory:") {
+            return Err(SinkError::Content(
+                "a snapshot needs the database in a file".into(),
+            ));
+        }
+        let stream = SnapshotStream::start(self.store.path().to_owned(), version, format)?;
         self.pending = Some(Pending {
             version,
-            format,
             size,
-            buf: Vec::new(),
+            received: 0,
+            stream,
         });
         Ok(())
     }
 
     fn snapshot_push(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
         let p = self.pending.as_mut().ok_or(SinkError::NoSnapshot)?;
-        if p.buf.len() as u64 + bytes.len() as u64 > p.size {
+        if p.received + bytes.len() as u64 > p.size {
             return Err(SinkError::TooLong);
         }
-        p.buf.extend_from_slice(bytes);
-        Ok(())
+        p.received += bytes.len() as u64;
+        p.stream.push(bytes.to_vec())
     }
 
     fn snapshot_commit(&mut self, report: &AclReport) -> Result<usize, SinkError> {
         let p = self.pending.take().ok_or(SinkError::NoSnapshot)?;
-        if p.version != report.version {
+        if p.version != report.version || p.received != p.size {
             return Err(SinkError::NoSnapshot);
         }
-        let specs = import::parse_bytes(
-            &p.buf,
-            p.format.file_kind(),
-            Path::new(&format!("snapshot v{}", p.version)),
-        )
-        .map_err(|e| SinkError::Content(e.to_string()))?;
-        let source = format!("cloud snapshot v{}", report.version);
-        let mut apply = SnapshotApply::begin(
-            &mut self.store,
-            Some(report.version),
-            ImportMode::Replace,
-            &source,
-        )
-        .map_err(|e| version_error(e, report.version))?;
-        for spec in &specs {
-            apply.push(spec)?;
-        }
-        apply.commit()?;
+        let n = p.stream.commit()?;
         record_applied(&self.store.conn, report)?;
-        Ok(specs.len())
+        Ok(n)
     }
 
     fn snapshot_abort(&mut self) {
@@ -404,6 +377,12 @@ mod tests {
     use crate::acl::test_key;
     use crate::cloud::msg;
 
+    /// A store in a temporary file (snapshots stream on a second connection); keep the dir.
+    fn file_store() -> (StoreSync, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (StoreSync::open(&dir.path().join("k.db")).unwrap(), dir)
+    }
+
     fn report(version: u64) -> AclReport {
         AclReport {
             version,
@@ -427,7 +406,7 @@ mod tests {
 
     #[test]
     fn snapshot_replaces_and_persists_version_and_refuses_rollback() {
-        let mut s = StoreSync::new(Store::open_in_memory().unwrap());
+        let (mut s, _dir) = file_store();
         assert_eq!(s.applied().unwrap(), None);
         assert_eq!(load(&mut s, 2, &snapshot_json(&[1, 2])).unwrap(), 2);
         assert_eq!(s.applied().unwrap(), Some(report(2)));
@@ -454,7 +433,7 @@ mod tests {
 
     #[test]
     fn delta_applies_only_on_its_base() {
-        let mut s = StoreSync::new(Store::open_in_memory().unwrap());
+        let (mut s, _dir) = file_store();
         load(&mut s, 1, &snapshot_json(&[1, 2, 3])).unwrap();
         let d = Delta {
             base_version: 1,
@@ -498,7 +477,7 @@ mod tests {
     #[test]
     fn outbox_ids_and_acks() {
         use crate::events::{AccessEvent, Transport};
-        let mut s = StoreSync::new(Store::open_in_memory().unwrap());
+        let (mut s, _dir) = file_store();
         let inst = s.instance().unwrap();
         assert_eq!(inst.len(), 16);
         assert_eq!(s.instance().unwrap(), inst);
