@@ -1259,6 +1259,24 @@ mod tests {
             }
         }
 
+        /// The manifest of `content` as `version`, then its chunks with one bit flipped near
+        /// the end; the refusal of the last chunk.
+        fn corrupted_snapshot(&mut self, version: u64, content: &[u8]) -> RejectCode {
+            let mut evil = content.to_vec();
+            let at = evil.len() - 3;
+            evil[at] ^= 1;
+            self.recv(
+                TopicKind::AclSnapshot,
+                &self.manifest(version, content, 100),
+            )
+            .unwrap();
+            let mut result = Ok(TopicKind::AclChunk);
+            for (i, c) in evil.chunks(100).enumerate() {
+                result = self.recv(TopicKind::AclChunk, &msg::chunk_json(version, i as u32, c));
+            }
+            result.unwrap_err().code
+        }
+
         fn delta(&self, base: u64, version: u64, extra: serde_json::Value) -> Vec<u8> {
             let mut b = serde_json::json!({"base_version": base, "version": version});
             for (k, v) in extra.as_object().unwrap() {
@@ -1486,16 +1504,7 @@ mod tests {
         assert_eq!(h.store.applied().unwrap().unwrap().version, 2);
 
         // Every chunk in, the content changed on the way: nothing applied.
-        let mut evil = content.clone();
-        let at = evil.len() - 3;
-        evil[at] ^= 1;
-        h.recv(TopicKind::AclSnapshot, &h.manifest(3, &content, 100))
-            .unwrap();
-        let mut result = Ok(TopicKind::AclChunk);
-        for (i, c) in evil.chunks(100).enumerate() {
-            result = h.recv(TopicKind::AclChunk, &msg::chunk_json(3, i as u32, c));
-        }
-        assert_eq!(result.unwrap_err().code, RejectCode::HashMismatch);
+        assert_eq!(h.corrupted_snapshot(3, &content), RejectCode::HashMismatch);
         assert_eq!(h.store.applied().unwrap().unwrap().version, 2);
         assert!(h.grants(40));
         // And the next good one applies (the abandoned stage is gone).
@@ -1541,16 +1550,7 @@ mod tests {
             RejectCode::OutOfOrder
         );
         // Content that does not match the manifest's hash.
-        let mut evil = content.clone();
-        let last = evil.len() - 3;
-        evil[last] ^= 1;
-        h.recv(TopicKind::AclSnapshot, &h.manifest(2, &content, 100))
-            .unwrap();
-        let mut result = Ok(TopicKind::AclChunk);
-        for (i, c) in evil.chunks(100).enumerate() {
-            result = h.recv(TopicKind::AclChunk, &msg::chunk_json(2, i as u32, c));
-        }
-        assert_eq!(result.unwrap_err().code, RejectCode::HashMismatch);
+        assert_eq!(h.corrupted_snapshot(2, &content), RejectCode::HashMismatch);
         // A wrong-length chunk.
         h.recv(TopicKind::AclSnapshot, &h.manifest(2, &content, 100))
             .unwrap();
