@@ -188,3 +188,80 @@ impl Drop for SnapshotStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloud::msg::tests::cred;
+
+    fn content(seeds: std::ops::RangeInclusive<u16>) -> Vec<u8> {
+        let creds: Vec<_> = seeds.map(cred).collect();
+        serde_json::to_vec(&serde_json::json!({"version": 1, "credentials": creds})).unwrap()
+    }
+
+    fn db() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("k.db");
+        Store::open(&db).unwrap();
+        (dir, db)
+    }
+
+    fn stage(db: &Path) -> PathBuf {
+        let mut p = db.as_os_str().to_owned();
+        p.push("-acl-stage");
+        PathBuf::from(p)
+    }
+
+    /// Many more chunks than the channel holds go through: the thread stages them as they
+    /// come (a push would stall otherwise), and the commit applies them all.
+    #[test]
+    fn chunks_are_staged_as_they_come_and_committed() {
+        let (_dir, db) = db();
+        let body = content(1..=2000);
+        let mut s = SnapshotStream::start(db.clone(), 5, SnapshotFormat::Json).unwrap();
+        let chunks = body.chunks(1024);
+        assert!(chunks.len() > 20 * QUEUED_CHUNKS);
+        for c in chunks {
+            s.push(c.to_vec()).unwrap();
+        }
+        assert_eq!(s.commit().unwrap(), 2000);
+        let store = Store::open(&db).unwrap();
+        assert_eq!(store.stats().unwrap().credentials, 2000);
+        assert_eq!(store.applied().unwrap().version, Some(5));
+        assert!(!stage(&db).exists(), "the stage is gone after the swap");
+    }
+
+    /// Abandoned half way (a bad hash, a timeout, a newer manifest): nothing changes and the
+    /// stage is dropped before the stream is.
+    #[test]
+    fn an_abandoned_stream_changes_nothing() {
+        let (_dir, db) = db();
+        let body = content(1..=500);
+        let mut s = SnapshotStream::start(db.clone(), 5, SnapshotFormat::Json).unwrap();
+        for c in body.chunks(1024).take(10) {
+            s.push(c.to_vec()).unwrap();
+        }
+        drop(s);
+        let store = Store::open(&db).unwrap();
+        assert_eq!(store.stats().unwrap().credentials, 0);
+        assert_eq!(store.applied().unwrap().version, None);
+        assert!(!stage(&db).exists());
+    }
+
+    /// Bad content never fails a push (the hash is checked first, by the core): the error
+    /// comes at the commit, and the ACL is unchanged.
+    #[test]
+    fn bad_content_is_reported_at_the_commit() {
+        let (_dir, db) = db();
+        let mut body = content(1..=200);
+        body.truncate(body.len() / 2);
+        body.extend_from_slice(b"garbage}}}");
+        body.extend(std::iter::repeat_n(b' ', 64 * 1024));
+        let mut s = SnapshotStream::start(db.clone(), 5, SnapshotFormat::Json).unwrap();
+        for c in body.chunks(1024) {
+            s.push(c.to_vec()).unwrap();
+        }
+        assert!(matches!(s.commit(), Err(SinkError::Content(_))));
+        assert_eq!(Store::open(&db).unwrap().stats().unwrap().credentials, 0);
+    }
+}
