@@ -346,6 +346,7 @@ impl Link {
             last_ack_ms: core.last_ack_ms(),
             outbox_depth: outbox.depth,
             outbox_oldest_ms: outbox.oldest_ms,
+            outbox_dropped: outbox.dropped,
             rejected: core.counters().rejected,
             acl_version: core.applied().map(|a| a.version),
         }));

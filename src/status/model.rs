@@ -159,6 +159,10 @@ pub struct CloudStatus {
     pub outbox_depth: u64,
     #[serde(default)]
     pub outbox_oldest_ms: Option<i64>,
+    /// Events (and notes) dropped before the backend acked them: the `[events]` bounds, or
+    /// failed writes (a running total).
+    #[serde(default)]
+    pub outbox_dropped: u64,
     /// Down messages refused since start (logged and reported up with their reason).
     #[serde(default)]
     pub rejected: u64,
@@ -331,7 +335,7 @@ impl Snapshot {
                 let ago = |ms: i64| format!("{} s ago", (self.now_ms - ms).max(0) / 1000);
                 let _ = writeln!(
                     o,
-                    "cloud        {}{}{}, last ack {}, outbox {}{}, {} rejected",
+                    "cloud        {}{}{}, last ack {}, outbox {}{}, {} dropped, {} rejected",
                     c.state,
                     c.broker
                         .as_deref()
@@ -345,6 +349,7 @@ impl Snapshot {
                     c.outbox_oldest_ms
                         .map(|ms| format!(" (oldest {})", ago(ms)))
                         .unwrap_or_default(),
+                    c.outbox_dropped,
                     c.rejected
                 );
             }
@@ -479,6 +484,38 @@ mod tests {
         ] {
             assert!(json.contains(key), "{key} in {json}");
         }
+    }
+
+    #[test]
+    fn human_form_shows_the_cloud_link_and_offline_policy() {
+        let mut s = sample();
+        let now = s.now_ms;
+        s.cloud = Some(CloudStatus {
+            state: "connected".into(),
+            broker: Some("mqtts://mqtt-a:8883".into()),
+            since_ms: Some(now - 5_000),
+            last_ack_ms: Some(now - 2_000),
+            outbox_depth: 3,
+            outbox_oldest_ms: Some(now - 60_000),
+            outbox_dropped: 1,
+            rejected: 4,
+            acl_version: Some(41),
+        });
+        s.doors[0].cloud_offline = Some(OfflineStatus {
+            limit_s: 3600,
+            fail_secure: true,
+            exceeded: true,
+        });
+        let t = s.render();
+        for want in [
+            "cloud        connected (mqtts://mqtt-a:8883) since 5 s ago, last ack 2 s ago, \
+             outbox 3 (oldest 60 s ago), 1 dropped, 4 rejected",
+            "offline      grants valid 3600 s without the cloud, then denied: LIMIT PASSED",
+        ] {
+            assert!(t.contains(want), "{want:?} in\n{t}");
+        }
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), s);
     }
 
     #[test]
