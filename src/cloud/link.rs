@@ -357,13 +357,15 @@ impl Link {
         let Some(c) = &self.contact else {
             return;
         };
+        let was = c.is_connected();
         match connected {
             Some(true) => c.connected(),
             Some(false) => c.lost(),
             None => {}
         }
-        // Lost: the last moment it was connected is now. Connected: refreshed at each call.
-        if connected.is_some() || c.is_connected() {
+        // The last moment it was connected is now: while connected, or just as it was lost
+        // (a failed attempt while offline is no contact).
+        if was || c.is_connected() {
             if let Err(e) = blocking(|| store.set_last_contact_ms(wall_ms())) {
                 log::warn!(target: "keyway::cloud", "recording the last cloud contact: {e}");
             }
