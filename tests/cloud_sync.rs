@@ -1193,3 +1193,42 @@ async fn keyway_run_heartbeat_has_the_doors_and_status_shows_the_link() {
     assert_eq!(s["doors"][0]["cloud_offline"]["exceeded"], false, "{s}");
     assert!(log.contains("cached grants valid for 3600 s"), "{log}");
 }
+
+/// Through a real broker: snapshot chunks published out of order (pairs swapped) are held
+/// and applied in order; a snapshot whose content was changed on the way is refused at the
+/// end (`hash_mismatch`), its staged apply dropped, the old ACL serving, and a new snapshot
+/// asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_chunks_apply_and_a_bad_hash_keeps_the_old_acl() {
+    let (_broker, _url, mut b, gw) = online("").await;
+    let creds: Vec<Value> = (1..=40).map(cred).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
+    let (m, mut chunks) = snapshot_of(1, &content);
+    assert!(chunks.len() > 8);
+    for pair in chunks.chunks_mut(2) {
+        pair.reverse();
+    }
+    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
+    expect(&mut b, "acl/applied", |v| v["version"] == 1).await;
+    assert!(gw.grants(40));
+
+    let other: Vec<Value> = (41..=80).map(cred).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": other})).unwrap();
+    let (m, mut chunks) = snapshot_of(2, &content);
+    // One byte of the last chunk's data changed (still valid base64 of the same length).
+    let last = chunks.last_mut().unwrap();
+    let mut c: Value = serde_json::from_slice(last).unwrap();
+    let data = c["data"].as_str().unwrap().to_owned();
+    let flipped = if data.starts_with('A') { "B" } else { "A" };
+    c["data"] = Value::from(format!("{flipped}{}", &data[1..]));
+    *last = serde_json::to_vec(&c).unwrap();
+    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
+    expect(&mut b, "rejected", |v| {
+        v["topic"] == "acl/chunk" && v["reason"] == "hash_mismatch"
+    })
+    .await;
+    expect(&mut b, "acl/request", |v| v["reason"] == "snapshot_failed").await;
+    assert!(gw.grants(40) && !gw.grants(41));
+    assert_eq!(gw.store().applied().unwrap().version, Some(1));
+    gw.stop().await;
+}
