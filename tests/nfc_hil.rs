@@ -296,6 +296,7 @@ impl Bench {
                 certificate: None,
                 osdp: Default::default(),
                 ble: None,
+                cloud_offline: None,
             };
             let rt = DoorRuntime {
                 door: Arc::new(door),

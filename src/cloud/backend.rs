@@ -251,18 +251,41 @@ impl Backend {
         instance: &str,
         through_seq: i64,
     ) -> Result<(), BackendError> {
+        self.ack(topics, TopicKind::EventsAck, instance, through_seq)
+            .await
+    }
+
+    /// Application ack for a gateway's notes.
+    pub async fn ack_notes(
+        &self,
+        topics: &Topics,
+        instance: &str,
+        through_seq: i64,
+    ) -> Result<(), BackendError> {
+        self.ack(topics, TopicKind::NotesAck, instance, through_seq)
+            .await
+    }
+
+    async fn ack(
+        &self,
+        topics: &Topics,
+        kind: TopicKind,
+        instance: &str,
+        through_seq: i64,
+    ) -> Result<(), BackendError> {
         let ack = msg::EventsAck {
-            kind: msg::TYPE_ACK.into(),
+            kind: if kind == TopicKind::NotesAck {
+                msg::TYPE_NOTES_ACK
+            } else {
+                msg::TYPE_ACK
+            }
+            .into(),
             v: msg::VERSION,
             instance: instance.into(),
             through_seq,
         };
-        self.publish(
-            &topics.topic(TopicKind::EventsAck),
-            msg::to_json(&ack),
-            false,
-        )
-        .await
+        self.publish(&topics.topic(kind), msg::to_json(&ack), false)
+            .await
     }
 
     pub async fn disconnect(self) {

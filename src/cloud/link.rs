@@ -28,9 +28,20 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{watch, Notify};
 
 use super::config::{read_password, BrokerUrl, CloudFileError, CloudSettings};
+use super::contact::CloudContact;
 use super::core::{ConnectPlan, Core, CoreConfig, Effect, Now, Transmit};
 use super::msg::{self, Topics};
-use super::store::{AclSink, StoreSync};
+use super::msg::{DiskReport, DoorHealth, LocalHealth, OfflinePolicyReport};
+use super::store::{AclSink, Outbox, StoreSync};
+use crate::status::model::{CloudStatus, Snapshot};
+use crate::status::Registry;
+
+/// What `keyway status` says about the link.
+struct LinkState {
+    name: &'static str,
+    broker: Option<String>,
+    since_ms: i64,
+}
 
 /// Requests rumqttc may queue (publishes, acks, subscribes). Above the core's window of
 /// event batches plus status replies; a full channel drops a publish, which the outbox or the
@@ -390,12 +401,65 @@ fn wall_ms() -> i64 {
     crate::events::unix_ms(time::OffsetDateTime::now_utc())
 }
 
+/// How often `keyway status` gets the link's outbox depth (a count over the undelivered rows).
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// How often the last contact is persisted while connected (a power cut loses at most this).
+const CONTACT_EVERY: Duration = Duration::from_secs(60);
+
 /// The running link.
 pub struct Link {
     settings: CloudSettings,
     connector: Connector,
     /// Poked by the daemon when events are recorded (optional: the outbox is polled anyway).
     pub events_recorded: Arc<Notify>,
+    contact: Option<Arc<CloudContact>>,
+    registry: Option<Registry>,
+}
+
+/// The door and disk states of the status registry, as the heartbeat reports them.
+pub fn local_health(snap: &Snapshot) -> LocalHealth {
+    let doors = snap
+        .doors
+        .iter()
+        .map(|d| DoorHealth {
+            id: d.id.clone(),
+            reader: match (&d.reader.present, &d.reader.pcsc_error) {
+                (_, Some(_)) => "pcscd_down",
+                (Some(_), None) => "present",
+                (None, None) => "missing",
+            }
+            .into(),
+            osdp: if d.osdp.port_error.is_some() {
+                "port_error"
+            } else if d.osdp.online {
+                "online"
+            } else {
+                "offline"
+            }
+            .into(),
+            secure_channel: d.osdp.secure_channel.as_str().into(),
+            ble: d.ble.as_ref().map(|b| {
+                if b.registered {
+                    "registered"
+                } else {
+                    "unregistered"
+                }
+                .into()
+            }),
+            certificate_days: d.certificate_expires_in_days,
+            offline_policy: d.cloud_offline.as_ref().map(|p| OfflinePolicyReport {
+                limit_s: p.limit_s,
+                fail_secure: p.fail_secure,
+            }),
+        })
+        .collect();
+    LocalHealth {
+        doors,
+        disk: snap.disk.as_ref().map(|d| DiskReport {
+            free_bytes: d.free_bytes,
+            total_bytes: d.total_bytes,
+        }),
+    }
 }
 
 impl Link {
@@ -405,7 +469,67 @@ impl Link {
             settings,
             connector,
             events_recorded: Arc::new(Notify::new()),
+            contact: None,
+            registry: None,
         })
+    }
+
+    /// Keeps `contact` (the doors' offline policy reads it) up to date and persisted.
+    pub fn with_contact(mut self, contact: Arc<CloudContact>) -> Link {
+        self.contact = Some(contact);
+        self
+    }
+
+    /// Reports the link in `keyway status` and takes the doors' states for the heartbeat.
+    pub fn with_registry(mut self, registry: Registry) -> Link {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The registry's doors and disk into the core (before a heartbeat or diagnostics).
+    fn refresh_local(&self, core: &mut Core, now_ms: i64) {
+        if let Some(r) = &self.registry {
+            core.set_local_health(local_health(&r.snapshot(now_ms)));
+        }
+    }
+
+    /// The link's state for `keyway status`.
+    fn report(&self, core: &Core, store: &mut StoreSync, state: &LinkState) {
+        let Some(r) = &self.registry else {
+            return;
+        };
+        let outbox = blocking(|| store.depth()).unwrap_or_default();
+        r.set_cloud(Some(CloudStatus {
+            state: state.name.into(),
+            broker: state.broker.clone(),
+            since_ms: Some(state.since_ms),
+            last_ack_ms: core.last_ack_ms(),
+            outbox_depth: outbox.depth,
+            outbox_oldest_ms: outbox.oldest_ms,
+            outbox_dropped: outbox.dropped,
+            rejected: core.counters().rejected,
+            acl_version: core.applied().map(|a| a.version),
+        }));
+    }
+
+    /// Connected or not, for the offline policy (persisted so a restart keeps counting).
+    fn contact(&self, store: &mut StoreSync, connected: Option<bool>) {
+        let Some(c) = &self.contact else {
+            return;
+        };
+        let was = c.is_connected();
+        match connected {
+            Some(true) => c.connected(),
+            Some(false) => c.lost(),
+            None => {}
+        }
+        // The last moment it was connected is now: while connected, or just as it was lost
+        // (a failed attempt while offline is no contact).
+        if was || c.is_connected() {
+            if let Err(e) = blocking(|| store.set_last_contact_ms(wall_ms())) {
+                log::warn!(target: "keyway::cloud", "recording the last cloud contact: {e}");
+            }
+        }
     }
 
     /// Runs until `shutdown` turns true. The store is this task's own connection to the
@@ -434,13 +558,19 @@ impl Link {
             base.0,
         );
         log::info!(target: "keyway::cloud", "cloud link: {} broker(s), boot {boot}", s.brokers.len());
+        let mut state = LinkState {
+            name: "offline",
+            broker: None,
+            since_ms: wall_ms(),
+        };
+        self.report(&core, &mut store, &state);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
             }
             if let Some(plan) = core.poll_connect(now(base)) {
                 let stop = self
-                    .connection(&mut core, &mut store, plan, base, &mut shutdown)
+                    .connection(&mut core, &mut store, plan, base, &mut shutdown, &mut state)
                     .await;
                 if stop {
                     return Ok(());
@@ -465,6 +595,7 @@ impl Link {
         plan: ConnectPlan,
         base: (Instant, i64),
         shutdown: &mut watch::Receiver<bool>,
+        state: &mut LinkState,
     ) -> bool {
         let Some(broker) = self.settings.brokers.get(plan.broker) else {
             core.handle_connection_lost(now(base));
@@ -473,6 +604,30 @@ impl Link {
         log::info!(target: "keyway::cloud", "connecting to {broker} (bd_seq {})", plan.bd_seq);
         let opts = self.connector.options(broker, Some(&plan.will), false);
         let (client, mut el) = self.connector.connect(opts);
+        if state.name != "connecting" {
+            *state = LinkState {
+                name: "connecting",
+                broker: Some(broker.to_string()),
+                since_ms: wall_ms(),
+            };
+        }
+        state.broker = Some(broker.to_string());
+        self.report(core, store, state);
+        let mut next_report = Instant::now() + STATUS_EVERY;
+        let mut next_contact = Instant::now() + CONTACT_EVERY;
+        // Every way out of a connection but shutdown: offline for the doors and the status.
+        let lost = |core: &mut Core, store: &mut StoreSync, state: &mut LinkState| {
+            core.handle_connection_lost(now(base));
+            if state.name == "connected" {
+                *state = LinkState {
+                    name: "offline",
+                    broker: None,
+                    since_ms: wall_ms(),
+                };
+            }
+            self.contact(store, Some(false));
+            self.report(core, store, state);
+        };
         loop {
             let wake = core
                 .poll_timeout()
@@ -482,11 +637,20 @@ impl Link {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         if ack.code != ConnectReturnCode::Success {
                             log::warn!(target: "keyway::cloud", "{broker} refused the connection: {:?}", ack.code);
-                            core.handle_connection_lost(now(base));
+                            lost(core, store, state);
                             return false;
                         }
                         log::info!(target: "keyway::cloud", "connected to {broker} (session present: {})", ack.session_present);
-                        blocking(|| core.handle_connected(ack.session_present, now(base), store));
+                        self.contact(store, Some(true));
+                        let n = now(base);
+                        self.refresh_local(core, n.unix_ms);
+                        blocking(|| core.handle_connected(ack.session_present, n, store));
+                        *state = LinkState {
+                            name: "connected",
+                            broker: Some(broker.to_string()),
+                            since_ms: wall_ms(),
+                        };
+                        self.report(core, store, state);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let r = blocking(|| core.handle_message(&p.topic, &p.payload, now(base), store));
@@ -501,12 +665,22 @@ impl Link {
                     Ok(_) => {}
                     Err(e) => {
                         log::warn!(target: "keyway::cloud", "{broker}: {e}");
-                        core.handle_connection_lost(now(base));
+                        lost(core, store, state);
                         return false;
                     }
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    blocking(|| core.handle_timeout(now(base), store));
+                    let n = now(base);
+                    self.refresh_local(core, n.unix_ms);
+                    blocking(|| core.handle_timeout(n, store));
+                    if Instant::now() >= next_report {
+                        next_report = Instant::now() + STATUS_EVERY;
+                        self.report(core, store, state);
+                    }
+                    if Instant::now() >= next_contact {
+                        next_contact = Instant::now() + CONTACT_EVERY;
+                        self.contact(store, None);
+                    }
                 }
                 _ = self.events_recorded.notified() => {
                     blocking(|| core.handle_events_recorded(now(base), store));

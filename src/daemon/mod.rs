@@ -58,9 +58,13 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             ..store::StoreOptions::default()
         },
     )?;
+    // The cloud link's contact, shared with every door's pipeline (offline policy).
+    let contact = cloud::contact(&cfg)?;
+    let store = store.with_cloud_contact(contact.clone());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     let registry = crate::status::Registry::new(&cfg);
+    registry.set_cloud_contact(contact.clone());
     let watchdog = health::watchdog_interval();
     let mut supervisor = supervise::Supervisor::new(watchdog.is_some());
     // The store thread is watched through a blocking-pool task that joins it.
@@ -258,7 +262,13 @@ pub async fn run(cfg: Validated) -> Result<(), DaemonError> {
             let _ = h.await;
         });
     }
-    cloud::spawn(&cfg, &mut tasks, shutdown_rx.clone())?;
+    cloud::spawn(
+        &cfg,
+        contact,
+        registry.clone(),
+        &mut tasks,
+        shutdown_rx.clone(),
+    )?;
 
     let database = cfg.daemon.database.display().to_string();
     // A second, short-lived connection (the store thread owns the first): the ACL's size for

@@ -74,6 +74,8 @@ pub struct StoreHandle {
     reader: Arc<Mutex<Store>>,
     /// Event writes that failed since start (disk full, I/O error, damage).
     write_failures: Arc<AtomicU64>,
+    /// The cloud link's contact, when `[cloud]` is configured: how stale the cached ACL may be.
+    cloud: Option<Arc<crate::cloud::contact::CloudContact>>,
 }
 
 /// How the store thread runs.
@@ -108,11 +110,12 @@ fn record_retrying(
     store: &mut Store,
     event: &AccessEvent,
     attempt: Option<i64>,
+    verdict: Option<&str>,
 ) -> Result<i64, AclError> {
     let mut pause = Duration::from_millis(20);
     let mut attempts = 0u32;
     loop {
-        match store.record_attempt(event, attempt) {
+        match store.record_with_verdict(event, attempt, verdict) {
             Err(AclError::Sqlite(e)) if is_busy(&e) => {
                 attempts += 1;
                 if attempts == 1 || attempts.is_multiple_of(10) {
@@ -174,14 +177,12 @@ impl StoreHandle {
                             attempt,
                             reply,
                         } => {
-                            let r = record_retrying(&mut store, &event, attempt);
+                            // A verdict that came first is written with the row: part of
+                            // the event as it goes up, never a later edit.
+                            let held = attempt.and_then(|a| pending.take(a));
+                            let r = record_retrying(&mut store, &event, attempt, held);
                             match &r {
-                                Ok(_) => {
-                                    if let Some(a) = attempt {
-                                        pending.apply(&mut store, a, &event.door);
-                                    }
-                                    outbox.stored(&mut store);
-                                }
+                                Ok(_) => outbox.stored(&mut store),
                                 Err(e) => outbox.failed(&event, e),
                             }
                             let _ = reply.send(r);
@@ -224,9 +225,23 @@ impl StoreHandle {
                 tx,
                 reader,
                 write_failures,
+                cloud: None,
             },
             thread,
         ))
+    }
+
+    /// Attaches the cloud link's contact (before the handle is cloned for the doors).
+    pub fn with_cloud_contact(
+        mut self,
+        contact: Option<Arc<crate::cloud::contact::CloudContact>>,
+    ) -> Self {
+        self.cloud = contact;
+        self
+    }
+
+    pub fn cloud_contact(&self) -> Option<&crate::cloud::contact::CloudContact> {
+        self.cloud.as_deref()
     }
 
     /// Event writes that failed since this handle's store was opened.
@@ -421,14 +436,9 @@ impl PendingVerdicts {
         self.0.insert(attempt, (verdict, Instant::now()));
     }
 
-    /// Puts a waiting verdict on the event of `attempt` just stored.
-    fn apply(&mut self, store: &mut Store, attempt: i64, door: &str) {
-        if let Some((verdict, _)) = self.0.remove(&attempt) {
-            if let Err(e) = store.set_panel_verdict(attempt, verdict) {
-                log::warn!(target: "keyway::daemon", door = door;
-                    "door {door}: panel verdict not stored: {e}");
-            }
-        }
+    /// The verdict waiting for the event of `attempt`, about to be stored.
+    fn take(&mut self, attempt: i64) -> Option<&'static str> {
+        self.0.remove(&attempt).map(|(verdict, _)| verdict)
     }
 }
 

@@ -30,9 +30,12 @@ pub const CLOCK_UNSET: &str = "acabffd82457414189e6d28a0ef4fedc";
 pub const DISK_NEARLY_FULL: &str = "a4792670bed04ef99286fceedbf6ab8a";
 /// A door, bus or store task ended unexpectedly.
 pub const TASK_DIED: &str = "1456c92b1b2d490a8105eb38e7b7eb1d";
+/// keyway has been without the cloud for longer than a door's offline limit
+/// (`cloud_offline`): a fail-secure door denies, another grants from a possibly stale ACL.
+pub const CLOUD_OFFLINE: &str = "3053253b29604905b43014e0acc8eea1";
 
 /// Every id with its constant's name, for the catalog check.
-pub const ALL: [(&str, &str); 11] = [
+pub const ALL: [(&str, &str); 12] = [
     ("READER_MISSING", READER_MISSING),
     ("PCSC_UNAVAILABLE", PCSC_UNAVAILABLE),
     ("SERIAL_PORT_FAILED", SERIAL_PORT_FAILED),
@@ -44,6 +47,7 @@ pub const ALL: [(&str, &str); 11] = [
     ("CLOCK_UNSET", CLOCK_UNSET),
     ("DISK_NEARLY_FULL", DISK_NEARLY_FULL),
     ("TASK_DIED", TASK_DIED),
+    ("CLOUD_OFFLINE", CLOUD_OFFLINE),
 ];
 
 #[cfg(test)]

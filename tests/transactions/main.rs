@@ -10,5 +10,7 @@ mod ble_link;
 mod ble_session;
 /// NFC: one tap, from SELECT to the phone being told (daemon::tap).
 mod nfc_tap;
+/// The door's offline policy (cloud_offline) in the access pipeline.
+mod offline_policy;
 /// The panel's verdicts reaching the right event (daemon's bus loop).
 mod panel_verdicts;

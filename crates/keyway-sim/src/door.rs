@@ -98,6 +98,7 @@ pub fn door() -> Door {
         certificate: None,
         osdp: OsdpDoorOptions::default(),
         ble: None,
+        cloud_offline: None,
     }
 }
 
@@ -166,6 +167,8 @@ pub type Recorded = (AccessEvent, Option<AttemptId>);
 pub struct MemoryStore {
     pub granted: Option<[u8; 65]>,
     pub events: Arc<Mutex<Vec<Recorded>>>,
+    /// The link's contact with the cloud, when the test has one.
+    pub contact: Option<Arc<keyway::cloud::contact::CloudContact>>,
 }
 
 impl AccessStore for MemoryStore {
@@ -211,5 +214,9 @@ impl AccessStore for MemoryStore {
         _k_persistent: Option<SymmetricKey>,
     ) -> Result<bool, StoreError> {
         Ok(false)
+    }
+
+    fn cloud_offline_for(&self) -> Option<std::time::Duration> {
+        self.contact.as_ref().and_then(|c| c.offline_for())
     }
 }
