@@ -22,7 +22,7 @@ fn scale() -> u64 {
 fn bench(c: &mut Criterion) {
     let n = scale();
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target");
-    let csv = keyway::sim::acl::cached_csv(&target, n).unwrap();
+    let csv = keyway_sim::acl::cached_csv(&target, n).unwrap();
     let dir = tempfile::tempdir_in(&target).unwrap();
     let db = dir.path().join("scale.db");
     let mut store = Store::open(&db).unwrap();
@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
     let step = (n / 1000).max(1);
     let mut i = 1;
     while i <= n && keys.len() < 1000 {
-        keyway::sim::acl::for_each_key(i, 1, |_, k| keys.push(k));
+        keyway_sim::acl::for_each_key(i, 1, |_, k| keys.push(k));
         i += step;
     }
     let now = time::OffsetDateTime::now_utc();

@@ -13,7 +13,7 @@ use keyway::aliro::reader::{
     ReaderTransaction, TransactionParams,
 };
 use keyway::aliro::ReaderStatus;
-use keyway::sim::{Endpoint, EndpointConfig, ReaderGroupCredential, ScriptedRandom};
+use keyway_sim::{Endpoint, EndpointConfig, ReaderGroupCredential, ScriptedRandom};
 use p256::SecretKey;
 use rand_core::{OsRng, RngCore};
 

@@ -16,8 +16,8 @@ use keyway::aliro::consts::INTERFACE_BLE;
 use keyway::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
 use keyway::ble::hci::{parse_rssi_reply, read_rssi_command};
 use keyway::ble::{BleVersions, Event, ReaderSession, SessionOutcome};
-use keyway::sim::ble_phone::{BlePhone, PhoneEvent};
-use keyway::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
+use keyway_sim::ble_phone::{BlePhone, PhoneEvent};
+use keyway_sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
 use p256::SecretKey;
 use rand_core::OsRng;
 

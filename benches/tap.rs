@@ -17,7 +17,7 @@ use keyway::aliro::reader::{
 use keyway::aliro::ReaderStatus;
 use keyway::card::{self, CardFormat};
 use keyway::osdp::{Bus, Check, Frame, PdConfig, RawCard, RawFormat};
-use keyway::sim::{Endpoint, EndpointConfig, ReaderGroupCredential, ScriptedRandom};
+use keyway_sim::{Endpoint, EndpointConfig, ReaderGroupCredential, ScriptedRandom};
 use p256::SecretKey;
 use rand_core::{OsRng, RngCore};
 

@@ -461,6 +461,8 @@ pub async fn run(cmd: CloudCommand) -> anyhow::Result<ExitCode> {
             let mut b = connect(&conn).await?;
             b.subscribe(&Topics::fleet_filter(&scope.prefix, TopicKind::Events))
                 .await?;
+            b.subscribe(&Topics::fleet_filter(&scope.prefix, TopicKind::Notes))
+                .await?;
             let idle = Duration::from_secs(idle.max(1));
             loop {
                 let got = if follow {
@@ -474,22 +476,26 @@ pub async fn run(cmd: CloudCommand) -> anyhow::Result<ExitCode> {
                     }
                     break;
                 };
-                let Some((site, gw, _)) = Topics::parse_fleet(&scope.prefix, &topic) else {
+                let Some((site, gw, kind)) = Topics::parse_fleet(&scope.prefix, &topic) else {
                     continue;
                 };
+                if kind == TopicKind::Notes {
+                    let Ok(batch) = serde_json::from_slice::<msg::NotesMsg>(&payload) else {
+                        eprintln!("{topic}: not a notes batch");
+                        continue;
+                    };
+                    print_lines(&batch.notes, &site, &gw, ("note", true))?;
+                    if let (true, Some(last)) = (ack, batch.notes.last()) {
+                        let topics = Topics::new(&scope.prefix, &site, &gw)?;
+                        b.ack_notes(&topics, &batch.instance, last.seq).await?;
+                    }
+                    continue;
+                }
                 let Ok(batch) = serde_json::from_slice::<msg::EventsMsg>(&payload) else {
                     eprintln!("{topic}: not an events batch");
                     continue;
                 };
-                for e in &batch.events {
-                    let mut v = serde_json::to_value(e)?;
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("site".into(), site.clone().into());
-                        o.insert("gateway".into(), gw.clone().into());
-                        o.insert("replay".into(), batch.replay.into());
-                    }
-                    println!("{v}");
-                }
+                print_lines(&batch.events, &site, &gw, ("replay", batch.replay))?;
                 if ack {
                     if let Some(last) = batch.events.last() {
                         let topics = Topics::new(&scope.prefix, &site, &gw)?;
@@ -578,4 +584,23 @@ fn read_bounded(path: &Path) -> anyhow::Result<Vec<u8>> {
         );
     }
     Ok(buf)
+}
+
+/// One JSON line per item, with its site, gateway and one flag (`keyway cloud events`).
+fn print_lines<T: serde::Serialize>(
+    items: &[T],
+    site: &str,
+    gateway: &str,
+    flag: (&str, bool),
+) -> Result<(), serde_json::Error> {
+    for item in items {
+        let mut v = serde_json::to_value(item)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("site".into(), site.into());
+            o.insert("gateway".into(), gateway.into());
+            o.insert(flag.0.into(), flag.1.into());
+        }
+        println!("{v}");
+    }
+    Ok(())
 }

@@ -34,5 +34,4 @@ pub mod logging;
 pub mod nfc;
 pub mod osdp;
 pub mod serial;
-pub mod sim;
 pub mod status;

@@ -335,7 +335,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { json, socket } => {
             let path = match socket {
                 Some(p) => p,
-                None => config::load(&cli.config)?.daemon.status_socket,
+                // Not `load`: a member of group keyway may not read the daemon's keys.
+                None => match config::read(&cli.config) {
+                    Ok(c) => c.daemon.status_socket,
+                    Err(config::ConfigError::Read { path, source })
+                        if source.kind() == std::io::ErrorKind::PermissionDenied =>
+                    {
+                        anyhow::bail!(
+                            "permission denied reading {}: keyway status is for root and members of group keyway (sudo usermod -aG keyway $USER, then log in again)",
+                            path.display()
+                        )
+                    }
+                    Err(e) => return Err(e.into()),
+                },
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -63,18 +63,17 @@ async fn big_import_while_taps_run_loses_no_event_and_grants_every_tap() {
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let db = dir.path().join("keyway.db");
     let small = dir.path().join("small.csv");
-    keyway::sim::acl::write_csv(&small, 1, 100, "front").unwrap();
+    keyway_sim::acl::write_csv(&small, 1, 100, "front").unwrap();
     // Kept in target/ (shared with the acl_scale bench): generating a million keys takes
     // longer than importing them in a debug build.
-    let big =
-        keyway::sim::acl::cached_csv(&Path::new(env!("CARGO_MANIFEST_DIR")).join("target"), n)
-            .unwrap();
+    let big = keyway_sim::acl::cached_csv(&Path::new(env!("CARGO_MANIFEST_DIR")).join("target"), n)
+        .unwrap();
     Store::open(&db)
         .unwrap()
         .import_file(&small, ImportMode::Replace)
         .unwrap();
     let mut phone = [0u8; 65];
-    keyway::sim::acl::for_each_key(1, 1, |_, k| phone = k);
+    keyway_sim::acl::for_each_key(1, 1, |_, k| phone = k);
 
     let (store, _thread) = StoreHandle::open(&db).unwrap();
     let door = keyway::config::parse(DOOR, &config)

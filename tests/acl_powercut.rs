@@ -103,14 +103,14 @@ fn sigkill_during_import_leaves_old_or_new_acl() {
     let a = dir.path().join("a.csv");
     let b = dir.path().join("b.csv");
     // Two ACLs of N credentials overlapping by half; facility code 1 in A, 2 in B.
-    keyway::sim::acl::write_csv(&a, 1, N, "front").unwrap();
-    keyway::sim::acl::write_csv(&b, N / 2 + 1, N, "front").unwrap();
+    keyway_sim::acl::write_csv(&a, 1, N, "front").unwrap();
+    keyway_sim::acl::write_csv(&b, N / 2 + 1, N, "front").unwrap();
     set_facility_code(&a, 1);
     set_facility_code(&b, 2);
     let mut keys = [[0u8; 65]; 3];
-    keyway::sim::acl::for_each_key(1, 1, |_, k| keys[0] = k);
-    keyway::sim::acl::for_each_key(N / 2 + 1, 1, |_, k| keys[1] = k);
-    keyway::sim::acl::for_each_key(N + N / 2, 1, |_, k| keys[2] = k);
+    keyway_sim::acl::for_each_key(1, 1, |_, k| keys[0] = k);
+    keyway_sim::acl::for_each_key(N / 2 + 1, 1, |_, k| keys[1] = k);
+    keyway_sim::acl::for_each_key(N + N / 2, 1, |_, k| keys[2] = k);
 
     // A full run of each, timed, so the kills spread over a whole import.
     let started = Instant::now();

@@ -6,7 +6,8 @@
 //! test binary* again inside it (env `KEYWAY_BLE_VM_GUEST=1`). Inside, keyway's BLE door
 //! (`daemon::ble::run_ble_door`: advertisement, GATT, L2CAP listener → Aliro → ACL → panel →
 //! event) serves hci0 and the project's phone emulator is a `bluer` central on hci1:
-//! 1. both adapters are up and powered;
+//! 1. both adapters are up and powered, and `keyway doctor` says so for hci0 (and fails a
+//!    missing adapter, and hci0 while it is powered off in 7.);
 //! 2. an enrolled phone is granted: the phone reads "unsecured", the panel got its card, the
 //!    event says granted over ble;
 //! 3. an unknown phone is denied (phone reads "secured", no card, event unknown_key);
@@ -121,16 +122,16 @@ mod guest {
     use keyway::ble::adapter::AdapterStats;
     use keyway::ble::BleVersions;
     use keyway::card::{self, CardFormat, WiegandBits};
-    use keyway::config::{AuthPolicy, BleMode, Door, DoorBle};
+    use keyway::config::{BleMode, Door, DoorBle};
     use keyway::daemon::access::AttemptId;
     use keyway::daemon::access::RateLimitConfig;
     use keyway::daemon::ble::{run_ble_door, BleDoorRuntime};
     use keyway::daemon::{shared_limiter, PanelSink, StoreHandle, VerdictWait};
     use keyway::events::{AccessEvent, EventDecision, Transport};
     use keyway::osdp::Verdict;
-    use keyway::sim::ble_phone::central::{self, CentralOptions, CentralReport};
-    use keyway::sim::ble_phone::BlePhone;
-    use keyway::sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
+    use keyway_sim::ble_phone::central::{self, CentralOptions, CentralReport};
+    use keyway_sim::ble_phone::BlePhone;
+    use keyway_sim::{EndpointConfig, OsRandom, ReaderGroupCredential};
     use p256::SecretKey;
     use rand_core::{OsRng, RngCore};
     use tokio::sync::{oneshot, watch};
@@ -461,27 +462,23 @@ mod guest {
             "ble_hil: {CONTROLLERS:?} powered ({:.1} s)",
             up.as_secs_f64()
         );
+        // keyway doctor: the door's adapter present and powered; a missing one fails.
+        let (outcome, said) = tokio::task::block_in_place(|| doctor_bluetooth("hci0"));
+        assert_eq!(outcome, "pass", "{said}");
+        assert!(said.contains("hci0 present and powered"), "{said}");
+        let (outcome, said) = tokio::task::block_in_place(|| doctor_bluetooth("hci7"));
+        assert_eq!(outcome, "fail", "{said}");
+        println!("ble_hil: keyway doctor: hci0 present and powered (pass), hci7 missing (fail)");
+        rig.results
+            .push("keyway doctor: hci0 present and powered (pass), hci7 missing (fail)".into());
 
         // keyway's BLE door on hci0.
         let sub_id = rand16();
         let door = Door {
             id: DOOR.into(),
-            port: PathBuf::from("/dev/null"),
-            baud: 9600,
-            address: 0,
-            outputs: 0,
-            reader_pattern: "*".into(),
             group_id: rig.group_id,
             sub_id,
-            private_key_file: PathBuf::new(),
-            auth_policy: AuthPolicy::UserDeviceSetting,
-            sensitive: false,
-            accept_cards: false,
-            fast: false,
-            step_up: None,
-            certificate: None,
-            osdp: Default::default(),
-            ble: None,
+            ..keyway_sim::door::door()
         };
         let ble = DoorBle {
             enabled: true,
@@ -668,6 +665,12 @@ mod guest {
             || stats.losses.load(Ordering::SeqCst) > lost_before,
         )
         .await;
+        let (outcome, said) = tokio::task::block_in_place(|| doctor_bluetooth("hci0"));
+        assert_eq!(outcome, "fail", "{said}");
+        assert!(said.contains("hci0 is off"), "{said}");
+        println!("ble_hil: keyway doctor: hci0 powered off (fail)");
+        rig.results
+            .push("keyway doctor: hci0 powered off (fail)".into());
         let t_on = Instant::now();
         hci0.set_powered(true).await.expect("power hci0 on");
         back_again(
@@ -840,6 +843,22 @@ mod guest {
         let text = rig.results.join("\n");
         println!("{text}");
         let _ = std::fs::write(Path::new(GUEST_SHARE).join("results.txt"), text);
+    }
+
+    /// `keyway doctor` for a one-door site whose door is served on BLE `adapter`: the door's
+    /// Bluetooth check (outcome; detail, hint and the whole output for messages).
+    fn doctor_bluetooth(adapter: &str) -> (String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = support::one_door_site(dir.path(), &dir.path().join("no-tty"), 1);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("ble = {{ adapter = {adapter:?} }}\n"));
+        std::fs::write(&config, text).unwrap();
+        let (_, out, v) = support::doctor(&config);
+        let c = support::doctor_check(&v, "door front: bluetooth");
+        (
+            c["outcome"].as_str().unwrap_or_default().to_string(),
+            format!("{} / {}\n{out}", c["detail"], c["hint"]),
+        )
     }
 
     /// The daemon itself, as installed: `keyway run` with a door on BLE (hci0) and its OSDP PD

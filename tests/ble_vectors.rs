@@ -1,6 +1,6 @@
 //! Byte-for-byte replay of the Aliro BLE vector (`ble_standard_expedited.json`) through both
 //! BLE session cores: keyway's reader side ([`keyway::ble::ReaderSession`]) and the phone
-//! emulator's side ([`keyway::sim::ble_phone::BlePhone`]).
+//! emulator's side ([`keyway_sim::ble_phone::BlePhone`]).
 //!
 //! Everything is read from `$ALIRO_VECTORS_DIR` (default `tests/vectors/aliro`) at run time:
 //! keys, identifiers, randomness, every frame. Nothing from the file is written here, so a set
@@ -15,8 +15,8 @@ use keyway::aliro::{crypto, tlv, Randomness, ReaderIdentity, TransactionParams};
 use keyway::ble::keys::BleVersions;
 use keyway::ble::session::{completion_payload, Event, SessionOutcome, READER_STATE_UNSECURED};
 use keyway::ble::ReaderSession;
-use keyway::sim::ble_phone::{BlePhone, PhoneBleError, PhoneEvent};
-use keyway::sim::{EndpointConfig, ReaderGroupCredential, ScriptedRandom};
+use keyway_sim::ble_phone::{BlePhone, PhoneBleError, PhoneEvent};
+use keyway_sim::{EndpointConfig, ReaderGroupCredential, ScriptedRandom};
 use serde_json::Value;
 
 fn vector() -> Value {

@@ -7,9 +7,8 @@
 //! one FAILS the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use keyway::acl::Store;
@@ -23,206 +22,12 @@ use keyway::events::{AccessEvent, Transport};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+mod support;
+use support::mqtt::{free_port, make_certs, password_file, tls_broker, write_private, Mosquitto};
+
 const STEP: Duration = Duration::from_secs(20);
 const SITE: &str = "s1";
 const GW: &str = "gw1";
-
-fn need(bin: &str) -> PathBuf {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
-        let p = Path::new(dir).join(bin);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("{bin} not found: run scripts/setup (installs mosquitto mosquitto-clients openssl)");
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-struct Mosquitto {
-    child: Option<Child>,
-    port: u16,
-    conf: PathBuf,
-    dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    /// `listener_extra`: lines for the listener (TLS, auth).
-    fn start(listener_extra: &str) -> Mosquitto {
-        let mut m = Mosquitto::configure(listener_extra);
-        m.restart();
-        m
-    }
-
-    /// Writes the config without starting the broker (TLS files go in its dir first).
-    fn configure(listener_extra: &str) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        // `user root`: started as root, mosquitto would drop to user mosquitto, which cannot
-        // read the tempdir. per_listener_settings so auth applies to this listener.
-        std::fs::write(
-            &conf,
-            format!(
-                "user root\npersistence false\nper_listener_settings true\n\
-                 log_dest stderr\nlistener {port} 127.0.0.1\n{}\n",
-                listener_extra.replace("{dir}", &dir.path().display().to_string())
-            ),
-        )
-        .unwrap();
-        Mosquitto {
-            child: None,
-            port,
-            conf,
-            dir,
-        }
-    }
-
-    fn restart(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("broker.log")).unwrap();
-        let child = Command::new(need("mosquitto"))
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting mosquitto");
-        self.child = Some(child);
-        let deadline = Instant::now() + STEP;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("mosquitto exited ({status}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, in `dir`.
-fn make_certs(dir: &Path) {
-    let openssl = need("openssl");
-    let run = |args: &[&str]| {
-        let out = Command::new(&openssl)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        "ca.key",
-    ]);
-    run(&[
-        "req",
-        "-x509",
-        "-new",
-        "-key",
-        "ca.key",
-        "-subj",
-        "/CN=keyway test CA",
-        "-days",
-        "2",
-        "-out",
-        "ca.pem",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    for name in ["server", "client"] {
-        run(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            &format!("{name}.ec"),
-        ]);
-        run(&[
-            "pkcs8",
-            "-topk8",
-            "-nocrypt",
-            "-in",
-            &format!("{name}.ec"),
-            "-out",
-            &format!("{name}.key"),
-        ]);
-        run(&[
-            "req",
-            "-new",
-            "-key",
-            &format!("{name}.key"),
-            "-subj",
-            &format!("/CN={name}"),
-            "-out",
-            &format!("{name}.csr"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            &format!("{name}.pem"),
-        ]);
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dir.join(format!("{name}.key")),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-    }
-}
 
 fn signer() -> BackendSigner {
     BackendSigner::from_hex("backend-1", &format!("{:064x}", 0x1234_5678u64)).unwrap()
@@ -576,7 +381,7 @@ async fn plain_sync_events_and_rejections() {
         let batch = expect(&mut b, "events", |_| true).await;
         instance = batch["instance"].as_str().unwrap().to_owned();
         for e in batch["events"].as_array().unwrap() {
-            assert_eq!(e["uid"], format!("{instance}-{}", e["seq"]));
+            assert_eq!(e["uid"].as_str().map(str::len), Some(32), "{e}");
             seqs.push(e["seq"].as_i64().unwrap());
         }
     }
@@ -608,27 +413,8 @@ async fn wait_for(mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_auth() {
     let dir = tempfile::tempdir().unwrap();
-    let pwfile = dir.path().join("passwd");
-    let out = Command::new(need("mosquitto_passwd"))
-        .args(["-b", "-c"])
-        .arg(&pwfile)
-        .args(["gw1", "s3cret-pw"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let users = pwfile.clone();
-    std::fs::write(dir.path().join("backend"), "").unwrap();
-    let out = Command::new(need("mosquitto_passwd"))
-        .args(["-b"])
-        .arg(&pwfile)
-        .args(["backend", "backend-pw"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let users = dir.path().join("passwd");
+    password_file(&users, &[("gw1", "s3cret-pw"), ("backend", "backend-pw")]);
     let broker = Mosquitto::start(&format!(
         "allow_anonymous false\npassword_file {}",
         users.display()
@@ -668,29 +454,6 @@ async fn password_auth() {
         Some(backend_conn),
     )
     .await;
-}
-
-fn write_private(p: &Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)
-        .unwrap();
-    f.write_all(text.as_bytes()).unwrap();
-}
-
-fn tls_broker(mtls: bool) -> Mosquitto {
-    let mut extra = "allow_anonymous true\ncafile {dir}/ca.pem\ncertfile {dir}/server.pem\nkeyfile {dir}/server.key\n".to_owned();
-    if mtls {
-        extra.push_str("require_certificate true\n");
-    }
-    let mut m = Mosquitto::configure(&extra);
-    make_certs(m.dir.path());
-    m.restart();
-    m
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1064,4 +827,171 @@ async fn killed_mid_snapshot_keeps_the_old_acl_and_the_next_sync_completes() {
     b.publish_snapshot(&topics(), m, chunks).await.unwrap();
     expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
     assert!(!grants_in(&db, 1) && grants_in(&db, 3) && grants_in(&db, 59));
+}
+
+/// A grant of credential `cred` whose card went to the panel under `attempt`.
+fn grant_event(cred: i64) -> AccessEvent {
+    AccessEvent {
+        credential_id: Some(cred),
+        person_id: Some(format!("p{cred}")),
+        decision: keyway::events::EventDecision::Granted,
+        reason: "granted".into(),
+        ..AccessEvent::error(1_800_000_000_000, "d1", Transport::Nfc, None, "x", 1)
+    }
+}
+
+/// Through a real broker: a verdict that comes after its event went up never changes the
+/// event (a replay would differ from what the backend stored): it follows as a note naming
+/// the event's uid, with the credential's first use, once the event is acked; notes are kept
+/// until their own ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_verdict_and_first_use_go_up_as_notes_after_their_event() {
+    let (_broker, _url, mut b, gw) = online("").await;
+    gw.store()
+        .record_attempt(&grant_event(5), Some(41))
+        .unwrap();
+    let batch = expect(&mut b, "events", |_| true).await;
+    let event = batch["events"][0].clone();
+    assert!(event.get("panel_verdict").is_none(), "{event}");
+    let instance = batch["instance"].as_str().unwrap().to_owned();
+    // The panel answers late.
+    gw.store().set_panel_verdict(41, "denied").unwrap();
+    b.ack_events(&topics(), &instance, event["seq"].as_i64().unwrap())
+        .await
+        .unwrap();
+    let notes = expect(&mut b, "notes", |_| true).await;
+    let list = notes["notes"].as_array().unwrap();
+    let kinds: Vec<&str> = list.iter().map(|n| n["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["first_use", "panel_verdict"], "{notes}");
+    assert!(list.iter().all(|n| n["event_uid"] == event["uid"]));
+    assert_eq!(list[1]["panel_verdict"], "denied");
+    assert_eq!(list[0]["credential_id"], 5);
+    // Not forgotten before the backend's own ack.
+    assert_eq!(gw.store().notes_undelivered().unwrap(), 2);
+    let last = list[1]["seq"].as_i64().unwrap();
+    b.ack_notes(&topics(), &instance, last).await.unwrap();
+    wait_for(|| gw.store().notes_undelivered().unwrap() == 0).await;
+    // A second grant of the same credential is no first use.
+    gw.store().record_event(&grant_event(5)).unwrap();
+    let batch = expect(&mut b, "events", |_| true).await;
+    b.ack_events(
+        &topics(),
+        &instance,
+        batch["events"][0]["seq"].as_i64().unwrap(),
+    )
+    .await
+    .unwrap();
+    wait_for(|| gw.store().stats().unwrap().events_undelivered == 0).await;
+    assert_eq!(gw.store().notes_undelivered().unwrap(), 0);
+    gw.stop().await;
+}
+
+/// `keyway run`: the heartbeat carries each door's state (no reader here, OSDP not
+/// polled), its offline policy and the disk; `keyway status` shows the link connected to
+/// the broker with its outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyway_run_heartbeat_has_the_doors_and_status_shows_the_link() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = run_config(dir.path(), &url);
+    let sock = dir.path().join("status.sock");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            "database = \"keyway.db\"",
+            &format!(
+                "database = \"keyway.db\"\nstatus_socket = {:?}",
+                sock.display().to_string()
+            ),
+        )
+        .replace(
+            "aliro = {",
+            "cloud_offline = { limit_s = 3600, fail_secure = true }\naliro = {",
+        )
+        .replace("gateway = \"gw1\"", "gateway = \"gw1\"\nheartbeat_s = 5");
+    std::fs::write(&config, text).unwrap();
+    let log_path = dir.path().join("run.log");
+    let _child = run_daemon(&config, &log_path);
+    expect(&mut b, "state", |v| v["state"] == "online").await;
+    let hb = expect(&mut b, "heartbeat", |v| v["doors"][0]["id"] == "front").await;
+    let door = &hb["doors"][0];
+    // No reader here: missing, or pcscd down when no pcscd runs.
+    assert!(
+        door["reader"] == "missing" || door["reader"] == "pcscd_down",
+        "{hb}"
+    );
+    assert_ne!(door["osdp"], "online", "{hb}");
+    assert_eq!(door["offline_policy"]["limit_s"], 3600, "{hb}");
+    assert_eq!(door["offline_policy"]["fail_secure"], true, "{hb}");
+    assert!(hb["disk"]["free_bytes"].as_u64().unwrap() > 0, "{hb}");
+    assert_eq!(hb["outbox"]["dropped"], 0, "{hb}");
+
+    let status = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
+            .arg("--config")
+            .arg(&config)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+    };
+    let deadline = Instant::now() + STEP;
+    let mut s = status();
+    while s["cloud"]["state"] != "connected" && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s = status();
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert_eq!(s["cloud"]["state"], "connected", "{s}\n{log}");
+    assert!(
+        s["cloud"]["broker"]
+            .as_str()
+            .unwrap()
+            .contains(&broker.port.to_string()),
+        "{s}"
+    );
+    assert_eq!(s["cloud"]["outbox_depth"], 0, "{s}");
+    assert_eq!(s["doors"][0]["cloud_offline"]["exceeded"], false, "{s}");
+    assert!(log.contains("cached grants valid for 3600 s"), "{log}");
+}
+
+/// Through a real broker: snapshot chunks published out of order (pairs swapped) are held
+/// and applied in order; a snapshot whose content was changed on the way is refused at the
+/// end (`hash_mismatch`), its staged apply dropped, the old ACL serving, and a new snapshot
+/// asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_chunks_apply_and_a_bad_hash_keeps_the_old_acl() {
+    let (_broker, _url, mut b, gw) = online("").await;
+    let creds: Vec<Value> = (1..=40).map(cred).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
+    let (m, mut chunks) = snapshot_of(1, &content);
+    assert!(chunks.len() > 8);
+    for pair in chunks.chunks_mut(2) {
+        pair.reverse();
+    }
+    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
+    expect(&mut b, "acl/applied", |v| v["version"] == 1).await;
+    assert!(gw.grants(40));
+
+    let other: Vec<Value> = (41..=80).map(cred).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": other})).unwrap();
+    let (m, mut chunks) = snapshot_of(2, &content);
+    // One byte of the last chunk's data changed (still valid base64 of the same length).
+    let last = chunks.last_mut().unwrap();
+    let mut c: Value = serde_json::from_slice(last).unwrap();
+    let data = c["data"].as_str().unwrap().to_owned();
+    let flipped = if data.starts_with('A') { "B" } else { "A" };
+    c["data"] = Value::from(format!("{flipped}{}", &data[1..]));
+    *last = serde_json::to_vec(&c).unwrap();
+    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
+    expect(&mut b, "rejected", |v| {
+        v["topic"] == "acl/chunk" && v["reason"] == "hash_mismatch"
+    })
+    .await;
+    expect(&mut b, "acl/request", |v| v["reason"] == "snapshot_failed").await;
+    assert!(gw.grants(40) && !gw.grants(41));
+    assert_eq!(gw.store().applied().unwrap().version, Some(1));
+    gw.stop().await;
 }

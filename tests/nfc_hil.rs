@@ -10,6 +10,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod support;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,8 +29,8 @@ use keyway::daemon::{
     run_door, shared_limiter, DoorRuntime, PanelSink, StoreHandle, StoreOptions, VerdictWait,
 };
 use keyway::events::{AccessEvent, EventDecision as Decision};
-use keyway::sim::vpcd::{self, TapOptions};
-use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
+use keyway_sim::vpcd::{self, TapOptions};
+use keyway_sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
 use p256::SecretKey;
 use tokio::sync::watch;
 
@@ -322,6 +324,7 @@ impl Bench {
                 certificate: None,
                 osdp: Default::default(),
                 ble: None,
+                cloud_offline: None,
             };
             let rt = DoorRuntime {
                 door: Arc::new(door),
@@ -545,7 +548,7 @@ async fn partial_tap(phone: &mut Endpoint, n: usize, silence: Option<Duration>) 
                 0x04 => vpcd::write_frame(&mut stream, &[0x3B, 0x80, 0x80, 0x01, 0x01])
                     .await
                     .unwrap(),
-                code => keyway::sim::vpcd::VirtualCard::power_event(phone, code),
+                code => keyway_sim::vpcd::VirtualCard::power_event(phone, code),
             }
             continue;
         }
@@ -555,7 +558,7 @@ async fn partial_tap(phone: &mut Endpoint, n: usize, silence: Option<Duration>) 
             }
             return; // dropping the stream = the card leaves the field mid-APDU
         }
-        let r = keyway::sim::vpcd::VirtualCard::transmit(phone, &frame);
+        let r = keyway_sim::vpcd::VirtualCard::transmit(phone, &frame);
         vpcd::write_frame(&mut stream, &r).await.unwrap();
         apdus += 1;
     }
@@ -956,17 +959,17 @@ async fn physical_card_by_uid_at_a_door_that_accepts_cards() {
     })
     .await;
     let opts = TapOptions {
-        atr: keyway::sim::card::MIFARE_1K_ATR.to_vec(),
+        atr: keyway_sim::card::MIFARE_1K_ATR.to_vec(),
         hold: Duration::ZERO,
         ..TapOptions::default()
     };
     // Known card at the door that accepts cards: granted, its card number to the panel.
-    let mut card = keyway::sim::UidCard::new(&uid);
+    let mut card = keyway_sim::UidCard::new(&uid);
     let s = vpcd::tap(addr(0), &mut card, &opts).await.unwrap();
     assert!(s.finished, "UID read: {s:?}\n{}", b.pcscd_log());
     // Unknown card there: denied.
     wait_reader_empty(0).await;
-    let mut unknown = keyway::sim::UidCard::new(&[1, 2, 3, 4]);
+    let mut unknown = keyway_sim::UidCard::new(&[1, 2, 3, 4]);
     assert!(
         vpcd::tap(addr(0), &mut unknown, &opts)
             .await
@@ -974,7 +977,7 @@ async fn physical_card_by_uid_at_a_door_that_accepts_cards() {
             .finished
     );
     // The same known card at a door that does not accept cards: its UID is never read.
-    let mut card2 = keyway::sim::UidCard::new(&uid);
+    let mut card2 = keyway_sim::UidCard::new(&uid);
     let opts_short = TapOptions {
         timeout: Duration::from_secs(4),
         ..opts.clone()
@@ -1023,7 +1026,7 @@ async fn step_up_access_document_through_pcscd() {
         ..BenchOpts::default()
     })
     .await;
-    let spec = |random| keyway::sim::issuer::AccessDocumentSpec {
+    let spec = |random| keyway_sim::issuer::AccessDocumentSpec {
         element: "floor1".into(),
         access_id: vec![0x28, 0x90, 0x82, 0xCC],
         signed: "2026-01-01T00:00:00Z".into(),
@@ -1035,7 +1038,7 @@ async fn step_up_access_document_through_pcscd() {
         let mut cfg = b.phone(&b.enrolled.clone()).config().clone();
         cfg.signaling_bitmap = 0x0005; // document retrievable, step-up SELECT required
         cfg.access_document = Some(
-            keyway::sim::issuer::issue_access_document(
+            keyway_sim::issuer::issue_access_document(
                 signer,
                 &b.enrolled.public_key(),
                 &spec(random),
@@ -1076,4 +1079,42 @@ async fn step_up_access_document_through_pcscd() {
     );
     assert_eq!(b.panel.cards().len(), 1);
     b.stop().await;
+}
+
+/// `keyway doctor`'s NFC checks pass against the real pcscd with vpcd's readers: pcscd is
+/// reachable and lists them, and the door's reader is found by its exact name and by a `*`
+/// pattern; a reader that is not there fails (with pcscd up) and its hint lists the readers.
+#[test]
+fn doctor_finds_pcscd_and_the_configured_reader() {
+    let _guard = lock();
+    let dir = tempfile::tempdir().unwrap();
+    let _pcscd = Pcscd::start(dir.path());
+    for (pattern, expect) in [
+        (READERS[0], "pass"),
+        ("Virtual PCD 00 0*", "pass"),
+        ("No Such Reader", "fail"),
+    ] {
+        let site = tempfile::tempdir().unwrap();
+        let no_tty = site.path().join("no-tty");
+        let config = support::one_door_site_with_reader(site.path(), &no_tty, 1, pattern);
+        let (_, text, v) = support::doctor(&config);
+        let pcscd = support::doctor_check(&v, "pcscd");
+        assert_eq!(pcscd["outcome"], "pass", "{text}");
+        for r in READERS {
+            assert!(pcscd["detail"].as_str().unwrap().contains(r), "{text}");
+        }
+        let reader = support::doctor_check(&v, "door front: reader");
+        assert_eq!(reader["outcome"], expect, "{pattern}: {text}");
+        if expect == "pass" {
+            assert!(
+                reader["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("Virtual PCD 00 0"),
+                "{text}"
+            );
+        } else {
+            assert!(reader["hint"].is_string(), "{text}");
+        }
+    }
 }

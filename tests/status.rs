@@ -1,6 +1,8 @@
 //! `keyway status` against a running `keyway run`, and systemd's notify protocol as the daemon
 //! speaks it (READY=1, STATUS=, WATCHDOG=1) read from a datagram socket standing in for
-//! systemd's. The door has no reader, no serial port: status must say so.
+//! systemd's. The door has no reader, no serial port: status must say so. Who may ask: the
+//! daemon as a service user, `keyway status` as another user (refused) and as a member of the
+//! daemon's group (served), switched with setpriv (needs root).
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -178,4 +180,151 @@ fn running_daemon_answers_status_and_speaks_sd_notify() {
 fn problems_line(all: &str) -> Option<&str> {
     all.lines()
         .rfind(|l| l.starts_with("STATUS=") && l.contains("problem(s)"))
+}
+
+/// Runs `keyway ARGS` as `uid`/`gid` with exactly `groups` as supplementary groups (setpriv,
+/// util-linux).
+fn keyway_as(uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> Output {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"));
+    if groups.is_empty() {
+        cmd.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        cmd.arg(format!("--groups={}", list.join(",")));
+    }
+    cmd.arg("--")
+        .arg(env!("CARGO_BIN_EXE_keyway"))
+        .args(args)
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
+/// Every directory above `path` must let other users through, or they cannot run it.
+fn reachable_by_others(path: &Path) -> Result<(), String> {
+    for dir in path.ancestors().skip(1) {
+        let mode = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        if mode.permissions().mode() & 0o001 == 0 {
+            return Err(format!(
+                "{} (mode {:o}) is not searchable by other users",
+                dir.display(),
+                mode.permissions().mode() & 0o777
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The status socket is 0660 in the daemon's group, as the package runs it (User=keyway,
+/// Group=keyway): a user outside the group is refused with a clear message and a non-zero
+/// exit; a member of the group is served, although it cannot read the daemon's private key.
+/// Root is needed to switch users (scripts/test runs as root); as another user this test
+/// fails and says so, it never passes without having looked.
+#[test]
+fn status_is_refused_to_others_and_served_to_the_daemons_group() {
+    // Numeric ids with no passwd entry: the service user (uid = gid, like `adduser --system
+    // --group keyway`) and another local user.
+    const SERVICE: u32 = 64_901;
+    const OTHER: u32 = 64_902;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test runs keyway as other users with setpriv and needs root (scripts/test runs as \
+         root; by hand: sudo -E cargo test --test status)"
+    );
+    let exe = Path::new(env!("CARGO_BIN_EXE_keyway"));
+    if let Err(e) = reachable_by_others(exe) {
+        panic!("the keyway binary must be reachable by unprivileged users: {e}");
+    }
+    let s = site();
+    let chown = |p: &Path, uid: u32, gid: u32, mode: u32| {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // As packaged: the key is the service user's alone, the config root's and readable by the
+    // group; the daemon writes its database and socket in its own directory, which others
+    // may pass through (so a refusal below comes from the socket's own mode).
+    chown(s.dir.path(), SERVICE, SERVICE, 0o755);
+    chown(&s.dir.path().join("reader.pem"), SERVICE, SERVICE, 0o600);
+    chown(&s.config, 0, SERVICE, 0o640);
+    let logs = tempfile::tempdir().unwrap();
+    let log_path = logs.path().join("run.log");
+    let _daemon = Daemon(
+        Command::new("setpriv")
+            .arg(format!("--reuid={SERVICE}"))
+            .arg(format!("--regid={SERVICE}"))
+            .arg("--clear-groups")
+            .arg("--")
+            .arg(exe)
+            .arg("--config")
+            .arg(&s.config)
+            .args(["run", "--log", "stderr"])
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let socket = s.socket.display().to_string();
+    // Up when root is answered (2: running, with problems: no reader, no serial port).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = keyway(&s.config, &["status", "--socket", &socket]);
+        if o.status.code() == Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon never answered: {}\n{}",
+            text(&o),
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let meta = std::fs::metadata(&s.socket).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.mode() & 0o777, meta.uid(), meta.gid()),
+        (0o660, SERVICE, SERVICE),
+        "socket owned by the service user and group, 0660"
+    );
+    let cfg = s.config.display().to_string();
+
+    // Not in the group: refused, saying who may ask, exit 1 (never "not running").
+    let o = keyway_as(
+        OTHER,
+        OTHER,
+        &[],
+        &["--config", &cfg, "status", "--socket", &socket],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("permission denied on {socket}")) && t.contains("group keyway"),
+        "{t}"
+    );
+    assert!(!t.contains("not running") && !t.contains("panicked"), "{t}");
+    // Through the config (0640, group only): the same clear refusal, naming the file.
+    let o = keyway_as(OTHER, OTHER, &[], &["--config", &cfg, "status"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("permission denied reading {cfg}")) && t.contains("group keyway"),
+        "{t}"
+    );
+
+    // A member of the group is served, through the config it may read (the key it may not).
+    let o = keyway_as(OTHER, OTHER, &[SERVICE], &["--config", &cfg, "status"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}\n{}", log());
+    assert!(t.contains("door front"), "{t}");
+    let o = keyway_as(
+        OTHER,
+        OTHER,
+        &[SERVICE],
+        &["--config", &cfg, "status", "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["doors"][0]["id"], "front", "{}", text(&o));
 }

@@ -160,7 +160,7 @@ aliro = { group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa9
 
 fn phone() -> [u8; 65] {
     let mut key = [0u8; 65];
-    keyway::sim::acl::for_each_key(7, 1, |_, k| key = k);
+    keyway_sim::acl::for_each_key(7, 1, |_, k| key = k);
     key
 }
 
@@ -344,7 +344,7 @@ fn damaged_db(dir: &Path) -> PathBuf {
     let specs: Vec<CredentialSpec> = (0..3000u64)
         .map(|i| {
             let mut key = [0u8; 65];
-            keyway::sim::acl::for_each_key(i + 10, 1, |_, k| key = k);
+            keyway_sim::acl::for_each_key(i + 10, 1, |_, k| key = k);
             CredentialSpec {
                 line: i + 2,
                 endpoint_key: key,
@@ -390,9 +390,9 @@ async fn damaged_database_is_reported_at_start_and_not_blamed_on_the_acl_file() 
     // damaged, not that the file is bad.
     let config = write_config(dir.path(), &db);
     let csv = dir.path().join("acl.csv");
-    keyway::sim::acl::write_csv(&csv, 5000, 10, "front").unwrap();
+    keyway_sim::acl::write_csv(&csv, 5000, 10, "front").unwrap();
     let json = dir.path().join("acl.json");
-    keyway::sim::acl::write_json(&json, 5000, 10, "front").unwrap();
+    keyway_sim::acl::write_json(&json, 5000, 10, "front").unwrap();
     for (acl, merge) in [(&csv, false), (&json, false), (&csv, true)] {
         let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
             .arg("--config")

@@ -1,8 +1,11 @@
 //! Fuzz target: a sequence of down messages (topic kind + bytes, some signed by the trusted
-//! key) and clock steps into the sync core over an in-memory store.
+//! key) and clock steps into the sync core over a fresh database file (snapshots stream into
+//! the apply engine on a second connection, so the store cannot be in memory).
 //! Checks: no panic; the core's output stays bounded.
 #![no_main]
 
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keyway::acl::Store;
@@ -11,6 +14,19 @@ use keyway::cloud::msg::{TopicKind, Topics};
 use keyway::cloud::sign::{BackendSigner, TrustedKey, TrustedKeys};
 use keyway::cloud::store::StoreSync;
 use libfuzzer_sys::fuzz_target;
+
+/// Removes one input's database files.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm", "-acl-stage"] {
+            let mut p = self.0.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
 
 fuzz_target!(|input: &[u8]| {
     let signer = BackendSigner::from_hex("k1", &format!("{:064x}", 7)).expect("fixed key");
@@ -21,7 +37,14 @@ fuzz_target!(|input: &[u8]| {
     let topics = Topics::new("kw", "s1", "gw1").expect("valid ids");
     let t0 = Instant::now();
     let mut core = Core::new(CoreConfig::new(topics.clone(), "s1", "gw1", 2), keys, 1, None, 1, t0);
-    let Ok(store) = Store::open_in_memory() else {
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let db = std::env::temp_dir().join(format!(
+        "keyway-fuzz-{}-{}.db",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _cleanup = Cleanup(db.clone());
+    let Ok(store) = Store::open(&db) else {
         return;
     };
     let mut store = StoreSync::new(store);

@@ -29,7 +29,8 @@ fuzz_target!(|input: &[u8]| {
         ok(msg::parse_delta(payload, "s1", "gw1", NOW));
         ok(msg::parse_command(payload, "s1", "gw1", NOW));
         ok(msg::parse_chunk(payload));
-        ok(msg::parse_ack(payload));
+        ok(msg::parse_ack(payload, msg::TYPE_ACK));
+        ok(msg::parse_ack(payload, msg::TYPE_NOTES_ACK));
         let _ = msg::peek_request_id(payload);
     }
 });

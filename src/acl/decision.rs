@@ -85,6 +85,10 @@ pub enum DenyReason {
     /// The phone's Access Document failed verification (issuer, signature, digests, binding
     /// to the authenticated key, validity) or lacks an element the door asks for.
     AccessDocumentInvalid,
+    /// The door's offline policy is fail secure and keyway has not heard from the cloud for
+    /// longer than its limit (a revocation might not have reached it). Decided by the access
+    /// pipeline after the ACL would have granted.
+    CloudOffline,
 }
 
 impl DenyReason {
@@ -102,6 +106,7 @@ impl DenyReason {
             DenyReason::RateLimited => "rate_limited",
             DenyReason::AccessDocumentRequired => "access_document_required",
             DenyReason::AccessDocumentInvalid => "access_document_invalid",
+            DenyReason::CloudOffline => "cloud_offline",
         }
     }
 }

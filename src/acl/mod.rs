@@ -185,7 +185,35 @@ const MIGRATIONS: &[&str] = &[
     // the sequence (`id`) starts again. No index: nothing looks an event up by it locally.
     "ALTER TABLE events ADD COLUMN uid BLOB CHECK (uid IS NULL OR length(uid) = 16);
     UPDATE events SET uid = randomblob(16);",
-    // v8: door groups, schedules (compiled day programs, see `schedule`) and holidays, named
+    // v8: notes on events for the cloud, kept and acked like events but never by editing an
+    // event row that may have gone up: a panel verdict that came after its event was written,
+    // and the first grant of a credential (issued -> active). `credential_first_use` makes
+    // the latter once per credential, across restarts; credentials granted before this
+    // version count as used already.
+    "CREATE TABLE event_notes (
+        seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+        uid           BLOB    NOT NULL CHECK (length(uid) = 16),
+        event_id      INTEGER NOT NULL,
+        event_uid     BLOB    CHECK (event_uid IS NULL OR length(event_uid) = 16),
+        kind          TEXT    NOT NULL,
+        value         TEXT,
+        door          TEXT    NOT NULL,
+        credential_id INTEGER,
+        person_id     TEXT,
+        time_ms       INTEGER NOT NULL,
+        delivered_at  INTEGER
+    ) STRICT;
+    CREATE INDEX event_notes_event ON event_notes (event_id);
+    CREATE INDEX event_notes_undelivered ON event_notes (seq) WHERE delivered_at IS NULL;
+    CREATE TABLE credential_first_use (
+        credential_id INTEGER PRIMARY KEY,
+        event_id      INTEGER NOT NULL,
+        time_ms       INTEGER NOT NULL
+    ) STRICT;
+    INSERT OR IGNORE INTO credential_first_use (credential_id, event_id, time_ms)
+    SELECT credential_id, min(id), min(time_ms) FROM events
+    WHERE decision = 'granted' AND credential_id IS NOT NULL GROUP BY credential_id;",
+    // v9: door groups, schedules (compiled day programs, see `schedule`) and holidays, named
     // by credentials' door entries (`@group`, `door=schedule`); written with the ACL by the
     // apply engine.
     "CREATE TABLE door_groups (

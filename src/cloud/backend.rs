@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::config::BrokerUrl;
 use super::link::Connector;
@@ -170,22 +170,18 @@ impl Backend {
     ) -> Result<Backend, BackendError> {
         let mut opts = connector.options(broker, None, true);
         opts.set_manual_acks(false);
-        let (client, mut el) = connector.connect(opts);
+        let (client, mut el, _) =
+            connector
+                .handshake(broker, opts, timeout)
+                .await
+                .map_err(|e| BackendError::Connect {
+                    broker: broker.to_string(),
+                    reason: e.to_string(),
+                })?;
         let (tx, inbox) = mpsc::channel(INBOX);
-        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), String>>();
         let poller = tokio::spawn(async move {
-            let mut ready = Some(ready_tx);
             loop {
                 match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(a))) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(if a.code == rumqttc::ConnectReturnCode::Success {
-                                Ok(())
-                            } else {
-                                Err(format!("{:?}", a.code))
-                            });
-                        }
-                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if tx
                             .send((p.topic.clone(), p.payload.to_vec()))
@@ -196,31 +192,16 @@ impl Backend {
                         }
                     }
                     Ok(_) => {}
-                    Err(e) => {
-                        if let Some(r) = ready.take() {
-                            let _ = r.send(Err(e.to_string()));
-                            return;
-                        }
-                        // Connected once: keep trying, gently.
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
+                    // Connected once: keep trying, gently.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
                 }
             }
         });
-        let err = |reason: String| BackendError::Connect {
-            broker: broker.to_string(),
-            reason,
-        };
-        match tokio::time::timeout(timeout, ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(Backend {
-                client,
-                inbox,
-                poller,
-            }),
-            Ok(Ok(Err(reason))) => Err(err(reason)),
-            Ok(Err(_)) => Err(err("connection task ended".into())),
-            Err(_) => Err(err("timed out".into())),
-        }
+        Ok(Backend {
+            client,
+            inbox,
+            poller,
+        })
     }
 
     pub async fn subscribe(&self, filter: &str) -> Result<(), BackendError> {
@@ -270,18 +251,41 @@ impl Backend {
         instance: &str,
         through_seq: i64,
     ) -> Result<(), BackendError> {
+        self.ack(topics, TopicKind::EventsAck, instance, through_seq)
+            .await
+    }
+
+    /// Application ack for a gateway's notes.
+    pub async fn ack_notes(
+        &self,
+        topics: &Topics,
+        instance: &str,
+        through_seq: i64,
+    ) -> Result<(), BackendError> {
+        self.ack(topics, TopicKind::NotesAck, instance, through_seq)
+            .await
+    }
+
+    async fn ack(
+        &self,
+        topics: &Topics,
+        kind: TopicKind,
+        instance: &str,
+        through_seq: i64,
+    ) -> Result<(), BackendError> {
         let ack = msg::EventsAck {
-            kind: msg::TYPE_ACK.into(),
+            kind: if kind == TopicKind::NotesAck {
+                msg::TYPE_NOTES_ACK
+            } else {
+                msg::TYPE_ACK
+            }
+            .into(),
             v: msg::VERSION,
             instance: instance.into(),
             through_seq,
         };
-        self.publish(
-            &topics.topic(TopicKind::EventsAck),
-            msg::to_json(&ack),
-            false,
-        )
-        .await
+        self.publish(&topics.topic(kind), msg::to_json(&ack), false)
+            .await
     }
 
     pub async fn disconnect(self) {

@@ -14,14 +14,14 @@
 //! Storage is reached through [`AclSink`] and [`Outbox`]; time comes in as [`Now`] (a monotonic
 //! instant for schedules and unix milliseconds for expiry and reports).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 use super::msg::{
     self, AclReport, AclRequestMsg, AppliedMsg, CommandKind, CommandStatusMsg, EventsMsg,
-    Heartbeat, Reject, RejectCode, RejectedMsg, StateMsg, TopicKind, Topics,
+    Heartbeat, NotesMsg, Reject, RejectCode, RejectedMsg, StateMsg, TopicKind, Topics,
 };
 use super::sign::TrustedKeys;
 use super::store::{chain_hash, AclSink, Outbox, SinkError};
@@ -137,7 +137,13 @@ struct Assembly {
     received: u64,
     hasher: Sha256,
     deadline: Instant,
+    /// Chunks that came ahead of `next`, by index (bounded).
+    early: BTreeMap<u32, Vec<u8>>,
 }
+
+/// Chunks kept ahead of their turn at most, and their bytes: past either, a gap.
+const MAX_EARLY_CHUNKS: usize = 16;
+const MAX_EARLY_BYTES: usize = 1024 * 1024;
 
 /// Where the event upload stands.
 #[derive(Default)]
@@ -150,6 +156,47 @@ struct Cursor {
     high_water: i64,
     /// (last seq of the batch, ack deadline), oldest first.
     in_flight: VecDeque<(i64, Instant)>,
+}
+
+/// The two upward streams kept until the backend acks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Events,
+    Notes,
+}
+
+impl Stream {
+    fn topic(self) -> TopicKind {
+        match self {
+            Stream::Events => TopicKind::Events,
+            Stream::Notes => TopicKind::Notes,
+        }
+    }
+
+    fn ack_type(self) -> &'static str {
+        match self {
+            Stream::Events => msg::TYPE_ACK,
+            Stream::Notes => msg::TYPE_NOTES_ACK,
+        }
+    }
+}
+
+/// The message for `items` (oldest first) and its last seq; `None` when there are none. Long
+/// ids can make a batch too big for the broker: it is halved until it fits (the rest goes in
+/// the next batch). `replay`: the batch starts at or below what this process sent before.
+fn fit<T>(
+    mut items: Vec<T>,
+    high_water: i64,
+    seq: impl Fn(&T) -> i64,
+    make: impl Fn(&[T], bool) -> Vec<u8>,
+) -> Option<(Vec<u8>, i64)> {
+    let replay = seq(items.first()?) <= high_water;
+    let mut payload = make(&items, replay);
+    while payload.len() > msg::MAX_MESSAGE_BYTES && items.len() > 1 {
+        items.truncate(items.len() / 2);
+        payload = make(&items, replay);
+    }
+    Some((payload, seq(items.last()?)))
 }
 
 /// Most command request ids remembered for replay refusal (each until its expiry).
@@ -183,6 +230,8 @@ pub struct Core {
     applied: Option<AclReport>,
     assembly: Option<Assembly>,
     cursor: Cursor,
+    /// The notes on events (late panel verdicts, first uses): their own sequence and acks.
+    notes_cursor: Cursor,
     instance: Option<String>,
     /// A `resync` command waiting for its snapshot: (request id, expires at unix s).
     pending_resync: Option<(String, i64)>,
@@ -191,6 +240,9 @@ pub struct Core {
     next_heartbeat: Option<Instant>,
     next_outbox_poll: Option<Instant>,
     counters: Counters,
+    local: msg::LocalHealth,
+    /// Unix ms of the backend's last events ack (this process).
+    last_ack_ms: Option<i64>,
 }
 
 impl Core {
@@ -221,6 +273,7 @@ impl Core {
             applied,
             assembly: None,
             cursor: Cursor::default(),
+            notes_cursor: Cursor::default(),
             instance: None,
             pending_resync: None,
             last_resync_request: None,
@@ -228,7 +281,19 @@ impl Core {
             next_heartbeat: None,
             next_outbox_poll: None,
             counters: Counters::default(),
+            local: msg::LocalHealth::default(),
+            last_ack_ms: None,
         }
+    }
+
+    /// The gateway's own state for the next heartbeat (doors, disk), from the adapter.
+    pub fn set_local_health(&mut self, local: msg::LocalHealth) {
+        self.local = local;
+    }
+
+    /// Unix ms of the backend's last application-level events ack since this start.
+    pub fn last_ack_ms(&self) -> Option<i64> {
+        self.last_ack_ms
     }
 
     pub fn counters(&self) -> &Counters {
@@ -371,6 +436,7 @@ impl Core {
         t.extend(self.next_outbox_poll);
         t.extend(self.assembly.as_ref().map(|a| a.deadline));
         t.extend(self.cursor.in_flight.front().map(|f| f.1));
+        t.extend(self.notes_cursor.in_flight.front().map(|f| f.1));
         t.into_iter().min()
     }
 
@@ -414,12 +480,8 @@ impl Core {
                 self.status(&id, "failed", Some("expired"), None, now);
             }
         }
-        if self
-            .cursor
-            .in_flight
-            .front()
-            .is_some_and(|f| now.mono >= f.1)
-        {
+        let late = |c: &Cursor| c.in_flight.front().is_some_and(|f| now.mono >= f.1);
+        if late(&self.cursor) || late(&self.notes_cursor) {
             // The backend did not ack in time: send again from the last ack, as replays.
             self.rewind();
         }
@@ -439,10 +501,7 @@ impl Core {
     fn heartbeat<S: SyncStore>(&mut self, now: Now, store: &mut S) -> Heartbeat {
         let outbox = store.depth().unwrap_or_else(|e| {
             log::warn!(target: "keyway::cloud", "outbox depth: {e}");
-            msg::OutboxReport {
-                depth: 0,
-                oldest_ms: None,
-            }
+            msg::OutboxReport::default()
         });
         Heartbeat {
             kind: "heartbeat".into(),
@@ -458,6 +517,8 @@ impl Core {
             acl: self.applied.clone(),
             outbox,
             rejected: self.counters.rejected,
+            doors: self.local.doors.clone(),
+            disk: self.local.disk.clone(),
         }
     }
 
@@ -465,8 +526,27 @@ impl Core {
     // Events up.
 
     fn rewind(&mut self) {
-        self.cursor.sent = self.cursor.acked;
-        self.cursor.in_flight.clear();
+        for c in [&mut self.cursor, &mut self.notes_cursor] {
+            c.sent = c.acked;
+            c.in_flight.clear();
+        }
+    }
+
+    fn cursor_mut(&mut self, stream: Stream) -> &mut Cursor {
+        match stream {
+            Stream::Events => &mut self.cursor,
+            Stream::Notes => &mut self.notes_cursor,
+        }
+    }
+
+    fn instance<S: SyncStore>(&mut self, store: &mut S) -> Option<String> {
+        if self.instance.is_none() {
+            match store.instance() {
+                Ok(i) => self.instance = Some(i),
+                Err(e) => log::warn!(target: "keyway::cloud", "outbox instance: {e}"),
+            }
+        }
+        self.instance.clone()
     }
 
     fn pump_outbox<S: SyncStore>(&mut self, now: Now, store: &mut S) {
@@ -474,95 +554,110 @@ impl Core {
             return;
         }
         self.next_outbox_poll = Some(now.mono + self.cfg.outbox_poll);
-        let instance = match &self.instance {
-            Some(i) => i.clone(),
-            None => match store.instance() {
-                Ok(i) => {
-                    self.instance = Some(i.clone());
-                    i
-                }
-                Err(e) => {
-                    log::warn!(target: "keyway::cloud", "outbox instance: {e}");
-                    return;
-                }
-            },
+        let Some(instance) = self.instance(store) else {
+            return;
         };
-        while self.cursor.in_flight.len() < self.cfg.max_in_flight.max(1) {
-            let batch = match store.batch(self.cursor.sent, self.cfg.batch_size.max(1)) {
-                Ok(b) => b,
+        self.pump(Stream::Events, &instance, now, store);
+        self.pump(Stream::Notes, &instance, now, store);
+    }
+
+    /// Sends the next batches of `stream` while its window has room.
+    fn pump<S: SyncStore>(&mut self, stream: Stream, instance: &str, now: Now, store: &mut S) {
+        let (limit, window) = (self.cfg.batch_size.max(1), self.cfg.max_in_flight.max(1));
+        while self.cursor_mut(stream).in_flight.len() < window {
+            let c = self.cursor_mut(stream);
+            let (after, high_water) = (c.sent, c.high_water);
+            let built = match stream {
+                Stream::Events => store.batch(after, limit).map(|b| {
+                    fit(
+                        b,
+                        high_water,
+                        |e| e.seq,
+                        |events, replay| {
+                            msg::to_json(&EventsMsg {
+                                kind: "events".into(),
+                                v: msg::VERSION,
+                                instance: instance.to_owned(),
+                                replay,
+                                events: events.to_vec(),
+                            })
+                        },
+                    )
+                }),
+                Stream::Notes => store.notes(after, limit).map(|b| {
+                    fit(
+                        b,
+                        high_water,
+                        |n| n.seq,
+                        |notes, replay| {
+                            msg::to_json(&NotesMsg {
+                                kind: msg::TYPE_NOTES.into(),
+                                v: msg::VERSION,
+                                instance: instance.to_owned(),
+                                replay,
+                                notes: notes.to_vec(),
+                            })
+                        },
+                    )
+                }),
+            };
+            let (payload, last) = match built {
+                Ok(Some(b)) => b,
+                Ok(None) => return,
                 Err(e) => {
                     log::warn!(target: "keyway::cloud", "reading the outbox: {e}");
                     return;
                 }
             };
-            let Some(first) = batch.first() else {
-                return;
-            };
-            let first = first.seq;
-            let mut m = EventsMsg {
-                kind: "events".into(),
-                v: msg::VERSION,
-                instance: instance.clone(),
-                replay: first <= self.cursor.high_water,
-                events: batch,
-            };
-            // Long ids can make a batch too big for the broker: halve it until it fits (the
-            // rest goes in the next batch).
-            let mut payload = msg::to_json(&m);
-            while payload.len() > msg::MAX_MESSAGE_BYTES && m.events.len() > 1 {
-                m.events.truncate(m.events.len() / 2);
-                payload = msg::to_json(&m);
-            }
-            let Some(last) = m.events.last().map(|e| e.seq) else {
-                return;
-            };
-            self.publish(TopicKind::Events, payload);
-            self.cursor.sent = last;
-            self.cursor.high_water = self.cursor.high_water.max(last);
-            self.cursor
-                .in_flight
-                .push_back((last, now.mono + self.cfg.ack_timeout));
+            self.publish(stream.topic(), payload);
+            let deadline = now.mono + self.cfg.ack_timeout;
+            let c = self.cursor_mut(stream);
+            c.sent = last;
+            c.high_water = c.high_water.max(last);
+            c.in_flight.push_back((last, deadline));
         }
     }
 
     fn handle_ack<S: SyncStore>(
         &mut self,
+        stream: Stream,
         payload: &[u8],
         now: Now,
         store: &mut S,
     ) -> Result<(), Reject> {
-        let ack = msg::parse_ack(payload)?;
-        if self.instance.is_none() {
-            self.instance = store.instance().ok();
-        }
-        if self.instance.as_deref() != Some(ack.instance.as_str()) {
+        let ack = msg::parse_ack(payload, stream.ack_type())?;
+        let instance = self.instance(store);
+        if instance.as_deref() != Some(ack.instance.as_str()) {
             return Err(Reject::new(
                 RejectCode::WrongTarget,
                 "ack for another outbox instance",
             ));
         }
+        let c = self.cursor_mut(stream);
         // Never forget rows this process has not sent: they would be lost if the ack is
         // wrong. Rows acked beyond that are simply sent again.
-        let through = ack.through_seq.min(self.cursor.high_water);
-        if through <= self.cursor.acked {
+        let through = ack.through_seq.min(c.high_water);
+        if through <= c.acked {
             return Ok(());
         }
-        let n = store
-            .ack_through(through, now.unix_ms)
-            .map_err(|e| Reject::new(RejectCode::ApplyFailed, e.to_string()))?;
-        self.counters.events_acked += n as u64;
-        self.cursor.acked = through;
-        if self.cursor.sent < through {
-            self.cursor.sent = through;
+        let n = match stream {
+            Stream::Events => store.ack_through(through, now.unix_ms),
+            Stream::Notes => store.ack_notes_through(through, now.unix_ms),
         }
-        while self
-            .cursor
-            .in_flight
-            .front()
-            .is_some_and(|f| f.0 <= through)
-        {
-            self.cursor.in_flight.pop_front();
+        .map_err(|e| Reject::new(RejectCode::ApplyFailed, e.to_string()))?;
+        if stream == Stream::Events {
+            self.counters.events_acked += n as u64;
+            self.last_ack_ms = Some(now.unix_ms);
         }
+        let c = self.cursor_mut(stream);
+        c.acked = through;
+        if c.sent < through {
+            c.sent = through;
+        }
+        while c.in_flight.front().is_some_and(|f| f.0 <= through) {
+            c.in_flight.pop_front();
+        }
+        // Acked events may release their notes.
         self.pump_outbox(now, store);
         Ok(())
     }
@@ -594,7 +689,8 @@ impl Core {
             TopicKind::AclChunk => self.on_chunk(payload, now, store),
             TopicKind::AclDelta => self.on_delta(payload, now, store),
             TopicKind::Command => return self.on_command(payload, now, store).map(|_| kind),
-            TopicKind::EventsAck => self.handle_ack(payload, now, store),
+            TopicKind::EventsAck => self.handle_ack(Stream::Events, payload, now, store),
+            TopicKind::NotesAck => self.handle_ack(Stream::Notes, payload, now, store),
             _ => Err(Reject::new(RejectCode::WrongTarget, "not a down topic")),
         };
         match result {
@@ -701,6 +797,7 @@ impl Core {
             received: 0,
             hasher: Sha256::new(),
             deadline: now.mono + self.cfg.chunk_timeout,
+            early: BTreeMap::new(),
         });
         Ok(())
     }
@@ -757,49 +854,91 @@ impl Core {
                 "chunk of a snapshot without a manifest",
             ));
         }
-        if chunk.index < a.next {
+        if chunk.index < a.next || a.early.contains_key(&chunk.index) {
             return Ok(()); // QoS 1 redelivery
         }
-        if chunk.index > a.next || chunk.index >= a.chunks {
+        if chunk.index >= a.chunks {
             let r = Reject::new(
                 RejectCode::ChunkGap,
-                format!("chunk {} where {} belongs", chunk.index, a.next),
+                format!("chunk {} of {}", chunk.index, a.chunks),
             );
             return self.fail_snapshot(store, r, now);
         }
-        let expected = if chunk.index + 1 == a.chunks {
+        a.deadline = now.mono + self.cfg.chunk_timeout;
+        if chunk.index > a.next {
+            // Ahead of its turn (a broker may reorder across a reconnect): kept, bounded, until
+            // the missing ones come; more than that is a gap.
+            let early_bytes: usize = a.early.values().map(Vec::len).sum();
+            if a.early.len() >= MAX_EARLY_CHUNKS || early_bytes + chunk.data.len() > MAX_EARLY_BYTES
+            {
+                let r = Reject::new(
+                    RejectCode::ChunkGap,
+                    format!(
+                        "chunk {} where {} belongs, {} already held",
+                        chunk.index,
+                        a.next,
+                        a.early.len()
+                    ),
+                );
+                return self.fail_snapshot(store, r, now);
+            }
+            a.early.insert(chunk.index, chunk.data);
+            return Ok(());
+        }
+        let mut data = chunk.data;
+        loop {
+            if let Err(r) = self.take_chunk(data, store) {
+                return self.fail_snapshot(store, r, now);
+            }
+            let Some(a) = self.assembly.as_mut() else {
+                return Ok(());
+            };
+            if a.next == a.chunks {
+                return self.finish_snapshot(now, store);
+            }
+            match a.early.remove(&a.next) {
+                Some(d) => data = d,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The next chunk in order: length, hash, into the apply engine.
+    fn take_chunk<S: SyncStore>(&mut self, data: Vec<u8>, store: &mut S) -> Result<(), Reject> {
+        let Some(a) = self.assembly.as_mut() else {
+            return Ok(());
+        };
+        let expected = if a.next + 1 == a.chunks {
             a.size - a.received
         } else {
             u64::from(a.chunk_size)
         };
-        if chunk.data.len() as u64 != expected {
-            let r = Reject::new(
+        if data.len() as u64 != expected {
+            return Err(Reject::new(
                 RejectCode::HashMismatch,
                 format!(
                     "chunk {} has {} bytes, {expected} expected",
-                    chunk.index,
-                    chunk.data.len()
+                    a.next,
+                    data.len()
                 ),
-            );
-            return self.fail_snapshot(store, r, now);
+            ));
         }
-        a.hasher.update(&chunk.data);
+        a.hasher.update(&data);
         a.received += expected;
         a.next += 1;
-        a.deadline = now.mono + self.cfg.chunk_timeout;
-        let done = a.next == a.chunks;
-        if let Err(e) = store.snapshot_push(&chunk.data) {
-            let r = Reject::new(RejectCode::ApplyFailed, e.to_string());
-            return self.fail_snapshot(store, r, now);
-        }
-        if !done {
-            return Ok(());
-        }
+        store
+            .snapshot_push(&data)
+            .map_err(|e| Reject::new(RejectCode::ApplyFailed, e.to_string()))
+    }
+
+    /// Every chunk is in: check the hash against the signed manifest, then commit.
+    fn finish_snapshot<S: SyncStore>(&mut self, now: Now, store: &mut S) -> Result<(), Reject> {
         let Some(a) = self.assembly.take() else {
             return Ok(());
         };
         let digest: [u8; 32] = a.hasher.finalize().into();
         if digest != a.sha256 {
+            // The staged apply is dropped: the old ACL stays, unchanged and serving.
             store.snapshot_abort();
             let r = Reject::new(
                 RejectCode::HashMismatch,
@@ -1006,7 +1145,7 @@ fn apply_failed(e: SinkError) -> Reject {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acl::{test_key, Store};
+    use crate::acl::test_key;
     use crate::cloud::msg::tests::{cred, env, key_hex, NOW};
     use crate::cloud::msg::{SnapshotFormat, TYPE_COMMAND, TYPE_DELTA, TYPE_SNAPSHOT};
     use crate::cloud::sign::tests::{signer, trusted};
@@ -1017,6 +1156,8 @@ mod tests {
     struct H {
         core: Core,
         store: StoreSync,
+        /// Snapshots stream into the apply engine on a second connection: a file database.
+        _dir: tempfile::TempDir,
         signer: BackendSigner,
         t0: Instant,
         now: Now,
@@ -1044,9 +1185,11 @@ mod tests {
             let s = signer(1, "k1");
             let t0 = Instant::now();
             let core = Core::new(cfg, trusted(&[&s]), 7, None, 42, t0);
+            let dir = tempfile::tempdir().unwrap();
             H {
                 core,
-                store: StoreSync::new(Store::open_in_memory().unwrap()),
+                store: StoreSync::open(&dir.path().join("k.db")).unwrap(),
+                _dir: dir,
                 signer: s,
                 t0,
                 now: Now {
@@ -1116,6 +1259,24 @@ mod tests {
             }
         }
 
+        /// The manifest of `content` as `version`, then its chunks with one bit flipped near
+        /// the end; the refusal of the last chunk.
+        fn corrupted_snapshot(&mut self, version: u64, content: &[u8]) -> RejectCode {
+            let mut evil = content.to_vec();
+            let at = evil.len() - 3;
+            evil[at] ^= 1;
+            self.recv(
+                TopicKind::AclSnapshot,
+                &self.manifest(version, content, 100),
+            )
+            .unwrap();
+            let mut result = Ok(TopicKind::AclChunk);
+            for (i, c) in evil.chunks(100).enumerate() {
+                result = self.recv(TopicKind::AclChunk, &msg::chunk_json(version, i as u32, c));
+            }
+            result.unwrap_err().code
+        }
+
         fn delta(&self, base: u64, version: u64, extra: serde_json::Value) -> Vec<u8> {
             let mut b = serde_json::json!({"base_version": base, "version": version});
             for (k, v) in extra.as_object().unwrap() {
@@ -1133,6 +1294,18 @@ mod tests {
 
         fn record(&mut self, n: usize) {
             crate::cloud::store::record_test_events(self.store.store(), n, 1);
+        }
+
+        /// Records a grant of credential `cred` (its card under `attempt`); its id.
+        fn grant(&mut self, cred: i64, attempt: Option<i64>) -> i64 {
+            let e = AccessEvent {
+                credential_id: Some(cred),
+                person_id: Some(format!("p{cred}")),
+                decision: crate::events::EventDecision::Granted,
+                reason: "granted".into(),
+                ..AccessEvent::error(2, "d1", Transport::Nfc, None, "x", 1)
+            };
+            self.store.store().record_attempt(&e, attempt).unwrap()
         }
 
         fn grants(&mut self, seed: u16) -> bool {
@@ -1288,6 +1461,57 @@ mod tests {
         assert!(!h.grants(9));
     }
 
+    /// Chunks ahead of their turn are held (bounded) and applied in order once the missing
+    /// one comes; more than the bound held is a gap. A bad hash at the end drops the staged
+    /// apply: the old ACL stays, serving.
+    #[test]
+    fn chunks_out_of_order_are_held_in_a_bound_and_a_bad_hash_keeps_the_old_acl() {
+        let mut h = H::new();
+        h.connect(false);
+        h.snapshot(1, &[7]);
+        let seeds: Vec<u16> = (10..=40).collect();
+        let content = snapshot_content(&seeds);
+        let chunks: Vec<&[u8]> = content.chunks(100).collect();
+        assert!(chunks.len() > MAX_EARLY_CHUNKS + 2);
+        h.sent();
+        h.recv(TopicKind::AclSnapshot, &h.manifest(2, &content, 100))
+            .unwrap();
+        // 0, then 3, 2, 1 (each held until its turn), then the rest in order.
+        for i in [0usize, 3, 2, 3, 1] {
+            h.recv(
+                TopicKind::AclChunk,
+                &msg::chunk_json(2, i as u32, chunks[i]),
+            )
+            .unwrap();
+        }
+        for (i, c) in chunks.iter().enumerate().skip(4) {
+            h.recv(TopicKind::AclChunk, &msg::chunk_json(2, i as u32, c))
+                .unwrap();
+        }
+        assert_eq!(h.store.applied().unwrap().unwrap().version, 2);
+        assert!(h.grants(40), "the new ACL serves");
+        assert!(!h.grants(7), "the old ACL is gone");
+        assert!(h.sent_on("rejected").is_empty());
+
+        // Too many ahead of a missing chunk: a gap.
+        h.recv(TopicKind::AclSnapshot, &h.manifest(3, &content, 100))
+            .unwrap();
+        let mut last = Ok(TopicKind::AclChunk);
+        for (i, c) in chunks.iter().enumerate().skip(1).take(MAX_EARLY_CHUNKS + 1) {
+            last = h.recv(TopicKind::AclChunk, &msg::chunk_json(3, i as u32, c));
+        }
+        assert_eq!(last.unwrap_err().code, RejectCode::ChunkGap);
+        assert_eq!(h.store.applied().unwrap().unwrap().version, 2);
+
+        // Every chunk in, the content changed on the way: nothing applied.
+        assert_eq!(h.corrupted_snapshot(3, &content), RejectCode::HashMismatch);
+        assert_eq!(h.store.applied().unwrap().unwrap().version, 2);
+        assert!(h.grants(40));
+        // And the next good one applies (the abandoned stage is gone).
+        h.snapshot(3, &[8]);
+        assert!(h.grants(8) && !h.grants(40));
+    }
+
     #[test]
     fn snapshot_duplicates_gap_hash_and_timeout() {
         let mut h = H::new();
@@ -1303,9 +1527,9 @@ mod tests {
             .unwrap();
         h.recv(TopicKind::AclChunk, &msg::chunk_json(2, 0, chunks[0]))
             .unwrap();
-        // Gap: abandoned, reported, a snapshot requested.
+        // An index past the end is a gap: abandoned, reported, a snapshot requested.
         let e = h
-            .recv(TopicKind::AclChunk, &msg::chunk_json(2, 2, chunks[2]))
+            .recv(TopicKind::AclChunk, &msg::chunk_json(2, 99, chunks[2]))
             .unwrap_err();
         assert_eq!(e.code, RejectCode::ChunkGap);
         let out = h.sent();
@@ -1326,16 +1550,7 @@ mod tests {
             RejectCode::OutOfOrder
         );
         // Content that does not match the manifest's hash.
-        let mut evil = content.clone();
-        let last = evil.len() - 3;
-        evil[last] ^= 1;
-        h.recv(TopicKind::AclSnapshot, &h.manifest(2, &content, 100))
-            .unwrap();
-        let mut result = Ok(TopicKind::AclChunk);
-        for (i, c) in evil.chunks(100).enumerate() {
-            result = h.recv(TopicKind::AclChunk, &msg::chunk_json(2, i as u32, c));
-        }
-        assert_eq!(result.unwrap_err().code, RejectCode::HashMismatch);
+        assert_eq!(h.corrupted_snapshot(2, &content), RejectCode::HashMismatch);
         // A wrong-length chunk.
         h.recv(TopicKind::AclSnapshot, &h.manifest(2, &content, 100))
             .unwrap();
@@ -1631,10 +1846,8 @@ mod tests {
         // Window of 2 batches of 2.
         assert_eq!(seqs(&b), vec![vec![1, 2], vec![3, 4]]);
         assert!(b.iter().all(|b| b["replay"] == false));
-        assert_eq!(
-            b[0]["events"][0]["uid"],
-            format!("{}-1", h.store.instance().unwrap())
-        );
+        let rows = h.store.store().recent_events(5).unwrap();
+        assert_eq!(b[0]["events"][0]["uid"], rows[4].uid.as_str());
         // Nothing more until an ack; the outbox keeps every row.
         h.advance(Duration::from_secs(2));
         h.core.handle_timeout(h.now, &mut h.store);
@@ -1752,6 +1965,105 @@ mod tests {
         assert_eq!(hb[0]["boot"], 7);
     }
 
+    fn local_health() -> msg::LocalHealth {
+        msg::LocalHealth {
+            doors: vec![msg::DoorHealth {
+                id: "front".into(),
+                reader: "present".into(),
+                osdp: "online".into(),
+                secure_channel: "up".into(),
+                ble: Some("registered".into()),
+                certificate_days: Some(200),
+                offline_policy: Some(msg::OfflinePolicyReport {
+                    limit_s: 3600,
+                    fail_secure: true,
+                }),
+            }],
+            disk: Some(msg::DiskReport {
+                free_bytes: 1 << 30,
+                total_bytes: 8 << 30,
+            }),
+        }
+    }
+
+    /// Notes (a first use, a late verdict) go up on their own topic once their event is
+    /// acked, never by resending the event changed; they are kept until their own ack, and
+    /// resent as replays after a reconnect.
+    #[test]
+    fn notes_follow_their_acked_events_and_wait_for_their_own_ack() {
+        let mut h = H::new();
+        let first = h.grant(9, Some(1));
+        h.grant(9, Some(2));
+        h.connect(true);
+        let b = h.sent_on("events");
+        assert_eq!(seqs(&b), vec![vec![first, first + 1]]);
+        assert!(b[0]["events"][1].get("panel_verdict").is_none());
+        // The panel answers after the event went up: the event row is not touched.
+        h.store.store().set_panel_verdict(2, "denied").unwrap();
+        h.advance(Duration::from_secs(1));
+        h.core.handle_timeout(h.now, &mut h.store);
+        assert!(h.sent_on("notes").is_empty(), "its event is not acked yet");
+        ack(&mut h, first + 1).unwrap();
+        let n = h.sent_on("notes");
+        assert_eq!(n.len(), 1);
+        let notes = n[0]["notes"].as_array().unwrap();
+        let kinds: Vec<&str> = notes.iter().map(|n| n["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["first_use", "panel_verdict"]);
+        let rows = h.store.store().recent_events(2).unwrap();
+        assert_eq!(notes[0]["event_uid"], rows[1].uid.as_str());
+        assert_eq!(notes[1]["event_uid"], rows[0].uid.as_str());
+        assert_eq!(notes[1]["panel_verdict"], "denied");
+        assert_eq!(n[0]["replay"], false);
+        // Unacked: resent as a replay after a reconnect; acked: gone.
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(120));
+        h.connect(true);
+        let again = h.sent_on("notes");
+        assert_eq!(again[0]["replay"], true);
+        assert_eq!(again[0]["notes"], n[0]["notes"]);
+        let inst = h.store.instance().unwrap();
+        let last = notes[1]["seq"].as_i64().unwrap();
+        let a =
+            serde_json::json!({"type": "notes_ack", "v": 1, "instance": inst, "through_seq": last});
+        h.recv(TopicKind::NotesAck, &serde_json::to_vec(&a).unwrap())
+            .unwrap();
+        assert_eq!(h.store.store().notes_undelivered().unwrap(), 0);
+        // An events ack on the notes topic is refused.
+        let wrong = serde_json::json!({"type": "events_ack", "v": 1, "instance": inst, "through_seq": last});
+        assert_eq!(
+            h.recv(TopicKind::NotesAck, &serde_json::to_vec(&wrong).unwrap())
+                .unwrap_err()
+                .code,
+            RejectCode::Malformed
+        );
+    }
+
+    #[test]
+    fn heartbeat_reports_doors_disk_and_dropped_events() {
+        let mut h = H::with(|c| c.heartbeat = Duration::from_secs(5));
+        h.core.set_local_health(local_health());
+        h.connect(true);
+        h.record(3);
+        // Retention pruned undelivered events: counted, and reported.
+        let r = crate::events::Retention {
+            max_rows: 1,
+            max_age_ms: None,
+        };
+        h.store.store().prune_events(&r, 0).unwrap();
+        h.sent();
+        h.advance(Duration::from_secs(5));
+        h.core.handle_timeout(h.now, &mut h.store);
+        let hb = h.sent_on("heartbeat");
+        // Pruned down to 1% under one row: the newest stays, two are dropped.
+        assert_eq!(hb[0]["outbox"]["dropped"], 2, "{}", hb[0]);
+        assert_eq!(hb[0]["outbox"]["depth"], 1);
+        assert_eq!(hb[0]["doors"][0]["reader"], "present");
+        assert_eq!(hb[0]["doors"][0]["certificate_days"], 200);
+        assert_eq!(hb[0]["doors"][0]["offline_policy"]["limit_s"], 3600);
+        assert_eq!(hb[0]["disk"]["free_bytes"], 1u64 << 30);
+        check(&hb[0]);
+    }
+
     fn schema(name: &str) -> jsonschema::Validator {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("docs/schemas")
@@ -1794,6 +2106,11 @@ mod tests {
         );
         h.record(3);
         h.core.handle_events_recorded(h.now, &mut h.store);
+        // A first use and a late verdict, released by the ack of their events.
+        let id = h.grant(5, Some(77));
+        h.store.store().set_panel_verdict(77, "denied").unwrap();
+        h.store.store().mark_delivered(id, 1).unwrap();
+        h.core.set_local_health(local_health());
         for (id, name, args) in [
             ("r1", "report_diagnostics", serde_json::json!({})),
             ("r2", "resync", serde_json::json!({})),
@@ -1816,10 +2133,20 @@ mod tests {
                 "command_status",
                 "events",
                 "heartbeat",
+                "notes",
                 "rejected",
                 "state"
             ]
         );
+        let notes: Vec<&serde_json::Value> = up
+            .iter()
+            .filter(|(s, _)| s == "notes")
+            .flat_map(|(_, v)| v["notes"].as_array().unwrap())
+            .collect();
+        assert_eq!(notes.len(), 2, "first use and late verdict: {notes:?}");
+        assert!(up.iter().any(
+            |(s, v)| s == "heartbeat" && v["doors"][0]["offline_policy"]["fail_secure"] == true
+        ));
         for (suffix, v) in &up {
             check(v);
             assert_eq!(
@@ -1863,15 +2190,17 @@ mod tests {
             check(&serde_json::from_slice(&keys.verify(&s).unwrap().1).unwrap());
         }
         check(&serde_json::from_slice(&chunks[0]).unwrap());
-        check(
-            &serde_json::to_value(msg::EventsAck {
-                kind: msg::TYPE_ACK.into(),
-                v: 1,
-                instance: "ab12".into(),
-                through_seq: 4,
-            })
-            .unwrap(),
-        );
+        for kind in [msg::TYPE_ACK, msg::TYPE_NOTES_ACK] {
+            check(
+                &serde_json::to_value(msg::EventsAck {
+                    kind: kind.into(),
+                    v: 1,
+                    instance: "ab12".into(),
+                    through_seq: 4,
+                })
+                .unwrap(),
+            );
+        }
 
         let api = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/asyncapi.yaml"),

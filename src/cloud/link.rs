@@ -20,16 +20,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Packet, QoS, Transport,
+    AsyncClient, ConnAck, ConnectReturnCode, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    Transport,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::{watch, Notify};
 
 use super::config::{read_password, BrokerUrl, CloudFileError, CloudSettings};
+use super::contact::CloudContact;
 use super::core::{ConnectPlan, Core, CoreConfig, Effect, Now, Transmit};
 use super::msg::{self, Topics};
-use super::store::{AclSink, StoreSync};
+use super::msg::{DiskReport, DoorHealth, LocalHealth, OfflinePolicyReport};
+use super::store::{AclSink, Outbox, StoreSync};
+use crate::status::model::{CloudStatus, Snapshot};
+use crate::status::Registry;
+
+/// What `keyway status` says about the link.
+struct LinkState {
+    name: &'static str,
+    broker: Option<String>,
+    since_ms: i64,
+}
 
 /// Requests rumqttc may queue (publishes, acks, subscribes). Above the core's window of
 /// event batches plus status replies; a full channel drops a publish, which the outbox or the
@@ -209,6 +221,165 @@ impl Connector {
         el.set_network_options(net);
         (client, el)
     }
+
+    /// Connects to `broker` with `opts` (from [`Connector::options`]) and waits for a CONNACK
+    /// that accepts: the host name resolved, TCP, TLS when configured, MQTT CONNECT, all
+    /// within `timeout` (rumqttc's own connect timeout applies too).
+    pub async fn handshake(
+        &self,
+        broker: &BrokerUrl,
+        opts: MqttOptions,
+        timeout: Duration,
+    ) -> Result<(AsyncClient, EventLoop, ConnAck), ConnectError> {
+        let limit = timeout.min(CONNECT_TIMEOUT);
+        let attempt = async {
+            // Resolved here first so that a wrong name is told apart from a host that does
+            // not answer (rumqttc resolves it again when it connects).
+            let resolved = tokio::net::lookup_host((broker.host.as_str(), broker.port))
+                .await
+                .map(|mut a| a.next().is_some());
+            match resolved {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(ConnectError::Resolve {
+                        host: broker.host.clone(),
+                        reason: "no address".into(),
+                    })
+                }
+                Err(e) => {
+                    return Err(ConnectError::Resolve {
+                        host: broker.host.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+            let (client, mut el) = self.connect(opts);
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => return Ok((client, el, ack)),
+                    Ok(_) => {}
+                    Err(e) => return Err(ConnectError::classify(&e, limit)),
+                }
+            }
+        };
+        tokio::time::timeout(limit, attempt)
+            .await
+            .unwrap_or(Err(ConnectError::Timeout(limit)))
+    }
+
+    /// `keyway doctor`'s broker check: connects to `broker` as the link does (same client id,
+    /// TLS and credentials, session kept: a clean session would discard the daemon's on the
+    /// broker; no Will, so nothing is announced) and disconnects. Returns the time to CONNACK.
+    pub async fn probe(
+        &self,
+        broker: &BrokerUrl,
+        timeout: Duration,
+    ) -> Result<Duration, ConnectError> {
+        let t0 = Instant::now();
+        let (client, mut el, _) = self
+            .handshake(broker, self.options(broker, None, false), timeout)
+            .await?;
+        let took = t0.elapsed();
+        disconnect(&client, &mut el).await;
+        Ok(took)
+    }
+}
+
+/// The longest a connection attempt waits (TCP, TLS and CONNACK together).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(CONNECT_TIMEOUT_S);
+
+/// Why a connection to a broker failed, in the terms an installer fixes it by.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {host}: {reason}")]
+    Resolve { host: String, reason: String },
+    #[error("connection refused (nothing listens on that port, or a firewall rejects it)")]
+    Refused,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("TLS: the broker's certificate does not verify against cloud.ca_file ({0})")]
+    TlsVerify(String),
+    #[error("TLS: the broker refused the handshake ({0})")]
+    TlsRejected(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("the broker refused the credentials (CONNACK {0})")]
+    BadCredentials(String),
+    #[error("the broker refused the connection (CONNACK {0})")]
+    Rejected(String),
+    #[error("the broker closed the connection ({0})")]
+    Closed(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl ConnectError {
+    /// What a rumqttc connection error means; `timeout` is the limit the attempt ran under.
+    pub fn classify(e: &rumqttc::ConnectionError, timeout: Duration) -> ConnectError {
+        use rumqttc::ConnectionError as C;
+        match e {
+            C::NetworkTimeout | C::FlushTimeout => return ConnectError::Timeout(timeout),
+            C::ConnectionRefused(code) => {
+                let c = format!("{code:?}");
+                return match code {
+                    ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
+                        ConnectError::BadCredentials(c)
+                    }
+                    _ => ConnectError::Rejected(c),
+                };
+            }
+            C::MqttState(rumqttc::StateError::ConnectionAborted) => {
+                return ConnectError::Closed("before its CONNACK".into())
+            }
+            _ => {}
+        }
+        // The cause is nested (TLS in I/O in rumqttc's layers): walk the chain. An io::Error's
+        // `source()` skips its own payload, so that is looked at explicitly.
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(t) = err.downcast_ref::<rustls::Error>() {
+                return Self::from_tls(t);
+            }
+            if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                if let Some(t) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+                    return Self::from_tls(t);
+                }
+                use std::io::ErrorKind as K;
+                match io.kind() {
+                    K::ConnectionRefused => return ConnectError::Refused,
+                    K::TimedOut => return ConnectError::Timeout(timeout),
+                    K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::UnexpectedEof
+                    | K::BrokenPipe => return ConnectError::Closed(io.to_string()),
+                    _ => {}
+                }
+            }
+            cur = err.source();
+        }
+        ConnectError::Other(e.to_string())
+    }
+
+    fn from_tls(e: &rustls::Error) -> ConnectError {
+        match e {
+            rustls::Error::InvalidCertificate(c) => ConnectError::TlsVerify(format!("{c:?}")),
+            rustls::Error::AlertReceived(a) => ConnectError::TlsRejected(format!("{a:?}")),
+            other => ConnectError::Tls(other.to_string()),
+        }
+    }
+}
+
+/// Sends DISCONNECT and lets the event loop flush it, briefly.
+pub async fn disconnect(client: &AsyncClient, el: &mut EventLoop) {
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(ev) = el.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Runs `f` on the store without stalling the other tasks of a multi-threaded runtime (a big
@@ -230,12 +401,65 @@ fn wall_ms() -> i64 {
     crate::events::unix_ms(time::OffsetDateTime::now_utc())
 }
 
+/// How often `keyway status` gets the link's outbox depth (a count over the undelivered rows).
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// How often the last contact is persisted while connected (a power cut loses at most this).
+const CONTACT_EVERY: Duration = Duration::from_secs(60);
+
 /// The running link.
 pub struct Link {
     settings: CloudSettings,
     connector: Connector,
     /// Poked by the daemon when events are recorded (optional: the outbox is polled anyway).
     pub events_recorded: Arc<Notify>,
+    contact: Option<Arc<CloudContact>>,
+    registry: Option<Registry>,
+}
+
+/// The door and disk states of the status registry, as the heartbeat reports them.
+pub fn local_health(snap: &Snapshot) -> LocalHealth {
+    let doors = snap
+        .doors
+        .iter()
+        .map(|d| DoorHealth {
+            id: d.id.clone(),
+            reader: match (&d.reader.present, &d.reader.pcsc_error) {
+                (_, Some(_)) => "pcscd_down",
+                (Some(_), None) => "present",
+                (None, None) => "missing",
+            }
+            .into(),
+            osdp: if d.osdp.port_error.is_some() {
+                "port_error"
+            } else if d.osdp.online {
+                "online"
+            } else {
+                "offline"
+            }
+            .into(),
+            secure_channel: d.osdp.secure_channel.as_str().into(),
+            ble: d.ble.as_ref().map(|b| {
+                if b.registered {
+                    "registered"
+                } else {
+                    "unregistered"
+                }
+                .into()
+            }),
+            certificate_days: d.certificate_expires_in_days,
+            offline_policy: d.cloud_offline.as_ref().map(|p| OfflinePolicyReport {
+                limit_s: p.limit_s,
+                fail_secure: p.fail_secure,
+            }),
+        })
+        .collect();
+    LocalHealth {
+        doors,
+        disk: snap.disk.as_ref().map(|d| DiskReport {
+            free_bytes: d.free_bytes,
+            total_bytes: d.total_bytes,
+        }),
+    }
 }
 
 impl Link {
@@ -245,7 +469,67 @@ impl Link {
             settings,
             connector,
             events_recorded: Arc::new(Notify::new()),
+            contact: None,
+            registry: None,
         })
+    }
+
+    /// Keeps `contact` (the doors' offline policy reads it) up to date and persisted.
+    pub fn with_contact(mut self, contact: Arc<CloudContact>) -> Link {
+        self.contact = Some(contact);
+        self
+    }
+
+    /// Reports the link in `keyway status` and takes the doors' states for the heartbeat.
+    pub fn with_registry(mut self, registry: Registry) -> Link {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The registry's doors and disk into the core (before a heartbeat or diagnostics).
+    fn refresh_local(&self, core: &mut Core, now_ms: i64) {
+        if let Some(r) = &self.registry {
+            core.set_local_health(local_health(&r.snapshot(now_ms)));
+        }
+    }
+
+    /// The link's state for `keyway status`.
+    fn report(&self, core: &Core, store: &mut StoreSync, state: &LinkState) {
+        let Some(r) = &self.registry else {
+            return;
+        };
+        let outbox = blocking(|| store.depth()).unwrap_or_default();
+        r.set_cloud(Some(CloudStatus {
+            state: state.name.into(),
+            broker: state.broker.clone(),
+            since_ms: Some(state.since_ms),
+            last_ack_ms: core.last_ack_ms(),
+            outbox_depth: outbox.depth,
+            outbox_oldest_ms: outbox.oldest_ms,
+            outbox_dropped: outbox.dropped,
+            rejected: core.counters().rejected,
+            acl_version: core.applied().map(|a| a.version),
+        }));
+    }
+
+    /// Connected or not, for the offline policy (persisted so a restart keeps counting).
+    fn contact(&self, store: &mut StoreSync, connected: Option<bool>) {
+        let Some(c) = &self.contact else {
+            return;
+        };
+        let was = c.is_connected();
+        match connected {
+            Some(true) => c.connected(),
+            Some(false) => c.lost(),
+            None => {}
+        }
+        // The last moment it was connected is now: while connected, or just as it was lost
+        // (a failed attempt while offline is no contact).
+        if was || c.is_connected() {
+            if let Err(e) = blocking(|| store.set_last_contact_ms(wall_ms())) {
+                log::warn!(target: "keyway::cloud", "recording the last cloud contact: {e}");
+            }
+        }
     }
 
     /// Runs until `shutdown` turns true. The store is this task's own connection to the
@@ -274,13 +558,19 @@ impl Link {
             base.0,
         );
         log::info!(target: "keyway::cloud", "cloud link: {} broker(s), boot {boot}", s.brokers.len());
+        let mut state = LinkState {
+            name: "offline",
+            broker: None,
+            since_ms: wall_ms(),
+        };
+        self.report(&core, &mut store, &state);
         loop {
             if *shutdown.borrow() {
                 return Ok(());
             }
             if let Some(plan) = core.poll_connect(now(base)) {
                 let stop = self
-                    .connection(&mut core, &mut store, plan, base, &mut shutdown)
+                    .connection(&mut core, &mut store, plan, base, &mut shutdown, &mut state)
                     .await;
                 if stop {
                     return Ok(());
@@ -305,6 +595,7 @@ impl Link {
         plan: ConnectPlan,
         base: (Instant, i64),
         shutdown: &mut watch::Receiver<bool>,
+        state: &mut LinkState,
     ) -> bool {
         let Some(broker) = self.settings.brokers.get(plan.broker) else {
             core.handle_connection_lost(now(base));
@@ -313,6 +604,30 @@ impl Link {
         log::info!(target: "keyway::cloud", "connecting to {broker} (bd_seq {})", plan.bd_seq);
         let opts = self.connector.options(broker, Some(&plan.will), false);
         let (client, mut el) = self.connector.connect(opts);
+        if state.name != "connecting" {
+            *state = LinkState {
+                name: "connecting",
+                broker: Some(broker.to_string()),
+                since_ms: wall_ms(),
+            };
+        }
+        state.broker = Some(broker.to_string());
+        self.report(core, store, state);
+        let mut next_report = Instant::now() + STATUS_EVERY;
+        let mut next_contact = Instant::now() + CONTACT_EVERY;
+        // Every way out of a connection but shutdown: offline for the doors and the status.
+        let lost = |core: &mut Core, store: &mut StoreSync, state: &mut LinkState| {
+            core.handle_connection_lost(now(base));
+            if state.name == "connected" {
+                *state = LinkState {
+                    name: "offline",
+                    broker: None,
+                    since_ms: wall_ms(),
+                };
+            }
+            self.contact(store, Some(false));
+            self.report(core, store, state);
+        };
         loop {
             let wake = core
                 .poll_timeout()
@@ -322,11 +637,20 @@ impl Link {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                         if ack.code != ConnectReturnCode::Success {
                             log::warn!(target: "keyway::cloud", "{broker} refused the connection: {:?}", ack.code);
-                            core.handle_connection_lost(now(base));
+                            lost(core, store, state);
                             return false;
                         }
                         log::info!(target: "keyway::cloud", "connected to {broker} (session present: {})", ack.session_present);
-                        blocking(|| core.handle_connected(ack.session_present, now(base), store));
+                        self.contact(store, Some(true));
+                        let n = now(base);
+                        self.refresh_local(core, n.unix_ms);
+                        blocking(|| core.handle_connected(ack.session_present, n, store));
+                        *state = LinkState {
+                            name: "connected",
+                            broker: Some(broker.to_string()),
+                            since_ms: wall_ms(),
+                        };
+                        self.report(core, store, state);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let r = blocking(|| core.handle_message(&p.topic, &p.payload, now(base), store));
@@ -341,12 +665,22 @@ impl Link {
                     Ok(_) => {}
                     Err(e) => {
                         log::warn!(target: "keyway::cloud", "{broker}: {e}");
-                        core.handle_connection_lost(now(base));
+                        lost(core, store, state);
                         return false;
                     }
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {
-                    blocking(|| core.handle_timeout(now(base), store));
+                    let n = now(base);
+                    self.refresh_local(core, n.unix_ms);
+                    blocking(|| core.handle_timeout(n, store));
+                    if Instant::now() >= next_report {
+                        next_report = Instant::now() + STATUS_EVERY;
+                        self.report(core, store, state);
+                    }
+                    if Instant::now() >= next_contact {
+                        next_contact = Instant::now() + CONTACT_EVERY;
+                        self.contact(store, None);
+                    }
                 }
                 _ = self.events_recorded.notified() => {
                     blocking(|| core.handle_events_recorded(now(base), store));
@@ -354,16 +688,7 @@ impl Link {
                 _ = shutdown.changed() => {
                     // A clean disconnect does not fire the Will: say offline ourselves.
                     let _ = client.try_publish(&plan.will.topic, QoS::AtLeastOnce, true, plan.will.payload.clone());
-                    let _ = client.try_disconnect();
-                    // Let the event loop flush both, briefly.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Ok(ev) = el.poll().await {
-                            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                                break;
-                            }
-                        }
-                    })
-                    .await;
+                    disconnect(&client, &mut el).await;
                     return true;
                 }
             }
@@ -390,5 +715,107 @@ impl Link {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::ConnectionError as C;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn tls_in_io(e: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+
+    #[test]
+    fn connection_errors_are_told_apart_as_an_installer_fixes_them() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            ConnectError::classify(&C::Io(refused), T),
+            ConnectError::Refused
+        );
+        assert_eq!(
+            ConnectError::classify(&C::NetworkTimeout, T),
+            ConnectError::Timeout(T)
+        );
+        assert!(matches!(
+            ConnectError::classify(
+                &C::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
+                T
+            ),
+            ConnectError::BadCredentials(_)
+        ));
+        assert!(matches!(
+            ConnectError::classify(&C::ConnectionRefused(ConnectReturnCode::NotAuthorized), T),
+            ConnectError::BadCredentials(_)
+        ));
+        assert!(matches!(
+            ConnectError::classify(&C::ConnectionRefused(ConnectReturnCode::BadClientId), T),
+            ConnectError::Rejected(_)
+        ));
+        // Where tokio-rustls puts a verification failure: in an io::Error inside rumqttc's
+        // TLS error.
+        let unknown_ca = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let e = C::Tls(rumqttc::TlsError::Io(tls_in_io(unknown_ca)));
+        assert_eq!(
+            ConnectError::classify(&e, T),
+            ConnectError::TlsVerify("UnknownIssuer".into())
+        );
+        // A TLS 1.3 client-certificate refusal arrives on the first read (the CONNACK's).
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        let e = C::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::Io(tls_in_io(alert)),
+        ));
+        assert!(matches!(
+            ConnectError::classify(&e, T),
+            ConnectError::TlsRejected(_)
+        ));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(matches!(
+            ConnectError::classify(&C::Io(reset), T),
+            ConnectError::Closed(_)
+        ));
+    }
+
+    fn connector() -> Connector {
+        Connector {
+            client_id: "keyway-test".into(),
+            tls: None,
+            credentials: None,
+        }
+    }
+
+    /// A listener that takes the connection (the kernel's backlog) and never answers: the probe
+    /// gives up at its limit and says so. The paused clock jumps there as soon as all is idle.
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_never_answers_is_a_timeout() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let broker = BrokerUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port: silent.local_addr().unwrap().port(),
+        };
+        let limit = Duration::from_secs(5);
+        let r = connector().probe(&broker, limit).await;
+        assert_eq!(r, Err(ConnectError::Timeout(limit)));
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_refused() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let broker = BrokerUrl {
+            tls: false,
+            host: "127.0.0.1".into(),
+            port,
+        };
+        assert_eq!(
+            connector().probe(&broker, T).await,
+            Err(ConnectError::Refused)
+        );
     }
 }

@@ -60,7 +60,8 @@ pub enum RejectCode {
     WrongTarget,
     /// `v` is not a version this build reads.
     UnsupportedVersion,
-    /// A snapshot chunk went missing (index jumped); the snapshot is abandoned.
+    /// A snapshot chunk went missing (more chunks came ahead of it than are held, or an index
+    /// past the end); the snapshot is abandoned.
     ChunkGap,
     /// The assembled snapshot's size or SHA-256 differs from its manifest.
     HashMismatch,
@@ -172,12 +173,14 @@ pub enum TopicKind {
     AclRequest,
     CommandStatus,
     Rejected,
+    Notes,
     // Down.
     AclSnapshot,
     AclChunk,
     AclDelta,
     Command,
     EventsAck,
+    NotesAck,
 }
 
 impl TopicKind {
@@ -191,15 +194,17 @@ impl TopicKind {
             TopicKind::AclRequest => "acl/request",
             TopicKind::CommandStatus => "cmd/status",
             TopicKind::Rejected => "rejected",
+            TopicKind::Notes => "notes",
             TopicKind::AclSnapshot => "acl/snapshot",
             TopicKind::AclChunk => "acl/chunk",
             TopicKind::AclDelta => "acl/delta",
             TopicKind::Command => "cmd",
             TopicKind::EventsAck => "events/ack",
+            TopicKind::NotesAck => "notes/ack",
         }
     }
 
-    pub const UP: [TopicKind; 7] = [
+    pub const UP: [TopicKind; 8] = [
         TopicKind::State,
         TopicKind::Heartbeat,
         TopicKind::Events,
@@ -207,13 +212,15 @@ impl TopicKind {
         TopicKind::AclRequest,
         TopicKind::CommandStatus,
         TopicKind::Rejected,
+        TopicKind::Notes,
     ];
-    pub const DOWN: [TopicKind; 5] = [
+    pub const DOWN: [TopicKind; 6] = [
         TopicKind::AclSnapshot,
         TopicKind::AclChunk,
         TopicKind::AclDelta,
         TopicKind::Command,
         TopicKind::EventsAck,
+        TopicKind::NotesAck,
     ];
 
     /// Only the birth/death state is retained; commands never are.
@@ -404,6 +411,8 @@ pub const TYPE_DELTA: &str = "acl_delta";
 pub const TYPE_COMMAND: &str = "command";
 pub const TYPE_CHUNK: &str = "acl_chunk";
 pub const TYPE_ACK: &str = "events_ack";
+pub const TYPE_NOTES: &str = "notes";
+pub const TYPE_NOTES_ACK: &str = "notes_ack";
 
 /// A manifest with its digest decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -696,8 +705,8 @@ pub fn parse_command(
     })
 }
 
-/// The backend's application-level ack of delivered events (`events/ack`, unsigned: it can
-/// only make keyway forget rows it has sent).
+/// The backend's application-level ack of delivered events (`events/ack`) or notes
+/// (`notes/ack`, type `notes_ack`); unsigned: it can only make keyway forget rows it has sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventsAck {
     #[serde(rename = "type")]
@@ -709,10 +718,11 @@ pub struct EventsAck {
     pub through_seq: i64,
 }
 
-pub fn parse_ack(payload: &[u8]) -> Result<EventsAck, Reject> {
+/// Parses an ack of type `kind` ([`TYPE_ACK`] or [`TYPE_NOTES_ACK`]).
+pub fn parse_ack(payload: &[u8], kind: &str) -> Result<EventsAck, Reject> {
     let a: EventsAck = json(payload)?;
-    if a.kind != TYPE_ACK {
-        return Err(malformed("type is not events_ack"));
+    if a.kind != kind {
+        return Err(malformed(format!("type is not {kind}")));
     }
     if a.v != VERSION {
         return Err(Reject::new(RejectCode::UnsupportedVersion, "ack v"));
@@ -758,13 +768,64 @@ pub struct AclReport {
     pub applied_at_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxReport {
     /// Events not yet acked by the backend.
     pub depth: u64,
     /// `time_ms` of the oldest of them.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub oldest_ms: Option<i64>,
+    /// Events dropped before the backend acked them, a running total kept in the database:
+    /// pruned by the `[events]` bounds (size, age) while undelivered, or never stored (a
+    /// failed write: disk full).
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// One door as the heartbeat reports it (ids and states only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoorHealth {
+    pub id: String,
+    /// `present`, `missing` or `pcscd_down`.
+    pub reader: String,
+    /// `online`, `offline` or `port_error`.
+    pub osdp: String,
+    /// `off`, `waiting`, `up` or `refused`.
+    pub secure_channel: String,
+    /// `registered` or `unregistered`; absent when the door has no BLE side.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ble: Option<String>,
+    /// Days until the reader certificate expires (negative: expired); absent without one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub certificate_days: Option<i64>,
+    /// The door's offline policy; absent when it has none (grants never expire offline).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub offline_policy: Option<OfflinePolicyReport>,
+}
+
+/// A door's offline policy (a heartbeat is only sent while connected, so the limit is never
+/// passed in one: the door's own events say `cloud_offline` when it denied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflinePolicyReport {
+    /// Seconds cached grants stay valid without the cloud.
+    pub limit_s: u64,
+    /// After the limit: deny (`true`) or keep granting and log it.
+    pub fail_secure: bool,
+}
+
+/// Free space on the database's file system.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// What the gateway knows about itself beyond the cloud link: given to the core by the
+/// adapter (from the status registry) before heartbeats.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalHealth {
+    pub doors: Vec<DoorHealth>,
+    pub disk: Option<DiskReport>,
 }
 
 /// Periodic health (`heartbeat`), also the `report_diagnostics` result.
@@ -785,12 +846,17 @@ pub struct Heartbeat {
     pub outbox: OutboxReport,
     /// Down messages refused since start.
     pub rejected: u64,
+    /// Each door's reader / OSDP / BLE state, certificate and offline policy.
+    pub doors: Vec<DoorHealth>,
+    /// `null` when it could not be read.
+    pub disk: Option<DiskReport>,
 }
 
 /// One event in an `events` batch: the outbox row plus its stable id and sequence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventOut {
-    /// `<instance>-<seq>`: unique across gateways and rebuilt databases.
+    /// The event row's stable id (32 hex digits, random): unique across gateways and rebuilt
+    /// databases; what a backend dedupes on.
     pub uid: String,
     /// The gateway's outbox sequence (increasing, gaps allowed).
     pub seq: i64,
@@ -811,6 +877,20 @@ pub struct EventsMsg {
     /// timeout): dedupe by `uid`.
     pub replay: bool,
     pub events: Vec<EventOut>,
+}
+
+/// Notes on events already sent (`notes`), oldest first: a late panel verdict, the first use
+/// of a credential. Each names its event's `uid`; a note goes up only after its event was
+/// acked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotesMsg {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub v: u32,
+    pub instance: String,
+    /// Some of these may have been sent before: dedupe by `uid`.
+    pub replay: bool,
+    pub notes: Vec<crate::events::notes::StoredNote>,
 }
 
 /// After every apply (`acl/applied`).
@@ -1151,22 +1231,31 @@ pub(crate) mod tests {
 
     #[test]
     fn ack_checks() {
-        let a =
-            parse_ack(br#"{"type":"events_ack","v":1,"instance":"ab","through_seq":7}"#).unwrap();
+        let a = parse_ack(
+            br#"{"type":"events_ack","v":1,"instance":"ab","through_seq":7}"#,
+            TYPE_ACK,
+        )
+        .unwrap();
         assert_eq!(a.through_seq, 7);
+        let n = br#"{"type":"notes_ack","v":1,"instance":"ab","through_seq":3}"#;
+        assert_eq!(parse_ack(n, TYPE_NOTES_ACK).unwrap().through_seq, 3);
+        // An events ack is not a notes ack, nor the other way round.
+        assert_eq!(code(parse_ack(n, TYPE_ACK)), RejectCode::Malformed);
         assert_eq!(
             code(parse_ack(
-                br#"{"type":"events_ack","v":1,"instance":"ab","through_seq":-1}"#
+                br#"{"type":"events_ack","v":1,"instance":"ab","through_seq":-1}"#,
+                TYPE_ACK
             )),
             RejectCode::Malformed
         );
         assert_eq!(
             code(parse_ack(
-                br#"{"type":"x","v":1,"instance":"ab","through_seq":1}"#
+                br#"{"type":"x","v":1,"instance":"ab","through_seq":1}"#,
+                TYPE_ACK
             )),
             RejectCode::Malformed
         );
-        assert_eq!(code(parse_ack(b"[]")), RejectCode::Malformed);
+        assert_eq!(code(parse_ack(b"[]", TYPE_ACK)), RejectCode::Malformed);
     }
 
     #[test]

@@ -15,9 +15,11 @@ use sha2::{Digest, Sha256};
 use std::path::Path;
 
 use super::msg::{AclReport, Delta, EventOut, OutboxReport, SnapshotFormat};
-use crate::acl::apply::{ApplyError, DeltaOp, SnapshotApply};
-use crate::acl::import::{self, ImportMode};
+use super::stream::{version_error, SnapshotStream};
+use crate::acl::apply::{ApplyError, DeltaOp};
+use crate::acl::import;
 use crate::acl::{AclError, Store, ENDPOINT_KEY_LEN};
+use crate::events::notes::StoredNote;
 use crate::events::StoredEvent;
 
 /// Errors of the storage side. The core reports them up as `apply_failed`.
@@ -74,6 +76,10 @@ pub trait Outbox {
     /// The backend stored everything up to `seq`: forget those rows' pending state.
     fn ack_through(&mut self, seq: i64, now_ms: i64) -> Result<usize, SinkError>;
     fn depth(&mut self) -> Result<OutboxReport, SinkError>;
+    /// Up to `limit` unacked notes with `seq > after` whose events were acked, oldest first.
+    fn notes(&mut self, after: i64, limit: usize) -> Result<Vec<StoredNote>, SinkError>;
+    /// The backend stored every note up to `seq`.
+    fn ack_notes_through(&mut self, seq: i64, now_ms: i64) -> Result<usize, SinkError>;
 }
 
 const META_VERSION: &str = "cloud_acl_version";
@@ -81,12 +87,11 @@ const META_HASH: &str = "cloud_acl_hash";
 const META_APPLIED_AT: &str = "cloud_acl_applied_at_ms";
 const META_INSTANCE: &str = "cloud_outbox_instance";
 const META_BOOT: &str = "cloud_boot";
+/// Unix ms when the link was last connected (the offline policy's clock across restarts).
+const META_LAST_CONTACT: &str = "cloud_last_contact_ms";
 
-/// [`AclSink`] + [`Outbox`] over [`Store`].
-///
-/// Today's importer parses a whole file in memory, so the snapshot is buffered here up to its
-/// announced size (at most the file import's 64 MiB limit); a streaming apply engine can take
-/// the chunks as they come.
+/// [`AclSink`] + [`Outbox`] over [`Store`]. A snapshot is streamed into the apply engine as
+/// its chunks come ([`SnapshotStream`]): memory does not grow with its size.
 pub struct StoreSync {
     store: Store,
     pending: Option<Pending>,
@@ -94,9 +99,9 @@ pub struct StoreSync {
 
 struct Pending {
     version: u64,
-    format: SnapshotFormat,
     size: u64,
-    buf: Vec<u8>,
+    received: u64,
+    stream: SnapshotStream,
 }
 
 fn meta_get(conn: &rusqlite::Connection, key: &str) -> Result<Option<String>, rusqlite::Error> {
@@ -146,21 +151,6 @@ fn record_applied(conn: &rusqlite::Connection, r: &AclReport) -> Result<(), rusq
     tx.commit()
 }
 
-/// The engine refuses replays and gaps itself; the core gets them as version mismatches.
-fn version_error(e: ApplyError, need: u64) -> SinkError {
-    match e {
-        ApplyError::Replay { applied, .. } => SinkError::VersionMismatch {
-            have: Some(applied),
-            need,
-        },
-        ApplyError::BaseMismatch { applied, .. } => SinkError::VersionMismatch {
-            have: applied,
-            need,
-        },
-        other => SinkError::Apply(other),
-    }
-}
-
 impl StoreSync {
     pub fn new(store: Store) -> StoreSync {
         StoreSync {
@@ -190,6 +180,21 @@ impl StoreSync {
     }
 }
 
+impl StoreSync {
+    /// When the link was last connected to a broker (unix ms), if ever.
+    pub fn last_contact_ms(&mut self) -> Result<Option<i64>, SinkError> {
+        Ok(meta_get(&self.store.conn, META_LAST_CONTACT)?.and_then(|v| v.parse().ok()))
+    }
+
+    pub fn set_last_contact_ms(&mut self, ms: i64) -> Result<(), SinkError> {
+        Ok(meta_set(
+            &self.store.conn,
+            META_LAST_CONTACT,
+            &ms.to_string(),
+        )?)
+    }
+}
+
 impl AclSink for StoreSync {
     fn applied(&mut self) -> Result<Option<AclReport>, SinkError> {
         read_applied(&self.store)
@@ -204,51 +209,40 @@ impl AclSink for StoreSync {
         if size > import::MAX_FILE_BYTES {
             return Err(SinkError::TooLong);
         }
-        // Grown as chunks arrive, never preallocated from an announced size.
+        // An unfinished earlier one goes first (its stage is dropped before the next starts).
+        self.pending = None;
+        if self.store.path() == Path::new(":memory:") {
+            return Err(SinkError::Content(
+                "a snapshot needs the database in a file".into(),
+            ));
+        }
+        let stream = SnapshotStream::start(self.store.path().to_owned(), version, format)?;
         self.pending = Some(Pending {
             version,
-            format,
             size,
-            buf: Vec::new(),
+            received: 0,
+            stream,
         });
         Ok(())
     }
 
     fn snapshot_push(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
         let p = self.pending.as_mut().ok_or(SinkError::NoSnapshot)?;
-        if p.buf.len() as u64 + bytes.len() as u64 > p.size {
+        if p.received + bytes.len() as u64 > p.size {
             return Err(SinkError::TooLong);
         }
-        p.buf.extend_from_slice(bytes);
-        Ok(())
+        p.received += bytes.len() as u64;
+        p.stream.push(bytes.to_vec())
     }
 
     fn snapshot_commit(&mut self, report: &AclReport) -> Result<usize, SinkError> {
         let p = self.pending.take().ok_or(SinkError::NoSnapshot)?;
-        if p.version != report.version {
+        if p.version != report.version || p.received != p.size {
             return Err(SinkError::NoSnapshot);
         }
-        let parsed = import::parse_bytes(
-            &p.buf,
-            p.format.file_kind(),
-            Path::new(&format!("snapshot v{}", p.version)),
-        )
-        .map_err(|e| SinkError::Content(e.to_string()))?;
-        let source = format!("cloud snapshot v{}", report.version);
-        let mut apply = SnapshotApply::begin(
-            &mut self.store,
-            Some(report.version),
-            ImportMode::Replace,
-            &source,
-        )
-        .map_err(|e| version_error(e, report.version))?;
-        for spec in &parsed.credentials {
-            apply.push(spec)?;
-        }
-        apply.define(parsed.definitions);
-        apply.commit()?;
+        let n = p.stream.commit()?;
         record_applied(&self.store.conn, report)?;
-        Ok(parsed.credentials.len())
+        Ok(n)
     }
 
     fn snapshot_abort(&mut self) {
@@ -284,6 +278,14 @@ impl AclSink for StoreSync {
 }
 
 impl Outbox for StoreSync {
+    fn notes(&mut self, after: i64, limit: usize) -> Result<Vec<StoredNote>, SinkError> {
+        Ok(self.store.undelivered_notes(after, limit)?)
+    }
+
+    fn ack_notes_through(&mut self, seq: i64, now_ms: i64) -> Result<usize, SinkError> {
+        Ok(self.store.mark_notes_delivered(seq, now_ms)?)
+    }
+
     fn instance(&mut self) -> Result<String, SinkError> {
         if let Some(i) = meta_get(&self.store.conn, META_INSTANCE)? {
             return Ok(i);
@@ -300,15 +302,18 @@ impl Outbox for StoreSync {
     }
 
     fn batch(&mut self, after: i64, limit: usize) -> Result<Vec<EventOut>, SinkError> {
-        let instance = self.instance()?;
         let rows = self.store.undelivered_events(after, limit)?;
         Ok(rows
             .into_iter()
             .map(|r: StoredEvent| EventOut {
-                uid: format!("{instance}-{}", r.id),
+                // The row's own random uid: unique across a rebuilt database, where the
+                // instance and seq alone could repeat if the instance was copied with a backup.
+                uid: r.uid,
                 seq: r.id,
                 event: r.event,
-                panel_verdict: r.panel_verdict,
+                // Only what the row had when written: a later verdict is a note, so a replay
+                // of this event is always identical to the first send.
+                panel_verdict: r.recorded_verdict,
             })
             .collect())
     }
@@ -319,7 +324,19 @@ impl Outbox for StoreSync {
 
     fn depth(&mut self) -> Result<OutboxReport, SinkError> {
         let (depth, oldest_ms) = crate::events::outbox_depth(&self.store.conn)?;
-        Ok(OutboxReport { depth, oldest_ms })
+        // One mechanism bounds the outbox: the events retention ([events] max_rows /
+        // max_age_days) prunes the oldest rows (and their notes) and counts the undelivered
+        // ones; failed writes are counted beside it. Their sum is what the backend never got.
+        let dropped = self
+            .store
+            .events_pruned_undelivered()?
+            .saturating_add(self.store.notes_pruned_undelivered()?)
+            .saturating_add(self.store.events_write_failed()?);
+        Ok(OutboxReport {
+            depth,
+            oldest_ms,
+            dropped,
+        })
     }
 }
 
@@ -356,6 +373,12 @@ mod tests {
     use crate::acl::test_key;
     use crate::cloud::msg;
 
+    /// A store in a temporary file (snapshots stream on a second connection); keep the dir.
+    fn file_store() -> (StoreSync, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (StoreSync::open(&dir.path().join("k.db")).unwrap(), dir)
+    }
+
     fn report(version: u64) -> AclReport {
         AclReport {
             version,
@@ -379,7 +402,7 @@ mod tests {
 
     #[test]
     fn snapshot_replaces_and_persists_version_and_refuses_rollback() {
-        let mut s = StoreSync::new(Store::open_in_memory().unwrap());
+        let (mut s, _dir) = file_store();
         assert_eq!(s.applied().unwrap(), None);
         assert_eq!(load(&mut s, 2, &snapshot_json(&[1, 2])).unwrap(), 2);
         assert_eq!(s.applied().unwrap(), Some(report(2)));
@@ -406,7 +429,7 @@ mod tests {
 
     #[test]
     fn delta_applies_only_on_its_base() {
-        let mut s = StoreSync::new(Store::open_in_memory().unwrap());
+        let (mut s, _dir) = file_store();
         load(&mut s, 1, &snapshot_json(&[1, 2, 3])).unwrap();
         let d = Delta {
             base_version: 1,
@@ -450,7 +473,7 @@ mod tests {
     #[test]
     fn outbox_ids_and_acks() {
         use crate::events::{AccessEvent, Transport};
-        let mut s = StoreSync::new(Store::open_in_memory().unwrap());
+        let (mut s, _dir) = file_store();
         let inst = s.instance().unwrap();
         assert_eq!(inst.len(), 16);
         assert_eq!(s.instance().unwrap(), inst);
@@ -468,14 +491,19 @@ mod tests {
         }
         let b = s.batch(0, 2).unwrap();
         assert_eq!(b.len(), 2);
-        assert_eq!(b[0].uid, format!("{inst}-{}", b[0].seq));
+        // The row's stable uid, not derived from the sequence.
+        let stored = s.store().recent_events(3).unwrap();
+        assert_eq!(b[0].uid, stored[2].uid);
+        assert_eq!(b[0].uid.len(), 32);
+        assert_ne!(b[0].uid, b[1].uid);
         assert_eq!(s.depth().unwrap().depth, 3);
         assert_eq!(s.ack_through(b[1].seq, 9).unwrap(), 2);
         assert_eq!(
             s.depth().unwrap(),
             OutboxReport {
                 depth: 1,
-                oldest_ms: Some(5)
+                oldest_ms: Some(5),
+                dropped: 0,
             }
         );
         assert_eq!(s.batch(0, 10).unwrap().len(), 1);

@@ -256,7 +256,27 @@ pub struct DoorConfig {
     /// Optional `[door.ble]`: Aliro over Bluetooth LE on this door (docs/ble.md).
     #[serde(default)]
     pub ble: Option<DoorBle>,
+    /// Optional offline policy: how long cached grants stay valid without the cloud (needs
+    /// `[cloud]`). Off by default: grants continue from the cached ACL however long the link
+    /// is down.
+    #[serde(default)]
+    pub cloud_offline: Option<CloudOfflineConfig>,
 }
+
+/// `cloud_offline = { limit_s = 3600, fail_secure = true }` on a door.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudOfflineConfig {
+    /// Seconds without the cloud after which the policy applies (60..=2592000, 30 days).
+    pub limit_s: u64,
+    /// After the limit: `true` denies grants (`cloud_offline`), `false` keeps granting and
+    /// reports it. Default false.
+    #[serde(default)]
+    pub fail_secure: bool,
+}
+
+/// Range of [`CloudOfflineConfig::limit_s`].
+pub const CLOUD_OFFLINE_LIMIT_S: std::ops::RangeInclusive<u64> = 60..=30 * 86_400;
 
 /// `[door.ble]`: the door's BLE side. Every field is optional; defaults in docs/ble.md.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -537,6 +557,8 @@ pub struct Door {
     pub osdp: OsdpDoorOptions,
     /// The door's BLE side, when served over BLE (`panel_verdict_wait_ms` filled in).
     pub ble: Option<DoorBle>,
+    /// See [`DoorConfig::cloud_offline`].
+    pub cloud_offline: Option<crate::cloud::contact::OfflinePolicy>,
 }
 
 impl Door {
@@ -608,21 +630,7 @@ impl Validated {
 /// Reads, parses and validates `path`. Key files are checked too (mode and contents), so a
 /// config that passes here will not fail at start-up for a key.
 pub fn load(path: &Path) -> Result<Validated, ConfigError> {
-    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(ConfigError::TooLarge {
-            path: path.to_owned(),
-            size: meta.len(),
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let validated = parse(&text, path)?;
+    let validated = read(path)?;
     for door in &validated.doors {
         load_private_key(&door.private_key_file).map_err(|e| ConfigError::Invalid {
             path: path.to_owned(),
@@ -638,6 +646,27 @@ pub fn load(path: &Path) -> Result<Validated, ConfigError> {
         })?;
     }
     Ok(validated)
+}
+
+/// Reads, parses and validates `path` without opening the key files it names: for the
+/// commands a member of group keyway runs (`keyway status`), who cannot read the daemon's
+/// private keys (0600, user keyway).
+pub fn read(path: &Path) -> Result<Validated, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+            size: meta.len(),
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path)
 }
 
 /// Parses and validates config text; does not touch key files (see [`load`]).
@@ -881,6 +910,30 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             validate_ble(&b).map_err(|(f, m)| invalid(field(f), m))?;
             ble = Some(b);
         }
+        let cloud_offline = match d.cloud_offline {
+            None => None,
+            Some(_) if cloud.is_none() => {
+                return Err(invalid(
+                    field("cloud_offline"),
+                    "needs a [cloud] table: without one keyway never hears from a cloud".into(),
+                ))
+            }
+            Some(c) if !CLOUD_OFFLINE_LIMIT_S.contains(&c.limit_s) => {
+                return Err(invalid(
+                    field("cloud_offline.limit_s"),
+                    format!(
+                        "{} is out of range ({}..={})",
+                        c.limit_s,
+                        CLOUD_OFFLINE_LIMIT_S.start(),
+                        CLOUD_OFFLINE_LIMIT_S.end()
+                    ),
+                ))
+            }
+            Some(c) => Some(crate::cloud::contact::OfflinePolicy {
+                limit: Duration::from_secs(c.limit_s),
+                fail_secure: c.fail_secure,
+            }),
+        };
         doors.push(Door {
             id: d.id,
             port: d.osdp.port,
@@ -899,6 +952,7 @@ fn validate(raw: Config, path: &Path) -> Result<Validated, ConfigError> {
             certificate,
             osdp,
             ble,
+            cloud_offline,
         });
     }
     Ok(Validated {

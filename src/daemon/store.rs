@@ -82,6 +82,8 @@ pub struct StoreHandle {
     /// Event writes that failed since start (disk full, I/O error, damage).
     write_failures: Arc<AtomicU64>,
     health: Arc<Mutex<StoreHealth>>,
+    /// The cloud link's contact, when `[cloud]` is configured: how stale the cached ACL may be.
+    cloud: Option<Arc<crate::cloud::contact::CloudContact>>,
 }
 
 /// What the store knows about the database's state, for status and logs.
@@ -153,11 +155,12 @@ fn record_retrying(
     store: &mut Store,
     event: &AccessEvent,
     attempt: Option<i64>,
+    verdict: Option<&str>,
 ) -> Result<i64, AclError> {
     let mut pause = Duration::from_millis(20);
     let mut attempts = 0u32;
     loop {
-        match store.record_attempt(event, attempt) {
+        match store.record_with_verdict(event, attempt, verdict) {
             Err(AclError::Sqlite(e)) if is_busy(&e) => {
                 attempts += 1;
                 if attempts == 1 || attempts.is_multiple_of(10) {
@@ -254,16 +257,14 @@ impl StoreHandle {
                             attempt,
                             reply,
                         } => {
+                            // A verdict that came first is written with the row: part of
+                            // the event as it goes up, never a later edit.
+                            let held = attempt.and_then(|a| pending.take(a));
                             let r = writer
                                 .get()
-                                .and_then(|store| record_retrying(store, &event, attempt));
+                                .and_then(|store| record_retrying(store, &event, attempt, held));
                             match (&r, writer.store.as_mut()) {
-                                (Ok(_), Some(store)) => {
-                                    if let Some(a) = attempt {
-                                        pending.apply(store, a, &event.door);
-                                    }
-                                    outbox.stored(store);
-                                }
+                                (Ok(_), Some(store)) => outbox.stored(store),
                                 (Err(e), _) => outbox.failed(&event, e),
                                 (Ok(_), None) => {}
                             }
@@ -313,6 +314,7 @@ impl StoreHandle {
                 reader,
                 write_failures,
                 health,
+                cloud: None,
             },
             thread,
         ))
@@ -338,6 +340,19 @@ impl StoreHandle {
             integrity_detail: detail,
             events_not_stored: self.event_write_failures(),
         }
+    }
+
+    /// Attaches the cloud link's contact (before the handle is cloned for the doors).
+    pub fn with_cloud_contact(
+        mut self,
+        contact: Option<Arc<crate::cloud::contact::CloudContact>>,
+    ) -> Self {
+        self.cloud = contact;
+        self
+    }
+
+    pub fn cloud_contact(&self) -> Option<&crate::cloud::contact::CloudContact> {
+        self.cloud.as_deref()
     }
 
     /// Event writes that failed since this handle's store was opened.
@@ -671,14 +686,9 @@ impl PendingVerdicts {
         self.0.insert(attempt, (verdict, Instant::now()));
     }
 
-    /// Puts a waiting verdict on the event of `attempt` just stored.
-    fn apply(&mut self, store: &mut Store, attempt: i64, door: &str) {
-        if let Some((verdict, _)) = self.0.remove(&attempt) {
-            if let Err(e) = store.set_panel_verdict(attempt, verdict) {
-                log::warn!(target: "keyway::daemon", door = door;
-                    "door {door}: panel verdict not stored: {e}");
-            }
-        }
+    /// The verdict waiting for the event of `attempt`, about to be stored.
+    fn take(&mut self, attempt: i64) -> Option<&'static str> {
+        self.0.remove(&attempt).map(|(verdict, _)| verdict)
     }
 }
 

@@ -4,7 +4,9 @@
 //! The serial check listens to the line as the panel drives it: [`PollSniffer`] (sans-IO, the
 //! OSDP frame decoder) counts the panel's commands addressed to each door's PD. Run it with
 //! the daemon stopped (it owns the port while it runs); the secure channel can only be seen
-//! by the running daemon, so that check asks its status socket.
+//! by the running daemon, so that check asks its status socket. The broker check connects to
+//! each `[cloud]` broker with the link's own setup ([`Connector::probe`]); with the daemon
+//! running it is skipped, as the probe's client id would take over the daemon's session.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::cloud::config::{BrokerUrl, CloudSettings};
+use crate::cloud::link::{ConnectError, Connector, CONNECT_TIMEOUT};
 use crate::config::Validated;
 use crate::osdp::FrameDecoder;
-use crate::status::model::SecureChannel;
+use crate::status::model::{SecureChannel, Snapshot};
+use crate::status::server::ClientError;
 use crate::status::{probe, server};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,16 +108,13 @@ pub async fn run(cfg: &Validated, sniff_for: Duration) -> Vec<Check> {
     out.push(database(&cfg.daemon.database));
     out.extend(pcsc(cfg).await);
     out.extend(serial(cfg, sniff_for).await);
-    out.extend(secure_channel(cfg).await);
+    // Some checks depend on whether keyway is running: ask it once.
+    let daemon = server::query(&cfg.daemon.status_socket, Duration::from_secs(3)).await;
+    out.extend(secure_channel(cfg, &daemon));
     out.extend(bluetooth(cfg).await);
     out.push(clock());
     out.push(disk(&cfg.daemon.database));
-    out.push(check(
-        "cloud",
-        Outcome::Skip,
-        "no cloud link configured",
-        None,
-    ));
+    out.extend(cloud(cfg, &daemon).await);
     out
 }
 
@@ -311,7 +313,7 @@ async fn serial(cfg: &Validated, sniff_for: Duration) -> Vec<Check> {
     out
 }
 
-async fn secure_channel(cfg: &Validated) -> Vec<Check> {
+fn secure_channel(cfg: &Validated, daemon: &Result<Snapshot, ClientError>) -> Vec<Check> {
     let secured: Vec<&str> = cfg
         .doors
         .iter()
@@ -326,7 +328,7 @@ async fn secure_channel(cfg: &Validated) -> Vec<Check> {
             None,
         )];
     }
-    match server::query(&cfg.daemon.status_socket, Duration::from_secs(3)).await {
+    match daemon {
         Err(e) => vec![check("secure channel", Outcome::Skip, format!("only the running daemon knows: {e}"), Some("start keyway, then run doctor again or keyway status"))],
         Ok(s) => s
             .doors
@@ -410,6 +412,146 @@ async fn bluetooth(cfg: &Validated) -> Vec<Check> {
                 }
             })
             .collect(),
+    }
+}
+
+/// The broker check: every configured broker, probed concurrently, as the daemon's link connects
+/// (its own TLS and MQTT setup, [`Connector::probe`]).
+async fn cloud(cfg: &Validated, daemon: &Result<Snapshot, ClientError>) -> Vec<Check> {
+    let Some(s) = &cfg.cloud else {
+        return vec![check(
+            "cloud",
+            Outcome::Skip,
+            "no cloud link configured (no [cloud]: standalone)",
+            None,
+        )];
+    };
+    if let Ok(snap) = daemon {
+        // The probe uses keyway's client id: the broker would disconnect the running daemon.
+        let link = snap
+            .cloud
+            .as_ref()
+            .map(|c| {
+                let at = c
+                    .broker
+                    .as_deref()
+                    .map(|b| format!(" to {b}"))
+                    .unwrap_or_default();
+                format!("; its link: {}{at}", c.state)
+            })
+            .unwrap_or_default();
+        return vec![check(
+            "cloud",
+            Outcome::Skip,
+            format!("keyway is running{link}: brokers not probed (the probe would take over its MQTT session)"),
+            Some("keyway status shows the link; stop keyway to check the brokers from here"),
+        )];
+    }
+    let connector = match Connector::from_settings(s) {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![check(
+                "cloud",
+                Outcome::Fail,
+                e.to_string(),
+                Some("fix the file named above, then keyway check-config"),
+            )]
+        }
+    };
+    let probes = s.brokers.iter().map(|b| {
+        let connector = connector.clone();
+        async move { (b, connector.probe(b, CONNECT_TIMEOUT).await) }
+    });
+    futures_util::future::join_all(probes)
+        .await
+        .into_iter()
+        .map(|(b, r)| broker_check(s, b, r))
+        .collect()
+}
+
+fn broker_check(s: &CloudSettings, b: &BrokerUrl, r: Result<Duration, ConnectError>) -> Check {
+    let name = format!("broker {b}");
+    let took = match r {
+        Ok(t) => t,
+        Err(e) => {
+            let hint = broker_hint(s, b, &e);
+            return check(&name, Outcome::Fail, format!("{b}: {e}"), Some(&hint));
+        }
+    };
+    let mut how = vec![if b.tls {
+        "TLS verified".to_string()
+    } else {
+        "plain TCP".to_string()
+    }];
+    if b.tls && s.client_cert.is_some() {
+        how.push("client certificate".into());
+    }
+    how.push(match &s.username {
+        Some(u) => format!("user {u}"),
+        None => "no user name".into(),
+    });
+    check(
+        &name,
+        Outcome::Pass,
+        format!(
+            "CONNACK accepted in {} ms ({}; client id {})",
+            took.as_millis(),
+            how.join(", "),
+            s.client_id
+        ),
+        None,
+    )
+}
+
+/// What to do about a broker that failed, naming the broker and the setting involved.
+fn broker_hint(s: &CloudSettings, b: &BrokerUrl, e: &ConnectError) -> String {
+    let path = |p: Option<&std::path::Path>| {
+        p.map(|p| p.display().to_string())
+            .unwrap_or_else(|| "(not set)".into())
+    };
+    match e {
+        ConnectError::Resolve { host, .. } => format!(
+            "{host} does not resolve: check the host name in cloud.brokers and DNS (resolvectl query {host})"
+        ),
+        ConnectError::Refused => format!(
+            "nothing accepts connections on {}:{}: is the broker running, is the port in cloud.brokers right (mqtt 1883, mqtts 8883), does a firewall reject it?",
+            b.host, b.port
+        ),
+        ConnectError::Timeout(t) => format!(
+            "{}:{} did not answer within {} s: check the network route and that outbound TCP {} is allowed",
+            b.host, b.port, t.as_secs(), b.port
+        ),
+        ConnectError::TlsVerify(_) => format!(
+            "put the CA that signed {b}'s certificate in cloud.ca_file ({}); the certificate must name {} and be valid now (check the clock)",
+            path(s.ca_file.as_deref()),
+            b.host
+        ),
+        // A broker that wants a client certificate may just hang up on one without it.
+        ConnectError::TlsRejected(_) | ConnectError::Closed(_)
+            if b.tls && s.client_cert.is_none() =>
+        {
+            format!(
+                "{b} refused keyway's TLS: it may want a client certificate (set cloud.client_cert_file and client_key_file) signed by a CA it trusts; see the broker's log"
+            )
+        }
+        ConnectError::TlsRejected(_) => format!(
+            "{b} refused keyway's TLS handshake: the broker must trust the CA that signed cloud.client_cert_file ({}), and the certificate must be valid now; see the broker's log",
+            path(s.client_cert.as_ref().map(|(c, _)| c.as_path()))
+        ),
+        ConnectError::BadCredentials(_) => format!(
+            "{b} refused user {:?}: check cloud.username and the password in cloud.password_file ({}), and the broker's ACL for client id {}",
+            s.username.as_deref().unwrap_or(""),
+            path(s.password_file.as_deref()),
+            s.client_id
+        ),
+        ConnectError::Rejected(_) => format!(
+            "{b} refused client id {}: set cloud.client_id to one the broker accepts",
+            s.client_id
+        ),
+        ConnectError::Tls(_) | ConnectError::Closed(_) | ConnectError::Other(_) => format!(
+            "check that {b} is an MQTT {} listener (see the broker's log)",
+            if b.tls { "TLS" } else { "plain" }
+        ),
     }
 }
 

@@ -4,6 +4,8 @@
 //! Events carry ids only: the endpoint key's fingerprint and the person id, never the key
 //! itself or the card number (a card number is enough to clone a card).
 
+pub mod notes;
+
 use crate::acl::{fingerprint, AclError, Decision, Store};
 use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
@@ -220,14 +222,31 @@ pub struct StoredEvent {
     /// known; `None` for denials and before the panel answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub panel_verdict: Option<String>,
+    /// The verdict as it was when the row was written (what the cloud gets in the event
+    /// itself; a later one goes up as a note, [`notes`]).
+    #[serde(skip)]
+    pub recorded_verdict: Option<String>,
 }
 
 /// Panel verdicts keyway stores (see [`Store::set_panel_verdict`]).
 pub const PANEL_VERDICTS: [&str; 3] = ["granted", "denied", "unknown"];
 
+fn check_verdict(verdict: &str) -> Result<(), AclError> {
+    if PANEL_VERDICTS.contains(&verdict) {
+        return Ok(());
+    }
+    Err(AclError::InvalidEvent(format!(
+        "panel verdict {verdict:?} is not one of {PANEL_VERDICTS:?}"
+    )))
+}
+
+/// A verdict that came after its row was written is a note ([`notes`]): shown with the event
+/// locally, never written into the row.
 const EVENT_COLUMNS: &str = "id, time_ms, door, transport, endpoint_fingerprint, person_id, \
                              credential_id, decision, reason, latency_ms, delivered_at, \
-                             panel_verdict, lower(hex(uid))";
+                             coalesce(panel_verdict, (SELECT n.value FROM event_notes n \
+                             WHERE n.event_id = events.id AND n.kind = 'panel_verdict')), \
+                             lower(hex(uid)), panel_verdict";
 
 /// `meta` key: events deleted by retention before they were delivered (a running total).
 const META_PRUNED_UNDELIVERED: &str = "events_pruned_undelivered";
@@ -299,6 +318,7 @@ fn read_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
         delivered_at_ms: r.get(10)?,
         panel_verdict: r.get(11)?,
         uid: r.get::<_, Option<String>>(12)?.unwrap_or_default(),
+        recorded_verdict: r.get(13)?,
     })
 }
 
@@ -315,49 +335,76 @@ impl Store {
         event: &AccessEvent,
         attempt: Option<i64>,
     ) -> Result<i64, AclError> {
+        self.record_with_verdict(event, attempt, None)
+    }
+
+    /// [`record_attempt`](Self::record_attempt) with the panel's verdict when it came before
+    /// the row (it is then part of the event as it goes up). A grant that is its credential's
+    /// first also gets a `first_use` note, in the same transaction.
+    pub fn record_with_verdict(
+        &mut self,
+        event: &AccessEvent,
+        attempt: Option<i64>,
+        verdict: Option<&str>,
+    ) -> Result<i64, AclError> {
         event.validate()?;
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO events (time_ms, door, transport, endpoint_fingerprint, person_id, \
-             credential_id, decision, reason, latency_ms, attempt_id, uid) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, randomblob(16))",
-        )?;
-        stmt.execute(rusqlite::params![
-            event.time_ms,
-            event.door,
-            event.transport.as_str(),
-            event.endpoint_fingerprint,
-            event.person_id,
-            event.credential_id,
-            event.decision.as_str(),
-            event.reason,
-            event.latency_ms,
-            attempt,
-        ])?;
-        Ok(self.conn.last_insert_rowid())
+        if let Some(v) = verdict {
+            check_verdict(v)?;
+        }
+        let tx = self.conn.transaction()?;
+        let id = {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO events (time_ms, door, transport, endpoint_fingerprint, person_id, \
+                 credential_id, decision, reason, latency_ms, attempt_id, uid, panel_verdict) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, randomblob(16), ?11)",
+            )?;
+            stmt.execute(rusqlite::params![
+                event.time_ms,
+                event.door,
+                event.transport.as_str(),
+                event.endpoint_fingerprint,
+                event.person_id,
+                event.credential_id,
+                event.decision.as_str(),
+                event.reason,
+                event.latency_ms,
+                attempt,
+                verdict,
+            ])?;
+            tx.last_insert_rowid()
+        };
+        if let (EventDecision::Granted, Some(cred)) = (event.decision, event.credential_id) {
+            notes::first_use(&tx, id, cred, event.time_ms)?;
+        }
+        tx.commit()?;
+        Ok(id)
     }
 
     /// Records the panel's `verdict` on the event of `attempt`, unless it has one already;
-    /// returns that event's id, or `None` when no such event is stored (yet).
+    /// returns that event's id, or `None` when no such event is stored (yet). The row itself
+    /// is never edited (it may have gone up to the cloud): the verdict becomes a note on it.
     pub fn set_panel_verdict(
         &mut self,
         attempt: i64,
         verdict: &str,
     ) -> Result<Option<i64>, AclError> {
-        if !PANEL_VERDICTS.contains(&verdict) {
-            return Err(AclError::InvalidEvent(format!(
-                "panel verdict {verdict:?} is not one of {PANEL_VERDICTS:?}"
-            )));
-        }
-        let id: Option<i64> = self
-            .conn
+        check_verdict(verdict)?;
+        let tx = self.conn.transaction()?;
+        let row: Option<(i64, Option<String>)> = tx
             .query_row(
-                "UPDATE events SET panel_verdict = ?2 \
-                 WHERE attempt_id = ?1 AND panel_verdict IS NULL RETURNING id",
-                rusqlite::params![attempt, verdict],
-                |r| r.get(0),
+                "SELECT id, panel_verdict FROM events WHERE attempt_id = ?1",
+                [attempt],
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        Ok(id)
+        let Some((id, recorded)) = row else {
+            return Ok(None);
+        };
+        if recorded.is_none() {
+            notes::late_verdict(&tx, id, verdict, unix_ms(time::OffsetDateTime::now_utc()))?;
+        }
+        tx.commit()?;
+        Ok(Some(id))
     }
 
     /// The newest `limit` events, newest first.
@@ -447,6 +494,11 @@ impl Store {
             [cut],
             |r| r.get(0),
         )?;
+        // Notes go with their events (one bound for both), counted on their own.
+        let notes_lost = notes::prune(&tx, cut)?;
+        if notes_lost > 0 {
+            add_counter(&tx, notes::META_PRUNED_UNDELIVERED, notes_lost)?;
+        }
         let rows = tx.execute("DELETE FROM events WHERE id < ?1", [cut])?;
         if undelivered > 0 {
             add_counter(&tx, META_PRUNED_UNDELIVERED, undelivered)?;
@@ -480,7 +532,7 @@ impl Store {
         Ok(())
     }
 
-    fn counter(&self, key: &str) -> Result<u64, AclError> {
+    pub(crate) fn counter(&self, key: &str) -> Result<u64, AclError> {
         let v: Option<i64> = self
             .conn
             .query_row(
@@ -679,8 +731,9 @@ mod tests {
             .unwrap();
         assert_eq!(s.set_panel_verdict(1, "denied").unwrap(), Some(first));
         assert_eq!(s.set_panel_verdict(2, "granted").unwrap(), Some(second));
-        // Once set, a verdict stays; an attempt with no row yet is reported as such.
-        assert_eq!(s.set_panel_verdict(1, "granted").unwrap(), None);
+        // Once set, a verdict stays (the row is found, nothing changes); an attempt with no
+        // row yet is reported as such.
+        assert_eq!(s.set_panel_verdict(1, "granted").unwrap(), Some(first));
         assert_eq!(s.set_panel_verdict(3, "granted").unwrap(), None);
         assert!(s.set_panel_verdict(3, "green").is_err());
         // An attempt id names one event.

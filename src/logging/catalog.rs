@@ -37,9 +37,12 @@ pub const DATABASE_DAMAGED: &str = "de2db234a59a418291d5b65490cc51f2";
 pub const DATABASE_READ_ONLY: &str = "7be3eefd22e64729ab3f685bd68fdcd2";
 /// An access event could not be stored.
 pub const EVENT_NOT_STORED: &str = "0ca8bc80d4cb4e8cbe68d95d1c7fac9a";
+/// keyway has been without the cloud for longer than a door's offline limit
+/// (`cloud_offline`): a fail-secure door denies, another grants from a possibly stale ACL.
+pub const CLOUD_OFFLINE: &str = "3053253b29604905b43014e0acc8eea1";
 
 /// Every id with its constant's name, for the catalog check.
-pub const ALL: [(&str, &str); 14] = [
+pub const ALL: [(&str, &str); 15] = [
     ("READER_MISSING", READER_MISSING),
     ("PCSC_UNAVAILABLE", PCSC_UNAVAILABLE),
     ("SERIAL_PORT_FAILED", SERIAL_PORT_FAILED),
@@ -54,6 +57,7 @@ pub const ALL: [(&str, &str); 14] = [
     ("DATABASE_DAMAGED", DATABASE_DAMAGED),
     ("DATABASE_READ_ONLY", DATABASE_READ_ONLY),
     ("EVENT_NOT_STORED", EVENT_NOT_STORED),
+    ("CLOUD_OFFLINE", CLOUD_OFFLINE),
 ];
 
 #[cfg(test)]

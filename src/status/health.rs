@@ -101,6 +101,20 @@ pub fn evaluate(s: &Snapshot, limits: Limits) -> Vec<Problem> {
                 format!("door {door}: OSDP secure channel refused"),
             ));
         }
+        if let Some(p) = d.cloud_offline.as_ref().filter(|p| p.exceeded) {
+            let (severity, then) = if p.fail_secure {
+                (Error, "denying (fail secure)")
+            } else {
+                (Warning, "granting from the cached ACL")
+            };
+            out.push(problem(
+                "cloud_offline",
+                catalog::CLOUD_OFFLINE,
+                severity,
+                id,
+                format!("door {door}: no cloud for over {} s: {then}", p.limit_s),
+            ));
+        }
         match d.certificate_expires_in_days {
             Some(days) if days < 0 => out.push(problem(
                 "certificate_expired",
@@ -219,6 +233,7 @@ fn logged_here(code: &str) -> bool {
             | "certificate_expiring"
             | "acl_stale"
             | "disk_nearly_full"
+            | "cloud_offline"
     )
 }
 
@@ -361,7 +376,7 @@ mod tests {
     #[test]
     fn each_state_that_stops_a_door_is_a_problem_with_its_message_id() {
         type Breaker = fn(&mut Snapshot);
-        let cases: [(&str, &str, Breaker); 14] = [
+        let cases: [(&str, &str, Breaker); 15] = [
             ("reader_missing", catalog::READER_MISSING, |s| {
                 s.doors[0].reader.present = None
             }),
@@ -415,6 +430,13 @@ mod tests {
                     integrity: "ok".into(),
                     events_not_stored: 3,
                     ..DatabaseStatus::default()
+                })
+            }),
+            ("cloud_offline", catalog::CLOUD_OFFLINE, |s| {
+                s.doors[0].cloud_offline = Some(crate::status::model::OfflineStatus {
+                    limit_s: 60,
+                    fail_secure: true,
+                    exceeded: true,
                 })
             }),
         ];

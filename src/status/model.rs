@@ -38,6 +38,20 @@ pub struct DoorStatus {
     pub ble: Option<BleStatus>,
     /// Days until the reader certificate (LOAD CERT) expires; negative: expired.
     pub certificate_expires_in_days: Option<i64>,
+    /// The door's offline policy (`cloud_offline`), when it has one.
+    #[serde(default)]
+    pub cloud_offline: Option<OfflineStatus>,
+}
+
+/// A door's offline policy and where it stands.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OfflineStatus {
+    /// Seconds cached grants stay valid without the cloud.
+    pub limit_s: u64,
+    /// After the limit: deny (`true`) or keep granting and report it.
+    pub fail_secure: bool,
+    /// The limit has passed (keyway has been without the cloud for longer).
+    pub exceeded: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -146,9 +160,30 @@ pub struct DiskStatus {
 /// The cloud link, filled in by the MQTT task once keyway has one.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CloudStatus {
+    /// `connected`, `connecting` or `offline`.
     pub state: String,
+    /// The broker connected to (or being tried).
     pub broker: Option<String>,
+    /// Since when `state` holds (Unix ms).
     pub since_ms: Option<i64>,
+    /// The backend's last application-level ack of events (Unix ms), this process.
+    #[serde(default)]
+    pub last_ack_ms: Option<i64>,
+    /// Events not yet acked by the backend, and the oldest of them (Unix ms).
+    #[serde(default)]
+    pub outbox_depth: u64,
+    #[serde(default)]
+    pub outbox_oldest_ms: Option<i64>,
+    /// Events (and notes) dropped before the backend acked them: the `[events]` bounds, or
+    /// failed writes (a running total).
+    #[serde(default)]
+    pub outbox_dropped: u64,
+    /// Down messages refused since start (logged and reported up with their reason).
+    #[serde(default)]
+    pub rejected: u64,
+    /// The applied cloud ACL version.
+    #[serde(default)]
+    pub acl_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -251,6 +286,15 @@ impl Snapshot {
                     b.connections
                 );
             }
+            if let Some(p) = &d.cloud_offline {
+                let _ = writeln!(
+                    o,
+                    "  offline      grants valid {} s without the cloud, then {}{}",
+                    p.limit_s,
+                    if p.fail_secure { "denied" } else { "reported" },
+                    if p.exceeded { ": LIMIT PASSED" } else { "" }
+                );
+            }
             if let Some(days) = d.certificate_expires_in_days {
                 let _ = writeln!(o, "  certificate  expires in {days} day(s)");
             }
@@ -320,14 +364,25 @@ impl Snapshot {
         }
         match &self.cloud {
             Some(c) => {
+                let ago = |ms: i64| format!("{} s ago", (self.now_ms - ms).max(0) / 1000);
                 let _ = writeln!(
                     o,
-                    "cloud        {}{}",
+                    "cloud        {}{}{}, last ack {}, outbox {}{}, {} dropped, {} rejected",
                     c.state,
                     c.broker
                         .as_deref()
                         .map(|b| format!(" ({b})"))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    c.since_ms
+                        .map(|ms| format!(" since {}", ago(ms)))
+                        .unwrap_or_default(),
+                    c.last_ack_ms.map(ago).unwrap_or_else(|| "never".into()),
+                    c.outbox_depth,
+                    c.outbox_oldest_ms
+                        .map(|ms| format!(" (oldest {})", ago(ms)))
+                        .unwrap_or_default(),
+                    c.outbox_dropped,
+                    c.rejected
                 );
             }
             None => {
@@ -411,6 +466,7 @@ mod tests {
                     connections: 1,
                 }),
                 certificate_expires_in_days: Some(12),
+                cloud_offline: None,
             }],
             acl: Some(AclStatus {
                 credentials: 10,
@@ -466,6 +522,38 @@ mod tests {
         ] {
             assert!(json.contains(key), "{key} in {json}");
         }
+    }
+
+    #[test]
+    fn human_form_shows_the_cloud_link_and_offline_policy() {
+        let mut s = sample();
+        let now = s.now_ms;
+        s.cloud = Some(CloudStatus {
+            state: "connected".into(),
+            broker: Some("mqtts://mqtt-a:8883".into()),
+            since_ms: Some(now - 5_000),
+            last_ack_ms: Some(now - 2_000),
+            outbox_depth: 3,
+            outbox_oldest_ms: Some(now - 60_000),
+            outbox_dropped: 1,
+            rejected: 4,
+            acl_version: Some(41),
+        });
+        s.doors[0].cloud_offline = Some(OfflineStatus {
+            limit_s: 3600,
+            fail_secure: true,
+            exceeded: true,
+        });
+        let t = s.render();
+        for want in [
+            "cloud        connected (mqtts://mqtt-a:8883) since 5 s ago, last ack 2 s ago, \
+             outbox 3 (oldest 60 s ago), 1 dropped, 4 rejected",
+            "offline      grants valid 3600 s without the cloud, then denied: LIMIT PASSED",
+        ] {
+            assert!(t.contains(want), "{want:?} in\n{t}");
+        }
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<Snapshot>(&json).unwrap(), s);
     }
 
     #[test]

@@ -7,14 +7,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::ble::adapter::AdapterStats;
+use crate::cloud::contact::{CloudContact, OfflinePolicy};
 use crate::config::Validated;
 use crate::nfc::ReaderEvent;
 use crate::osdp::PdEvent;
 use crate::serial::{refuses_secure_channel, BusEvent, PdHealth};
 
 use super::model::{
-    BleStatus, CloudStatus, DatabaseStatus, DiskStatus, DoorStatus, OsdpStatus, Problem,
-    ReaderStatus, SecureChannel, Snapshot, TaskStatus,
+    BleStatus, CloudStatus, DatabaseStatus, DiskStatus, DoorStatus, OfflineStatus, OsdpStatus,
+    Problem, ReaderStatus, SecureChannel, Snapshot, TaskStatus,
 };
 use super::probe::{self, DbSample};
 
@@ -31,6 +32,7 @@ struct DoorLive {
     /// Unix seconds.
     cert_not_after: Option<i64>,
     ble: Option<Arc<AdapterStats>>,
+    cloud_offline: Option<OfflinePolicy>,
 }
 
 #[derive(Default)]
@@ -40,6 +42,7 @@ struct Live {
     disk: Option<DiskStatus>,
     database: Option<DatabaseStatus>,
     cloud: Option<CloudStatus>,
+    contact: Option<Arc<CloudContact>>,
     tasks: Vec<TaskStatus>,
     problems: Vec<Problem>,
 }
@@ -83,6 +86,7 @@ impl Registry {
                         .as_ref()
                         .and_then(|c| probe::certificate_not_after(&c.certificate)),
                     ble: None,
+                    cloud_offline: d.cloud_offline,
                 }
             })
             .collect();
@@ -213,6 +217,11 @@ impl Registry {
         self.live().cloud = cloud;
     }
 
+    /// The link's contact, for each door's offline policy.
+    pub fn set_cloud_contact(&self, contact: Option<Arc<CloudContact>>) {
+        self.live().contact = contact;
+    }
+
     pub fn set_tasks(&self, tasks: Vec<TaskStatus>) {
         self.live().tasks = tasks;
     }
@@ -227,6 +236,7 @@ impl Registry {
 
     pub fn snapshot(&self, now_ms: i64) -> Snapshot {
         let live = self.live();
+        let offline = live.contact.as_ref().and_then(|c| c.offline_for());
         let doors = live
             .doors
             .iter()
@@ -238,6 +248,11 @@ impl Registry {
                     b.registered = up > lost;
                     b.connections = stats.active.load(Ordering::Relaxed);
                 }
+                s.cloud_offline = d.cloud_offline.map(|p| OfflineStatus {
+                    limit_s: p.limit.as_secs(),
+                    fail_secure: p.fail_secure,
+                    exceeded: p.exceeded(offline),
+                });
                 s.certificate_expires_in_days = d
                     .cert_not_after
                     .map(|t| probe::days_left(t, now_ms.div_euclid(1000)));

@@ -8,6 +8,8 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod mqtt;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -265,8 +267,12 @@ impl Cp {
 /// A one-door site in `dir` (a fresh reader key, mode 0600; database and status socket
 /// beside the config) on serial `port` at `address`, reader `No Such Reader`. Returns the
 /// config path.
-#[allow(dead_code)] // not every test file that includes this module uses it
 pub fn one_door_site(dir: &Path, port: &Path, address: u8) -> PathBuf {
+    one_door_site_with_reader(dir, port, address, "No Such Reader")
+}
+
+/// [`one_door_site`] with its door's `nfc.reader` pattern.
+pub fn one_door_site_with_reader(dir: &Path, port: &Path, address: u8, reader: &str) -> PathBuf {
     use p256::pkcs8::{EncodePrivateKey, LineEnding};
     use std::os::unix::fs::PermissionsExt;
     let key = p256::SecretKey::random(&mut rand_core::OsRng);
@@ -285,7 +291,7 @@ status_socket = "status.sock"
 [[door]]
 id = "front"
 osdp = {{ port = "{}", address = {address} }}
-nfc = {{ reader = "No Such Reader" }}
+nfc = {{ reader = {reader:?} }}
 aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
 "#,
             port.display()
@@ -293,4 +299,37 @@ aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa
     )
     .unwrap();
     config
+}
+
+/// `keyway --config CONFIG doctor --sniff-secs 2 --json`: its output, stdout and stderr as
+/// text (never a panic), and the checklist as JSON.
+pub fn doctor(config: &Path) -> (std::process::Output, String, Value) {
+    let o = Command::new(env!("CARGO_BIN_EXE_keyway"))
+        .arg("--config")
+        .arg(config)
+        .args(["doctor", "--sniff-secs", "2", "--json"])
+        .output()
+        .expect("run keyway doctor");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    let v = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    (o, text, v)
+}
+
+/// The check called `name` in doctor's JSON checklist.
+pub fn doctor_check<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v.as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no check {name} in {v}"))
+}
+
+/// The outcome (`pass`, `warn`, `fail`, `skip`) of the check called `name`.
+pub fn doctor_outcome<'a>(v: &'a Value, name: &str) -> &'a str {
+    doctor_check(v, name)["outcome"]
+        .as_str()
+        .unwrap_or_default()
 }

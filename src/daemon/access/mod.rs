@@ -17,8 +17,6 @@
 //! that decision, never as an error.
 
 pub mod ratelimit;
-#[cfg(test)]
-pub(crate) mod testutil;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -87,6 +85,11 @@ pub trait AccessStore: Clone + Send + Sync + 'static {
         endpoint_key: [u8; 65],
         k_persistent: Option<SymmetricKey>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// How long the cached ACL has gone without the cloud (`None`: connected, or no cloud):
+    /// what a door's offline policy is checked against.
+    fn cloud_offline_for(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl AccessStore for StoreHandle {
@@ -125,6 +128,10 @@ impl AccessStore for StoreHandle {
     ) -> Result<bool, StoreError> {
         self.save_fast_key(reader_id, endpoint_key, k_persistent)
             .await
+    }
+
+    fn cloud_offline_for(&self) -> Option<Duration> {
+        self.cloud_contact().and_then(|c| c.offline_for())
     }
 }
 
@@ -350,6 +357,7 @@ impl<P: PanelSink, S: AccessStore> Access<P, S> {
                 Subject::Card { .. } => d,
             }
         };
+        let decision = apply_offline_policy(&self.door, self.store.cloud_offline_for(), decision);
         self.settle(att, subject, decision)
     }
 
@@ -489,6 +497,30 @@ impl<P: PanelSink, S: AccessStore> Access<P, S> {
                 "door {}: FAST key not stored: {e}", self.door.id);
         }
     }
+}
+
+/// The door's offline policy on top of the ACL: once keyway has been without the cloud for
+/// longer than the door's limit, a fail-secure door denies (`cloud_offline`: a revocation may
+/// not have reached it); any other door keeps granting from the cached ACL and says so.
+pub fn apply_offline_policy(door: &Door, offline: Option<Duration>, d: Decision) -> Decision {
+    let Some(policy) = door.cloud_offline else {
+        return d;
+    };
+    if !d.is_grant() || !policy.exceeded(offline) {
+        return d;
+    }
+    let secs = offline.unwrap_or_default().as_secs();
+    let limit = policy.limit.as_secs();
+    if policy.fail_secure {
+        log::warn!(target: "keyway::daemon", door = door.id.as_str(), offline_s = secs;
+            "door {}: denied (cloud_offline): no cloud for {secs} s, over the door's {limit} s limit (fail secure)",
+            door.id);
+        return Decision::Deny(DenyReason::CloudOffline);
+    }
+    log::warn!(target: "keyway::daemon", door = door.id.as_str(), offline_s = secs;
+        "door {}: granting from the cached ACL with no cloud for {secs} s, over the door's {limit} s limit",
+        door.id);
+    d
 }
 
 /// The door's own rules on top of the ACL: a sensitive door grants only to a phone that

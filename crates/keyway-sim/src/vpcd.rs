@@ -314,7 +314,7 @@ impl Default for TapOptions {
 /// transaction (plus `hold`), vpcd hangs up, or `timeout`; then close the socket (card removed).
 ///
 /// "Finished" is [`VirtualCard::transaction_finished`]: clear the card's record between taps
-/// (for the endpoint, [`crate::sim::Endpoint::take_outcomes`]), or the tap ends after `hold`.
+/// (for the endpoint, [`crate::Endpoint::take_outcomes`]), or the tap ends after `hold`.
 pub async fn tap<C>(
     addr: SocketAddr,
     card: &mut C,

@@ -1,5 +1,9 @@
-//! Test peer: the phone side of Aliro 1.0 (an endpoint / User Device emulator).
+//! keyway's test peers, in their own crate so the shipped library carries none of them: the
+//! phone side of Aliro 1.0 (an endpoint / User Device emulator), a UID-only card, and the
+//! in-memory doubles a door's access pipeline is tested against.
 //!
+//! - [`door`]: an in-memory door (ACL store, panel) for tests of the access pipeline.
+//! - [`acl`]: synthetic ACLs of any size, for the scale benches.
 //! - [`issuer`]: builds step-up Access Documents (mdoc DeviceResponse) for the phone.
 //! - [`card`]: a physical card without Aliro (UID only), for cutover tests.
 //! - [`phone`]: the sans-IO endpoint state machine (C-APDU in, R-APDU out).
@@ -11,6 +15,7 @@
 pub mod acl;
 pub mod ble_phone;
 pub mod card;
+pub mod door;
 pub mod issuer;
 pub mod phone;
 pub mod random;

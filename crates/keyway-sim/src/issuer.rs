@@ -7,8 +7,8 @@ use coset::{iana, AsCborValue, CoseSign1Builder, HeaderBuilder};
 use p256::{PublicKey, SecretKey};
 use sha2::{Digest, Sha256};
 
-use crate::aliro::crypto;
-use crate::aliro::document::{issuer_key_id, DocumentError, ACCESS_DOC_TYPE};
+use keyway::aliro::crypto;
+use keyway::aliro::document::{issuer_key_id, DocumentError, ACCESS_DOC_TYPE};
 
 /// What to put in the document.
 #[derive(Debug, Clone)]
@@ -139,7 +139,7 @@ pub fn issue_access_document(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aliro::document::verify_access_document;
+    use keyway::aliro::document::verify_access_document;
 
     fn spec() -> AccessDocumentSpec {
         AccessDocumentSpec {

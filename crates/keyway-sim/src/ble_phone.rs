@@ -15,17 +15,17 @@ use std::sync::{Arc, Mutex};
 use p256::{PublicKey, SecretKey};
 use thiserror::Error;
 
-use crate::aliro::apdu::{CommandApdu, ResponseApdu};
-use crate::aliro::consts::{self, sw, tag, INTERFACE_BLE};
-use crate::aliro::crypto::{self, Role};
-use crate::aliro::keys::TranscriptContext;
-use crate::aliro::tlv;
-use crate::ble::keys::{BleVersions, NotificationChannel};
-use crate::ble::message::{
+use keyway::aliro::apdu::{CommandApdu, ResponseApdu};
+use keyway::aliro::consts::{self, sw, tag, INTERFACE_BLE};
+use keyway::aliro::crypto::{self, Role};
+use keyway::aliro::keys::TranscriptContext;
+use keyway::aliro::tlv;
+use keyway::ble::keys::{BleVersions, NotificationChannel};
+use keyway::ble::message::{
     self, Deframer, FrameError, Message, ATTR_READER_INFORMATION, NOTIFY_ACCESS_PROTOCOL_COMPLETED,
     NOTIFY_INITIATE_ACCESS_PROTOCOL, PROTOCOL_AP, PROTOCOL_NOTIFICATION,
 };
-use crate::ble::session::initiate_payload;
+use keyway::ble::session::initiate_payload;
 
 use super::phone::{Endpoint, EndpointConfig};
 use super::random::EndpointRandom;
@@ -142,7 +142,7 @@ impl BlePhone {
             consts::SELECT_P2_FIRST,
         )
         .with_data(consts::AID_EXPEDITED.to_vec())
-        .with_le(crate::aliro::apdu::NE_SHORT_MAX)
+        .with_le(keyway::aliro::apdu::NE_SHORT_MAX)
         .encode()
         .map_err(|_| PhoneBleError::NoTemplate)?;
         let r = self.endpoint.handle(&select);
@@ -241,7 +241,7 @@ pub mod central {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::{BlePhone, PhoneBleError, PhoneEvent};
-    use crate::ble::discovery::{
+    use keyway::ble::discovery::{
         Advertisement, ReaderInfo, DEVICE_CHARACTERISTIC_UUID, READER_CHARACTERISTIC_UUID,
         SERVICE_UUID,
     };
@@ -501,9 +501,9 @@ fn auth0_seen(data: &[u8]) -> Option<Auth0Seen> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
-    use crate::ble::session::{Event, ReaderSession, SessionOutcome};
-    use crate::sim::{OsRandom, ReaderGroupCredential};
+    use crate::{OsRandom, ReaderGroupCredential};
+    use keyway::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
+    use keyway::ble::session::{Event, ReaderSession, SessionOutcome};
     use rand_core::OsRng;
     use std::time::{Duration, Instant};
 

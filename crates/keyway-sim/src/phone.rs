@@ -14,24 +14,24 @@ use std::collections::VecDeque;
 use p256::{PublicKey, SecretKey};
 use zeroize::Zeroizing;
 
-use crate::aliro::apdu::{encode_response, CommandApdu, NE_EXTENDED_MAX, NE_SHORT_MAX};
-use crate::aliro::consts::{
+use keyway::aliro::apdu::{encode_response, CommandApdu, NE_EXTENDED_MAX, NE_SHORT_MAX};
+use keyway::aliro::consts::{
     tag, AID_EXPEDITED, AUTH0_FAST, AUTH1_REQUEST_PUBLIC_KEY, CLA_ISO, CLA_PROPRIETARY, INS_AUTH0,
     INS_AUTH1, INS_CONTROL_FLOW, INS_ENVELOPE, INS_EXCHANGE, INS_GET_RESPONSE, INS_LOAD_CERT,
     INS_SELECT, INTERFACE_NFC, PROTOCOL_VERSION_1_0, SELECT_P1_BY_NAME, SELECT_P2_FIRST,
 };
-use crate::aliro::crypto::{
+use keyway::aliro::crypto::{
     self, public_key_from_sec1, public_key_sec1, public_key_x, Role, SecureChannel, SymmetricKey,
 };
-use crate::aliro::keys::{self, Signer, TranscriptContext};
-use crate::aliro::tlv::{self, Tlv};
+use keyway::aliro::keys::{self, Signer, TranscriptContext};
+use keyway::aliro::tlv::{self, Tlv};
 
 use super::random::EndpointRandom;
 use super::vpcd::VirtualCard;
 
 /// Status words the endpoint returns (aliases of `aliro::consts::sw`, plus two ISO words).
 pub mod sw {
-    use crate::aliro::consts::sw as c;
+    use keyway::aliro::consts::sw as c;
     /// Success.
     pub const OK: u16 = c::OK;
     /// Wrong length (malformed APDU length fields).
@@ -103,7 +103,7 @@ pub struct EndpointConfig {
     pub fast_enabled: bool,
     /// Deliberate faults.
     pub faults: Faults,
-    /// The DeviceResponse (an Access Document, see [`crate::sim::issuer`]) returned in
+    /// The DeviceResponse (an Access Document, see [`crate::issuer`]) returned in
     /// step-up. `None`: step-up (SELECT 5502) is refused with 6A82.
     pub access_document: Option<Vec<u8>>,
 }
@@ -439,7 +439,7 @@ impl Endpoint {
                 "SELECT must be by name, first",
             ));
         }
-        if cmd.data.as_slice() == crate::aliro::consts::AID_STEP_UP {
+        if cmd.data.as_slice() == keyway::aliro::consts::AID_STEP_UP {
             return self.select_step_up();
         }
         if cmd.data.as_slice() != AID_EXPEDITED {
@@ -679,7 +679,7 @@ impl Endpoint {
         tlv::push_tlv(
             &mut fci_inner,
             tag::DF_NAME,
-            &crate::aliro::consts::AID_STEP_UP,
+            &keyway::aliro::consts::AID_STEP_UP,
         )
         .map_err(internal)?;
         fci_inner.extend_from_slice(&self.proprietary_template()?);
@@ -699,7 +699,7 @@ impl Endpoint {
             .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "ENVELOPE data is not TLV"))?;
         let body = tlv::find(&tlvs, tag::SESSION_DATA)
             .ok_or(Reject::fatal(sw::NOT_COMPLIANT, "ENVELOPE without tag 53"))?;
-        let ct = crate::aliro::document::session_data_payload(body.value)
+        let ct = keyway::aliro::document::session_data_payload(body.value)
             .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "session data is not CBOR"))?;
         let request = channel
             .open(&ct)
@@ -709,7 +709,7 @@ impl Endpoint {
             .map_err(|_| Reject::fatal(sw::NOT_COMPLIANT, "DeviceRequest is not CBOR"))?;
         let doc = self.config.access_document.clone().unwrap_or_default();
         let sealed = channel.seal(&doc).map_err(internal)?;
-        let wrapped = crate::aliro::document::session_data(&sealed).map_err(internal)?;
+        let wrapped = keyway::aliro::document::session_data(&sealed).map_err(internal)?;
         let mut out = Vec::new();
         tlv::push_tlv(&mut out, tag::SESSION_DATA, &wrapped).map_err(internal)?;
         let State::StepUp { channel } = std::mem::replace(&mut self.state, State::Idle) else {
@@ -743,7 +743,7 @@ impl Endpoint {
         let rest = data.split_off(CHUNK);
         let announce = u8::try_from(rest.len()).unwrap_or(0);
         self.next_sw = Some(u16::from_be_bytes([
-            crate::aliro::consts::sw::MORE_DATA_SW1,
+            keyway::aliro::consts::sw::MORE_DATA_SW1,
             announce,
         ]));
         self.state = State::StepUpSending { channel, rest };
@@ -859,8 +859,8 @@ mod tests {
     //! A minimal reader built from the shared primitives drives the endpoint with fresh random
     //! keys, so these checks are independent of the vector files.
     use super::*;
-    use crate::aliro::crypto::gcm_open;
-    use crate::sim::random::ScriptedRandom;
+    use crate::random::ScriptedRandom;
+    use keyway::aliro::crypto::gcm_open;
     use rand_core::OsRng;
 
     struct TestReader {
@@ -1271,7 +1271,7 @@ mod tests {
         let (mut ep, _) = endpoint_for(&reader);
         standard(&reader, &mut ep, 0x01);
         let step_up = CommandApdu::new(CLA_ISO, INS_SELECT, 4, 0)
-            .with_data(crate::aliro::consts::AID_STEP_UP.to_vec())
+            .with_data(keyway::aliro::consts::AID_STEP_UP.to_vec())
             .with_le(256)
             .encode()
             .unwrap();

@@ -4,7 +4,7 @@
 //! file's own `parameters` (keys, group, version) and the endpoint's recorded intermediates
 //! (signaling bitmap and timestamps it used, the random cryptogram it drew); each R-APDU must
 //! equal the file's. No expected value lives in this source: all come from the vector files,
-//! found under `ALIRO_VECTORS_DIR` (default `tests/vectors/aliro`).
+//! found under `ALIRO_VECTORS_DIR` (default the workspace's `tests/vectors/aliro`).
 //!
 //! A second part drives the same transcript through the vpcd client over a real TCP socket,
 //! with this test playing vpcd.
@@ -14,8 +14,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keyway::sim::vpcd::{self, TapOptions, CTRL_GET_ATR, CTRL_POWER_OFF, CTRL_POWER_ON};
-use keyway::sim::{
+use keyway_sim::vpcd::{self, TapOptions, CTRL_GET_ATR, CTRL_POWER_OFF, CTRL_POWER_ON};
+use keyway_sim::{
     Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential, ScriptedRandom,
 };
 use p256::{PublicKey, SecretKey};
@@ -38,7 +38,7 @@ const NOT_EMULATED: &[(&str, &str)] = &[
 fn vectors_dir() -> PathBuf {
     match std::env::var_os("ALIRO_VECTORS_DIR") {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/aliro"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/vectors/aliro"),
     }
 }
 
@@ -656,7 +656,7 @@ mod binary {
         assert_eq!(j["apdus"], 4);
         assert_eq!(j["endpoint_public_key"], public);
         assert_eq!(hex::encode(ep_key), public);
-        assert_eq!(atr, keyway::sim::vpcd::CONTACTLESS_ATR);
+        assert_eq!(atr, keyway_sim::vpcd::CONTACTLESS_ATR);
     }
 
     #[test]
@@ -854,7 +854,7 @@ mod reader_core {
         Action, AliroError, AuthenticatedEndpoint, FastConfig, FastCredential, FastFallback,
         Outcome as ReaderOutcome, Randomness, ReaderIdentity, ReaderTransaction, TransactionParams,
     };
-    use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
+    use keyway_sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
     use p256::SecretKey;
     use rand_core::OsRng;
 

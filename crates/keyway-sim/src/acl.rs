@@ -91,10 +91,10 @@ mod tests {
         let (csv, json) = (dir.path().join("a.csv"), dir.path().join("a.json"));
         super::write_csv(&csv, 5, 3, "front").unwrap();
         super::write_json(&json, 5, 3, "front").unwrap();
-        let c = crate::acl::import::load_file(&csv).unwrap();
-        let j = crate::acl::import::load_file(&json).unwrap();
+        let c = keyway::acl::import::load_file(&csv).unwrap();
+        let j = keyway::acl::import::load_file(&json).unwrap();
         assert_eq!(c.len(), 3);
-        let strip = |v: Vec<crate::acl::CredentialSpec>| {
+        let strip = |v: Vec<keyway::acl::CredentialSpec>| {
             v.into_iter()
                 .map(|s| (s.endpoint_key, s.person_id, s.card_number, s.doors))
                 .collect::<Vec<_>>()

@@ -1,5 +1,7 @@
 //! Test helpers shared by every transport's tests: an enrolled store, a reader, a door, a
 //! panel that answers as told, and an in-memory store for tests on tokio's paused clock.
+// Test fixtures: a setup that fails is a failed test, so they unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -9,26 +11,26 @@ use p256::SecretKey;
 use rand_core::OsRng;
 use tokio::sync::oneshot;
 
-use super::{AccessStore, AttemptId, PanelSink, Subject, VerdictWait};
-use crate::acl::{CredentialSpec, Decision, Grant, ImportMode, Store};
-use crate::aliro::crypto::SymmetricKey;
-use crate::aliro::reader::{FastCredential, ReaderIdentity};
-use crate::card::{CardFormat, WiegandBits};
-use crate::config::{AuthPolicy, Door, OsdpDoorOptions};
-use crate::daemon::store::{StoreError, StoreHandle};
-use crate::events::AccessEvent;
-use crate::osdp::Verdict;
+use keyway::acl::{CredentialSpec, Decision, Grant, ImportMode, Store};
+use keyway::aliro::crypto::SymmetricKey;
+use keyway::aliro::reader::{FastCredential, ReaderIdentity};
+use keyway::card::{CardFormat, WiegandBits};
+use keyway::config::{AuthPolicy, Door, OsdpDoorOptions};
+use keyway::daemon::access::{AccessStore, AttemptId, PanelSink, Subject, VerdictWait};
+use keyway::daemon::store::{StoreError, StoreHandle};
+use keyway::events::AccessEvent;
+use keyway::osdp::Verdict;
 
 /// A store with one enrolled phone (H10304 300/70000, person p-7) at `door`, and a reader.
-pub(crate) struct Setup {
-    pub(crate) _dir: tempfile::TempDir,
-    pub(crate) store: StoreHandle,
-    pub(crate) identity: ReaderIdentity,
-    pub(crate) enrolled: SecretKey,
+pub struct Setup {
+    pub _dir: tempfile::TempDir,
+    pub store: StoreHandle,
+    pub identity: ReaderIdentity,
+    pub enrolled: SecretKey,
 }
 
 /// A phone key's public key as the 65-byte SEC1 point the ACL and events use.
-pub(crate) fn sec1(key: &SecretKey) -> [u8; 65] {
+pub fn sec1(key: &SecretKey) -> [u8; 65] {
     key.public_key()
         .to_sec1_bytes()
         .as_ref()
@@ -37,14 +39,14 @@ pub(crate) fn sec1(key: &SecretKey) -> [u8; 65] {
 }
 
 /// The enrolled phone's credential.
-pub(crate) fn spec(
+pub fn spec(
     key: &SecretKey,
     door: &str,
     valid: (Option<i64>, Option<i64>),
     card_uids: Vec<Vec<u8>>,
 ) -> CredentialSpec {
     CredentialSpec {
-        state: crate::acl::CredentialState::Active,
+        state: keyway::acl::CredentialState::Active,
         line: 1,
         endpoint_key: sec1(key),
         person_id: "p-7".into(),
@@ -58,7 +60,7 @@ pub(crate) fn spec(
     }
 }
 
-pub(crate) fn setup(valid_from: Option<i64>, valid_until: Option<i64>, door: &str) -> Setup {
+pub fn setup(valid_from: Option<i64>, valid_until: Option<i64>, door: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("k.db");
     let enrolled = SecretKey::random(&mut OsRng);
@@ -78,7 +80,7 @@ pub(crate) fn setup(valid_from: Option<i64>, valid_until: Option<i64>, door: &st
 }
 
 /// Door "front" with every option at its default.
-pub(crate) fn door() -> Door {
+pub fn door() -> Door {
     Door {
         id: "front".into(),
         port: PathBuf::from("/dev/null"),
@@ -97,35 +99,36 @@ pub(crate) fn door() -> Door {
         certificate: None,
         osdp: OsdpDoorOptions::default(),
         ble: None,
+        cloud_offline: None,
     }
 }
 
 /// A panel that takes cards and, when `answer` is set, gives that verdict on each at once;
 /// `silent`: it keeps every attempt waiting and never answers.
 #[derive(Clone, Default)]
-pub(crate) struct Panel {
-    pub(crate) cards: Arc<Mutex<Vec<(WiegandBits, AttemptId)>>>,
-    pub(crate) answer: Option<Verdict>,
-    pub(crate) silent: bool,
+pub struct Panel {
+    pub cards: Arc<Mutex<Vec<(WiegandBits, AttemptId)>>>,
+    pub answer: Option<Verdict>,
+    pub silent: bool,
     held: Arc<Mutex<Vec<oneshot::Sender<Verdict>>>>,
 }
 
 impl Panel {
-    pub(crate) fn answering(v: Verdict) -> Self {
+    pub fn answering(v: Verdict) -> Self {
         Self {
             answer: Some(v),
             ..Self::default()
         }
     }
 
-    pub(crate) fn silent() -> Self {
+    pub fn silent() -> Self {
         Self {
             silent: true,
             ..Self::default()
         }
     }
 
-    pub(crate) fn cards(&self) -> Vec<WiegandBits> {
+    pub fn cards(&self) -> Vec<WiegandBits> {
         self.cards
             .lock()
             .unwrap()
@@ -157,14 +160,16 @@ impl PanelSink for Panel {
 }
 
 /// An event as [`MemoryStore`] recorded it, with its attempt id.
-pub(crate) type Recorded = (AccessEvent, Option<AttemptId>);
+pub type Recorded = (AccessEvent, Option<AttemptId>);
 
 /// An in-memory store granting one key (person p-7, H10304 300/70000) and recording events:
 /// no thread, so tests on tokio's paused clock are not fooled by a wait on another thread.
 #[derive(Clone, Default)]
-pub(crate) struct MemoryStore {
-    pub(crate) granted: Option<[u8; 65]>,
-    pub(crate) events: Arc<Mutex<Vec<Recorded>>>,
+pub struct MemoryStore {
+    pub granted: Option<[u8; 65]>,
+    pub events: Arc<Mutex<Vec<Recorded>>>,
+    /// The link's contact with the cloud, when the test has one.
+    pub contact: Option<Arc<keyway::cloud::contact::CloudContact>>,
 }
 
 impl AccessStore for MemoryStore {
@@ -182,7 +187,7 @@ impl AccessStore for MemoryStore {
                 facility_code: 300,
                 card_number: 70_000,
             }),
-            _ => Decision::Deny(crate::acl::DenyReason::UnknownKey),
+            _ => Decision::Deny(keyway::acl::DenyReason::UnknownKey),
         })
     }
 
@@ -210,5 +215,9 @@ impl AccessStore for MemoryStore {
         _k_persistent: Option<SymmetricKey>,
     ) -> Result<bool, StoreError> {
         Ok(false)
+    }
+
+    fn cloud_offline_for(&self) -> Option<std::time::Duration> {
+        self.contact.as_ref().and_then(|c| c.offline_for())
     }
 }

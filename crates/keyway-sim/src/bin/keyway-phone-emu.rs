@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use keyway::sim::vpcd::{self, ServeEnd, TapOptions, VirtualCard};
-use keyway::sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
+use keyway_sim::vpcd::{self, ServeEnd, TapOptions, VirtualCard};
+use keyway_sim::{Endpoint, EndpointConfig, OsRandom, Outcome, ReaderGroupCredential};
 use p256::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, LineEnding};
 use p256::{PublicKey, SecretKey};
 use serde_json::json;
@@ -180,8 +180,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let ext = out.extension().and_then(|e| e.to_str()).unwrap_or_default();
             let write = match ext.to_ascii_lowercase().as_str() {
-                "csv" => keyway::sim::acl::write_csv,
-                "json" => keyway::sim::acl::write_json,
+                "csv" => keyway_sim::acl::write_csv,
+                "json" => keyway_sim::acl::write_json,
                 _ => bail!("{}: the name must end in .csv or .json", out.display()),
             };
             write(&out, first, count, &door).with_context(|| format!("{}", out.display()))?;
@@ -210,11 +210,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            let mut card = keyway::sim::UidCard::new(&uid);
+            let mut card = keyway_sim::UidCard::new(&uid);
             let opts = TapOptions {
                 timeout: Duration::from_secs(timeout_s),
                 hold: Duration::from_millis(200),
-                atr: keyway::sim::card::MIFARE_1K_ATR.to_vec(),
+                atr: keyway_sim::card::MIFARE_1K_ATR.to_vec(),
                 ..TapOptions::default()
             };
             let summary = runtime
