@@ -231,6 +231,34 @@ mod tests {
         assert!(!stage(&db).exists(), "the stage is gone after the swap");
     }
 
+    /// A version-2 snapshot's door groups (and schedules, holidays) go in with its
+    /// credentials, as from a file: a credential granted through a group opens its doors.
+    #[test]
+    fn a_snapshot_s_door_groups_are_applied_with_it() {
+        let (_dir, db) = db();
+        let mut c = cred(1);
+        c["doors"] = serde_json::json!(["@staff"]);
+        // Written out: "version": 2 must come first (serde_json would sort the keys).
+        let body = format!(
+            r#"{{"version": 2, "door_groups": {{"staff": ["front", "side"]}}, "credentials": [{c}]}}"#
+        )
+        .into_bytes();
+        let mut s = SnapshotStream::start(db.clone(), 5, SnapshotFormat::Json).unwrap();
+        s.push(body).unwrap();
+        assert_eq!(s.commit().unwrap(), 1);
+        let store = Store::open(&db).unwrap();
+        let key = crate::acl::test_key(1);
+        let now = time::OffsetDateTime::now_utc();
+        for (door, granted) in [("front", true), ("side", true), ("back", false)] {
+            let d = store.decide(&key, door, now).unwrap();
+            assert_eq!(
+                matches!(d, crate::acl::Decision::Grant(_)),
+                granted,
+                "{door}: {d:?}"
+            );
+        }
+    }
+
     /// Abandoned half way (a bad hash, a timeout, a newer manifest): nothing changes and the
     /// stage is dropped before the stream is.
     #[test]
