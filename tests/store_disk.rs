@@ -10,6 +10,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod support;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -304,7 +306,12 @@ async fn read_only_file_system_serves_grants_read_only_loudly() {
     assert_eq!(logged("keyway::store", "DATABASE READ-ONLY"), before + 1);
     // check-config (the unit's ExecStartPre) lets it start: a warning, not a refusal.
     let cfg_dir = tempfile::tempdir().unwrap();
-    let config = write_config(cfg_dir.path(), &db);
+    let config = write_config(
+        cfg_dir.path(),
+        &db,
+        Path::new("/dev/null"),
+        "Virtual PCD 00 00",
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
         .arg("--config")
         .arg(&config)
@@ -388,7 +395,7 @@ async fn damaged_database_is_reported_at_start_and_not_blamed_on_the_acl_file() 
 
     // An import into it (a good file, either syntax, replace or merge) says the database is
     // damaged, not that the file is bad.
-    let config = write_config(dir.path(), &db);
+    let config = write_config(dir.path(), &db, Path::new("/dev/null"), "Virtual PCD 00 00");
     let csv = dir.path().join("acl.csv");
     keyway_sim::acl::write_csv(&csv, 5000, 10, "front").unwrap();
     let json = dir.path().join("acl.json");
@@ -415,30 +422,15 @@ async fn damaged_database_is_reported_at_start_and_not_blamed_on_the_acl_file() 
     }
 }
 
-/// A configuration in `dir` with door "front" on the database `db`.
-fn write_config(dir: &Path, db: &Path) -> PathBuf {
-    let config = dir.join("keyway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[daemon]
-database = "{}"
-status_socket = "status.sock"
-
-[[door]]
-id = "front"
-osdp = {{ port = "/dev/null", address = 1 }}
-nfc = {{ reader = "Virtual PCD 00 00" }}
-aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
-"#,
-            db.display()
-        ),
-    )
-    .unwrap();
-    let key = dir.join("reader.pem");
-    std::fs::write(&key, "11".repeat(32)).unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+/// A configuration in `dir` with door "front" (`port`, `reader`) on the database `db`.
+fn write_config(dir: &Path, db: &Path, port: &Path, reader: &str) -> PathBuf {
+    let config = support::one_door_site_with_reader(dir, port, 1, reader);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "database = \"keyway.db\"",
+        &format!("database = \"{}\"", db.display()),
+    );
+    assert!(text.contains(&db.display().to_string()), "{text}");
+    std::fs::write(&config, text).unwrap();
     config
 }
 
@@ -454,15 +446,8 @@ struct Daemon {
 impl Daemon {
     fn start(db: &Path) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let config = write_config(dir.path(), db);
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("Virtual PCD 00 00", "No Such Reader")
-            .replace(
-                "/dev/null",
-                &dir.path().join("no-tty").display().to_string(),
-            );
-        std::fs::write(&config, text).unwrap();
+        let port = dir.path().join("no-tty");
+        let config = write_config(dir.path(), db, &port, "No Such Reader");
         let log = dir.path().join("run.log");
         let child = Command::new(env!("CARGO_BIN_EXE_keyway"))
             .arg("--config")
