@@ -4,25 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn keyway(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keyway"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run keyway")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+mod support;
+use support::{keyway, text};
 
 fn no_panic(o: &Output) {
     let t = text(o);
@@ -36,33 +22,13 @@ struct Site {
 }
 
 fn site(mode: u32) -> Site {
-    use p256::pkcs8::{EncodePrivateKey, LineEnding};
     let dir = tempfile::tempdir().unwrap();
-    let key = p256::SecretKey::random(&mut rand_core::OsRng);
-    let key_path = dir.path().join("reader.pem");
-    std::fs::write(&key_path, key.to_pkcs8_pem(LineEnding::LF).unwrap()).unwrap();
-    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(mode)).unwrap();
-    let config = dir.path().join("keyway.toml");
     // check-config wants the serial port to exist; a plain file stands in for it.
     let port = dir.path().join("ttyUSB0");
     std::fs::write(&port, "").unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[daemon]
-database = "keyway.db"
-
-[[door]]
-id = "front"
-osdp = {{ port = "{}", address = 1 }}
-nfc = {{ reader = "Virtual PCD 00 00" }}
-aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
-"#,
-            port.display()
-        ),
-    )
-    .unwrap();
+    let config = support::one_door_site_with_reader(dir.path(), &port, 1, "Virtual PCD 00 00");
+    let key_path = dir.path().join("reader.pem");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(mode)).unwrap();
     Site { dir, config }
 }
 

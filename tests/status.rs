@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod support;
+use support::{keyway, text};
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
@@ -29,23 +30,6 @@ fn site() -> Site {
         config,
         socket,
     }
-}
-
-fn keyway(config: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keyway"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .expect("run keyway")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 struct Daemon(Child);

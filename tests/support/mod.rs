@@ -301,20 +301,30 @@ aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa
     config
 }
 
-/// `keyway --config CONFIG doctor --sniff-secs 2 --json`: its output, stdout and stderr as
-/// text (never a panic), and the checklist as JSON.
-pub fn doctor(config: &Path) -> (std::process::Output, String, Value) {
-    let o = Command::new(env!("CARGO_BIN_EXE_keyway"))
+/// `keyway --config CONFIG ARGS…`, run to its end.
+pub fn keyway(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keyway"))
         .arg("--config")
         .arg(config)
-        .args(["doctor", "--sniff-secs", "2", "--json"])
+        .args(args)
         .output()
-        .expect("run keyway doctor");
-    let text = format!(
+        .expect("run keyway")
+}
+
+/// What a command printed: stdout, then stderr.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
-    );
+    )
+}
+
+/// `keyway --config CONFIG doctor --sniff-secs 2 --json`: its output, stdout and stderr as
+/// text (never a panic), and the checklist as JSON.
+pub fn doctor(config: &Path) -> (std::process::Output, String, Value) {
+    let o = keyway(config, &["doctor", "--sniff-secs", "2", "--json"]);
+    let text = text(&o);
     assert!(!text.contains("panicked"), "{text}");
     let v = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     (o, text, v)
