@@ -312,12 +312,7 @@ async fn read_only_file_system_serves_grants_read_only_loudly() {
         Path::new("/dev/null"),
         "Virtual PCD 00 00",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
-        .arg("--config")
-        .arg(&config)
-        .arg("check-config")
-        .output()
-        .unwrap();
+    let out = support::keyway(&config, &["check-config"]);
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     assert!(
@@ -401,14 +396,13 @@ async fn damaged_database_is_reported_at_start_and_not_blamed_on_the_acl_file() 
     let json = dir.path().join("acl.json");
     keyway_sim::acl::write_json(&json, 5000, 10, "front").unwrap();
     for (acl, merge) in [(&csv, false), (&json, false), (&csv, true)] {
-        let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
-            .arg("--config")
-            .arg(&config)
-            .args(["acl", "import"])
-            .args(merge.then_some("--merge"))
-            .arg(acl)
-            .output()
-            .unwrap();
+        let acl = acl.to_str().unwrap();
+        let args = if merge {
+            vec!["acl", "import", "--merge", acl]
+        } else {
+            vec!["acl", "import", acl]
+        };
+        let out = support::keyway(&config, &args);
         let text = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{text}");
         assert!(
@@ -484,12 +478,7 @@ impl Daemon {
     fn status(&self) -> serde_json::Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
-                .arg("--config")
-                .arg(&self.config)
-                .args(["status", "--json"])
-                .output()
-                .unwrap();
+            let out = support::keyway(&self.config, &["status", "--json"]);
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
                 if !v["database"].is_null() && v["database"]["integrity"] != "checking" {
                     return v;
