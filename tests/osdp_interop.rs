@@ -639,6 +639,83 @@ async fn port_missing_then_vanishing_is_retried() {
     stop(stop_tx, join).await;
 }
 
+/// A PD that opens its line answers only what the panel sends after the open. Commands a
+/// pty (or a serial server) queued while keyway was not running were given up on by the
+/// panel long ago; answering one puts an old sequence number on the line, which libosdp's
+/// panel NAKs before going offline for 300 s (seen when the panel started before keyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_before_the_port_opened_are_not_answered() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_serial::SerialPortBuilderExt;
+
+    let pty = pty_pair();
+    let frame = |body: &[u8]| {
+        let mut f = body.to_vec();
+        f.extend_from_slice(&crc16(body).to_le_bytes());
+        f
+    };
+    // osdp_ID to address 1 (SQN 0, CRC-16), sent while no PD has the line open.
+    let stale = frame(&[0x53, 0x01, 0x09, 0x00, 0x04, 0x61, 0x00]);
+    let mut line = tokio_serial::new(pty.cp.display().to_string(), 115_200)
+        .open_native_async()
+        .expect("open CP side");
+    AsyncWriteExt::write_all(&mut line, &stale).await.unwrap();
+    // Wait (bounded) until it is queued on keyway's side of the pair.
+    let pd_side = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(&pty.pd)
+        .expect("open PD side");
+    tokio::time::timeout(STEP_TIMEOUT, async {
+        loop {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one c_int through the pointer; the fd is open.
+            let rc = unsafe { libc::ioctl(pd_side.as_raw_fd(), libc::FIONREAD, &mut queued) };
+            assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+            if usize::try_from(queued).unwrap_or(0) >= stale.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the stale command reaches the PD side");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (_handle, mut events, join) =
+        spawn_bus(bus_config(&pty.pd, vec![PdConfig::new(1)]), stop_rx).unwrap();
+    wait_bus(&mut events, "port opened", |e| {
+        matches!(e, BusEvent::PortOpened { .. })
+    })
+    .await;
+    // A fresh osdp_POLL: its osdp_ACK must be the first thing keyway says.
+    AsyncWriteExt::write_all(&mut line, &frame(&[0x53, 0x01, 0x08, 0x00, 0x04, 0x60]))
+        .await
+        .unwrap();
+    let ack = frame(&[0x53, 0x81, 0x08, 0x00, 0x04, 0x40]);
+    let mut got = Vec::new();
+    tokio::time::timeout(STEP_TIMEOUT, async {
+        let mut buf = [0u8; 64];
+        while got.len() < ack.len() {
+            let n = line.read(&mut buf).await.expect("read reply");
+            got.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no reply to the POLL; got {got:02x?}"));
+    assert_eq!(
+        got.get(..ack.len()),
+        Some(&ack[..]),
+        "keyway's first reply must answer the POLL, not the osdp_ID queued before it opened \
+         the line; got {got:02x?}"
+    );
+    drop(pd_side);
+    stop(stop_tx, join).await;
+}
+
 /// Issue 11, defect 2: under an enforced secure channel a clear osdp_COMSET (anyone on the
 /// line could send one) is refused with NAK 0x06: the PD stays at its address and nothing is
 /// persisted. Raw bytes written on the CP side while no CP is attached; then libosdp's CP

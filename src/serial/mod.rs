@@ -328,14 +328,23 @@ impl BusTask {
     }
 
     fn open(&self) -> Result<SerialStream, SerialError> {
+        use tokio_serial::SerialPort;
         let path = self.path.to_string_lossy().into_owned();
-        tokio_serial::new(path.clone(), self.baud)
+        let port = tokio_serial::new(path.clone(), self.baud)
             .data_bits(tokio_serial::DataBits::Eight)
             .parity(tokio_serial::Parity::None)
             .stop_bits(tokio_serial::StopBits::One)
             .flow_control(tokio_serial::FlowControl::None)
             .open_native_async()
-            .map_err(|source| SerialError::Open { path, source })
+            .map_err(|source| SerialError::Open { path, source })?;
+        // Bytes queued before the open (a pty or a serial server buffers while keyway is
+        // down) are commands the panel has already given up on. Answering them puts a stale
+        // sequence number on the line: the panel NAKs it and libosdp's panel then goes
+        // offline for 300 s. Only commands sent after the open are served.
+        if let Err(e) = port.clear(tokio_serial::ClearBuffer::Input) {
+            log::warn!(path:? = self.path, error:% = e; "OSDP serial port: stale input not discarded");
+        }
+        Ok(port)
     }
 
     fn emit(&self, ev: BusEvent) {
