@@ -914,7 +914,7 @@ ble = {{ adapter = "hci0", timeout_ms = {ALIRO_TIMEOUT_MS} }}
             .unwrap();
         assert!(check.status.success(), "check-config: {check:?}");
 
-        let mut cp = Cp::start_with(
+        let mut cp = Cp::start_prioritised(
             &bus.cp,
             &[1],
             &[

@@ -157,12 +157,25 @@ impl Cp {
 
     /// Start with extra arguments (e.g. `--scbk HEX`, `--enforce-secure`).
     pub fn start_with(port: &Path, pds: &[u8], extra: &[&str]) -> Cp {
+        Self::spawn(&python(), "osdp_cp.py", &Self::args(port, pds, extra))
+    }
+
+    /// [`Cp::start_with`] at a raised scheduling priority (root only; otherwise as usual).
+    /// The panel is hardware of its own beside keyway; where both share a few (emulated)
+    /// CPUs, the panel's 200 ms reply timer must measure keyway, not the scheduler.
+    pub fn start_prioritised(port: &Path, pds: &[u8], extra: &[&str]) -> Cp {
+        let mut cmd = Command::new("nice");
+        cmd.args(["-n", "-10"]).arg(python());
+        Self::spawn_cmd(cmd, "osdp_cp.py", &Self::args(port, pds, extra))
+    }
+
+    fn args(port: &Path, pds: &[u8], extra: &[&str]) -> Vec<String> {
         let mut args = vec!["--port".to_string(), port.display().to_string()];
         for pd in pds {
             args.extend(["--pd".to_string(), pd.to_string()]);
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        Self::spawn(&python(), "osdp_cp.py", &args)
+        args
     }
 
     /// The PyPI `osdp` 1.6 control panel (`tests/peers/osdp16_cp.py`) on `port` for `pd`.
@@ -180,10 +193,14 @@ impl Cp {
 
     /// Run `tests/peers/<script>` with `python` and read its JSON lines.
     fn spawn(python: &Path, script: &str, args: &[String]) -> Cp {
+        Self::spawn_cmd(Command::new(python), script, args)
+    }
+
+    /// [`Cp::spawn`] with `cmd` ending in the Python to run the script with.
+    fn spawn_cmd(mut cmd: Command, script: &str, args: &[String]) -> Cp {
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/peers")
             .join(script);
-        let mut cmd = Command::new(python);
         cmd.arg("-u").arg(script).args(args);
         let mut child = cmd
             .stdin(Stdio::piped())
