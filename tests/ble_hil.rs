@@ -987,6 +987,55 @@ ble = {{ adapter = "hci0", timeout_ms = {ALIRO_TIMEOUT_MS} }}
             ev.event.latency_ms, r.channel_to_verdict
         ));
 
+        // bluetoothd restarted while keyway does not look (stopped here; on a site, a restart
+        // between two of its 500 ms health polls): the new bluetoothd answers "powered" like
+        // the old one but knows nothing of keyway's advertisement and GATT application. keyway
+        // must notice by itself and register again, or the door stays invisible.
+        let signal = |sig: &str| {
+            let st = Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(st.success(), "kill {sig} keyway");
+        };
+        signal("-STOP");
+        restart_bluetoothd();
+        let t_restart = Instant::now();
+        let session = bluer::Session::new().await.unwrap();
+        let _ = adapters_up(&session).await;
+        signal("-CONT");
+        rig.phone_adapter = session.adapter(CONTROLLERS[1]).unwrap();
+        let n0 = Store::open(&db).unwrap().recent_events(100).unwrap().len();
+        let r = attempt(rig, &enrolled, &CentralOptions::default()).await;
+        assert_eq!(
+            r.reader_state,
+            Some(0x01),
+            "keyway run after a bluetoothd restart it did not see happen: {r:?}"
+        );
+        // The event is stored when the connection ends, a little after the phone's answer.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let recent = Store::open(&db).unwrap().recent_events(100).unwrap();
+            let fresh = recent.len().saturating_sub(n0);
+            let granted = recent
+                .iter()
+                .take(fresh)
+                .filter(|e| e.event.decision == EventDecision::Granted)
+                .count();
+            if granted == 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "one more grant stored after the unseen restart: {recent:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        rig.results.push(format!(
+            "keyway run: granted again {:.1} s after a bluetoothd restart it did not poll through",
+            t_restart.elapsed().as_secs_f64()
+        ));
+
         // A clean stop on SIGTERM, as systemd does it.
         let st = Command::new("kill")
             .args(["-TERM", &pid.to_string()])

@@ -8,9 +8,10 @@
 //! Aliro timeout; at most `max_connections` run at once and extra ones are closed at once.
 //!
 //! Recovery: a watchdog asks BlueZ every [`HEALTH_INTERVAL`] whether the adapter is still
-//! there and powered. When bluetoothd restarts, the adapter is removed or powered off, the
-//! registrations are dropped and made again once the adapter is back, with a log line for
-//! each step.
+//! there and powered, and BlueZ's adapter announcements are watched (a bluetoothd restarted
+//! between two polls announces the adapter anew). When bluetoothd restarts, the adapter is
+//! removed or powered off, the registrations are dropped and made again once the adapter is
+//! back, with a log line for each step.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,7 +26,8 @@ use bluer::gatt::local::{
     CharacteristicWriteMethod, ReqError, Service,
 };
 use bluer::l2cap::{SocketAddr, Stream, StreamListener};
-use futures_util::FutureExt;
+use bluer::SessionEvent;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 
@@ -132,6 +134,33 @@ pub enum AdapterError {
     Listen(std::io::Error),
     #[error("adapter not powered")]
     NotPowered,
+    /// BlueZ announced the adapter again: a new bluetoothd that knows nothing of keyway's
+    /// advertisement, GATT application or anything else registered with the old one.
+    #[error("bluetoothd announced {0} again (restarted)")]
+    Announced(String),
+    /// BlueZ removed the adapter.
+    #[error("bluetoothd removed {0}")]
+    Removed(String),
+    /// The D-Bus signal stream of the session ended.
+    #[error("D-Bus session events ended")]
+    EventsEnded,
+}
+
+/// What a BlueZ session event means for a registration made on adapter `ours`: `None` while
+/// it still stands. The health poll alone misses a bluetoothd restart that completes between
+/// two polls (the new daemon answers `Powered` like the old one, but keyway's registrations
+/// died with the old one); the new daemon's announcement of the adapter does not go unseen.
+fn registration_lost(ours: &str, event: Option<SessionEvent>) -> Option<AdapterError> {
+    match event {
+        Some(SessionEvent::AdapterAdded(name)) if name == ours => {
+            Some(AdapterError::Announced(name))
+        }
+        Some(SessionEvent::AdapterRemoved(name)) if name == ours => {
+            Some(AdapterError::Removed(name))
+        }
+        Some(_) => None,
+        None => Some(AdapterError::EventsEnded),
+    }
 }
 
 /// Serves the door on BlueZ until `shutdown` turns true, re-registering after every loss of
@@ -192,6 +221,8 @@ async fn serve_once<H: ConnectionHandler>(
         Some(name) => session.adapter(name)?,
         None => session.default_adapter().await?,
     };
+    // Subscribed before registering, so a restart during the registration is seen too.
+    let mut events = Box::pin(session.events().await?);
     // bluetoothd powers adapters itself; setting Powered meanwhile gives org.bluez.Error.Busy.
     if !adapter.is_powered().await? {
         return Err(AdapterError::NotPowered);
@@ -221,6 +252,11 @@ async fn serve_once<H: ConnectionHandler>(
                 // Fails when bluetoothd is gone or the adapter was removed.
                 if !adapter.is_powered().await? {
                     return Err(AdapterError::NotPowered);
+                }
+            }
+            ev = events.next() => {
+                if let Some(lost) = registration_lost(adapter.name(), ev) {
+                    return Err(lost);
                 }
             }
             accepted = listener.accept() => {
@@ -367,6 +403,22 @@ fn application(cfg: &AdapterConfig) -> Application {
     }
 }
 
+/// Runs a step of `session` on tokio's blocking pool and gives the session back. AUTH0 and
+/// AUTH1 cost P-256 work (ECDH, a signature check, key derivation); polled on an async worker
+/// such a step holds up the runtime's I/O for as long as it computes, and on a slow CPU that
+/// is long enough for the OSDP bus's replies to miss the panel's 200 ms limit (libosdp's
+/// panel then NAKs and goes offline for 300 s). Fails only if the step panicked.
+async fn off_worker<T: Send + 'static>(
+    mut session: ReaderSession,
+    step: impl FnOnce(&mut ReaderSession) -> T + Send + 'static,
+) -> Result<(ReaderSession, T), tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || {
+        let out = step(&mut session);
+        (session, out)
+    })
+    .await
+}
+
 /// Runs one connection to its end.
 async fn connection<H: ConnectionHandler>(
     mut stream: Stream,
@@ -374,7 +426,11 @@ async fn connection<H: ConnectionHandler>(
     handler: &H,
 ) -> ConnectionReport<H::Verdict> {
     let started = Instant::now();
-    let mut session = handler.session(started);
+    let new_session = {
+        let handler = handler.clone();
+        // The reader's ephemeral key is P-256 work too (see `off_worker`).
+        tokio::task::spawn_blocking(move || handler.session(started)).await
+    };
     let mut report = ConnectionReport {
         peer,
         endpoint_key: None,
@@ -384,6 +440,15 @@ async fn connection<H: ConnectionHandler>(
         closed_early: false,
         to_decision: None,
         total: Duration::ZERO,
+    };
+    let mut session = match new_session {
+        Ok(session) => session,
+        Err(e) => {
+            log::error!(target: "keyway::ble", "connection from {}: session setup failed: {e}", report.peer);
+            report.closed_early = true;
+            report.total = started.elapsed();
+            return report;
+        }
     };
     let mut buf = vec![0u8; READ_CHUNK];
     'conn: loop {
@@ -401,13 +466,24 @@ async fn connection<H: ConnectionHandler>(
                 report.closed_early = true;
                 break;
             }
-            Ok(Ok(n)) => match session.on_bytes(buf.get(..n).unwrap_or_default(), Instant::now()) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    report.error = Some(e);
-                    break;
+            Ok(Ok(n)) => {
+                let bytes = buf.get(..n).unwrap_or_default().to_vec();
+                match off_worker(session, move |s| s.on_bytes(&bytes, Instant::now())).await {
+                    Ok((s, Ok(ev))) => {
+                        session = s;
+                        ev
+                    }
+                    Ok((_, Err(e))) => {
+                        report.error = Some(e);
+                        break;
+                    }
+                    Err(e) => {
+                        log::error!(target: "keyway::ble", "connection from {}: session step failed: {e}", report.peer);
+                        report.closed_early = true;
+                        break;
+                    }
                 }
-            },
+            }
         };
         while !events.is_empty() {
             let ev = events.remove(0);
@@ -445,4 +521,77 @@ async fn connection<H: ConnectionHandler>(
     }
     report.total = started.elapsed();
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_announcement_of_our_adapter_ends_the_registration() {
+        let added = |n: &str| Some(SessionEvent::AdapterAdded(n.into()));
+        let removed = |n: &str| Some(SessionEvent::AdapterRemoved(n.into()));
+        assert!(matches!(
+            registration_lost("hci0", added("hci0")),
+            Some(AdapterError::Announced(n)) if n == "hci0"
+        ));
+        assert!(matches!(
+            registration_lost("hci0", removed("hci0")),
+            Some(AdapterError::Removed(n)) if n == "hci0"
+        ));
+        assert!(matches!(
+            registration_lost("hci0", None),
+            Some(AdapterError::EventsEnded)
+        ));
+        // Other adapters come and go without touching this door.
+        assert!(registration_lost("hci0", added("hci1")).is_none());
+        assert!(registration_lost("hci0", removed("hci1")).is_none());
+    }
+
+    /// On a one-thread runtime a step polled inline would keep every other task (the OSDP
+    /// bus among them) from running until it ends; run by `off_worker`, the step sees
+    /// another task run while it is still computing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn session_steps_leave_the_async_worker_free() {
+        use crate::aliro::consts::INTERFACE_BLE;
+        use crate::aliro::reader::{Randomness, ReaderIdentity, TransactionParams};
+        use rand_core::OsRng;
+        use std::sync::atomic::AtomicBool;
+
+        let id = ReaderIdentity::new([1; 16], [2; 16], p256::SecretKey::random(&mut OsRng));
+        let params = TransactionParams {
+            interface: INTERFACE_BLE,
+            ..TransactionParams::default()
+        };
+        let session = ReaderSession::new(
+            &id,
+            params,
+            Randomness::generate(&mut OsRng),
+            super::super::BleVersions::default(),
+            Instant::now(),
+            Duration::from_secs(5),
+        );
+        let ran = Arc::new(AtomicBool::new(false));
+        let other = tokio::spawn({
+            let ran = ran.clone();
+            async move { ran.store(true, Ordering::SeqCst) }
+        });
+        // Stands for a long computation: ends when the other task has run (bounded).
+        let step = move |_: &mut ReaderSession| {
+            let limit = Instant::now() + Duration::from_secs(10);
+            while !ran.load(Ordering::SeqCst) {
+                if Instant::now() > limit {
+                    return false;
+                }
+                std::thread::yield_now();
+            }
+            true
+        };
+        let (_, other_ran) = off_worker(session, step).await.unwrap();
+        assert!(
+            other_ran,
+            "the session step held the runtime's only worker: nothing else ran meanwhile"
+        );
+        other.await.unwrap();
+    }
 }
