@@ -135,6 +135,35 @@ async fn stop(stop_tx: watch::Sender<bool>, join: tokio::task::JoinHandle<()>) {
         .expect("no panic");
 }
 
+/// `body` (SOM through data) with its CRC-16 appended: a packet as written on the line.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut f = body.to_vec();
+    f.extend_from_slice(&crc16(body).to_le_bytes());
+    f
+}
+
+/// Writes `command` on the CP side of the line and reads until `reply_len` bytes came back.
+async fn raw_exchange(
+    line: &mut tokio_serial::SerialStream,
+    command: &[u8],
+    reply_len: usize,
+    what: &str,
+) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    AsyncWriteExt::write_all(line, command).await.unwrap();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(STEP_TIMEOUT, async {
+        let mut buf = [0u8; 64];
+        while got.len() < reply_len {
+            let n = line.read(&mut buf).await.expect("read reply");
+            got.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no reply to the {what}; got {got:02x?}");
+    got
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pd_comes_online_and_card_reaches_the_cp() {
     let pty = pty_pair();
@@ -647,17 +676,12 @@ async fn port_missing_then_vanishing_is_retried() {
 async fn commands_queued_before_the_port_opened_are_not_answered() {
     use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::io::AsRawFd;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio_serial::SerialPortBuilderExt;
 
     let pty = pty_pair();
-    let frame = |body: &[u8]| {
-        let mut f = body.to_vec();
-        f.extend_from_slice(&crc16(body).to_le_bytes());
-        f
-    };
     // osdp_ID to address 1 (SQN 0, CRC-16), sent while no PD has the line open.
-    let stale = frame(&[0x53, 0x01, 0x09, 0x00, 0x04, 0x61, 0x00]);
+    let stale = framed(&[0x53, 0x01, 0x09, 0x00, 0x04, 0x61, 0x00]);
     let mut line = tokio_serial::new(pty.cp.display().to_string(), 115_200)
         .open_native_async()
         .expect("open CP side");
@@ -692,20 +716,9 @@ async fn commands_queued_before_the_port_opened_are_not_answered() {
     })
     .await;
     // A fresh osdp_POLL: its osdp_ACK must be the first thing keyway says.
-    AsyncWriteExt::write_all(&mut line, &frame(&[0x53, 0x01, 0x08, 0x00, 0x04, 0x60]))
-        .await
-        .unwrap();
-    let ack = frame(&[0x53, 0x81, 0x08, 0x00, 0x04, 0x40]);
-    let mut got = Vec::new();
-    tokio::time::timeout(STEP_TIMEOUT, async {
-        let mut buf = [0u8; 64];
-        while got.len() < ack.len() {
-            let n = line.read(&mut buf).await.expect("read reply");
-            got.extend_from_slice(buf.get(..n).unwrap_or_default());
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no reply to the POLL; got {got:02x?}"));
+    let poll = framed(&[0x53, 0x01, 0x08, 0x00, 0x04, 0x60]);
+    let ack = framed(&[0x53, 0x81, 0x08, 0x00, 0x04, 0x40]);
+    let got = raw_exchange(&mut line, &poll, ack.len(), "POLL").await;
     assert_eq!(
         got.get(..ack.len()),
         Some(&ack[..]),
@@ -723,7 +736,6 @@ async fn commands_queued_before_the_port_opened_are_not_answered() {
 /// session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_comset_is_refused_under_an_enforced_secure_channel() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_serial::SerialPortBuilderExt;
 
     let pty = pty_pair();
@@ -747,28 +759,16 @@ async fn clear_comset_is_refused_under_an_enforced_secure_channel() {
 
     // osdp_COMSET to address 1 in clear: new address 5, 9600 baud (SQN 0, CRC-16; the CRC
     // function is checked against libosdp's packets in phy's unit tests).
-    let mut comset = vec![
+    let comset = framed(&[
         0x53, 0x01, 0x0D, 0x00, 0x04, 0x6E, 0x05, 0x80, 0x25, 0x00, 0x00,
-    ];
-    comset.extend_from_slice(&crc16(&comset).to_le_bytes());
+    ]);
     // The reply: osdp_NAK 0x06 from address 1 (0x81), in clear.
-    let mut nak = vec![0x53, 0x81, 0x09, 0x00, 0x04, 0x41, 0x06];
-    nak.extend_from_slice(&crc16(&nak).to_le_bytes());
+    let nak = framed(&[0x53, 0x81, 0x09, 0x00, 0x04, 0x41, 0x06]);
 
     let mut line = tokio_serial::new(pty.cp.display().to_string(), 115_200)
         .open_native_async()
         .expect("open CP side");
-    AsyncWriteExt::write_all(&mut line, &comset).await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(STEP_TIMEOUT, async {
-        let mut buf = [0u8; 64];
-        while got.len() < nak.len() {
-            let n = line.read(&mut buf).await.expect("read reply");
-            got.extend_from_slice(buf.get(..n).unwrap_or_default());
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no reply to the clear COMSET; got {got:02x?}"));
+    let got = raw_exchange(&mut line, &comset, nak.len(), "clear COMSET").await;
     assert_eq!(got, nak, "reply to a clear COMSET");
     drop(line);
     wait_bus_naks_ok(&mut events, "NAK 0x06 to the clear COMSET", |e| {
