@@ -22,7 +22,9 @@
 //!    0 dBm;
 //! 9. the daemon as installed (`keyway run`, BLE door + OSDP PD on a pty) with libosdp's control
 //!    panel under the secure channel: the card reaches the panel, whose green LED is stored
-//!    as its verdict with the BLE event, and SIGTERM stops it cleanly.
+//!    as its verdict with the BLE event; then bluetoothd crashes and restarts while keyway is
+//!    stopped (a restart between two of its health polls) and the phone is granted again;
+//!    SIGTERM stops it cleanly.
 //!
 //! One VM boot per run; every scenario runs inside it. Fails (never skips) when qemu or bluez
 //! are missing. Waits are bounded; no timing is asserted (timings are printed).
