@@ -1079,9 +1079,22 @@ ble = {{ adapter = "hci0", timeout_ms = {ALIRO_TIMEOUT_MS} }}
         let st = Command::new("kill").args([signal, pid]).status().unwrap();
         assert!(st.success(), "kill {name} {pid}");
         let dead = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() {
+        while running(pid) {
             assert!(Instant::now() < dead, "{name} {pid} did not exit");
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether process `pid` is still running. A service [`start_service`] started is this
+    /// process's child and is never reaped: once dead it stays a zombie in /proc.
+    fn running(pid: &str) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // "pid (comm) STATE ...": the state follows the last ')'.
+            Ok(stat) => !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+            Err(_) => false,
         }
     }
 
