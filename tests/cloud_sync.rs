@@ -7,241 +7,22 @@
 //! one FAILS the test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keyway::acl::Store;
 use keyway::cloud::backend::{self, Backend, Target};
 use keyway::cloud::config::{parse_broker, CloudSettings};
-use keyway::cloud::link::{Connector, Link, LinkError};
-use keyway::cloud::msg::{self, SnapshotFormat, TopicKind, Topics};
+use keyway::cloud::link::Connector;
+use keyway::cloud::msg::{self, TopicKind};
 use keyway::cloud::sign::BackendSigner;
-use keyway::cloud::store::StoreSync;
 use keyway::events::{AccessEvent, Transport};
 use serde_json::{json, Value};
-use tokio::sync::watch;
 
 mod support;
-use support::mqtt::{free_port, make_certs, password_file, tls_broker, write_private, Mosquitto};
-
-const STEP: Duration = Duration::from_secs(20);
-const SITE: &str = "s1";
-const GW: &str = "gw1";
-
-fn signer() -> BackendSigner {
-    BackendSigner::from_hex("backend-1", &format!("{:064x}", 0x1234_5678u64)).unwrap()
-}
-
-fn settings(broker: &str, extra: &str) -> CloudSettings {
-    let text = format!(
-        "brokers = [{broker:?}]\nsite = \"{SITE}\"\ngateway = \"{GW}\"\nheartbeat_s = 5\n{extra}\n\
-         [[trusted_keys]]\nkid = \"backend-1\"\npublic_key = \"{}\"\n",
-        signer().public_hex()
-    );
-    let raw: keyway::cloud::config::CloudConfig = toml::from_str(&text).unwrap();
-    keyway::cloud::config::validate(raw, |p: &Path| p.to_path_buf()).unwrap()
-}
-
-struct Gateway {
-    db: PathBuf,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), LinkError>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Gateway {
-    fn start(s: CloudSettings) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("keyway.db");
-        let store = StoreSync::open(&db).unwrap();
-        let (stop, rx) = watch::channel(false);
-        let link = Link::new(s).unwrap();
-        let task = tokio::spawn(link.run(store, rx));
-        Gateway {
-            db,
-            stop,
-            task,
-            _dir: dir,
-        }
-    }
-
-    fn store(&self) -> Store {
-        Store::open(&self.db).unwrap()
-    }
-
-    fn record(&self, n: usize) {
-        let mut s = self.store();
-        for i in 0..n {
-            s.record_event(&AccessEvent::error(
-                1_800_000_000_000 + i as i64,
-                "d1",
-                Transport::Nfc,
-                None,
-                "timeout",
-                1,
-            ))
-            .unwrap();
-        }
-    }
-
-    fn grants(&self, seed: u16) -> bool {
-        self.store()
-            .decide(&key(seed), "d1", time::OffsetDateTime::now_utc())
-            .unwrap()
-            .is_grant()
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let r = tokio::time::timeout(STEP, self.task).await;
-        assert!(matches!(r, Ok(Ok(Ok(())))), "link ended badly: {r:?}");
-    }
-}
-
-fn key(seed: u16) -> [u8; 65] {
-    use p256::elliptic_curve::sec1::ToEncodedPoint;
-    let mut scalar = [0u8; 32];
-    scalar[0] = 1;
-    scalar[30..].copy_from_slice(&seed.to_be_bytes());
-    let sk = p256::SecretKey::from_slice(&scalar).unwrap();
-    sk.public_key()
-        .to_encoded_point(false)
-        .as_bytes()
-        .try_into()
-        .unwrap()
-}
-
-fn cred(seed: u16) -> Value {
-    json!({"endpoint_key": hex::encode(key(seed)), "person_id": format!("p-{seed}"),
-        "card_format": "h10301", "facility_code": 1, "card_number": seed, "doors": ["*"]})
-}
-
-fn target() -> Target {
-    Target {
-        site: SITE.into(),
-        gateway: GW.into(),
-        ttl_s: 300,
-    }
-}
-
-fn topics() -> Topics {
-    Topics::new("keyway", SITE, GW).unwrap()
-}
-
-fn now_s() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
-
-async fn backend(broker: &str, connector: Option<Connector>) -> Peer {
-    let connector = connector.unwrap_or(Connector {
-        client_id: format!("backend-{}", free_port()),
-        tls: None,
-        credentials: None,
-    });
-    let b = Backend::connect(&connector, &parse_broker(broker).unwrap(), STEP)
-        .await
-        .expect("backend connects");
-    for k in TopicKind::UP {
-        b.subscribe(&topics().topic(k)).await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    Peer {
-        b,
-        backlog: Default::default(),
-    }
-}
-
-/// The backend's client with the messages a wait skipped, so a later wait still sees them.
-struct Peer {
-    b: Backend,
-    backlog: std::collections::VecDeque<(String, Value)>,
-}
-
-impl std::ops::Deref for Peer {
-    type Target = Backend;
-    fn deref(&self) -> &Backend {
-        &self.b
-    }
-}
-
-/// The next message on `suffix` matching `pred`, within STEP (earlier skipped ones first).
-async fn expect(p: &mut Peer, suffix: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let topic = topics().topic_suffix(suffix);
-    if let Some(i) = p.backlog.iter().position(|(t, v)| *t == topic && pred(v)) {
-        if let Some((_, v)) = p.backlog.remove(i) {
-            return v;
-        }
-    }
-    let deadline = Instant::now() + STEP;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        let Some((t, payload)) = p.b.recv(left).await else {
-            break;
-        };
-        let v: Value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
-        if t == topic && pred(&v) {
-            return v;
-        }
-        // Bounded: heartbeats are dropped first when a test waits long.
-        if p.backlog.len() > 10_000 {
-            p.backlog.pop_front();
-        }
-        p.backlog.push_back((t, v));
-    }
-    let seen: Vec<String> = p.backlog.iter().map(|(t, v)| format!("{t} {v}")).collect();
-    panic!("no {suffix} message matching; saw:\n{}", seen.join("\n"));
-}
-
-trait Suffix {
-    fn topic_suffix(&self, s: &str) -> String;
-}
-impl Suffix for Topics {
-    fn topic_suffix(&self, s: &str) -> String {
-        format!("keyway/{SITE}/{GW}/{s}")
-    }
-}
-
-/// The signed manifest and 256-byte chunks of `content` as snapshot `version`.
-fn snapshot_of(version: u64, content: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    backend::snapshot_messages(
-        &signer(),
-        &target(),
-        version,
-        SnapshotFormat::Json,
-        content,
-        256,
-        now_s(),
-    )
-    .unwrap()
-}
-
-async fn snapshot(b: &mut Peer, version: u64, seeds: &[u16]) {
-    let creds: Vec<Value> = seeds.iter().map(|s| cred(*s)).collect();
-    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
-    // Small chunks so the test crosses chunk boundaries.
-    let (m, chunks) = snapshot_of(version, &content);
-    assert!(chunks.len() > 1);
-    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
-    let v = expect(b, "acl/applied", |v| v["version"] == version).await;
-    assert_eq!(v["source"], "snapshot");
-}
-
-async fn delta(b: &Peer, base: u64, version: u64, revoke: &[u16]) -> Vec<u8> {
-    let m = backend::delta_message(
-        &signer(),
-        &target(),
-        base,
-        version,
-        Vec::new(),
-        Vec::new(),
-        revoke.iter().map(|s| hex::encode(key(*s))).collect(),
-        now_s(),
-    );
-    b.publish(&topics().topic(TopicKind::AclDelta), m.clone(), false)
-        .await
-        .unwrap();
-    m
-}
+use support::cloud::*;
+use support::mqtt::{make_certs, password_file, tls_broker};
 
 /// Birth, snapshot, delta applied to the store; the same delta replayed is refused.
 async fn sync_round(broker: &str, s: CloudSettings, backend_conn: Option<Connector>) {
@@ -400,14 +181,6 @@ async fn plain_sync_events_and_rejections() {
     assert_eq!(hb["acl"]["version"], 1);
     assert_eq!(hb["rejected"].as_u64().map(|n| n >= 10), Some(true));
     gw.stop().await;
-}
-
-async fn wait_for(mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + STEP;
-    while !f() {
-        assert!(Instant::now() < deadline, "condition not met in {STEP:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -660,71 +433,6 @@ async fn backend_tool_binary_publishes_a_delta_and_runs_a_command() {
     gw.stop().await;
 }
 
-/// A daemon configuration with one (unreachable) door and `[cloud]` on `url`, in `dir`.
-fn run_config(dir: &Path, url: &str) -> PathBuf {
-    use p256::pkcs8::{EncodePrivateKey, LineEnding};
-    let reader_key = p256::SecretKey::random(&mut rand_core::OsRng);
-    write_private(
-        &dir.join("reader.pem"),
-        &reader_key.to_pkcs8_pem(LineEnding::LF).unwrap(),
-    );
-    let config = dir.join("keyway.toml");
-    // check-config wants the serial port to exist; a plain file stands in for it (the
-    // daemon's bus retries it in the background; the cloud link does not care).
-    let tty = dir.join("no-tty");
-    std::fs::write(&tty, "").unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[daemon]
-database = "keyway.db"
-
-[[door]]
-id = "front"
-osdp = {{ port = {tty:?}, address = 1 }}
-nfc = {{ reader = "No Such Reader" }}
-aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
-
-[cloud]
-brokers = ["{url}"]
-site = "{SITE}"
-gateway = "{GW}"
-
-[[cloud.trusted_keys]]
-kid = "backend-1"
-public_key = "{}"
-"#,
-            signer().public_hex(),
-            tty = tty.display().to_string(),
-        ),
-    )
-    .unwrap();
-    config
-}
-
-/// `keyway run`, killed when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run_daemon(config: &Path, log: &Path) -> Daemon {
-    Daemon(
-        Command::new(env!("CARGO_BIN_EXE_keyway"))
-            .arg("--config")
-            .arg(config)
-            .args(["run", "--log", "stderr"])
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    )
-}
-
 fn grants_in(db: &Path, seed: u16) -> bool {
     Store::open(db)
         .unwrap()
@@ -741,7 +449,7 @@ async fn keyway_run_starts_the_link_from_config() {
     let url = format!("mqtt://127.0.0.1:{}", broker.port);
     let mut b = backend(&url, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = run_config(dir.path(), &url);
+    let config = run_config(dir.path(), &url, GW, "");
     let out = Command::new(env!("CARGO_BIN_EXE_keyway"))
         .arg("--config")
         .arg(&config)
@@ -789,7 +497,7 @@ async fn killed_mid_snapshot_keeps_the_old_acl_and_the_next_sync_completes() {
     let url = format!("mqtt://127.0.0.1:{}", broker.port);
     let mut b = backend(&url, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = run_config(dir.path(), &url);
+    let config = run_config(dir.path(), &url, GW, "");
     let db = dir.path().join("keyway.db");
     let log_path = dir.path().join("run.log");
     let daemon = run_daemon(&config, &log_path);
@@ -895,7 +603,7 @@ async fn keyway_run_heartbeat_has_the_doors_and_status_shows_the_link() {
     let url = format!("mqtt://127.0.0.1:{}", broker.port);
     let mut b = backend(&url, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = run_config(dir.path(), &url);
+    let config = run_config(dir.path(), &url, GW, "");
     let sock = dir.path().join("status.sock");
     let text = std::fs::read_to_string(&config)
         .unwrap()
@@ -994,4 +702,78 @@ async fn out_of_order_chunks_apply_and_a_bad_hash_keeps_the_old_acl() {
     assert!(gw.grants(40) && !gw.grants(41));
     assert_eq!(gw.store().applied().unwrap().version, Some(1));
     gw.stop().await;
+}
+
+/// End to end through the real door: pcscd + vpcd + the phone emulator, libosdp's panel on a
+/// pty, `keyway run` with the cloud link on mosquitto. An enrolled phone is granted (its card
+/// reaches the panel); a signed delta revoking it is published with the backend tool; the
+/// next tap of that phone is denied (revoked) while another phone is still granted. Prints
+/// publish → applied (keyway's `acl/applied` report) and → first denial; the numbers over
+/// many runs are in docs/benchmarks.md (`cargo bench --bench cloud_fleet -- revocation`).
+/// Starts pcscd: run under `flock /tmp/keyway-pcscd.lock`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_phone_is_denied_at_the_real_door() {
+    let broker = Mosquitto::start("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let u = url.clone();
+    let mut door = tokio::task::spawn_blocking(move || CloudDoor::start(&u))
+        .await
+        .unwrap();
+    expect(&mut b, "state", |v| v["state"] == "online").await;
+    let phone = p256::SecretKey::random(&mut rand_core::OsRng);
+    let other = p256::SecretKey::random(&mut rand_core::OsRng);
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": [
+        cred_for(&phone, "p-phone", 1001), cred_for(&other, "p-other", 1002)]}))
+    .unwrap();
+    let (m, chunks) = snapshot_of(1, &content);
+    b.publish_snapshot(&topics(), m, chunks).await.unwrap();
+    expect(&mut b, "acl/applied", |v| v["version"] == 1).await;
+
+    assert_eq!(
+        door.tap(&phone).await,
+        Some(0x0101),
+        "{:?}",
+        door.last_decision()
+    );
+    assert_eq!(
+        door.last_decision(),
+        Some(("granted".into(), "granted".into()))
+    );
+    let card = door.cp.wait_for("the card", |v| v["event"] == "card");
+    assert_eq!(card["bits"], 26);
+    door.reader_free().await;
+
+    let revoke = backend::delta_message(
+        &signer(),
+        &target(),
+        1,
+        2,
+        Vec::new(),
+        Vec::new(),
+        vec![hex::encode(phone.public_key().to_sec1_bytes())],
+        now_s(),
+    );
+    let t0 = Instant::now();
+    b.publish(&topics().topic(TopicKind::AclDelta), revoke, false)
+        .await
+        .unwrap();
+    let applied = expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
+    let to_applied = t0.elapsed();
+    assert_eq!(applied["source"], "delta");
+    let status = door.tap(&phone).await;
+    let to_denial = t0.elapsed();
+    assert_ne!(status, Some(0x0101), "a revoked phone must not open");
+    assert_eq!(
+        door.last_decision(),
+        Some(("denied".into(), "revoked".into()))
+    );
+    door.reader_free().await;
+    assert_eq!(door.tap(&other).await, Some(0x0101));
+    eprintln!(
+        "revocation: publish → applied {:.1} ms, → first denial (a tap begun after the applied report) {:.1} ms",
+        to_applied.as_secs_f64() * 1e3,
+        to_denial.as_secs_f64() * 1e3
+    );
+    drop(door);
 }

@@ -2,6 +2,7 @@
 //! and a small MQTT client to publish them, tail events (with application acks) and watch the
 //! fleet. For installers and backend teams before their own backend exists, and for the tests.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Packet, QoS};
@@ -153,6 +154,8 @@ pub struct Backend {
     client: AsyncClient,
     inbox: mpsc::Receiver<(String, Vec<u8>)>,
     poller: tokio::task::JoinHandle<()>,
+    /// Made again after a reconnect into a new session.
+    subscriptions: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Backend {
@@ -179,9 +182,26 @@ impl Backend {
                     reason: e.to_string(),
                 })?;
         let (tx, inbox) = mpsc::channel(INBOX);
+        let subscriptions: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (subs, resubscriber) = (subscriptions.clone(), client.clone());
         let poller = tokio::spawn(async move {
             loop {
                 match el.poll().await {
+                    // Reconnected into a new session (a broker restart, a cluster node lost, or
+                    // RabbitMQ closing a publisher's connection when a queue on a dead node
+                    // nacks): the subscriptions are gone.
+                    Ok(Event::Incoming(Packet::ConnAck(a))) if !a.session_present => {
+                        let filters: Vec<rumqttc::SubscribeFilter> = subs
+                            .lock()
+                            .map(|f| f.clone())
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce))
+                            .collect();
+                        if !filters.is_empty() {
+                            let _ = resubscriber.try_subscribe_many(filters);
+                        }
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if tx
                             .send((p.topic.clone(), p.payload.to_vec()))
@@ -201,10 +221,14 @@ impl Backend {
             client,
             inbox,
             poller,
+            subscriptions,
         })
     }
 
     pub async fn subscribe(&self, filter: &str) -> Result<(), BackendError> {
+        if let Ok(mut subs) = self.subscriptions.lock() {
+            subs.push(filter.to_owned());
+        }
         Ok(self.client.subscribe(filter, QoS::AtLeastOnce).await?)
     }
 

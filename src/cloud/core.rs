@@ -116,6 +116,9 @@ pub struct ConnectPlan {
     /// The Last Will: retained `offline` with this connection's `boot` / `bd_seq`.
     pub will: Transmit,
     pub bd_seq: u64,
+    /// Appended to the configured client id, with a clean session, after a broker refused to
+    /// subscribe this client (see [`Core::handle_subscribed`]); `None`: the configured id.
+    pub client_id_suffix: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +242,13 @@ pub struct Core {
     seen_commands: HashMap<String, i64>,
     next_heartbeat: Option<Instant>,
     next_outbox_poll: Option<Instant>,
+    /// SUBSCRIBE sent on this connection and not yet confirmed by a SUBACK.
+    subscribe_unconfirmed: bool,
+    /// The client-id suffix in use after a refused subscription (see `ConnectPlan`).
+    client_id_suffix: Option<String>,
+    /// A snapshot was cut off by a new session: ask for it on each new session until the
+    /// subscriptions are confirmed.
+    snapshot_interrupted: bool,
     counters: Counters,
     local: msg::LocalHealth,
     /// Unix ms of the backend's last events ack (this process).
@@ -280,6 +290,9 @@ impl Core {
             seen_commands: HashMap::new(),
             next_heartbeat: None,
             next_outbox_poll: None,
+            subscribe_unconfirmed: false,
+            client_id_suffix: None,
+            snapshot_interrupted: false,
             counters: Counters::default(),
             local: msg::LocalHealth::default(),
             last_ack_ms: None,
@@ -336,6 +349,7 @@ impl Core {
                 retain: true,
             },
             bd_seq: self.bd_seq,
+            client_id_suffix: self.client_id_suffix.clone(),
         })
     }
 
@@ -355,6 +369,16 @@ impl Core {
                 .map(|k| self.cfg.topics.topic(*k))
                 .collect();
             self.effects.push_back(Effect::Subscribe(filters));
+            self.subscribe_unconfirmed = true;
+            // The chunks of a snapshot in progress may have gone with the old session (a
+            // cluster node that died takes its sessions along): start it over now rather
+            // than after the chunk timeout, and ask again on every new session until one
+            // has taken the subscriptions (the request may die with a refused session).
+            if self.assembly.is_some() {
+                self.abort_snapshot(store);
+                self.snapshot_interrupted = true;
+                log::info!(target: "keyway::cloud", "new session in the middle of a snapshot: asking for it again");
+            }
         }
         let birth = StateMsg {
             kind: "state".into(),
@@ -369,10 +393,25 @@ impl Core {
         self.publish(TopicKind::State, msg::to_json(&birth));
         if self.applied.is_none() {
             self.request_snapshot("startup", now, true);
+        } else if self.snapshot_interrupted && !session_present {
+            self.request_snapshot("snapshot_failed", now, true);
         }
         self.rewind();
         self.next_heartbeat = Some(now.mono + self.cfg.heartbeat);
         self.pump_outbox(now, store);
+    }
+
+    /// SUBACK received: `ok` when every filter was granted. A refusal (a failure return
+    /// code, or the broker closing the connection before its SUBACK) means this client id's
+    /// session cannot be used here — RabbitMQ refuses to subscribe a client whose session
+    /// queue lives on a cluster node that is down, for as long as that node is down. The next
+    /// connections then use a fresh client id (configured id + `-s<bd_seq>`) with a clean
+    /// session; the adapter drops the connection after a refusal.
+    pub fn handle_subscribed(&mut self, ok: bool) {
+        if ok {
+            self.subscribe_unconfirmed = false;
+            self.snapshot_interrupted = false;
+        }
     }
 
     /// The connection attempt failed or an established connection was lost: back off, then
@@ -380,6 +419,10 @@ impl Core {
     pub fn handle_connection_lost(&mut self, now: Now) {
         if self.link == Link::Idle {
             return;
+        }
+        if std::mem::take(&mut self.subscribe_unconfirmed) && self.link == Link::Connected {
+            log::warn!(target: "keyway::cloud", "the broker did not take the subscriptions: next connections use a fresh client id");
+            self.client_id_suffix = Some(format!("-s{}", self.bd_seq));
         }
         self.link = Link::Idle;
         self.transmits.clear();
@@ -1368,6 +1411,95 @@ mod tests {
         let plan = h.connect(true);
         assert_eq!((plan.broker, plan.bd_seq), (1, 2));
         assert_eq!(h.core.poll_effect(), None);
+    }
+
+    /// RabbitMQ (clustered, no mirroring) accepts the CONNECT of a client whose session queue
+    /// lives on a node that died, then closes the connection at its SUBSCRIBE: the core must
+    /// move to a fresh client id, or it would never receive anything until that node is back.
+    #[test]
+    fn a_refused_subscription_moves_to_a_fresh_client_id() {
+        let mut h = H::new();
+        let plan = h.connect(false);
+        assert_eq!(plan.client_id_suffix, None);
+        assert!(matches!(h.core.poll_effect(), Some(Effect::Subscribe(_))));
+        // Confirmed: a later loss keeps the configured id.
+        h.core.handle_subscribed(true);
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(120));
+        let plan = h.connect(false);
+        assert_eq!(plan.client_id_suffix, None);
+        // Lost before the SUBACK (the broker closed it): the next plan has a fresh id.
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(120));
+        let plan = h.connect(false);
+        assert_eq!(plan.client_id_suffix.as_deref(), Some("-s2"));
+        // A SUBACK with a failure code is a refusal too (the adapter then drops the link).
+        h.core.handle_subscribed(false);
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(120));
+        let plan = h.connect(false);
+        assert_eq!(plan.client_id_suffix.as_deref(), Some("-s3"));
+        // A failed connection attempt (no CONNACK) changes nothing.
+        h.core.handle_subscribed(true);
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(120));
+        h.core.poll_connect(h.now).unwrap();
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(120));
+        assert_eq!(
+            h.core
+                .poll_connect(h.now)
+                .unwrap()
+                .client_id_suffix
+                .as_deref(),
+            Some("-s3")
+        );
+    }
+
+    /// A new session in the middle of a snapshot (the node holding the old one died): the
+    /// chunks sent meanwhile are gone, so the snapshot starts over at once, not after the
+    /// chunk timeout; the old ACL is untouched.
+    #[test]
+    fn a_new_session_mid_snapshot_asks_for_it_again() {
+        let mut h = H::new();
+        h.connect(false);
+        h.snapshot(1, &[1]);
+        let content = snapshot_content(&[2, 3]);
+        h.recv(TopicKind::AclSnapshot, &h.manifest(2, &content, 100))
+            .unwrap();
+        h.recv(TopicKind::AclChunk, &msg::chunk_json(2, 0, &content[..100]))
+            .unwrap();
+        h.sent();
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(2));
+        // A present session still holds the rest: keep assembling.
+        h.connect(true);
+        assert!(h.sent_on("acl/request").is_empty());
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(2));
+        h.connect(false);
+        let req = h.sent_on("acl/request");
+        assert_eq!(req.len(), 1, "{req:?}");
+        assert_eq!(
+            (req[0]["reason"].as_str(), req[0]["have_version"].as_u64()),
+            (Some("snapshot_failed"), Some(1))
+        );
+        assert!(h.grants(1) && !h.grants(2));
+        // That session was refused before its SUBACK: the next one asks again; once the
+        // subscriptions are confirmed, later sessions do not.
+        h.core.handle_connection_lost(h.now);
+        h.advance(Duration::from_secs(2));
+        h.connect(false);
+        assert_eq!(h.sent_on("acl/request").len(), 1);
+        h.core.handle_subscribed(true);
+        // The snapshot sent again applies.
+        h.recv(TopicKind::AclSnapshot, &h.manifest(2, &content, 100))
+            .unwrap();
+        for (i, c) in content.chunks(100).enumerate() {
+            h.recv(TopicKind::AclChunk, &msg::chunk_json(2, i as u32, c))
+                .unwrap();
+        }
+        assert!(!h.grants(1) && h.grants(2) && h.grants(3));
     }
 
     #[test]

@@ -602,8 +602,20 @@ impl Link {
             return false;
         };
         log::info!(target: "keyway::cloud", "connecting to {broker} (bd_seq {})", plan.bd_seq);
-        let opts = self.connector.options(broker, Some(&plan.will), false);
-        let (client, mut el) = self.connector.connect(opts);
+        // After a refused subscription: a fresh client id, and a clean session so the broker
+        // does not keep one per attempt.
+        let fallback;
+        let (connector, clean) = match &plan.client_id_suffix {
+            Some(suffix) => {
+                let mut c = self.connector.clone();
+                c.client_id.push_str(suffix);
+                fallback = c;
+                (&fallback, true)
+            }
+            None => (&self.connector, false),
+        };
+        let opts = connector.options(broker, Some(&plan.will), clean);
+        let (client, mut el) = connector.connect(opts);
         if state.name != "connecting" {
             *state = LinkState {
                 name: "connecting",
@@ -651,6 +663,15 @@ impl Link {
                             since_ms: wall_ms(),
                         };
                         self.report(core, store, state);
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        let ok = ack.return_codes.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)));
+                        core.handle_subscribed(ok);
+                        if !ok {
+                            log::warn!(target: "keyway::cloud", "{broker} refused the subscriptions: {:?}", ack.return_codes);
+                            lost(core, store, state);
+                            return false;
+                        }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let r = blocking(|| core.handle_message(&p.topic, &p.payload, now(base), store));

@@ -8,7 +8,9 @@
 // Each test binary uses its own subset.
 #![allow(dead_code)]
 
+pub mod cloud;
 pub mod mqtt;
+pub mod pcscd;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
