@@ -17,7 +17,6 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -314,21 +313,6 @@ async fn kill_node(cluster: Cluster, i: usize) -> Cluster {
     .unwrap()
 }
 
-/// Every event of a batch into `got` (by uid); a uid seen before must carry the same event.
-/// Returns the batch's last seq and how many were duplicates.
-fn take(batch: &Value, got: &mut HashMap<String, Value>) -> (i64, usize) {
-    let mut dups = 0;
-    let events = batch["events"].as_array().unwrap();
-    for e in events {
-        let uid = e["uid"].as_str().unwrap().to_owned();
-        if let Some(prev) = got.insert(uid, e.clone()) {
-            assert_eq!(&prev, e, "a duplicate must be the same event");
-            dups += 1;
-        }
-    }
-    (events.last().unwrap()["seq"].as_i64().unwrap(), dups)
-}
-
 /// The node keyway is connected to dies in the middle of an event upload: keyway fails over
 /// to the other node (fresh client id: the old one's session is stuck on the dead node),
 /// says it is online there, sends again what was not acked, and every event reaches the
@@ -338,8 +322,7 @@ async fn node_killed_mid_upload_keyway_carries_on_through_the_other() {
     let (cluster, mut b, gw) = on_node1("outbox_batch = 20").await;
     const N: usize = 400;
     gw.record(N);
-    let mut got = HashMap::new();
-    let mut dups = 0;
+    let mut got = Default::default();
     let first = expect(&mut b, "events", |_| true).await;
     let instance = first["instance"].as_str().unwrap().to_owned();
     let (first_last, _) = take(&first, &mut got);
@@ -361,29 +344,8 @@ async fn node_killed_mid_upload_keyway_carries_on_through_the_other() {
         t_kill.elapsed().as_secs_f64(),
         rebirth["bd_seq"]
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut replay_seen = false;
-    let mut acks = 0;
-    while got.len() < N {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {N} events arrived",
-            got.len()
-        );
-        let batch = expect(&mut b, "events", |_| true).await;
-        replay_seen |= batch["replay"] == true;
-        let (last, d) = take(&batch, &mut got);
-        dups += d;
-        b.ack_events(&topics(), &instance, last).await.unwrap();
-        acks += 1;
-    }
+    let (replay_seen, dups, acks) = ack_until(&mut b, &instance, &mut got, N).await;
     assert!(replay_seen, "resent batches are flagged replay");
-    let seqs: std::collections::BTreeSet<i64> =
-        got.values().map(|e| e["seq"].as_i64().unwrap()).collect();
-    assert_eq!(
-        (seqs.len(), seqs.first(), seqs.last()),
-        (N, Some(&1), Some(&(N as i64)))
-    );
     wait_for(|| gw.store().stats().unwrap().events_undelivered == 0).await;
     // Subscribed again on node 2: a signed snapshot applies.
     snapshot(&mut b, 1, &[1, 2]).await;

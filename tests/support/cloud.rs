@@ -294,47 +294,23 @@ pub struct CloudDoor {
 
 impl CloudDoor {
     pub fn start(broker: &str) -> CloudDoor {
-        use p256::pkcs8::{EncodePrivateKey, LineEnding};
         let dir = tempfile::tempdir().unwrap();
         let pcscd = super::pcscd::Pcscd::start(dir.path());
         let pty = super::pty_pair();
-        let reader_key = p256::SecretKey::random(&mut rand_core::OsRng);
-        write_private(
-            &dir.path().join("reader.pem"),
-            &reader_key.to_pkcs8_pem(LineEnding::LF).unwrap(),
-        );
         let mut group_id = [0u8; 16];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut group_id);
-        let config = dir.path().join("keyway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"
-[daemon]
-database = "keyway.db"
-
-[[door]]
-id = "front"
-osdp = {{ port = {port:?}, baud = 115200, address = 1 }}
-nfc = {{ reader = "{reader}" }}
-aliro = {{ group_id = "{gid}", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
-
-[cloud]
-brokers = ["{broker}"]
-site = "{SITE}"
-gateway = "{GW}"
-
-[[cloud.trusted_keys]]
-kid = "backend-1"
-public_key = "{pk}"
-"#,
-                port = pty.pd.display().to_string(),
-                reader = super::pcscd::READERS[0],
-                gid = hex::encode(group_id),
-                pk = signer().public_hex(),
+        let (config, reader_key) = door_config(
+            dir.path(),
+            &format!(
+                "osdp = {{ port = {:?}, baud = 115200, address = 1 }}\nnfc = {{ reader = {:?} }}",
+                pty.pd.display().to_string(),
+                super::pcscd::READERS[0]
             ),
-        )
-        .unwrap();
+            &hex::encode(group_id),
+            broker,
+            GW,
+            "",
+        );
         let mut cp = super::Cp::start_with(&pty.cp, &[1], &["--grant-led"]);
         let log = dir.path().join("keyway.log");
         let daemon = run_daemon(&config, &log);
@@ -426,6 +402,36 @@ pub fn cred_for(key: &p256::SecretKey, person: &str, card_number: u32) -> Value 
 /// A daemon configuration with one (unreachable) door and `[cloud]` on `url` as `gateway`,
 /// in `dir`; `extra` TOML goes at the end (e.g. an `[events]` table).
 pub fn run_config(dir: &Path, url: &str, gateway: &str, extra: &str) -> PathBuf {
+    // check-config wants the serial port to exist; a plain file stands in for it (the
+    // daemon's bus retries it in the background; the cloud link does not care).
+    let tty = dir.join("no-tty");
+    std::fs::write(&tty, "").unwrap();
+    let door = format!(
+        "osdp = {{ port = {:?}, address = 1 }}\nnfc = {{ reader = \"No Such Reader\" }}",
+        tty.display().to_string()
+    );
+    door_config(
+        dir,
+        &door,
+        "00112233445566778899aabbccddeeff",
+        url,
+        gateway,
+        extra,
+    )
+    .0
+}
+
+/// `dir/keyway.toml`: one door `front` (its `osdp`/`nfc` lines given, a fresh reader key in
+/// `reader.pem`, `group_id`) and `[cloud]` on `url` as `gateway` trusting [`signer`]; `extra`
+/// TOML at the end. Returns the config path and the reader key.
+fn door_config(
+    dir: &Path,
+    door: &str,
+    group_id: &str,
+    url: &str,
+    gateway: &str,
+    extra: &str,
+) -> (PathBuf, p256::SecretKey) {
     use p256::pkcs8::{EncodePrivateKey, LineEnding};
     let reader_key = p256::SecretKey::random(&mut rand_core::OsRng);
     write_private(
@@ -433,10 +439,6 @@ pub fn run_config(dir: &Path, url: &str, gateway: &str, extra: &str) -> PathBuf 
         &reader_key.to_pkcs8_pem(LineEnding::LF).unwrap(),
     );
     let config = dir.join("keyway.toml");
-    // check-config wants the serial port to exist; a plain file stands in for it (the
-    // daemon's bus retries it in the background; the cloud link does not care).
-    let tty = dir.join("no-tty");
-    std::fs::write(&tty, "").unwrap();
     std::fs::write(
         &config,
         format!(
@@ -446,9 +448,8 @@ database = "keyway.db"
 
 [[door]]
 id = "front"
-osdp = {{ port = {tty:?}, address = 1 }}
-nfc = {{ reader = "No Such Reader" }}
-aliro = {{ group_id = "00112233445566778899aabbccddeeff", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
+{door}
+aliro = {{ group_id = "{group_id}", sub_id = "ffeeddccbbaa99887766554433221100", private_key_file = "reader.pem" }}
 
 [cloud]
 brokers = ["{url}"]
@@ -461,9 +462,56 @@ public_key = "{}"
 {extra}
 "#,
             signer().public_hex(),
-            tty = tty.display().to_string(),
         ),
     )
     .unwrap();
-    config
+    (config, reader_key)
+}
+
+/// Every event of a batch into `got` (by uid); a uid seen before must carry the same event.
+/// Returns the batch's last seq and how many were duplicates.
+pub fn take(batch: &Value, got: &mut std::collections::HashMap<String, Value>) -> (i64, usize) {
+    let mut dups = 0;
+    let events = batch["events"].as_array().unwrap();
+    for e in events {
+        let uid = e["uid"].as_str().unwrap().to_owned();
+        if let Some(prev) = got.insert(uid, e.clone()) {
+            assert_eq!(&prev, e, "a duplicate must be the same event");
+            dups += 1;
+        }
+    }
+    (events.last().unwrap()["seq"].as_i64().unwrap(), dups)
+}
+
+/// Takes `events` batches and acks each until `n` distinct events are in `got` (60 s at
+/// most), then checks their seqs are exactly 1..=n. Returns (a replay was seen, duplicates,
+/// acks sent).
+pub async fn ack_until(
+    b: &mut Peer,
+    instance: &str,
+    got: &mut std::collections::HashMap<String, Value>,
+    n: usize,
+) -> (bool, usize, usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut replay_seen, mut dups, mut acks) = (false, 0, 0);
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} events arrived",
+            got.len()
+        );
+        let batch = expect(b, "events", |_| true).await;
+        replay_seen |= batch["replay"] == true;
+        let (last, d) = take(&batch, got);
+        dups += d;
+        b.ack_events(&topics(), instance, last).await.unwrap();
+        acks += 1;
+    }
+    let seqs: std::collections::BTreeSet<i64> =
+        got.values().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert_eq!(
+        (seqs.len(), seqs.first(), seqs.last()),
+        (n, Some(&1), Some(&(n as i64)))
+    );
+    (replay_seen, dups, acks)
 }
