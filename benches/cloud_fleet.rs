@@ -369,8 +369,17 @@ async fn snapshot(n: usize) {
     let target_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     let csv = keyway_sim::acl::cached_csv(&target_dir, n as u64).unwrap();
     let content = std::fs::read(&csv).unwrap();
-    let mut b = listener(&url, &[&topics().topic(TopicKind::AclApplied)]).await;
+    let mut b = listener(
+        &url,
+        &[
+            &topics().topic(TopicKind::AclApplied),
+            &topics().topic(TopicKind::State),
+        ],
+    )
+    .await;
     let gw = Gateway::start(settings(&url, ""));
+    // Subscribed once it says it is online (its birth follows the SUBSCRIBE).
+    expect(&mut b, "state", |v| v["state"] == "online").await;
     const CHUNK: u32 = 48 * 1024;
     let (m, chunks) = backend::snapshot_messages(
         &signer(),
@@ -383,7 +392,6 @@ async fn snapshot(n: usize) {
     )
     .unwrap();
     let count = chunks.len();
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = Instant::now();
     b.b.publish_snapshot(&topics(), m, chunks).await.unwrap();
     let published = t0.elapsed();

@@ -321,16 +321,7 @@ async fn kill_node(cluster: Cluster, i: usize) -> Cluster {
 async fn node_killed_mid_upload_keyway_carries_on_through_the_other() {
     let (cluster, mut b, gw) = on_node1("outbox_batch = 20").await;
     const N: usize = 400;
-    gw.record(N);
-    let mut got = Default::default();
-    let first = expect(&mut b, "events", |_| true).await;
-    let instance = first["instance"].as_str().unwrap().to_owned();
-    let (first_last, _) = take(&first, &mut got);
-    let second = expect(&mut b, "events", |_| true).await;
-    take(&second, &mut got);
-    b.ack_events(&topics(), &instance, first_last)
-        .await
-        .unwrap();
+    let (instance, mut got) = mid_upload(&mut b, &gw, N).await;
     // Mid-upload: two batches seen, one acked, the rest in the outbox or in flight.
     let _cluster = kill_node(cluster, 0).await;
     let t_kill = Instant::now();

@@ -302,17 +302,7 @@ async fn mtls_client_certificate() {
 async fn broker_killed_mid_upload_loses_nothing() {
     let (mut broker, url, mut b, gw) = online("outbox_batch = 20").await;
     const N: usize = 400;
-    gw.record(N);
-    // Take a few batches (unacked), then kill the broker mid-upload.
-    let mut got = Default::default();
-    let first = expect(&mut b, "events", |_| true).await;
-    let instance = first["instance"].as_str().unwrap().to_owned();
-    let (first_last, _) = take(&first, &mut got);
-    let second = expect(&mut b, "events", |_| true).await;
-    take(&second, &mut got);
-    b.ack_events(&topics(), &instance, first_last)
-        .await
-        .unwrap();
+    let (instance, mut got) = mid_upload(&mut b, &gw, N).await;
     broker.kill();
     drop(b);
     tokio::time::sleep(Duration::from_millis(300)).await;

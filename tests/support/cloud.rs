@@ -515,3 +515,23 @@ pub async fn ack_until(
     );
     (replay_seen, dups, acks)
 }
+
+/// An upload in the middle: `n` events recorded, two batches received, the first acked.
+/// Returns the outbox instance and the events received so far (by uid).
+pub async fn mid_upload(
+    b: &mut Peer,
+    gw: &Gateway,
+    n: usize,
+) -> (String, std::collections::HashMap<String, Value>) {
+    gw.record(n);
+    let mut got = Default::default();
+    let first = expect(b, "events", |_| true).await;
+    let instance = first["instance"].as_str().unwrap().to_owned();
+    let (first_last, _) = take(&first, &mut got);
+    let second = expect(b, "events", |_| true).await;
+    take(&second, &mut got);
+    b.ack_events(&topics(), &instance, first_last)
+        .await
+        .unwrap();
+    (instance, got)
+}
