@@ -142,6 +142,9 @@ impl Cluster {
                 self.dir.path().join("rabbitmq-env.conf"),
             )
             .env("RABBITMQ_CTL_ERL_ARGS", ERL_LOOPBACK)
+            // A crashing CLI or node writes erl_crash.dump into its working directory.
+            .env("ERL_CRASH_DUMP", self.dir.path().join("erl_crash.dump"))
+            .current_dir(self.dir.path())
             // The CLI finds plugin commands (list_mqtt_connections) through this file.
             .env(
                 "RABBITMQ_ENABLED_PLUGINS_FILE",
