@@ -374,6 +374,8 @@ async fn snapshot(n: usize) {
         &[
             &topics().topic(TopicKind::AclApplied),
             &topics().topic(TopicKind::State),
+            &topics().topic(TopicKind::Rejected),
+            &topics().topic(TopicKind::AclRequest),
         ],
     )
     .await;
@@ -403,6 +405,10 @@ async fn snapshot(n: usize) {
         if v["version"] == 1 {
             break;
         }
+        assert!(
+            v["type"] != "rejected" && v["reason"] != "snapshot_failed",
+            "the snapshot failed: {v}"
+        );
     }
     let total = t0.elapsed();
     let granted = gw
