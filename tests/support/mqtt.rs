@@ -20,9 +20,50 @@ pub fn need(bin: &str) -> PathBuf {
     panic!("{bin} not found: run scripts/setup (installs mosquitto mosquitto-clients openssl)");
 }
 
+/// A loopback TCP port for a server a test starts, free now and never handed out twice in
+/// this process. Taken BELOW the kernel's ephemeral range: a port the kernel picked for
+/// `bind(0)` is released before the server binds it, and in that window any outgoing
+/// connection (RabbitMQ's CLI and distribution, mosquitto clients) may be given it as its
+/// local port; a port outside that range is never handed out behind our back.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.min(32768));
+    assert!(
+        high > low + 1000,
+        "ephemeral range starts at {ephemeral_low}: no room below it"
+    );
+    let span = u32::from(high - low);
+    // Start somewhere different in each process (test binaries run one after another, but a
+    // developer may run several at once).
+    let mut at = (std::process::id() * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0))
+        % span;
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..span {
+        at = (at + 1) % span;
+        let port = low + at as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
 }
 
 pub struct Mosquitto {
