@@ -46,8 +46,8 @@ struct LinkState {
 }
 
 /// Requests rumqttc may queue (publishes, acks, subscribes). Above the core's window of
-/// event batches plus status replies; a full channel drops a publish, which the outbox or the
-/// backend's retry recovers.
+/// event batches plus status replies; what a full channel has no room for waits in the
+/// [`Backlog`].
 const REQUEST_CAPACITY: usize = 256;
 /// Publishes waiting in the [`Backlog`] at most; newer ones are dropped (the outbox or the
 /// backend's retry recovers them). PUBACKs are never dropped.
