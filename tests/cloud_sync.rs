@@ -733,3 +733,34 @@ async fn revoked_phone_is_denied_at_the_real_door() {
     );
     drop(door);
 }
+
+/// A snapshot of more chunks than the backend client's inbox holds (1,024), through a
+/// broker that queues them all for the gateway (`max_queued_messages 10000`): the backend
+/// tool publishes every chunk and the gateway applies the snapshot, within a bounded time.
+/// Small chunks: the count matters, not the size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_many_chunks_is_published_and_applied() {
+    let broker = Mosquitto::start("allow_anonymous true\nmax_queued_messages 10000");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let mut b = backend(&url, None).await;
+    let gw = Gateway::start(settings(&url, ""));
+    expect(&mut b, "state", |v| v["state"] == "online").await;
+    let creds: Vec<Value> = (1..=1700).map(cred).collect();
+    let content = serde_json::to_vec(&json!({"version": 1, "credentials": creds})).unwrap();
+    let (m, chunks) = snapshot_of(1, &content);
+    assert!(chunks.len() > 1_500, "{} chunks", chunks.len());
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        b.publish_snapshot(&topics(), m, chunks),
+    )
+    .await
+    .expect("all chunks published within 60 s")
+    .unwrap();
+    expect(&mut b, "acl/applied", |v| v["version"] == 1).await;
+    assert!(gw.grants(1) && gw.grants(1700));
+    // Every chunk was acked: the broker's window is free and the next update goes through.
+    delta(&b, 1, 2, &[1]).await;
+    expect(&mut b, "acl/applied", |v| v["version"] == 2).await;
+    assert!(!gw.grants(1) && gw.grants(2));
+    gw.stop().await;
+}

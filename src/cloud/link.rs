@@ -9,12 +9,14 @@
 //! - manual acks: a down message is PUBACKed only after the core has handled it (applied and
 //!   committed, or refused for good);
 //! - publishing never awaits from the polling task (`try_publish`), so it cannot deadlock on a
-//!   full request channel;
+//!   full request channel; what the channel has no room for waits in [`Backlog`] and goes in
+//!   order as rumqttc drains it (a dropped PUBACK would hold the broker's window for good);
 //! - max packet size fits the largest chunk; TCP_NODELAY (Nagle + delayed ACK stalls 64 KiB
 //!   publishes by ~40 ms each);
 //! - TLS with rustls and the ring provider only, server verified against the configured CA,
 //!   optional client certificate (mTLS), optional username + password (from a 0600 file).
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,9 +46,12 @@ struct LinkState {
 }
 
 /// Requests rumqttc may queue (publishes, acks, subscribes). Above the core's window of
-/// event batches plus status replies; a full channel drops a publish, which the outbox or the
-/// backend's retry recovers.
+/// event batches plus status replies; what a full channel has no room for waits in the
+/// [`Backlog`].
 const REQUEST_CAPACITY: usize = 256;
+/// Publishes waiting in the [`Backlog`] at most; newer ones are dropped (the outbox or the
+/// backend's retry recovers them). PUBACKs are never dropped.
+const BACKLOG_PUBLISHES: usize = REQUEST_CAPACITY;
 /// Room for MQTT framing around the largest payload.
 const PACKET_SLACK: usize = 4096;
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
@@ -382,6 +387,69 @@ pub async fn disconnect(client: &AsyncClient, el: &mut EventLoop) {
     .await;
 }
 
+/// A request for rumqttc's channel.
+enum Out {
+    /// The PUBACK of a down message (only its packet id and QoS are kept).
+    Ack(rumqttc::Publish),
+    Publish(Transmit),
+}
+
+/// What rumqttc's request channel had no room for, sent in order before anything newer.
+///
+/// rumqttc's event loop takes one request per `poll()` while one network read hands over a
+/// batch of down messages, each needing a PUBACK from this task: during a big snapshot the
+/// channel fills. A PUBACK dropped there is never sent, the broker keeps that message in its
+/// in-flight window for good, and once the window is full it sends nothing more (the snapshot
+/// of > ~1,000 chunks stalled so). Acks waiting here are bounded by the broker's window (at
+/// most 65,535 packet ids); publishes by [`BACKLOG_PUBLISHES`].
+#[derive(Default)]
+struct Backlog {
+    queue: VecDeque<Out>,
+    publishes: usize,
+}
+
+impl Backlog {
+    fn ack(&mut self, client: &AsyncClient, p: &rumqttc::Publish) {
+        // Only what the PUBACK needs: the payload may be a 64 KiB chunk.
+        let mut ack = rumqttc::Publish::new("", p.qos, Vec::new());
+        ack.pkid = p.pkid;
+        self.queue.push_back(Out::Ack(ack));
+        self.flush(client);
+    }
+
+    fn publish(&mut self, client: &AsyncClient, t: Transmit) {
+        if self.publishes >= BACKLOG_PUBLISHES {
+            log::warn!(target: "keyway::cloud", "publish dropped ({} waiting): {}", self.publishes, t.topic);
+            return;
+        }
+        self.publishes += 1;
+        self.queue.push_back(Out::Publish(t));
+        self.flush(client);
+    }
+
+    /// Hands over as much as the channel takes, oldest first.
+    fn flush(&mut self, client: &AsyncClient) {
+        while let Some(out) = self.queue.pop_front() {
+            // Full (the event loop is alive while this task polls it): wait for room.
+            let refused = match out {
+                Out::Ack(a) => client.try_ack(&a).err().map(|_| Out::Ack(a)),
+                Out::Publish(t) => {
+                    let r =
+                        client.try_publish(&t.topic, QoS::AtLeastOnce, t.retain, t.payload.clone());
+                    if r.is_ok() {
+                        self.publishes = self.publishes.saturating_sub(1);
+                    }
+                    r.err().map(|_| Out::Publish(t))
+                }
+            };
+            if let Some(out) = refused {
+                self.queue.push_front(out);
+                return;
+            }
+        }
+    }
+}
+
 /// Runs `f` on the store without stalling the other tasks of a multi-threaded runtime (a big
 /// snapshot commit takes a while); plain call on a current-thread runtime.
 fn blocking<R>(f: impl FnOnce() -> R) -> R {
@@ -627,6 +695,7 @@ impl Link {
         self.report(core, store, state);
         let mut next_report = Instant::now() + STATUS_EVERY;
         let mut next_contact = Instant::now() + CONTACT_EVERY;
+        let mut backlog = Backlog::default();
         // Every way out of a connection but shutdown: offline for the doors and the status.
         let lost = |core: &mut Core, store: &mut StoreSync, state: &mut LinkState| {
             core.handle_connection_lost(now(base));
@@ -679,9 +748,7 @@ impl Link {
                             log::debug!(target: "keyway::cloud", "{}: {r}", p.topic);
                         }
                         // PUBACK only now: handled and committed (or refused for good).
-                        if let Err(e) = client.try_ack(&p) {
-                            log::warn!(target: "keyway::cloud", "ack: {e}");
-                        }
+                        backlog.ack(&client, &p);
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -730,10 +797,10 @@ impl Link {
                     }
                 }
             }
+            // What waited goes first, as rumqttc makes room.
+            backlog.flush(&client);
             while let Some(t) = core.poll_transmit() {
-                if let Err(e) = client.try_publish(t.topic, QoS::AtLeastOnce, t.retain, t.payload) {
-                    log::warn!(target: "keyway::cloud", "publish dropped: {e}");
-                }
+                backlog.publish(&client, t);
             }
         }
     }
