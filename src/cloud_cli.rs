@@ -65,8 +65,8 @@ pub enum CloudCommand {
     },
     /// Revoke one credential now (the `revoke_now` command) and wait for the result.
     Revoke {
-        /// Endpoint key, hex.
-        key: String,
+        /// Endpoint key, hex (not `key`: `--key` is the signing key).
+        endpoint_key: String,
         #[command(flatten)]
         sign: SignArgs,
         #[command(flatten)]
@@ -425,13 +425,13 @@ pub async fn run(cmd: CloudCommand) -> anyhow::Result<ExitCode> {
             finish(b, acl_version, t.wait_s).await
         }
         CloudCommand::Revoke {
-            key,
+            endpoint_key,
             sign,
             target: t,
             conn,
         } => {
             let mut args = serde_json::Map::new();
-            args.insert("endpoint_key".into(), key.into());
+            args.insert("endpoint_key".into(), endpoint_key.into());
             send_command("revoke_now", args, true, &sign, &t, &conn).await
         }
         CloudCommand::Command {

@@ -522,3 +522,17 @@ fn format_ms(ms: i64) -> String {
         Err(_) => ms.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks over every subcommand (unique argument ids, valid
+    /// defaults): a clash panics only when that subcommand is parsed in a debug build, so
+    /// `keyway cloud revoke` once died on its own `key` argument.
+    #[test]
+    fn every_subcommand_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
