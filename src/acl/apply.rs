@@ -835,36 +835,32 @@ impl StagedRow {
         })
     }
 
-    /// Runs an insert whose parameters are (key, person, format, fc, cn, from, until, doors,
+    /// The row's columns in insert order: (key, person, format, fc, cn, from, until, doors,
     /// state).
+    fn columns(&self) -> [&dyn rusqlite::ToSql; 9] {
+        [
+            &self.key,
+            &self.person_id,
+            &self.format,
+            &self.fc,
+            &self.cn,
+            &self.valid_from,
+            &self.valid_until,
+            &self.doors,
+            &self.state,
+        ]
+    }
+
+    /// Runs an insert whose parameters are [`columns`](Self::columns).
     fn execute(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<usize> {
-        stmt.execute(rusqlite::params![
-            self.key,
-            self.person_id,
-            self.format,
-            self.fc,
-            self.cn,
-            self.valid_from,
-            self.valid_until,
-            self.doors,
-            self.state
-        ])
+        stmt.execute(self.columns().as_slice())
     }
 
     /// [`execute`](Self::execute) with the line as the tenth parameter (the stage).
     fn execute_with_line(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<usize> {
-        stmt.execute(rusqlite::params![
-            self.key,
-            self.person_id,
-            self.format,
-            self.fc,
-            self.cn,
-            self.valid_from,
-            self.valid_until,
-            self.doors,
-            self.state,
-            i64::try_from(self.line).unwrap_or(i64::MAX)
-        ])
+        let line = i64::try_from(self.line).unwrap_or(i64::MAX);
+        let [a, b, c, d, e, f, g, h, i] = self.columns();
+        stmt.execute([a, b, c, d, e, f, g, h, i, &line as &dyn rusqlite::ToSql].as_slice())
     }
 
     /// A canonical, unambiguous encoding (lengths before variable fields).
